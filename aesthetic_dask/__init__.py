@@ -1,0 +1,39 @@
+"""aesthetic-dask: filter image datasets by predicted aesthetic quality, on Dask.
+
+Notebook API (lazy Dask frames)::
+
+    import aesthetic_dask as ad
+    cfg = ad.load_config(threshold=5.0)
+    ddf = ad.read_embeddings("laion/embeddings/", embedding_column="embedding")
+    good = ad.filter_by_score(ad.score_embeddings(ddf, cfg), cfg.score_threshold)
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+__version__ = "0.1.0"
+
+# Public names and the modules that define them; imported on first use so that the CLI and
+# `import aesthetic_dask` stay fast.
+_EXPORTS = {
+    "Config": "config",
+    "load_config": "config",
+    "read_embeddings": "embeddings_reader",
+    "score_embeddings": "score",
+    "filter_by_score": "score",
+    "score_partition": "score",
+    "AestheticPredictor": "predictor",
+    "load_predictor": "predictor",
+    "REGISTRY": "weights",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'aesthetic_dask' has no attribute {name!r}")
+    return getattr(import_module(f".{module}", __name__), name)

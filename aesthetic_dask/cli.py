@@ -1,0 +1,149 @@
+"""Command line: ``aesthetic-dask score|download``. A thin wrapper over the Python API.
+
+Exit codes: 0 done; 3 done, but some inputs could not be read whole; 1 failed; 2 bad usage or input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+from typing import Callable
+
+from .errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+
+log = logging.getLogger("aesthetic_dask")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    """Options shared by the jobs; defaults come from the config (None = not given)."""
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="files, directories or globs")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="output directory")
+    p.add_argument("--threshold", type=float, help="keep rows with aesthetic_score >= T (default 0.5)")
+    p.add_argument("--aesthetic-weights", metavar="W", help="registry name or local .pth/.safetensors")
+    p.add_argument("--model-dir", metavar="D", help="weights download/cache directory")
+    p.add_argument("--keep-embeddings", action="store_const", const=True, help="write the embedding column")
+    p.add_argument("--keep-rejected", action="store_const", const=True, help="write below-threshold rows to OUT/rejected/")
+    p.add_argument("--scheduler", metavar="ADDRESS", help="existing Dask scheduler, e.g. tcp://host:8786")
+    p.add_argument("--scheduler-file", metavar="FILE", help="existing Dask cluster's scheduler file")
+    p.add_argument("--n-workers", type=int, help="local cluster: worker count")
+    p.add_argument("--threads-per-worker", type=int, help="local cluster: threads per worker")
+    p.add_argument("--partition-rows", type=int, help="rows per partition (Parquet row groups are not split)")
+    p.add_argument("--config", metavar="FILE", help="YAML config (see conf/default.yaml)")
+    p.add_argument("--overwrite", action="store_true", help="replace an OUT written by a different job")
+    p.add_argument("-v", "--verbose", action="store_const", const=True, help="log per-partition progress")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="aesthetic-dask",
+        description="Score and filter image datasets by predicted aesthetic quality on Dask.",
+        epilog="Exit codes: 0 done, 3 done but some inputs unreadable, 1 failed, 2 bad usage or input.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    score = sub.add_parser("score", help="precomputed CLIP embeddings -> aesthetic scores -> filtered Parquet")
+    _add_common(score)
+    score.add_argument("--embedding-column", metavar="NAME", help="embedding column (default: embedding)")
+    score.set_defaults(handler=_cmd_score)
+
+    download = sub.add_parser("download", help="prefetch every default weight into a model directory")
+    download.add_argument("--model-dir", metavar="DIR", help="target directory (default: the config's model_dir)")
+    download.add_argument("--list", action="store_true", help="list the registered weights and exit")
+    download.add_argument("--config", metavar="FILE")
+    download.set_defaults(handler=_cmd_download)
+    return parser
+
+
+def _config_from_args(args: argparse.Namespace, keys: tuple[str, ...]):
+    from .config import load_config
+
+    overrides = {k: getattr(args, k, None) for k in keys}
+    return load_config(args.config, **overrides)
+
+
+_JOB_KEYS = (
+    "threshold", "aesthetic_weights", "model_dir", "keep_embeddings", "keep_rejected", "scheduler",
+    "scheduler_file", "n_workers", "threads_per_worker", "partition_rows", "verbose",
+)
+
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    from .job import summary
+    from .score_job import score_job
+
+    config = _config_from_args(args, _JOB_KEYS + ("embedding_column",))
+    _setup_logging(config.verbose, Path(args.output))
+    manifest, code = score_job(args.inputs, args.output, config, overwrite=args.overwrite)
+    print(summary(manifest, Path(args.output)), file=sys.stderr)
+    return code
+
+
+def _cmd_download(args: argparse.Namespace) -> int:
+    from .weights import REGISTRY, download_all
+
+    if args.list:
+        for name, entry in REGISTRY.items():
+            print(name)
+            for src in entry.sources:
+                print(f"  {src.url}" + (f"  sha256={src.sha256}" if src.sha256 else ""))
+        return EXIT_OK
+    config = _config_from_args(args, ("model_dir",))
+    for w in download_all(config.resolved_model_dir):
+        print(f"{w.source} -> {w.path} (sha256 {w.sha256})")
+    return EXIT_OK
+
+
+_log_path: Path | None = None
+
+
+def _setup_logging(verbose: bool, out: Path | None) -> None:
+    """Console logging at INFO with -v; full details always go to a log file (OUT/job.log)."""
+    global _log_path
+    root = logging.getLogger("aesthetic_dask")
+    root.setLevel(logging.DEBUG)
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(logging.INFO if verbose else logging.WARNING)
+    console.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    root.addHandler(console)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        _log_path = out / "job.log"
+        handler = logging.FileHandler(_log_path)
+    except (OSError, AttributeError):
+        _log_path = Path(tempfile.gettempdir()) / "aesthetic-dask.log"
+        handler = logging.FileHandler(_log_path)
+    handler.setLevel(logging.DEBUG)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    root.addHandler(handler)
+
+
+def _fail(message: str, code: int) -> int:
+    where = f" (details: {_log_path})" if _log_path else ""
+    print(f"aesthetic-dask: error: {message}{where}", file=sys.stderr)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``aesthetic-dask`` command."""
+    from .config import ConfigError
+    from .errors import InputError
+    from .weights import WeightsError
+
+    args = build_parser().parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except (InputError, ConfigError, WeightsError) as exc:
+        log.debug("bad input", exc_info=True)
+        return _fail(str(exc), EXIT_USAGE)
+    except KeyboardInterrupt:
+        return _fail("interrupted; re-run the same command to resume", EXIT_FAILED)
+    except Exception as exc:  # noqa: BLE001 - one clear line; the traceback goes to the log
+        log.error("job failed\n%s", traceback.format_exc())
+        if _log_path is None:
+            traceback.print_exc()
+        return _fail(f"{type(exc).__name__}: {exc}", EXIT_FAILED)

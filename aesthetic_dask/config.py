@@ -1,0 +1,136 @@
+"""Job configuration: defaults live in ``conf/default.yaml``; this module is their schema."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+# CLI flag names (snake_case) that differ from the config keys they set.
+ALIASES = {
+    "threshold": "score_threshold",
+    "batch_size": "model_inference_batch_size",
+}
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """All options of a job. Build it with :func:`load_config`; the defaults are in conf/default.yaml."""
+
+    score_threshold: float
+    model_inference_batch_size: int
+    num_gpus_per_worker: float
+    model_dir: str | None
+    verbose: bool
+    aesthetic_weights: str
+    embedding_column: str
+    keep_embeddings: bool
+    keep_rejected: bool
+    partition_rows: int
+    scheduler: str | None
+    scheduler_file: str | None
+    n_workers: int | None
+    threads_per_worker: int | None
+
+    @property
+    def resolved_model_dir(self) -> Path:
+        """``model_dir``, or the per-user cache directory when it is unset."""
+        if self.model_dir:
+            return Path(self.model_dir).expanduser()
+        cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+        return Path(cache) / "aesthetic-dask"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def default_config_text() -> str:
+    """The text of the packaged ``conf/default.yaml``."""
+    return resources.files("aesthetic_dask.conf").joinpath("default.yaml").read_text()
+
+
+def _read_yaml(text: str, origin: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{origin}: not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{origin}: expected a mapping of option: value, got {type(data).__name__}")
+    return data
+
+
+def _coerce(name: str, value: Any, origin: str) -> Any:
+    """Check one value against the field's declared type (int accepted where float is declared)."""
+    declared = {f.name: f.type for f in fields(Config)}[name]
+    if value is None:
+        if "None" in declared:
+            return None
+        raise ConfigError(f"{origin}: option {name!r} may not be null")
+    if declared.startswith("bool"):
+        ok = isinstance(value, bool)
+    elif declared.startswith("int"):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif declared.startswith("float"):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif declared.startswith("list"):
+        ok = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+        value = list(value) if ok else value
+    else:
+        ok = isinstance(value, str)
+    if not ok:
+        raise ConfigError(f"{origin}: option {name!r} expects {declared}, got {value!r}")
+    return value
+
+
+def _merge(target: dict[str, Any], updates: dict[str, Any], origin: str) -> None:
+    known = {f.name for f in fields(Config)}
+    for key, value in updates.items():
+        name = ALIASES.get(key, key)
+        if name not in known:
+            raise ConfigError(
+                f"{origin}: unknown option {key!r}; known options: {', '.join(sorted(known))}"
+            )
+        target[name] = _coerce(name, value, origin)
+
+
+def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> Config:
+    """Defaults, then the YAML file at ``path``, then ``overrides`` (config keys or CLI names).
+
+    ``None`` overrides are ignored so CLI flags that were not given keep the file's value.
+    """
+    values: dict[str, Any] = {}
+    _merge(values, _read_yaml(default_config_text(), "conf/default.yaml"), "conf/default.yaml")
+    if path is not None:
+        p = Path(path)
+        try:
+            text = p.read_text()
+        except OSError as exc:
+            raise ConfigError(f"{p}: cannot read config file: {exc.strerror}") from None
+        _merge(values, _read_yaml(text, str(p)), str(p))
+    _merge(values, {k: v for k, v in overrides.items() if v is not None}, "override")
+    config = Config(**values)
+    _validate(config)
+    return config
+
+
+def _validate(config: Config) -> None:
+    if config.model_inference_batch_size < 1:
+        raise ConfigError("model_inference_batch_size must be >= 1")
+    if not 0 < config.num_gpus_per_worker <= 1:
+        raise ConfigError("num_gpus_per_worker must be in (0, 1]")
+    if config.partition_rows < 1:
+        raise ConfigError("partition_rows must be >= 1")
+    if config.scheduler and config.scheduler_file:
+        raise ConfigError("give either scheduler or scheduler_file, not both")

@@ -1,0 +1,285 @@
+"""Reader: precomputed CLIP embeddings (Parquet, or clip-retrieval folders) as a lazy Dask frame.
+
+One partition per Parquet file or run of row groups (about ``partition_rows`` rows), and per row
+range of a clip-retrieval ``img_emb/img_emb_N.npy`` with its row-aligned
+``metadata/metadata_N.parquet``. Partitions are pandas frames with pyarrow-backed columns (no
+Python objects per row), indexed by row number in their source file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.fs  # noqa: F401  (pa.fs)
+import pyarrow.parquet as pq
+
+from .errors import DataError, InputError
+from .sources import expand_inputs
+
+EMBEDDING_TYPE = pa.list_(pa.float32())
+_NPY_NAME = re.compile(r"img_emb_(\d+)\.npy$")
+_LOCAL_FS = pa.fs.LocalFileSystem()
+
+
+@dataclass(frozen=True)
+class EmbeddingPart:
+    """Rows ``[start, stop)`` of one input file: one partition, one set of output files."""
+
+    source: str
+    start: int
+    stop: int
+    row_groups: tuple[int, ...] | None = None  # Parquet input: the row groups holding the rows
+    metadata: str | None = None  # clip-retrieval input: the row-aligned metadata Parquet
+
+    @property
+    def name(self) -> str:
+        """Deterministic output name: file stem, a digest of its path, the row range."""
+        digest = hashlib.sha1(str(Path(self.source).resolve()).encode()).hexdigest()[:8]
+        stem = Path(self.source).name.split(".")[0]
+        return f"{stem}-{digest}-{self.start:010d}-{self.stop:010d}"
+
+    @property
+    def rows(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass
+class EmbeddingPlan:
+    """What to read: the partitions, the one schema they share, and files that could not be opened."""
+
+    parts: list[EmbeddingPart]
+    schema: pa.Schema
+    embedding_column: str
+    failed: dict[str, str]
+
+
+def _check_embedding_type(dtype: pa.DataType, column: str, where: str) -> None:
+    is_list = pa.types.is_list(dtype) or pa.types.is_large_list(dtype) or pa.types.is_fixed_size_list(dtype)
+    if not (is_list and pa.types.is_floating(dtype.value_type)):
+        raise InputError(
+            f"{where}: column {column!r} has type {dtype}, expected list<float> or "
+            "fixed_size_list<float>[768] (float16/32/64)"
+        )
+
+
+def _group_row_groups(meta: pq.FileMetaData, target_rows: int) -> list[tuple[int, int, tuple[int, ...]]]:
+    """Consecutive row groups, about ``target_rows`` rows per group: (start, stop, row groups)."""
+    groups: list[tuple[int, int, tuple[int, ...]]] = []
+    start = stop = 0
+    current: list[int] = []
+    for i in range(meta.num_row_groups):
+        n = meta.row_group(i).num_rows
+        if current and stop - start + n > target_rows:
+            groups.append((start, stop, tuple(current)))
+            start, current = stop, []
+        current.append(i)
+        stop += n
+    if current:
+        groups.append((start, stop, tuple(current)))
+    return groups
+
+
+def _open_footer(path: Path) -> pq.FileMetaData | str:
+    try:
+        return pq.ParquetFile(path).metadata
+    except (pa.ArrowException, OSError) as exc:
+        return f"not a readable Parquet file: {exc}"
+
+
+def _row_ranges(n: int, target_rows: int) -> list[tuple[int, int]]:
+    return [(s, min(s + target_rows, n)) for s in range(0, n, target_rows)] or [(0, 0)]
+
+
+def _is_clip_retrieval_folder(path: Path) -> bool:
+    return path.is_dir() and (path / "img_emb").is_dir()
+
+
+def plan_embeddings(
+    inputs: list[str] | str, embedding_column: str = "embedding", partition_rows: int = 131072
+) -> EmbeddingPlan:
+    """Partitions and the shared schema of Parquet files/dirs/globs and clip-retrieval folders."""
+    if isinstance(inputs, (str, Path)):
+        inputs = [str(inputs)]
+    folders = [Path(i) for i in inputs if _is_clip_retrieval_folder(Path(i))]
+    others = [i for i in inputs if not _is_clip_retrieval_folder(Path(i))]
+    parts: list[EmbeddingPart] = []
+    schemas: list[tuple[str, pa.Schema]] = []
+    failed: dict[str, str] = {}
+
+    files = expand_inputs(others, (".parquet", ".pq")) if others else []
+    with ThreadPoolExecutor(16) as pool:
+        footers = list(pool.map(_open_footer, files))
+    for path, meta in zip(files, footers):
+        if isinstance(meta, str):
+            failed[str(path)] = meta
+            continue
+        schema = meta.schema.to_arrow_schema()
+        if embedding_column not in schema.names:
+            raise InputError(
+                f"{path}: no column {embedding_column!r} (columns: {', '.join(schema.names)}); "
+                "choose one with --embedding-column"
+            )
+        _check_embedding_type(schema.field(embedding_column).type, embedding_column, str(path))
+        schemas.append((str(path), schema))
+        for start, stop, groups in _group_row_groups(meta, partition_rows):
+            parts.append(EmbeddingPart(str(path), start, stop, row_groups=groups))
+
+    for folder in folders:
+        folder_parts, folder_schemas = _plan_clip_retrieval(folder, embedding_column, partition_rows)
+        parts.extend(folder_parts)
+        schemas.extend(folder_schemas)
+
+    if not schemas and not failed:
+        raise InputError(f"no embedding files found in {', '.join(map(str, inputs))}")
+    return EmbeddingPlan(parts, _unify(schemas, embedding_column), embedding_column, failed)
+
+
+def _plan_clip_retrieval(
+    folder: Path, column: str, partition_rows: int
+) -> tuple[list[EmbeddingPart], list[tuple[str, pa.Schema]]]:
+    npys = sorted((folder / "img_emb").glob("img_emb_*.npy"), key=lambda p: int(_NPY_NAME.search(p.name)[1]))
+    if not npys:
+        raise InputError(f"{folder}: img_emb/ holds no img_emb_N.npy files")
+    parts, schemas = [], []
+    for npy in npys:
+        n_str = _NPY_NAME.search(npy.name)[1]
+        meta_path = folder / "metadata" / f"metadata_{n_str}.parquet"
+        if not meta_path.is_file():
+            raise InputError(f"{npy}: no row-aligned metadata file {meta_path}")
+        try:
+            emb = np.load(npy, mmap_mode="r")
+        except (ValueError, OSError) as exc:
+            raise InputError(f"{npy}: not a readable .npy array: {exc}") from None
+        if emb.ndim != 2 or emb.dtype.kind != "f":
+            raise InputError(f"{npy}: expected a 2-D float array, got shape {emb.shape} {emb.dtype}")
+        meta = pq.ParquetFile(meta_path).metadata
+        if meta.num_rows != emb.shape[0]:
+            raise InputError(
+                f"{npy} has {emb.shape[0]} rows but {meta_path} has {meta.num_rows}; they must be row-aligned"
+            )
+        schema = meta.schema.to_arrow_schema()
+        if column in schema.names:
+            raise InputError(f"{meta_path}: already has a column {column!r}; pick another --embedding-column")
+        schemas.append((str(meta_path), schema.append(pa.field(column, EMBEDDING_TYPE))))
+        for start, stop in _row_ranges(emb.shape[0], partition_rows):
+            parts.append(EmbeddingPart(str(npy), start, stop, metadata=str(meta_path)))
+    return parts, schemas
+
+
+def _unify(schemas: list[tuple[str, pa.Schema]], column: str) -> pa.Schema:
+    """One schema for all partitions; the embedding column becomes list<float32>."""
+    if not schemas:
+        return pa.schema([pa.field(column, EMBEDDING_TYPE)])
+    unified = None
+    for where, schema in schemas:
+        idx = schema.get_field_index(column)
+        schema = schema.set(idx, pa.field(column, EMBEDDING_TYPE)).remove_metadata()
+        try:
+            unified = schema if unified is None else pa.unify_schemas([unified, schema], promote_options="permissive")
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+            raise InputError(f"{where}: its columns conflict with earlier inputs: {exc}") from None
+    return unified
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``table`` with exactly ``schema``'s columns: cast where types differ, nulls where absent."""
+    columns = []
+    for field in schema:
+        if field.name in table.column_names:
+            col = table.column(field.name)
+            columns.append(col if col.type == field.type else col.cast(field.type))
+        else:
+            columns.append(pa.nulls(table.num_rows, field.type))
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def read_parquet_rows(path: str, start: int, stop: int, row_groups: tuple[int, ...] | None = None) -> pa.Table:
+    """Rows ``[start, stop)`` of a Parquet file, reading only the row groups that hold them.
+
+    Uses a dataset fragment: measured here about 2x faster than ``ParquetFile.read_row_groups``.
+    """
+    import pyarrow.dataset as ds
+
+    fragment = ds.ParquetFileFormat().make_fragment(str(path), filesystem=_LOCAL_FS)
+    first = start
+    if row_groups is None:
+        meta = fragment.metadata
+        row_groups, offset, first = [], 0, None
+        for i in range(meta.num_row_groups):
+            n = meta.row_group(i).num_rows
+            if offset < stop and offset + n > start:
+                row_groups.append(i)
+                first = offset if first is None else first
+            offset += n
+        if not row_groups:
+            return fragment.physical_schema.empty_table()
+    table = fragment.subset(row_group_ids=list(row_groups)).to_table()
+    return table.slice(start - first, stop - start) if (start - first or table.num_rows != stop - start) else table
+
+
+def read_embedding_table(part: EmbeddingPart, schema: pa.Schema, column: str) -> pa.Table:
+    """The Arrow table of one partition, conformed to ``schema``. Raises DataError if unreadable."""
+    try:
+        if part.metadata is None:
+            table = read_parquet_rows(part.source, part.start, part.stop, part.row_groups)
+        else:
+            table = read_parquet_rows(part.metadata, part.start, part.stop)
+            matrix = np.ascontiguousarray(np.load(part.source, mmap_mode="r")[part.start : part.stop])
+            values = pa.array(matrix.reshape(-1))
+            table = table.append_column(column, pa.FixedSizeListArray.from_arrays(values, matrix.shape[1]))
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise DataError(f"{part.source}: cannot read rows {part.start}-{part.stop}: {exc}") from None
+    if table.num_rows != part.rows:
+        raise DataError(f"{part.source}: expected {part.rows} rows in {part.start}-{part.stop}, read {table.num_rows}")
+    return conform(table, schema)
+
+
+def table_to_frame(table: pa.Table, start: int = 0) -> pd.DataFrame:
+    """Arrow table to a pandas frame with pyarrow-backed dtypes, indexed from ``start``."""
+    df = table.to_pandas(types_mapper=pd.ArrowDtype)
+    df.index = pd.RangeIndex(start, start + len(df))
+    return df
+
+
+def read_embedding_part(part: EmbeddingPart, schema: pa.Schema, column: str) -> pd.DataFrame:
+    """Partition function of :func:`read_embeddings`: one part as a pandas frame."""
+    return table_to_frame(read_embedding_table(part, schema, column), part.start)
+
+
+def embeddings_frame(plan: EmbeddingPlan, parts: list[EmbeddingPart] | None = None):
+    """The lazy Dask frame of ``plan`` (or of a subset of its parts)."""
+    import dask.dataframe as dd
+
+    parts = plan.parts if parts is None else parts
+    meta = table_to_frame(plan.schema.empty_table())
+    return dd.from_map(
+        read_embedding_part,
+        parts,
+        schema=plan.schema,
+        column=plan.embedding_column,
+        meta=meta,
+        enforce_metadata=False,
+        label="read-embeddings",
+    )
+
+
+def read_embeddings(
+    paths: list[str] | str, embedding_column: str = "embedding", partition_rows: int = 131072
+):
+    """Lazy ``dask.dataframe.DataFrame`` of Parquet embedding files or clip-retrieval folders.
+
+    ``paths``: files, directories or globs. The embedding column is ``list<float32>``; other
+    columns keep their Arrow types, unified across files. Unreadable files raise ``InputError``.
+    """
+    plan = plan_embeddings(paths, embedding_column, partition_rows)
+    if plan.failed:
+        path, reason = next(iter(plan.failed.items()))
+        raise InputError(f"{path}: {reason}")
+    return embeddings_frame(plan)

@@ -1,0 +1,205 @@
+"""Writer: the OUT layout, per-partition files written atomically, and the manifest.
+
+OUT/kept/, OUT/rejected/ and OUT/errors/ are plain Parquet datasets (one file per input
+partition, named after it). Files are written under OUT/_tmp/ and renamed into place, so readers
+never see a partial file; OUT/_parts/NAME.json records a finished partition (its counts), which is
+what a re-run uses to skip it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .score import ERROR_COLUMN, SCORE_COLUMN
+
+COUNT_KEYS = ("rows_in", "rows_kept", "rows_below_threshold", "rows_error")
+SOURCE_COLUMN = "source"
+ROW_COLUMN = "row"
+
+
+@dataclass(frozen=True)
+class OutputLayout:
+    """Paths of one job's output directory."""
+
+    root: Path
+
+    @property
+    def kept(self) -> Path:
+        return self.root / "kept"
+
+    @property
+    def rejected(self) -> Path:
+        return self.root / "rejected"
+
+    @property
+    def errors(self) -> Path:
+        return self.root / "errors"
+
+    @property
+    def tmp(self) -> Path:
+        return self.root / "_tmp"
+
+    @property
+    def records(self) -> Path:
+        return self.root / "_parts"
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "manifest.json"
+
+    def data_dirs(self) -> tuple[Path, ...]:
+        return (self.kept, self.rejected, self.errors, self.tmp, self.records)
+
+
+def atomic_write_bytes(path: Path, data: bytes, tmp_dir: Path | None = None) -> None:
+    """Write ``data`` to ``path`` via a temporary file and a rename."""
+    tmp_dir = tmp_dir or path.parent
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_dir / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj: Any, tmp_dir: Path | None = None) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode(), tmp_dir)
+
+
+def _write_parquet(table: pa.Table, path: Path, tmp_dir: Path) -> None:
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_dir / f"{path.parent.name}-{path.name}.{uuid.uuid4().hex}.tmp"
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def frame_to_table(df: Any) -> pa.Table:
+    """A pandas (pyarrow-backed) or cudf partition as an Arrow table, without its index."""
+    if type(df).__module__.startswith("cudf"):
+        table = df.reset_index(drop=True).to_arrow()
+    else:
+        table = pa.Table.from_pandas(df, preserve_index=False)
+    # Plain Parquet: pandas metadata would make readers rebuild pyarrow-backed dtypes by name.
+    return table.replace_schema_metadata(None)
+
+
+def _fixed_size(table: pa.Table, column: str, dim: int) -> pa.Table:
+    """Valid embeddings as fixed_size_list<float32>[dim] (every kept row has exactly dim values)."""
+    idx = table.schema.get_field_index(column)
+    col = table.column(column).cast(pa.list_(pa.float32(), dim))
+    return table.set_column(idx, pa.field(column, col.type), col)
+
+
+@dataclass(frozen=True)
+class WriteOptions:
+    """How a scored partition is split and written."""
+
+    threshold: float
+    embedding_column: str
+    keep_embeddings: bool
+    keep_rejected: bool
+    embed_dim: int = 768
+    drop_columns: tuple[str, ...] = ()
+
+
+def split_and_write(
+    table: pa.Table,
+    rows: np.ndarray,
+    name: str,
+    source: str,
+    layout: OutputLayout,
+    opts: WriteOptions,
+    extra_errors: pa.Table | None = None,
+) -> dict[str, int]:
+    """Write the kept, rejected and error rows of one scored partition; return its counts.
+
+    ``table`` has ``aesthetic_score`` and ``error`` columns; ``rows`` gives each row's position
+    in its source. ``extra_errors`` (rows that never reached the model, e.g. undecodable images)
+    are appended to the errors file.
+    """
+    scores = table.column(SCORE_COLUMN).to_numpy(zero_copy_only=False)
+    is_error = table.column(ERROR_COLUMN).is_valid().to_numpy(zero_copy_only=False)
+    with np.errstate(invalid="ignore"):
+        keep = ~is_error & (scores >= opts.threshold)
+    below = ~is_error & ~keep
+
+    drop = [c for c in opts.drop_columns if c in table.column_names]
+    if not opts.keep_embeddings and opts.embedding_column in table.column_names:
+        drop.append(opts.embedding_column)
+    scored = table.drop_columns(drop + [ERROR_COLUMN])
+    if opts.keep_embeddings and opts.embedding_column in scored.column_names:
+        scored = _fixed_size(scored, opts.embedding_column, opts.embed_dim)
+
+    _write_parquet(scored.filter(pa.array(keep)), layout.kept / f"{name}.parquet", layout.tmp)
+    if opts.keep_rejected and below.any():
+        _write_parquet(scored.filter(pa.array(below)), layout.rejected / f"{name}.parquet", layout.tmp)
+
+    n_errors = int(is_error.sum()) + (extra_errors.num_rows if extra_errors is not None else 0)
+    if n_errors:
+        err = table.filter(pa.array(is_error)).drop_columns(
+            [c for c in (opts.embedding_column, SCORE_COLUMN, *opts.drop_columns) if c in table.column_names]
+        )
+        err = _with_provenance(err, source, rows[is_error])
+        if extra_errors is not None and extra_errors.num_rows:
+            err = pa.concat_tables([err, extra_errors.select(err.column_names).cast(err.schema)])
+        _write_parquet(err, layout.errors / f"{name}.parquet", layout.tmp)
+    return {
+        "rows_in": int(len(scores)) + (extra_errors.num_rows if extra_errors is not None else 0),
+        "rows_kept": int(keep.sum()),
+        "rows_below_threshold": int(below.sum()),
+        "rows_error": n_errors,
+    }
+
+
+def _with_provenance(err: pa.Table, source: str, rows: np.ndarray) -> pa.Table:
+    """Error rows lead with their source file and row position, then their columns, then ``error``."""
+    cols = [c for c in err.column_names if c not in (SOURCE_COLUMN, ROW_COLUMN, ERROR_COLUMN)]
+    out = err.select(cols)
+    if SOURCE_COLUMN not in cols:
+        out = out.add_column(0, SOURCE_COLUMN, pa.array([source] * err.num_rows, pa.string()))
+    out = out.add_column(1, ROW_COLUMN, pa.array(rows.astype(np.int64)))
+    return out.append_column(ERROR_COLUMN, err.column(ERROR_COLUMN).cast(pa.string()))
+
+
+def write_record(layout: OutputLayout, record: dict[str, Any]) -> None:
+    """Mark a partition finished: written last, after its data files are in place."""
+    write_json(layout.records / f"{record['name']}.json", record, layout.tmp)
+
+
+def read_records(layout: OutputLayout) -> dict[str, dict[str, Any]]:
+    """Records of finished partitions, by name (unreadable ones are treated as not finished)."""
+    records = {}
+    if layout.records.is_dir():
+        for path in layout.records.glob("*.json"):
+            try:
+                rec = json.loads(path.read_text())
+                records[rec["name"]] = rec
+            except (OSError, ValueError, KeyError):
+                continue
+    return records
+
+
+def reset_output(layout: OutputLayout) -> None:
+    """Remove everything a job writes under OUT (for --overwrite)."""
+    for d in layout.data_dirs():
+        shutil.rmtree(d, ignore_errors=True)
+    layout.manifest.unlink(missing_ok=True)
+
+
+def remove_partition_files(layout: OutputLayout, name: str) -> None:
+    """Drop the output files of a partition that will be redone."""
+    for d in (layout.kept, layout.rejected, layout.errors):
+        (d / f"{name}.parquet").unlink(missing_ok=True)

@@ -1,0 +1,185 @@
+"""Mapper: add ``aesthetic_score`` (and an ``error`` reason for invalid rows) to partitions.
+
+Pure frame-in, frame-out functions for ``map_partitions``: pandas partitions use numpy, cudf
+partitions (on GPU workers) use cupy; both go through :func:`classify_and_score`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .errors import InputError
+from .predictor import AestheticPredictor
+
+SCORE_COLUMN = "aesthetic_score"
+ERROR_COLUMN = "error"
+ERROR_DTYPE = pd.ArrowDtype(pa.string())
+
+
+def _arrow_chunks(series: pd.Series) -> list[pa.Array]:
+    """The Arrow chunks behind a pandas column (zero-copy for pyarrow-backed dtypes)."""
+    arr = series.array.__arrow_array__() if hasattr(series.array, "__arrow_array__") else pa.array(series)
+    return arr.chunks if isinstance(arr, pa.ChunkedArray) else [arr]
+
+
+def score_arrow(chunks: list[pa.Array], predictor: AestheticPredictor) -> tuple[np.ndarray, np.ndarray]:
+    """(float32 scores, error reasons) of an Arrow embedding column, chunk by chunk.
+
+    Chunks are scored where they lie: combining them would copy the whole matrix.
+    """
+    scores, reasons = [], []
+    for chunk in chunks:
+        matrix, candidates, why = arrow_embedding_matrix(chunk, predictor.embed_dim)
+        scores.append(classify_and_score(np, predictor, matrix, candidates, why))
+        reasons.append(why)
+    if not scores:
+        return np.empty(0, np.float32), np.empty(0, object)
+    return np.concatenate(scores), np.concatenate(reasons)
+
+
+def classify_and_score(
+    xp: Any,
+    predictor: AestheticPredictor,
+    matrix: Any,
+    candidates: Any,
+    reasons: np.ndarray,
+) -> np.ndarray:
+    """Scores for all rows; invalid rows get NaN and a reason in ``reasons`` (filled in place).
+
+    ``matrix`` holds the rows where ``candidates`` is true (right length, no nulls). Rows with a
+    non-finite or zero squared norm are invalid: a zero vector is an error, not a division by zero.
+    """
+    n = candidates.shape[0]
+    scores = np.full(n, np.nan, dtype=np.float32)
+    if matrix.shape[0] == 0:
+        return scores
+    sq_norm = xp.einsum("ij,ij->i", matrix, matrix)
+    finite = xp.isfinite(sq_norm)
+    nonzero = sq_norm > 0
+    ok = finite & nonzero
+    cand_idx = np.flatnonzero(_to_numpy(candidates))
+    finite_h, nonzero_h, ok_h = _to_numpy(finite), _to_numpy(nonzero), _to_numpy(ok)
+    reasons[cand_idx[~finite_h]] = "embedding contains NaN or inf"
+    reasons[cand_idx[finite_h & ~nonzero_h]] = "embedding has zero norm"
+    if ok_h.all():
+        scores[cand_idx] = _to_numpy(predictor.score_raw(matrix, sq_norm, xp))
+    elif ok_h.any():
+        scores[cand_idx[ok_h]] = _to_numpy(predictor.score_raw(matrix[ok], sq_norm[ok], xp))
+    return scores
+
+
+def _to_numpy(a: Any) -> np.ndarray:
+    return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else np.asarray(a)
+
+
+def arrow_embedding_matrix(arr: pa.Array, dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(float32 matrix of candidate rows, candidate mask, reasons) from an Arrow list array."""
+    n = len(arr)
+    reasons = np.full(n, None, dtype=object)
+    if pa.types.is_null(arr.type):
+        reasons[:] = "null embedding"
+        return np.empty((0, dim), np.float32), np.zeros(n, bool), reasons
+    lengths = pc.list_value_length(arr)
+    valid = arr.is_valid().to_numpy(zero_copy_only=False)
+    length_np = lengths.fill_null(-1).to_numpy(zero_copy_only=False)
+    candidates = valid & (length_np == dim)
+    if not candidates.all():
+        reasons[~valid] = "null embedding"
+        bad = valid & (length_np != dim)
+        for i in np.flatnonzero(bad):
+            reasons[i] = f"embedding has {length_np[i]} values, expected {dim}"
+        arr = arr.filter(pa.array(candidates))
+    flat = arr.flatten()
+    if flat.null_count:
+        has_null = flat.is_null().to_numpy(zero_copy_only=False).reshape(-1, dim).any(axis=1)
+        cand_idx = np.flatnonzero(candidates)
+        reasons[cand_idx[has_null]] = "embedding contains null values"
+        candidates[cand_idx[has_null]] = False
+        arr = arr.filter(pa.array(~has_null))
+        flat = arr.flatten()
+    matrix = flat.to_numpy(zero_copy_only=False).reshape(-1, dim)
+    if matrix.dtype != np.float32:
+        matrix = matrix.astype(np.float32)
+    return matrix, candidates, reasons
+
+
+def _cudf_embedding_matrix(series: Any, dim: int) -> tuple[Any, Any, np.ndarray]:
+    """The cudf twin of :func:`arrow_embedding_matrix`; the matrix stays on the GPU."""
+    import cupy as cp
+
+    n = len(series)
+    reasons = np.full(n, None, dtype=object)
+    valid = series.notna().values
+    lengths = series.list.len().fillna(-1).values
+    candidates = valid & (lengths == dim)
+    host_valid, host_len = cp.asnumpy(valid), cp.asnumpy(lengths)
+    reasons[~host_valid] = "null embedding"
+    for i in np.flatnonzero(host_valid & (host_len != dim)):
+        reasons[i] = f"embedding has {host_len[i]} values, expected {dim}"
+    leaves = series[candidates].list.leaves
+    null_rows = leaves.isna().values.reshape(-1, dim).any(axis=1)
+    if bool(null_rows.any()):
+        cand_idx = np.flatnonzero(cp.asnumpy(candidates))
+        host_null = cp.asnumpy(null_rows)
+        reasons[cand_idx[host_null]] = "embedding contains null values"
+        candidates[cp.asarray(cand_idx[host_null])] = False
+    matrix = leaves.fillna(0).values.astype(cp.float32).reshape(-1, dim)[~null_rows]
+    return matrix, candidates, reasons
+
+
+def score_partition(df: Any, predictor: AestheticPredictor, embedding_column: str = "embedding") -> Any:
+    """Partition function: ``df`` plus ``aesthetic_score`` (float32, NaN if invalid) and ``error``."""
+    if embedding_column not in df.columns:
+        raise InputError(f"no column {embedding_column!r} (columns: {', '.join(map(str, df.columns))})")
+    dim = predictor.embed_dim
+    if type(df).__module__.startswith("cudf"):
+        import cupy as xp
+
+        matrix, candidates, reasons = _cudf_embedding_matrix(df[embedding_column], dim)
+        scores = classify_and_score(xp, predictor, matrix, candidates, reasons)
+    else:
+        scores, reasons = score_arrow(_arrow_chunks(df[embedding_column]), predictor)
+    out = df.assign(**{SCORE_COLUMN: scores})
+    if type(df).__module__.startswith("cudf"):
+        import cudf
+
+        out[ERROR_COLUMN] = cudf.Series(pd.Series(reasons, dtype="string"), index=df.index)
+    else:
+        out[ERROR_COLUMN] = pd.Series(pa.array(reasons, type=pa.string()), index=df.index, dtype=ERROR_DTYPE)
+    return out
+
+
+def _scored_meta(meta: pd.DataFrame) -> pd.DataFrame:
+    return meta.assign(
+        **{SCORE_COLUMN: pd.Series([], dtype="float32"), ERROR_COLUMN: pd.Series([], dtype=ERROR_DTYPE)}
+    )
+
+
+def score_embeddings(ddf, config=None, predictor: AestheticPredictor | None = None):
+    """Lazily add ``aesthetic_score`` (and ``error`` for invalid rows) to an embeddings frame.
+
+    The predictor is loaded once in the caller from ``config.aesthetic_weights`` (unless given)
+    and travels to the workers folded: one 768-vector and a bias.
+    """
+    from .config import load_config
+    from .predictor import load_predictor
+
+    config = config or load_config()
+    if predictor is None:
+        predictor = load_predictor(config.aesthetic_weights, config.resolved_model_dir)
+    column = config.embedding_column
+    if column not in ddf.columns:
+        raise InputError(f"no column {column!r} (columns: {', '.join(map(str, ddf.columns))})")
+    return ddf.map_partitions(
+        score_partition, predictor, column, meta=_scored_meta(ddf._meta), enforce_metadata=False
+    )
+
+
+def filter_by_score(ddf, threshold: float = 0.5):
+    """Rows with ``aesthetic_score >= threshold`` (invalid rows, scored NaN, never pass)."""
+    return ddf[ddf[SCORE_COLUMN] >= threshold]

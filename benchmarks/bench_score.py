@@ -1,0 +1,140 @@
+"""Benchmark: the whole `aesthetic-dask score` command against merely reading the embeddings.
+
+    python benchmarks/bench_score.py            # 500k float32 embeddings in 4 files, 3 rounds
+
+Both sides run as fresh processes, alternated round by round on the same files (page cache warm
+after a first unmeasured round of each), and the medians are compared: the ratio is what to read,
+not the seconds. Also measured in the same run: a NeMo Curator-style scoring loop (torch MLP in
+batches of 32 and 1024 over L2-normalised embeddings, as its AestheticScorer runs it, objects
+already built) for a throughput comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+REPO = Path(__file__).resolve().parents[1]
+REAL_WEIGHTS = REPO.parent / "shared/models/improved-aesthetic-predictor/sac+logos+ava1-l14-linearMSE.pth"
+
+BASELINE = """
+import sys, pyarrow.parquet as pq
+rows = 0
+for path in sys.argv[1:]:
+    col = pq.read_table(path, columns=["embedding"]).column("embedding").combine_chunks()
+    matrix = col.flatten().to_numpy().reshape(-1, 768)
+    rows += matrix.shape[0]
+print(rows)
+"""
+
+
+def make_data(directory: Path, rows: int, files: int) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = [directory / f"emb_{i:02d}.parquet" for i in range(files)]
+    if all(p.exists() for p in paths):
+        return paths
+    rng = np.random.default_rng(0)
+    per_file = rows // files
+    for i, path in enumerate(paths):
+        x = rng.standard_normal((per_file, 768), dtype=np.float32)
+        offsets = pa.array(np.arange(0, per_file * 768 + 1, 768, dtype=np.int32))
+        table = pa.table({
+            "key": [f"{i:03d}{j:09d}" for j in range(per_file)],
+            "embedding": pa.ListArray.from_arrays(offsets, pa.array(x.reshape(-1))),
+        })
+        pq.write_table(table, path, row_group_size=32768)
+    return paths
+
+
+def make_weights(directory: Path) -> Path:
+    """Random weights with the real layout (timing does not depend on their values)."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(0)
+    dims, keys = (768, 1024, 128, 64, 16, 1), ("layers.0", "layers.2", "layers.4", "layers.6", "layers.7")
+    state = {}
+    for key, n_in, n_out in zip(keys, dims[:-1], dims[1:]):
+        state[f"{key}.weight"] = (rng.standard_normal((n_out, n_in)) / np.sqrt(n_in)).astype(np.float32)
+        state[f"{key}.bias"] = np.zeros(n_out, np.float32)
+    path = directory / "random-weights.safetensors"
+    save_file(state, str(path))
+    return path
+
+
+def timed(cmd: list[str]) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - t0
+
+
+def nemo_style_throughput(paths: list[Path], weights: Path, batch: int, rows: int = 100_000) -> float:
+    """Embeddings/s of a torch MLP loop like NeMo Curator's AestheticScorer (CPU, objects built)."""
+    import torch
+
+    from aesthetic_dask.weights import load_state_dict, resolve_weights
+
+    state = load_state_dict(resolve_weights(str(weights), Path(tempfile.gettempdir())), None)
+    mlp = torch.nn.Sequential(
+        torch.nn.Linear(768, 1024), torch.nn.Dropout(0.2), torch.nn.Linear(1024, 128), torch.nn.Dropout(0.2),
+        torch.nn.Linear(128, 64), torch.nn.Dropout(0.1), torch.nn.Linear(64, 16), torch.nn.Linear(16, 1),
+    )
+    mlp.load_state_dict({k.removeprefix("layers."): torch.from_numpy(v) for k, v in state.items()})
+    mlp.eval()
+    col = pq.read_table(paths[0], columns=["embedding"]).column("embedding").combine_chunks()
+    emb = col.flatten().to_numpy().reshape(-1, 768)[:rows]
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for start in range(0, len(emb), batch):
+            x = torch.from_numpy(emb[start : start + batch].copy())
+            x = x / torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+            mlp(x).squeeze(1).numpy()
+    return len(emb) / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=500_000)
+    parser.add_argument("--files", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "aesthetic-dask-bench")
+    parser.add_argument("--weights", type=Path, default=REAL_WEIGHTS if REAL_WEIGHTS.exists() else None)
+    args = parser.parse_args()
+
+    data = args.data / f"score-{args.rows}x{args.files}"
+    paths = make_data(data, args.rows, args.files)
+    work = Path(tempfile.mkdtemp(prefix="aesthetic-dask-bench-"))
+    weights = args.weights or make_weights(work)
+    rows = sum(pq.ParquetFile(p).metadata.num_rows for p in paths)
+    baseline = [sys.executable, "-c", BASELINE, *map(str, paths)]
+    score = [sys.executable, "-m", "aesthetic_dask", "score", str(data), "-o", str(work / "out"), "--aesthetic-weights",
+             str(weights), "--model-dir", str(work / "models"), "--threshold", "0", "--overwrite"]
+
+    print(f"{rows:,} float32 embeddings in {len(paths)} files; weights {weights.name}; {os.cpu_count()} cores")
+    timed(baseline), timed(score)  # warm: page cache, .pyc, converted weights
+    base_t, score_t = [], []
+    for _ in range(args.rounds):
+        base_t.append(timed(baseline))
+        score_t.append(timed(score))
+    b, s = statistics.median(base_t), statistics.median(score_t)
+    print(f"read embeddings into numpy (pyarrow)  median {b:6.2f}s  runs {', '.join(f'{t:.2f}' for t in base_t)}")
+    print(f"aesthetic-dask score (whole command)   median {s:6.2f}s  runs {', '.join(f'{t:.2f}' for t in score_t)}")
+    print(f"RATIO score / read = {s / b:.2f}  (target <= 2.0, aim 1.3)")
+    ours = rows / s
+    for batch in (32, 1024):
+        nemo = nemo_style_throughput(paths, weights, batch)
+        print(f"NeMo-style torch MLP loop, batch {batch:>4}: {nemo:>10,.0f} emb/s (model only)  "
+              f"| aesthetic-dask end to end {ours:,.0f} emb/s  RATIO {ours / nemo:.1f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""Shared fixtures: weights the tests make themselves, the real weights when present, sample data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+REAL_WEIGHTS = (
+    Path(__file__).resolve().parents[1].parent
+    / "shared/models/improved-aesthetic-predictor/sac+logos+ava1-l14-linearMSE.pth"
+)
+DIMS = (768, 1024, 128, 64, 16, 1)
+KEYS = ("layers.0", "layers.2", "layers.4", "layers.6", "layers.7")
+
+
+def random_state_dict(seed: int = 0, dims=DIMS, keys=KEYS) -> dict[str, np.ndarray]:
+    """A state dict with the predictor's layout and random (scaled) weights."""
+    rng = np.random.default_rng(seed)
+    state = {}
+    for key, n_in, n_out in zip(keys, dims[:-1], dims[1:]):
+        state[f"{key}.weight"] = (rng.standard_normal((n_out, n_in)) / np.sqrt(n_in)).astype(np.float32)
+        state[f"{key}.bias"] = (rng.standard_normal(n_out) * 0.1).astype(np.float32)
+    state["layers.7.bias"] = np.array([5.0], np.float32)  # scores centred near 5, like the real model
+    return state
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory) -> dict[str, Path]:
+    """The same random weights as .safetensors and as a .pth (saved by torch)."""
+    import torch
+    from safetensors.numpy import save_file
+
+    d = tmp_path_factory.mktemp("weights")
+    state = random_state_dict()
+    save_file(state, str(d / "tiny.safetensors"))
+    torch.save({k: torch.from_numpy(v) for k, v in state.items()}, d / "tiny.pth")
+    return {"safetensors": d / "tiny.safetensors", "pth": d / "tiny.pth", "state": state}
+
+
+@pytest.fixture(scope="session")
+def real_weights() -> Path:
+    if not REAL_WEIGHTS.is_file():
+        pytest.skip(f"real aesthetic weights not present at {REAL_WEIGHTS}")
+    return REAL_WEIGHTS
+
+
+def embedding_array(rows: list, value_type=pa.float32(), fixed: int | None = None) -> pa.Array:
+    """An Arrow list (or fixed_size_list) array from Python rows (None for null rows)."""
+    if fixed:
+        return pa.array(rows, type=pa.list_(value_type, fixed))
+    return pa.array(rows, type=pa.list_(value_type))
+
+
+def write_embeddings(path: Path, matrix: np.ndarray, prefix: str = "k", row_group_size: int | None = None, **extra) -> Path:
+    """A Parquet file with ``key``, ``caption`` and ``embedding`` (list<float32>) columns."""
+    n = matrix.shape[0]
+    table = pa.table(
+        {
+            "key": [f"{prefix}{i:05d}" for i in range(n)],
+            "caption": [f"caption {i}" for i in range(n)],
+            "embedding": pa.ListArray.from_arrays(
+                pa.array(np.arange(0, n * matrix.shape[1] + 1, matrix.shape[1], dtype=np.int32)),
+                pa.array(matrix.reshape(-1)),
+            ),
+            **extra,
+        }
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path, row_group_size=row_group_size)
+    return path
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(1234)

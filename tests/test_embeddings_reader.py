@@ -1,0 +1,76 @@
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from aesthetic_dask.embeddings_reader import plan_embeddings, read_embeddings
+from aesthetic_dask.errors import InputError
+from conftest import write_embeddings
+
+
+def test_row_groups_are_grouped_into_partitions(tmp_path, rng):
+    write_embeddings(tmp_path / "a.parquet", rng.standard_normal((100, 768)).astype(np.float32), row_group_size=10)
+    plan = plan_embeddings([str(tmp_path)], partition_rows=25)
+    assert [(p.start, p.stop) for p in plan.parts] == [(0, 20), (20, 40), (40, 60), (60, 80), (80, 100)]
+    ddf = read_embeddings(str(tmp_path / "*.parquet"), partition_rows=25)
+    df = ddf.compute(scheduler="sync")
+    assert df.index.tolist() == list(range(100)) and df["key"].iloc[42] == "k00042"
+    assert str(df["embedding"].dtype) == "list<item: float>[pyarrow]"
+    assert len({p.name for p in plan.parts}) == 5
+
+
+def test_files_with_different_columns_share_one_schema(tmp_path, rng):
+    write_embeddings(tmp_path / "a.parquet", rng.standard_normal((5, 768)).astype(np.float32), "a")
+    write_embeddings(tmp_path / "b.parquet", rng.standard_normal((5, 768)).astype(np.float16).astype(np.float32), "b", width=pa.array(range(5)))
+    df = read_embeddings(str(tmp_path)).compute(scheduler="sync")
+    assert list(df.columns) == ["key", "caption", "embedding", "width"]
+    assert df["width"].isna().sum() == 5 and df["width"].notna().sum() == 5
+
+
+def test_clip_retrieval_folder(tmp_path, rng):
+    root = tmp_path / "laion"
+    (root / "img_emb").mkdir(parents=True)
+    (root / "metadata").mkdir()
+    for n, rows in enumerate((30, 12)):
+        emb = rng.standard_normal((rows, 768)).astype(np.float16)
+        np.save(root / "img_emb" / f"img_emb_{n}.npy", emb)
+        pq.write_table(pa.table({"url": [f"http://x/{n}/{i}" for i in range(rows)], "caption": ["c"] * rows}), root / "metadata" / f"metadata_{n}.parquet")
+    plan = plan_embeddings([str(root)], partition_rows=16)
+    assert [(p.source.split("/")[-1], p.start, p.stop) for p in plan.parts] == [
+        ("img_emb_0.npy", 0, 16), ("img_emb_0.npy", 16, 30), ("img_emb_1.npy", 0, 12)
+    ]
+    df = read_embeddings(str(root), partition_rows=16).compute(scheduler="sync")
+    assert len(df) == 42 and df["url"].iloc[20] == "http://x/0/20"
+    first = np.load(root / "img_emb" / "img_emb_0.npy")[20].astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(df["embedding"].iloc[20], np.float32), first)
+
+
+def test_clip_retrieval_misaligned_rows_are_refused(tmp_path, rng):
+    root = tmp_path / "laion"
+    (root / "img_emb").mkdir(parents=True)
+    (root / "metadata").mkdir()
+    np.save(root / "img_emb" / "img_emb_0.npy", rng.standard_normal((3, 768)).astype(np.float32))
+    pq.write_table(pa.table({"url": ["a", "b"]}), root / "metadata" / "metadata_0.parquet")
+    with pytest.raises(InputError, match="has 3 rows but .*metadata_0.parquet has 2"):
+        plan_embeddings([str(root)])
+
+
+def test_missing_inputs_and_columns_are_input_errors(tmp_path, rng):
+    with pytest.raises(InputError, match="no such file or directory"):
+        plan_embeddings([str(tmp_path / "nope.parquet")])
+    with pytest.raises(InputError, match="matches no file"):
+        plan_embeddings([str(tmp_path / "*.parquet")])
+    write_embeddings(tmp_path / "a.parquet", rng.standard_normal((2, 768)).astype(np.float32))
+    with pytest.raises(InputError, match=r"a.parquet: no column 'emb' \(columns: key, caption, embedding\)"):
+        plan_embeddings([str(tmp_path)], "emb")
+    with pytest.raises(InputError, match="column 'key' has type string, expected list<float>"):
+        plan_embeddings([str(tmp_path)], "key")
+
+
+def test_unreadable_parquet_is_recorded_not_fatal(tmp_path, rng):
+    write_embeddings(tmp_path / "a.parquet", rng.standard_normal((2, 768)).astype(np.float32))
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 this is not parquet")
+    plan = plan_embeddings([str(tmp_path)])
+    assert len(plan.parts) == 1
+    assert list(plan.failed) == [str(tmp_path / "broken.parquet")]
+    assert "not a readable Parquet file" in plan.failed[str(tmp_path / "broken.parquet")]
