@@ -50,9 +50,23 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--embedding-column", metavar="NAME", help="embedding column (default: embedding)")
     score.set_defaults(handler=_cmd_score)
 
+    run = sub.add_parser("run", help="WebDataset shards / image Parquet -> CLIP embeddings -> scores -> filtered Parquet")
+    _add_common(run)
+    run.add_argument("--batch-size", type=int, help="images per model call (default 32)")
+    run.add_argument("--clip-model", metavar="NAME", help="open_clip model name (default ViT-L-14-quickgelu)")
+    run.add_argument("--clip-pretrained", metavar="TAG_OR_PATH", help="open_clip pretrained tag or local checkpoint (default openai)")
+    run.add_argument("--clip-model-config", metavar="JSON", help="open_clip model-config JSON; its file stem is the model name")
+    run.add_argument("--json-fields", metavar="A,B:int64", help="sidecar .json fields to add as typed columns")
+    run.add_argument("--image-column", metavar="NAME", help="image bytes column of Parquet inputs (default image)")
+    run.add_argument("--max-image-pixels", type=int, help="larger images are errors, never decoded")
+    run.add_argument("--decode-threads", type=int, help="image decoding threads (default: CPU count)")
+    run.add_argument("--write-shards", metavar="DIR", help="also write kept samples as WebDataset tars into DIR")
+    run.set_defaults(handler=_cmd_run)
+
     download = sub.add_parser("download", help="prefetch every default weight into a model directory")
     download.add_argument("--model-dir", metavar="DIR", help="target directory (default: the config's model_dir)")
     download.add_argument("--list", action="store_true", help="list the registered weights and exit")
+    download.add_argument("--skip-clip", action="store_true", help="only the aesthetic predictor, not the CLIP weights")
     download.add_argument("--config", metavar="FILE")
     download.set_defaults(handler=_cmd_download)
     return parser
@@ -82,6 +96,20 @@ def _cmd_score(args: argparse.Namespace) -> int:
     return code
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .image_job import run_job
+    from .job import summary
+
+    config = _config_from_args(args, _JOB_KEYS + (
+        "batch_size", "clip_model", "clip_pretrained", "clip_model_config", "json_fields", "image_column",
+        "max_image_pixels", "decode_threads", "write_shards",
+    ))
+    _setup_logging(config.verbose, Path(args.output))
+    manifest, code = run_job(args.inputs, args.output, config, overwrite=args.overwrite)
+    print(summary(manifest, Path(args.output), unit="images"), file=sys.stderr)
+    return code
+
+
 def _cmd_download(args: argparse.Namespace) -> int:
     from .weights import REGISTRY, download_all
 
@@ -94,6 +122,10 @@ def _cmd_download(args: argparse.Namespace) -> int:
     config = _config_from_args(args, ("model_dir",))
     for w in download_all(config.resolved_model_dir):
         print(f"{w.source} -> {w.path} (sha256 {w.sha256})")
+    if not args.skip_clip:
+        from .embed import download_clip
+
+        print(f"open_clip {config.clip_model} {config.clip_pretrained} -> {download_clip(config)}")
     return EXIT_OK
 
 
@@ -105,6 +137,7 @@ def _setup_logging(verbose: bool, out: Path | None) -> None:
     global _log_path
     root = logging.getLogger("aesthetic_dask")
     root.setLevel(logging.DEBUG)
+    root.propagate = False  # libraries that call logging.basicConfig must not echo our INFO lines
     console = logging.StreamHandler(sys.stderr)
     console.setLevel(logging.INFO if verbose else logging.WARNING)
     console.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))

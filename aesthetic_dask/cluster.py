@@ -98,3 +98,19 @@ def _cluster_device(client: Any) -> str:
     workers = client.scheduler_info().get("workers", {})
     has_gpu = any(GPU_RESOURCE in w.get("resources", {}) for w in workers.values())
     return "cuda" if has_gpu else "cpu"
+
+
+def torch_threads() -> int:
+    """Threads torch uses for the model in a worker process.
+
+    Dask's nanny sets OMP_NUM_THREADS=1 in the workers it starts, which would leave torch on one
+    core; a worker running the model should use the cores it was given. AESTHETIC_DASK_TORCH_THREADS
+    overrides (e.g. several model workers on one node).
+    """
+    forced = os.environ.get("AESTHETIC_DASK_TORCH_THREADS")
+    if forced:
+        return max(1, int(forced))
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return os.cpu_count() or 1

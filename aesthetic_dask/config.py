@@ -40,6 +40,15 @@ class Config:
     scheduler_file: str | None
     n_workers: int | None
     threads_per_worker: int | None
+    clip_model: str
+    clip_pretrained: str
+    clip_model_config: str | None
+    image_column: str
+    json_fields: list[str]
+    write_shards: str | None
+    max_image_pixels: int
+    decode_threads: int | None
+    clip_precision: str
 
     @property
     def resolved_model_dir(self) -> Path:
@@ -85,6 +94,8 @@ def _coerce(name: str, value: Any, origin: str) -> Any:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         value = float(value) if ok else value
     elif declared.startswith("list"):
+        if isinstance(value, str):  # CLI form: a,b,c
+            value = [v.strip() for v in value.split(",") if v.strip()]
         ok = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
         value = list(value) if ok else value
     else:
@@ -132,5 +143,9 @@ def _validate(config: Config) -> None:
         raise ConfigError("num_gpus_per_worker must be in (0, 1]")
     if config.partition_rows < 1:
         raise ConfigError("partition_rows must be >= 1")
+    if config.clip_precision not in ("auto", "fp32", "fp16"):
+        raise ConfigError("clip_precision must be auto, fp32 or fp16")
+    if config.max_image_pixels < 1:
+        raise ConfigError("max_image_pixels must be >= 1")
     if config.scheduler and config.scheduler_file:
         raise ConfigError("give either scheduler or scheduler_file, not both")

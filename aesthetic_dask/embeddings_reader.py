@@ -13,10 +13,12 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs  # noqa: F401  (pa.fs)
 import pyarrow.parquet as pq
 
@@ -101,6 +103,41 @@ def _is_clip_retrieval_folder(path: Path) -> bool:
     return path.is_dir() and (path / "img_emb").is_dir()
 
 
+def _plan_parquet_files(
+    files: list[Path], column: str, check: Callable[[pa.DataType, str, str], None], partition_rows: int
+) -> tuple[list[EmbeddingPart], list[tuple[str, pa.Schema]], dict[str, str]]:
+    parts: list[EmbeddingPart] = []
+    schemas: list[tuple[str, pa.Schema]] = []
+    failed: dict[str, str] = {}
+    with ThreadPoolExecutor(16) as pool:
+        footers = list(pool.map(_open_footer, files))
+    for path, meta in zip(files, footers):
+        if isinstance(meta, str):
+            failed[str(path)] = meta
+            continue
+        schema = meta.schema.to_arrow_schema()
+        if column not in schema.names:
+            raise InputError(f"{path}: no column {column!r} (columns: {', '.join(schema.names)})")
+        check(schema.field(column).type, column, str(path))
+        schemas.append((str(path), schema))
+        for start, stop, groups in _group_row_groups(meta, partition_rows):
+            parts.append(EmbeddingPart(str(path), start, stop, row_groups=groups))
+    return parts, schemas, failed
+
+
+def plan_parquet(
+    inputs: list[str] | str,
+    column: str,
+    check: Callable[[pa.DataType, str, str], None],
+    partition_rows: int,
+    canonical: pa.DataType | None = None,
+) -> EmbeddingPlan:
+    """Partitions and shared schema of Parquet files/dirs/globs that must hold ``column``."""
+    files = expand_inputs(inputs, (".parquet", ".pq"))
+    parts, schemas, failed = _plan_parquet_files(files, column, check, partition_rows)
+    return EmbeddingPlan(parts, _unify(schemas, column, canonical), column, failed)
+
+
 def plan_embeddings(
     inputs: list[str] | str, embedding_column: str = "embedding", partition_rows: int = 131072
 ) -> EmbeddingPlan:
@@ -109,36 +146,20 @@ def plan_embeddings(
         inputs = [str(inputs)]
     folders = [Path(i) for i in inputs if _is_clip_retrieval_folder(Path(i))]
     others = [i for i in inputs if not _is_clip_retrieval_folder(Path(i))]
-    parts: list[EmbeddingPart] = []
-    schemas: list[tuple[str, pa.Schema]] = []
-    failed: dict[str, str] = {}
-
     files = expand_inputs(others, (".parquet", ".pq")) if others else []
-    with ThreadPoolExecutor(16) as pool:
-        footers = list(pool.map(_open_footer, files))
-    for path, meta in zip(files, footers):
-        if isinstance(meta, str):
-            failed[str(path)] = meta
-            continue
-        schema = meta.schema.to_arrow_schema()
-        if embedding_column not in schema.names:
-            raise InputError(
-                f"{path}: no column {embedding_column!r} (columns: {', '.join(schema.names)}); "
-                "choose one with --embedding-column"
-            )
-        _check_embedding_type(schema.field(embedding_column).type, embedding_column, str(path))
-        schemas.append((str(path), schema))
-        for start, stop, groups in _group_row_groups(meta, partition_rows):
-            parts.append(EmbeddingPart(str(path), start, stop, row_groups=groups))
-
+    try:
+        parts, schemas, failed = _plan_parquet_files(files, embedding_column, _check_embedding_type, partition_rows)
+    except InputError as exc:
+        if "no column" in str(exc):
+            raise InputError(f"{exc}; choose one with --embedding-column") from None
+        raise
     for folder in folders:
         folder_parts, folder_schemas = _plan_clip_retrieval(folder, embedding_column, partition_rows)
         parts.extend(folder_parts)
         schemas.extend(folder_schemas)
-
     if not schemas and not failed:
         raise InputError(f"no embedding files found in {', '.join(map(str, inputs))}")
-    return EmbeddingPlan(parts, _unify(schemas, embedding_column), embedding_column, failed)
+    return EmbeddingPlan(parts, _unify(schemas, embedding_column, EMBEDDING_TYPE), embedding_column, failed)
 
 
 def _plan_clip_retrieval(
@@ -173,14 +194,15 @@ def _plan_clip_retrieval(
     return parts, schemas
 
 
-def _unify(schemas: list[tuple[str, pa.Schema]], column: str) -> pa.Schema:
-    """One schema for all partitions; the embedding column becomes list<float32>."""
+def _unify(schemas: list[tuple[str, pa.Schema]], column: str, canonical: pa.DataType | None) -> pa.Schema:
+    """One schema for all partitions; ``column`` becomes ``canonical`` when one is given."""
     if not schemas:
-        return pa.schema([pa.field(column, EMBEDDING_TYPE)])
+        return pa.schema([pa.field(column, canonical or pa.binary())])
     unified = None
     for where, schema in schemas:
-        idx = schema.get_field_index(column)
-        schema = schema.set(idx, pa.field(column, EMBEDDING_TYPE)).remove_metadata()
+        if canonical is not None:
+            schema = schema.set(schema.get_field_index(column), pa.field(column, canonical))
+        schema = schema.remove_metadata()
         try:
             unified = schema if unified is None else pa.unify_schemas([unified, schema], promote_options="permissive")
         except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
@@ -194,6 +216,8 @@ def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     for field in schema:
         if field.name in table.column_names:
             col = table.column(field.name)
+            if pa.types.is_struct(col.type) and pa.types.is_binary(field.type):
+                col = pc.struct_field(col, "bytes")  # Hugging Face-style image struct<bytes, path>
             columns.append(col if col.type == field.type else col.cast(field.type))
         else:
             columns.append(pa.nulls(table.num_rows, field.type))
@@ -248,25 +272,25 @@ def table_to_frame(table: pa.Table, start: int = 0) -> pd.DataFrame:
     return df
 
 
-def read_embedding_part(part: EmbeddingPart, schema: pa.Schema, column: str) -> pd.DataFrame:
-    """Partition function of :func:`read_embeddings`: one part as a pandas frame."""
+def read_part(part: EmbeddingPart, schema: pa.Schema, column: str) -> pd.DataFrame:
+    """Partition function of the Parquet readers: one part as a pandas frame."""
     return table_to_frame(read_embedding_table(part, schema, column), part.start)
 
 
-def embeddings_frame(plan: EmbeddingPlan, parts: list[EmbeddingPart] | None = None):
+def parquet_frame(plan: EmbeddingPlan, parts: list[EmbeddingPart] | None = None):
     """The lazy Dask frame of ``plan`` (or of a subset of its parts)."""
     import dask.dataframe as dd
 
     parts = plan.parts if parts is None else parts
     meta = table_to_frame(plan.schema.empty_table())
     return dd.from_map(
-        read_embedding_part,
+        read_part,
         parts,
         schema=plan.schema,
         column=plan.embedding_column,
         meta=meta,
         enforce_metadata=False,
-        label="read-embeddings",
+        label="read-parquet",
     )
 
 
@@ -282,4 +306,4 @@ def read_embeddings(
     if plan.failed:
         path, reason = next(iter(plan.failed.items()))
         raise InputError(f"{path}: {reason}")
-    return embeddings_frame(plan)
+    return parquet_frame(plan)

@@ -105,6 +105,8 @@ class Job:
             entry["partitions_done"] += 1
             if rec.get("failure"):
                 entry.setdefault("failures", []).append(rec["failure"])
+            if rec.get("note"):
+                entry.setdefault("notes", []).append(rec["note"])
         totals = {k: sum(e[k] for e in per_input.values()) for k in COUNT_KEYS}
         done = [n for n in planned if n in records]
         return {
@@ -132,61 +134,66 @@ class Job:
 def run_parts(
     job: Job,
     client: Any,
-    parts: list[Any],
-    process: Callable[..., pd.DataFrame],
-    process_kwargs: dict[str, Any],
+    work: list[tuple[list[Any], Callable[..., pd.DataFrame], dict[str, Any]]],
     overwrite: bool = False,
     retries: int = 2,
     resources: dict[str, float] | None = None,
     progress: bool = True,
 ) -> tuple[dict[str, Any], int]:
-    """Run ``process(part, **process_kwargs)`` for every unfinished part; return (manifest, exit code)."""
+    """Run ``process(part, **kwargs)`` for every unfinished part of each ``(parts, process, kwargs)``.
+
+    Returns (manifest, exit code). Each group becomes a Dask frame of per-partition records
+    (``dd.from_map``); all groups are computed together.
+    """
     import dask.dataframe as dd
     from distributed import as_completed
 
     records = job.prepare(overwrite)
+    parts = [p for group, _, _ in work for p in group]
     planned = [p.name for p in parts]
     if len(set(planned)) != len(planned):
         raise InputError("two inputs map to the same output name; give each input once")
-    todo = [p for p in parts if p.name not in records]
-    for p in todo:
-        remove_partition_files(job.layout, p.name)
-    log.info("%d partitions planned, %d already done, %d to run", len(parts), len(parts) - len(todo), len(todo))
+    todo_names = {p.name for p in parts if p.name not in records}
+    for name in todo_names:
+        remove_partition_files(job.layout, name)
+    log.info("%d partitions planned, %d already done, %d to run", len(parts), len(parts) - len(todo_names), len(todo_names))
     job.write_manifest(records, planned, "running")
 
     failures = 0
     t0 = time.perf_counter()
-    if todo:
-        frame = dd.from_map(process, todo, **process_kwargs, meta=_record_meta(), enforce_metadata=False, label=f"{job.kind}-partition")
-        futures = client.compute(frame.to_delayed(), retries=retries, resources=resources)
-        by_future = dict(zip(futures, todo))
-        bar = _progress_bar(len(todo), progress)
-        for future in as_completed(futures):
-            part = by_future[future]
-            if future.status == "error":
-                exc = future.exception()
-                failures += 1
-                log.error("partition %s failed: %s: %s", part.name, type(exc).__name__, exc)
-                records[part.name] = _failed_record(part, f"{type(exc).__name__}: {exc}")
-            else:
-                rec = json.loads(future.result()["record"].iloc[0])
-                records[rec["name"]] = rec
-                failures += bool(rec.get("failure"))
-                log.info(
-                    "partition %s: %d in, %d kept, %d below, %d errors (%.2fs)",
-                    rec["name"], rec["rows_in"], rec["rows_kept"], rec["rows_below_threshold"], rec["rows_error"], rec["seconds"],
-                )
-            future.release()
-            bar.update(1)
-            if time.time() - job._last_manifest > 2:
-                job.write_manifest(records, planned, "running")
-        bar.close()
+    by_future: dict[Any, Any] = {}
+    for group, process, kwargs in work:
+        todo = [p for p in group if p.name in todo_names]
+        if todo:
+            frame = dd.from_map(process, todo, **kwargs, meta=_record_meta(), enforce_metadata=False, label=f"{job.kind}-partition")
+            futures = client.compute(frame.to_delayed(), retries=retries, resources=resources)
+            by_future.update(zip(futures, todo))
+    bar = _progress_bar(len(by_future), progress)
+    for future in as_completed(list(by_future)):
+        part = by_future[future]
+        if future.status == "error":
+            exc = future.exception()
+            failures += 1
+            log.error("partition %s failed: %s: %s", part.name, type(exc).__name__, exc)
+            records[part.name] = _failed_record(part, f"{type(exc).__name__}: {exc}")
+        else:
+            rec = json.loads(future.result()["record"].iloc[0])
+            records[rec["name"]] = rec
+            failures += bool(rec.get("failure"))
+            log.info(
+                "partition %s: %d in, %d kept, %d below, %d errors (%.2fs)",
+                rec["name"], rec["rows_in"], rec["rows_kept"], rec["rows_below_threshold"], rec["rows_error"], rec["seconds"],
+            )
+        future.release()
+        bar.update(1)
+        if time.time() - job._last_manifest > 2:
+            job.write_manifest(records, planned, "running")
+    bar.close()
     job.timings["compute_s"] = round(time.perf_counter() - t0, 3)
     failed = failures + len(job.failed_inputs)
-    status = "done" if not failed else "partial"
-    manifest = job.write_manifest(records, planned, status)
+    manifest = job.write_manifest(records, planned, "done" if not failed else "partial")
     shutil.rmtree(job.layout.tmp, ignore_errors=True)
-    if failed and failures == len(todo) and todo:
+    if failures and failures == len(by_future):
         return manifest, EXIT_FAILED
     return manifest, EXIT_PARTIAL if failed else EXIT_OK
 

@@ -150,7 +150,11 @@ def score_partition(df: Any, predictor: AestheticPredictor, embedding_column: st
 
         out[ERROR_COLUMN] = cudf.Series(pd.Series(reasons, dtype="string"), index=df.index)
     else:
-        out[ERROR_COLUMN] = pd.Series(pa.array(reasons, type=pa.string()), index=df.index, dtype=ERROR_DTYPE)
+        new = pa.array(reasons, type=pa.string())
+        if ERROR_COLUMN in df.columns:  # an earlier stage's reason (e.g. undecodable image) wins
+            earlier = pa.chunked_array(_arrow_chunks(df[ERROR_COLUMN]), pa.string()).combine_chunks()
+            new = pc.coalesce(earlier, new)
+        out[ERROR_COLUMN] = pd.Series(new, index=df.index, dtype=ERROR_DTYPE)
     return out
 
 

@@ -96,19 +96,18 @@ def score_job(inputs: list[str], out: str | Path, config: Config, overwrite: boo
     job.timings["plan_s"] = round(time.perf_counter() - t0, 3)
     with dask_client(config) as (client, device):
         job.timings["cluster_s"] = round(time.perf_counter() - t0 - job.timings["plan_s"], 3)
+        kwargs = dict(
+            schema=plan.schema,
+            column=config.embedding_column,
+            predictor=predictor,
+            out=str(out.resolve()),
+            opts=opts,
+            backend="cudf" if device == "cuda" else "pandas",
+        )
         return run_parts(
             job,
             client,
-            plan.parts,
-            process_embedding_part,
-            dict(
-                schema=plan.schema,
-                column=config.embedding_column,
-                predictor=predictor,
-                out=str(out.resolve()),
-                opts=opts,
-                backend="cudf" if device == "cuda" else "pandas",
-            ),
+            [(plan.parts, process_embedding_part, kwargs)],
             overwrite=overwrite,
             resources=task_resources(config, device),
             progress=progress and not config.verbose,

@@ -77,3 +77,58 @@ def write_embeddings(path: Path, matrix: np.ndarray, prefix: str = "k", row_grou
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
+
+
+TINY_CLIP_CONFIG = {
+    "embed_dim": 768,
+    "quick_gelu": True,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16},
+    "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 1, "layers": 1},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory) -> dict[str, Path]:
+    """A real open_clip model (tiny, random weights): its model-config JSON and a checkpoint."""
+    import json
+
+    import open_clip
+    import torch
+
+    d = tmp_path_factory.mktemp("clip")
+    config = d / "tiny-clip.json"
+    config.write_text(json.dumps(TINY_CLIP_CONFIG))
+    open_clip.add_model_config(str(config))
+    torch.manual_seed(0)
+    model, _, _ = open_clip.create_model_and_transforms("tiny-clip")
+    torch.save(model.state_dict(), d / "tiny-clip.pt")
+    return {"config": config, "checkpoint": d / "tiny-clip.pt"}
+
+
+def photo_bytes(name: str, fmt: str = "JPEG", mode: str | None = None) -> bytes:
+    """A scikit-image sample photo encoded as ``fmt`` (optionally converted to a PIL mode)."""
+    import io
+
+    from PIL import Image
+    from skimage import data
+
+    image = Image.fromarray(getattr(data, name)())
+    if mode:
+        image = image.convert(mode)
+    buf = io.BytesIO()
+    image.save(buf, fmt)
+    return buf.getvalue()
+
+
+def write_shard(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    """A tar shard with the given (member name, bytes), in order."""
+    import io
+    import tarfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path

@@ -1,0 +1,243 @@
+"""Embed: image bytes -> L2-normalised CLIP image embeddings with open_clip.
+
+The model loads once per worker process (:func:`load_clip` caches it) and is reused by every
+partition there. Images are decoded and preprocessed with the model's own open_clip
+``preprocess`` (exact parity) in a thread pool that works on the next batch while the model runs
+on the current one. Images over ``max_image_pixels`` are refused from their header, never decoded.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import threading
+import warnings
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from .config import Config
+
+_MODELS: dict["ClipSpec", "ClipModel"] = {}
+_MODELS_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class ClipSpec:
+    """Which CLIP model to load: open_clip name, pretrained tag or checkpoint path, optional config JSON."""
+
+    model: str
+    pretrained: str | None
+    model_config: str | None
+    cache_dir: str
+    precision: str = "auto"
+
+    @classmethod
+    def from_config(cls, config: Config) -> ClipSpec:
+        model = config.clip_model
+        if config.clip_model_config:
+            model = Path(config.clip_model_config).stem
+        return cls(model, config.clip_pretrained or None, config.clip_model_config, str(config.resolved_model_dir / "open_clip"), config.clip_precision)
+
+    def check(self) -> None:
+        """Fail early, in the client, on a spec that cannot load (names the problem)."""
+        from .errors import InputError
+
+        if self.model_config and not Path(self.model_config).is_file():
+            raise InputError(f"--clip-model-config {self.model_config}: no such file")
+        pretrained = self.pretrained
+        if pretrained and not Path(pretrained).exists() and ("/" in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))):
+            raise InputError(f"--clip-pretrained {pretrained}: no such file")
+
+
+class ClipModel:
+    """A loaded open_clip model, its preprocess transform and where it runs."""
+
+    def __init__(self, spec: ClipSpec) -> None:
+        import open_clip
+        import torch
+
+        from .cluster import torch_threads
+
+        torch.set_num_threads(torch_threads())
+        if spec.model_config:
+            open_clip.add_model_config(spec.model_config)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        pretrained = spec.pretrained
+        if pretrained and not Path(pretrained).exists() and not open_clip.get_pretrained_cfg(spec.model, pretrained):
+            tags = ", ".join(open_clip.list_pretrained_tags_by_model(spec.model)) or "none"
+            raise ValueError(f"open_clip has no pretrained tag {pretrained!r} for {spec.model} (tags: {tags})")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                spec.model, pretrained=pretrained, device=self.device, cache_dir=spec.cache_dir
+            )
+        self.model = model.eval()
+        self.preprocess = preprocess
+        self.embed_dim = int(model.visual.output_dim)
+        half = spec.precision == "fp16" or (spec.precision == "auto" and self.device == "cuda")
+        self.autocast_dtype = torch.float16 if half and self.device == "cuda" else None
+
+    def encode(self, batch: Any) -> np.ndarray:
+        """L2-normalised float32 embeddings of a preprocessed image batch (N x 3 x H x W)."""
+        import torch
+
+        with torch.inference_mode():
+            x = batch.to(self.device, non_blocking=True)
+            if self.autocast_dtype is not None:
+                with torch.autocast("cuda", dtype=self.autocast_dtype):
+                    features = self.model.encode_image(x)
+            else:
+                features = self.model.encode_image(x)
+            features = features.float()
+            features = features / features.norm(dim=-1, keepdim=True)
+        return features.cpu().numpy()
+
+
+def download_clip(config: Config) -> str:
+    """Fetch the configured CLIP weights with open_clip's own pretrained mechanism into model_dir."""
+    import open_clip
+
+    spec = ClipSpec.from_config(config)
+    if spec.pretrained and Path(spec.pretrained).exists():
+        return spec.pretrained
+    cfg = open_clip.get_pretrained_cfg(spec.model, spec.pretrained or "")
+    if not cfg:
+        raise ValueError(f"open_clip has no pretrained tag {spec.pretrained!r} for {spec.model}")
+    return open_clip.download_pretrained(cfg, cache_dir=spec.cache_dir)
+
+
+def load_clip(spec: ClipSpec) -> ClipModel:
+    """The model for ``spec``, loaded once per process and shared by every partition and thread."""
+    with _MODELS_LOCK:
+        model = _MODELS.get(spec)
+        if model is None:
+            model = _MODELS[spec] = ClipModel(spec)
+        return model
+
+
+def decode_image(data: bytes | None, preprocess: Any, max_pixels: int) -> tuple[Any, str | None]:
+    """(preprocessed tensor, None) or (None, reason). Never decodes an image over ``max_pixels``."""
+    from PIL import Image, UnidentifiedImageError
+
+    if data is None:
+        return None, "no image"
+    if len(data) == 0:
+        return None, "empty image file"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width * height > max_pixels:
+                return None, f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels} (max_image_pixels)"
+            image.load()  # first frame of an animation
+            return preprocess(image), None
+    except Image.DecompressionBombError as exc:
+        return None, f"image over the pixel limit: {exc}"
+    except UnidentifiedImageError:
+        return None, "not an image (cannot identify the format)"
+    except (OSError, SyntaxError, ValueError) as exc:
+        return None, f"corrupt or truncated image: {exc}"
+
+
+class ImageEmbedder:
+    """Batches images through the model while a thread pool decodes the next batch."""
+
+    def __init__(self, clip: ClipModel, batch_size: int, max_pixels: int, decode_threads: int | None = None) -> None:
+        self.clip = clip
+        self.batch_size = batch_size
+        self.max_pixels = max_pixels
+        self.decode_threads = decode_threads or os.cpu_count() or 1
+
+    def embed(self, images: Iterable[bytes | None]) -> Iterator[tuple[np.ndarray | None, str | None]]:
+        """For each image in order: (embedding, None) or (None, reason)."""
+        import torch
+
+        source = iter(images)
+        pending: deque = deque()
+        lookahead = 2 * self.batch_size  # the batch the model runs on and the next one
+
+        with ThreadPoolExecutor(self.decode_threads, thread_name_prefix="decode") as pool:
+            def fill() -> None:
+                while len(pending) < lookahead:
+                    try:
+                        data = next(source)
+                    except StopIteration:
+                        return
+                    pending.append(pool.submit(decode_image, data, self.clip.preprocess, self.max_pixels))
+
+            fill()
+            while pending:
+                batch = [pending.popleft() for _ in range(min(self.batch_size, len(pending)))]
+                decoded = [f.result() for f in batch]
+                fill()  # decoding of the next batch overlaps the model below
+                tensors = [t for t, _ in decoded if t is not None]
+                embeddings = self.clip.encode(torch.stack(tensors)) if tensors else None
+                j = 0
+                for tensor, reason in decoded:
+                    if tensor is None:
+                        yield None, reason
+                    else:
+                        yield embeddings[j], None
+                        j += 1
+
+
+def embedding_column(rows: list[np.ndarray | None], dim: int) -> pa.Array:
+    """fixed_size_list<float32>[dim] with nulls where no embedding was made."""
+    valid = np.array([r is not None for r in rows], dtype=bool)
+    matrix = np.zeros((len(rows), dim), dtype=np.float32)
+    for i in np.flatnonzero(valid):
+        matrix[i] = rows[i]
+    values = pa.array(matrix.reshape(-1))
+    return pa.FixedSizeListArray.from_arrays(values, dim, mask=pa.array(~valid))
+
+
+def embed_partition(df: pd.DataFrame, spec: ClipSpec, image_column: str, batch_size: int, max_pixels: int,
+                    decode_threads: int | None, keep_images: bool) -> pd.DataFrame:
+    """Partition function of :func:`embed_images`: add ``embedding`` and reasons in ``error``."""
+    from .image_reader import image_values
+    from .score import _arrow_chunks
+
+    clip = load_clip(spec)
+    arrow = pa.chunked_array(_arrow_chunks(df[image_column]))
+    images = image_values(arrow)
+    results = list(ImageEmbedder(clip, batch_size, max_pixels, decode_threads).embed(images))
+    out = df.drop(columns=[c for c in (image_column, "image_ext") if c in df.columns and not keep_images])
+    emb = embedding_column([e for e, _ in results], clip.embed_dim)
+    out["embedding"] = pd.Series(pd.arrays.ArrowExtensionArray(emb), index=df.index)
+    reasons = pa.array([r for _, r in results], type=pa.string())
+    if "error" in df.columns:  # a reader's reason (e.g. "no image") comes first
+        earlier = pa.chunked_array(_arrow_chunks(df["error"]), pa.string()).combine_chunks()
+        reasons = pa.compute.coalesce(earlier, reasons)
+    out["error"] = pd.Series(pd.arrays.ArrowExtensionArray(reasons), index=df.index)
+    return out
+
+
+def embed_images(ddf, config: Config | None = None):
+    """Lazily add ``embedding`` (L2-normalised, fixed_size_list<float32>) to a frame of images.
+
+    Image bytes are dropped after embedding unless ``config.write_shards`` needs them.
+    """
+    from .config import load_config
+
+    config = config or load_config()
+    spec = ClipSpec.from_config(config)
+    spec.check()
+    column = config.image_column if config.image_column in ddf.columns else "image"
+    keep = bool(config.write_shards)
+    meta = ddf._meta.drop(columns=[c for c in (column, "image_ext") if c in ddf.columns and not keep])
+    meta = meta.assign(
+        embedding=pd.Series(pd.arrays.ArrowExtensionArray(pa.array([], pa.list_(pa.float32(), 768)))),
+        error=pd.Series(pd.arrays.ArrowExtensionArray(pa.array([], pa.string()))),
+    )
+    return ddf.map_partitions(
+        embed_partition, spec, column, config.model_inference_batch_size, config.max_image_pixels,
+        config.decode_threads, keep, meta=meta, enforce_metadata=False,
+    )
