@@ -63,9 +63,9 @@ class ClipModel:
         import open_clip
         import torch
 
-        from .cluster import torch_threads
+        from .cluster import configure_model_process
 
-        torch.set_num_threads(torch_threads())
+        configure_model_process()
         if spec.model_config:
             open_clip.add_model_config(spec.model_config)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,0 +1,184 @@
+"""Benchmark: the whole `aesthetic-dask run` command against a bare open_clip loop.
+
+    python benchmarks/bench_run.py                 # ViT-L/14 (random weights) + tiny-model decode run
+    python benchmarks/bench_run.py --skip-vit      # only the tiny-model part
+
+Part 1 (model-bound): 2 WebDataset shards of real photos (scikit-image samples). The whole `run`
+command is timed against a bare loop, both in fresh processes with the model load included:
+create_model_and_transforms, preprocess, encode_image in batches of 8. The weights are a random
+ViT-L-14-quickgelu checkpoint passed with --clip-pretrained PATH; the compute is the real one.
+
+Part 2 (decode-bound): a tiny open_clip model over many photos. Prints images/s per core, and
+the time spent decoding and in the model beside the wall time, which shows the overlap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "cat", "hubble_deep_field", "retina")
+
+BARE_LOOP = """
+import io, sys, tarfile, time, torch, open_clip
+from PIL import Image
+model, _, preprocess = open_clip.create_model_and_transforms(sys.argv[1], pretrained=sys.argv[2])
+model.eval()
+images = []
+for shard in sys.argv[3:]:
+    with tarfile.open(shard) as tar:
+        images += [tar.extractfile(m).read() for m in tar if m.name.endswith(".jpg")]
+with torch.no_grad():
+    for start in range(0, len(images), 8):
+        x = torch.stack([preprocess(Image.open(io.BytesIO(b))) for b in images[start:start + 8]])
+        f = model.encode_image(x)
+        f = f / f.norm(dim=-1, keepdim=True)
+print(len(images))
+"""
+
+
+def photo(name: str) -> bytes:
+    from PIL import Image
+    from skimage import data
+
+    buf = io.BytesIO()
+    Image.fromarray(getattr(data, name)()).convert("RGB").save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def make_shards(directory: Path, shards: int, per_shard: int) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    photos = [photo(n) for n in PHOTOS]
+    paths = []
+    for s in range(shards):
+        path = directory / f"shard-{s:05d}.tar"
+        if not path.exists():
+            with tarfile.open(path, "w") as tar:
+                for i in range(per_shard):
+                    for ext, blob in ((".jpg", photos[(s + i) % len(photos)]), (".txt", f"photo {s}-{i}".encode())):
+                        info = tarfile.TarInfo(f"{s:03d}{i:06d}{ext}")
+                        info.size = len(blob)
+                        tar.addfile(info, io.BytesIO(blob))
+        paths.append(path)
+    return paths
+
+
+def timed(cmd: list[str], env: dict | None = None) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    return time.perf_counter() - t0
+
+
+def vit_part(work: Path, data: Path, per_shard: int) -> None:
+    import open_clip
+    import torch
+
+    ckpt = data / "vit-l-14-quickgelu-random.pt"
+    if not ckpt.exists():
+        torch.manual_seed(0)
+        torch.save(open_clip.create_model("ViT-L-14-quickgelu").state_dict(), ckpt)
+    shards = make_shards(data / f"photos-2x{per_shard}", 2, per_shard)
+    n = 2 * per_shard
+    bare = [sys.executable, "-c", BARE_LOOP, "ViT-L-14-quickgelu", str(ckpt), *map(str, shards)]
+    ours = [sys.executable, "-m", "aesthetic_dask", "run", *map(str, shards), "-o", str(work / "out-vit"), "--overwrite",
+            "--clip-pretrained", str(ckpt), "--batch-size", "8", "--threshold", "0", "--model-dir", str(work / "models")]
+    weights = Path(__file__).resolve().parents[2] / "shared/models/improved-aesthetic-predictor/sac+logos+ava1-l14-linearMSE.pth"
+    if weights.exists():
+        ours += ["--aesthetic-weights", str(weights)]
+    else:
+        ours += ["--aesthetic-weights", str(random_predictor(work))]
+    t_bare = timed(bare)
+    t_ours = timed(ours)
+    print(f"ViT-L/14 fp32 on CPU, {n} photos in 2 shards, model load included:")
+    print(f"  bare open_clip loop (batch 8)   {t_bare:7.1f}s  {n / t_bare:6.2f} img/s")
+    print(f"  aesthetic-dask run (batch 8)    {t_ours:7.1f}s  {n / t_ours:6.2f} img/s")
+    print(f"  RATIO run throughput / bare = {t_bare / t_ours:.2f}  (target >= 0.9)")
+
+
+def random_predictor(work: Path) -> Path:
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(0)
+    dims, keys = (768, 1024, 128, 64, 16, 1), ("layers.0", "layers.2", "layers.4", "layers.6", "layers.7")
+    state = {}
+    for key, n_in, n_out in zip(keys, dims[:-1], dims[1:]):
+        state[f"{key}.weight"] = (rng.standard_normal((n_out, n_in)) / np.sqrt(n_in)).astype(np.float32)
+        state[f"{key}.bias"] = np.zeros(n_out, np.float32)
+    path = work / "predictor.safetensors"
+    save_file(state, str(path))
+    return path
+
+
+def tiny_part(work: Path, data: Path, per_shard: int) -> None:
+    import open_clip
+    import torch
+
+    from aesthetic_dask.embed import ClipModel, ClipSpec, ImageEmbedder, decode_image
+
+    config = work / "tiny-clip.json"
+    config.write_text(json.dumps({
+        "embed_dim": 768, "quick_gelu": True,
+        "vision_cfg": {"image_size": 224, "layers": 2, "width": 128, "patch_size": 32},
+        "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 1, "layers": 1},
+    }))
+    open_clip.add_model_config(str(config))
+    torch.manual_seed(0)
+    ckpt = work / "tiny-clip.pt"
+    torch.save(open_clip.create_model("tiny-clip").state_dict(), ckpt)
+    shards = make_shards(data / f"photos-4x{per_shard}", 4, per_shard)
+    images = []
+    for shard in shards:
+        with tarfile.open(shard) as tar:
+            images += [tar.extractfile(m).read() for m in tar if m.name.endswith(".jpg")]
+    clip = ClipModel(ClipSpec("tiny-clip", str(ckpt), str(config), str(work / "models")))
+    cores = os.cpu_count() or 1
+
+    t0 = time.perf_counter()
+    tensors = [decode_image(b, clip.preprocess, 10**9)[0] for b in images]
+    t_decode = time.perf_counter() - t0  # one thread
+    t0 = time.perf_counter()
+    for start in range(0, len(tensors), 32):
+        clip.encode(torch.stack(tensors[start:start + 32]))
+    t_model = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    out = list(ImageEmbedder(clip, 32, 10**9).embed(images))
+    t_wall = time.perf_counter() - t0
+    assert all(e is not None for e, _ in out)
+
+    ours = [sys.executable, "-m", "aesthetic_dask", "run", *map(str, shards), "-o", str(work / "out-tiny"), "--overwrite",
+            "--clip-model-config", str(config), "--clip-pretrained", str(ckpt), "--threshold", "0",
+            "--aesthetic-weights", str(random_predictor(work)), "--model-dir", str(work / "models")]
+    t_cmd = timed(ours)
+    n = len(images)
+    print(f"tiny CLIP (224px, 2 layers), {n} photos in 4 shards, {cores} cores:")
+    print(f"  decode+preprocess alone, 1 thread   {t_decode:6.2f}s  ({n / t_decode:7.1f} img/s per core)")
+    print(f"  model alone (batch 32)              {t_model:6.2f}s")
+    print(f"  embedder, decode overlapped          {t_wall:6.2f}s  ({n / t_wall:7.1f} img/s, {n / t_wall / cores:6.1f} img/s per core)")
+    print(f"  OVERLAP (decode/{cores} + model) / wall = {(t_decode / cores + t_model) / t_wall:.2f}  (> 1: decode and model overlap)")
+    print(f"  whole `run` command                 {t_cmd:6.2f}s  ({n / t_cmd:7.1f} img/s incl. start-up)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--per-shard", type=int, default=8, help="photos per shard for the ViT-L/14 part")
+    parser.add_argument("--tiny-per-shard", type=int, default=100)
+    parser.add_argument("--skip-vit", action="store_true")
+    parser.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "aesthetic-dask-bench")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="aesthetic-dask-bench-run-"))
+    tiny_part(work, args.data, args.tiny_per_shard)
+    if not args.skip_vit:
+        vit_part(work, args.data, args.per_shard)
+
+
+if __name__ == "__main__":
+    main()

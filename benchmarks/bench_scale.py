@@ -1,0 +1,160 @@
+"""Benchmark: memory stays flat as inputs grow (partitions stream through, nothing piles up).
+
+    python benchmarks/bench_scale.py
+
+- `run` with a tiny open_clip model over 20 and over 200 generated shards: throughput and peak
+  memory (RSS of the whole process tree, sampled every 20 ms). Target: 10x the shards costs
+  <= 1.3x the peak.
+- `score` over one 250k-row and one 1M-row Parquet file: peak memory follows the partition
+  size, not the input size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+def peak_rss(cmd: list[str]) -> tuple[float, float]:
+    """(seconds, peak RSS in MiB of the process and all its children)."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    peak = 0
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        parent = psutil.Process(proc.pid)
+        while not done.is_set():
+            try:
+                procs = [parent, *parent.children(recursive=True)]
+                peak = max(peak, sum(p.memory_info().rss for p in procs if p.is_running()))
+            except psutil.Error:
+                pass
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    code = proc.wait()
+    done.set()
+    sampler.join()
+    if code != 0:
+        raise SystemExit(f"command failed ({code}): {' '.join(cmd)}")
+    return time.perf_counter() - t0, peak / 2**20
+
+
+def make_shards(directory: Path, count: int, per_shard: int) -> Path:
+    from PIL import Image
+    from skimage import data
+
+    directory.mkdir(parents=True, exist_ok=True)
+    photos = []
+    for name in ("astronaut", "coffee", "chelsea", "rocket", "cat"):
+        buf = io.BytesIO()
+        Image.fromarray(getattr(data, name)()).save(buf, "JPEG", quality=85)
+        photos.append(buf.getvalue())
+    for s in range(count):
+        path = directory / f"shard-{s:05d}.tar"
+        if path.exists():
+            continue
+        with tarfile.open(path, "w") as tar:
+            for i in range(per_shard):
+                for ext, blob in ((".jpg", photos[(s + i) % len(photos)]), (".json", json.dumps({"i": i}).encode())):
+                    info = tarfile.TarInfo(f"{s:05d}{i:04d}{ext}")
+                    info.size = len(blob)
+                    tar.addfile(info, io.BytesIO(blob))
+    return directory
+
+
+def make_embeddings(path: Path, rows: int) -> Path:
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    with pq.ParquetWriter(path, pa.schema([("key", pa.string()), ("embedding", pa.list_(pa.float32()))])) as writer:
+        for start in range(0, rows, 65536):
+            n = min(65536, rows - start)
+            x = rng.standard_normal((n, 768), dtype=np.float32)
+            offsets = pa.array(np.arange(0, n * 768 + 1, 768, dtype=np.int32))
+            writer.write_table(pa.table({"key": [str(start + j) for j in range(n)],
+                                         "embedding": pa.ListArray.from_arrays(offsets, pa.array(x.reshape(-1)))}))
+    return path
+
+
+def tiny_model(work: Path) -> tuple[Path, Path, Path]:
+    import open_clip
+    import torch
+    from safetensors.numpy import save_file
+
+    config = work / "tiny-clip.json"
+    config.write_text(json.dumps({
+        "embed_dim": 768, "quick_gelu": True,
+        "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16},
+        "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 1, "layers": 1},
+    }))
+    open_clip.add_model_config(str(config))
+    torch.manual_seed(0)
+    ckpt = work / "tiny-clip.pt"
+    torch.save(open_clip.create_model("tiny-clip").state_dict(), ckpt)
+    rng = np.random.default_rng(0)
+    dims, keys = (768, 1024, 128, 64, 16, 1), ("layers.0", "layers.2", "layers.4", "layers.6", "layers.7")
+    state = {}
+    for key, n_in, n_out in zip(keys, dims[:-1], dims[1:]):
+        state[f"{key}.weight"] = (rng.standard_normal((n_out, n_in)) / np.sqrt(n_in)).astype(np.float32)
+        state[f"{key}.bias"] = np.zeros(n_out, np.float32)
+    weights = work / "predictor.safetensors"
+    save_file(state, str(weights))
+    return config, ckpt, weights
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shards", type=int, default=200)
+    parser.add_argument("--per-shard", type=int, default=16)
+    parser.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "aesthetic-dask-bench")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="aesthetic-dask-bench-scale-"))
+    config, ckpt, weights = tiny_model(work)
+    shards = make_shards(args.data / f"scale-{args.shards}x{args.per_shard}", args.shards, args.per_shard)
+    small = max(1, args.shards // 10)
+    all_shards = sorted(shards.glob("*.tar"))
+
+    def run_cmd(inputs: list[Path], out: str) -> list[str]:
+        return [sys.executable, "-m", "aesthetic_dask", "run", *map(str, inputs), "-o", str(work / out), "--overwrite",
+                "--clip-model-config", str(config), "--clip-pretrained", str(ckpt), "--aesthetic-weights", str(weights),
+                "--threshold", "0", "--model-dir", str(work / "models")]
+
+    print(f"`run`, tiny CLIP (64px), {args.per_shard} photos per shard:")
+    t_small, m_small = peak_rss(run_cmd(all_shards[:small], "small"))
+    t_big, m_big = peak_rss(run_cmd(all_shards, "big"))
+    print(f"  {small:>4} shards: {t_small:6.1f}s  {small * args.per_shard / t_small:7.1f} img/s  peak {m_small:7.0f} MiB")
+    print(f"  {len(all_shards):>4} shards: {t_big:6.1f}s  {len(all_shards) * args.per_shard / t_big:7.1f} img/s  peak {m_big:7.0f} MiB")
+    print(f"  PEAK RATIO {len(all_shards) // small}x shards = {m_big / m_small:.2f}x peak  (target <= 1.3)")
+
+    print("`score`, one Parquet file, partitions of 131072 rows:")
+    results = []
+    for rows in (250_000, 1_000_000):
+        path = make_embeddings(args.data / f"scale-one-file-{rows}.parquet", rows)
+        cmd = [sys.executable, "-m", "aesthetic_dask", "score", str(path), "-o", str(work / f"score-{rows}"), "--overwrite",
+               "--aesthetic-weights", str(weights), "--model-dir", str(work / "models")]
+        t, m = peak_rss(cmd)
+        results.append(m)
+        print(f"  {rows:>9,} rows ({path.stat().st_size / 2**20:6.0f} MiB): {t:6.1f}s  {rows / t:9,.0f} rows/s  peak {m:6.0f} MiB")
+    print(f"  PEAK RATIO 4x rows = {results[1] / results[0]:.2f}x peak")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""Scheduled entry point: run the job a YAML in conf/ describes, on the cluster the environment names.
+
+    DASK_SCHEDULER_ADDRESS=tcp://host:8786 python jobs/scheduled.py conf/scheduled.example.yaml
+    DASK_SCHEDULER_FILE=/shared/scheduler.json python jobs/scheduled.py conf/my-job.yaml
+
+With neither variable set, the job starts a local cluster (the embedded default). The YAML holds
+``job`` (score or run), ``inputs``, ``output``, ``overwrite`` and any config option. Exit codes
+are the CLI's: 0 done, 3 done with unreadable inputs, 1 failed, 2 bad usage or input.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import yaml
+
+JOB_KEYS = ("job", "inputs", "output", "overwrite")
+
+
+def build_argv(spec_path: str, environ: dict[str, str]) -> list[str]:
+    """The `aesthetic-dask` arguments for the job in ``spec_path``."""
+    spec = yaml.safe_load(Path(spec_path).read_text()) or {}
+    missing = [k for k in ("job", "inputs", "output") if k not in spec]
+    if missing:
+        raise SystemExit(f"{spec_path}: missing {', '.join(missing)}")
+    if spec["job"] not in ("score", "run"):
+        raise SystemExit(f"{spec_path}: job must be score or run, got {spec['job']!r}")
+    inputs = spec["inputs"] if isinstance(spec["inputs"], list) else [spec["inputs"]]
+    options = {k: v for k, v in spec.items() if k not in JOB_KEYS}
+    if environ.get("DASK_SCHEDULER_ADDRESS"):
+        options["scheduler"] = environ["DASK_SCHEDULER_ADDRESS"]
+    elif environ.get("DASK_SCHEDULER_FILE"):
+        options["scheduler_file"] = environ["DASK_SCHEDULER_FILE"]
+    config_file = Path(spec["output"]) / "scheduled-config.yaml"
+    config_file.parent.mkdir(parents=True, exist_ok=True)
+    config_file.write_text(yaml.safe_dump(options))
+    argv = [spec["job"], *map(str, inputs), "-o", str(spec["output"]), "--config", str(config_file)]
+    return argv + (["--overwrite"] if spec.get("overwrite") else [])
+
+
+def main() -> int:
+    if len(sys.argv) != 2:
+        print(__doc__, file=sys.stderr)
+        return 2
+    from aesthetic_dask.cli import main as cli
+
+    return cli(build_argv(sys.argv[1], dict(os.environ)))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
