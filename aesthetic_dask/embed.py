@@ -47,13 +47,23 @@ class ClipSpec:
 
     def check(self) -> None:
         """Fail early, in the client, on a spec that cannot load (names the problem)."""
+        import open_clip
+
         from .errors import InputError
 
-        if self.model_config and not Path(self.model_config).is_file():
-            raise InputError(f"--clip-model-config {self.model_config}: no such file")
+        if self.model_config:
+            if not Path(self.model_config).is_file():
+                raise InputError(f"--clip-model-config {self.model_config}: no such file")
+            open_clip.add_model_config(self.model_config)
+        if open_clip.get_model_config(self.model) is None:
+            raise InputError(f"--clip-model {self.model}: not an open_clip model (see open_clip.list_models())")
         pretrained = self.pretrained
-        if pretrained and not Path(pretrained).exists() and ("/" in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))):
-            raise InputError(f"--clip-pretrained {pretrained}: no such file")
+        if pretrained and not Path(pretrained).exists():
+            if "/" in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")):
+                raise InputError(f"--clip-pretrained {pretrained}: no such file")
+            if not open_clip.get_pretrained_cfg(self.model, pretrained):
+                tags = ", ".join(open_clip.list_pretrained_tags_by_model(self.model)) or "none"
+                raise InputError(f"--clip-pretrained {pretrained}: open_clip has no such tag for {self.model} (tags: {tags})")
 
 
 class ClipModel:
@@ -70,9 +80,6 @@ class ClipModel:
             open_clip.add_model_config(spec.model_config)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         pretrained = spec.pretrained
-        if pretrained and not Path(pretrained).exists() and not open_clip.get_pretrained_cfg(spec.model, pretrained):
-            tags = ", ".join(open_clip.list_pretrained_tags_by_model(spec.model)) or "none"
-            raise ValueError(f"open_clip has no pretrained tag {pretrained!r} for {spec.model} (tags: {tags})")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model, _, preprocess = open_clip.create_model_and_transforms(
@@ -203,20 +210,18 @@ def embed_partition(df: pd.DataFrame, spec: ClipSpec, image_column: str, batch_s
                     decode_threads: int | None, keep_images: bool) -> pd.DataFrame:
     """Partition function of :func:`embed_images`: add ``embedding`` and reasons in ``error``."""
     from .image_reader import image_values
-    from .score import _arrow_chunks
+    from .score import ERROR_COLUMN, arrow_chunks, merge_errors
 
     clip = load_clip(spec)
-    arrow = pa.chunked_array(_arrow_chunks(df[image_column]))
+    arrow = pa.chunked_array(arrow_chunks(df[image_column]))
     images = image_values(arrow)
     results = list(ImageEmbedder(clip, batch_size, max_pixels, decode_threads).embed(images))
     out = df.drop(columns=[c for c in (image_column, "image_ext") if c in df.columns and not keep_images])
     emb = embedding_column([e for e, _ in results], clip.embed_dim)
     out["embedding"] = pd.Series(pd.arrays.ArrowExtensionArray(emb), index=df.index)
-    reasons = pa.array([r for _, r in results], type=pa.string())
-    if "error" in df.columns:  # a reader's reason (e.g. "no image") comes first
-        earlier = pa.chunked_array(_arrow_chunks(df["error"]), pa.string()).combine_chunks()
-        reasons = pa.compute.coalesce(earlier, reasons)
-    out["error"] = pd.Series(pd.arrays.ArrowExtensionArray(reasons), index=df.index)
+    earlier = pa.chunked_array(arrow_chunks(df[ERROR_COLUMN]), pa.string()) if ERROR_COLUMN in df.columns else None
+    reasons = merge_errors(earlier, pa.array([r for _, r in results], type=pa.string()))
+    out[ERROR_COLUMN] = pd.Series(pd.arrays.ArrowExtensionArray(reasons), index=df.index)
     return out
 
 

@@ -12,6 +12,7 @@ import os
 import tarfile
 import time
 import uuid
+from functools import partial
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -21,14 +22,13 @@ import pyarrow as pa
 
 from .config import Config
 from .embed import ClipSpec, ImageEmbedder, embedding_column, load_clip
-from .embeddings_reader import EmbeddingPart, plan_parquet, read_embedding_table
-from .errors import DataError, InputError
+from .embeddings_reader import EmbeddingPart, plan_parquet
+from .errors import InputError
 from .image_reader import ShardPart, ShardReader, check_image_type, image_values, parse_json_fields, plan_shards, samples_table, split_key
-from .job import Job, package_versions, record_frame, run_parts
+from .job import Job, load_scoring_weights, package_versions, process_parquet_part, record_frame, run_parts
 from .output import OutputLayout, WriteOptions, split_and_write, write_record
-from .predictor import AestheticPredictor, load_predictor
-from .score import ERROR_COLUMN, SCORE_COLUMN
-from .weights import resolve_weights
+from .predictor import AestheticPredictor
+from .score import ERROR_COLUMN, SCORE_COLUMN, merge_errors
 
 VERSIONED_PACKAGES = ("aesthetic-dask", "dask", "distributed", "pandas", "pyarrow", "numpy", "torch", "torchvision", "open_clip_torch", "pillow")
 
@@ -53,8 +53,8 @@ def _embed_and_score(
 
 
 def _scored_table(base: pa.Table, embeddings: pa.Array, scores: np.ndarray, reasons: list[str | None]) -> pa.Table:
-    earlier = base.column(ERROR_COLUMN) if ERROR_COLUMN in base.column_names else pa.nulls(base.num_rows, pa.string())
-    error = pa.compute.coalesce(earlier.combine_chunks() if isinstance(earlier, pa.ChunkedArray) else earlier, pa.array(reasons, pa.string()))
+    earlier = base.column(ERROR_COLUMN) if ERROR_COLUMN in base.column_names else None
+    error = merge_errors(earlier, pa.array(reasons, pa.string()))
     table = base.drop_columns([c for c in (ERROR_COLUMN,) if c in base.column_names])
     return table.append_column("embedding", embeddings).append_column(SCORE_COLUMN, pa.array(scores)).append_column(ERROR_COLUMN, error)
 
@@ -83,7 +83,7 @@ def process_shard(part: ShardPart, fields: dict, clip_spec: ClipSpec, predictor:
     elif not samples:
         record["note"] = f"{part.source}: empty shard: no samples"
     if write_shards and record["rows_kept"]:
-        keep = ~np.isnan(scores) & (scores >= opts.threshold) & pa.compute.is_null(table.column(ERROR_COLUMN)).to_numpy(zero_copy_only=False)
+        keep = ~np.isnan(scores) & (scores >= opts.threshold) & table.column(ERROR_COLUMN).is_null().to_numpy(zero_copy_only=False)
         kept_keys = {s.key for s, k in zip(samples, keep) if k}
         record["shard"] = str(write_kept_shard(part.source, kept_keys, Path(write_shards) / f"{part.name}.tar", layout.tmp))
     record["seconds"] = round(time.perf_counter() - t0, 4)
@@ -107,25 +107,17 @@ def write_kept_shard(source: str, keys: set[str], target: Path, tmp_dir: Path) -
     return target
 
 
+def score_image_table(table: pa.Table, column: str, clip_spec: ClipSpec, predictor: AestheticPredictor, embed: dict[str, Any]) -> pa.Table:
+    """Rows of an image Parquet file, with the image column replaced by embedding, score and error."""
+    embeddings, scores, reasons = _embed_and_score(image_values(table.column(column)), clip_spec, predictor, embed)
+    return _scored_table(table.drop_columns([column]), embeddings, scores, reasons)
+
+
 def process_image_parquet_part(part: EmbeddingPart, schema: pa.Schema, column: str, clip_spec: ClipSpec,
                                predictor: AestheticPredictor, out: str, opts: WriteOptions, embed: dict[str, Any]) -> pd.DataFrame:
     """Read, embed, score and write rows of an image Parquet file; return its record."""
-    t0 = time.perf_counter()
-    layout = OutputLayout(Path(out))
-    record: dict[str, Any] = {"name": part.name, "source": part.source, "start": part.start, "stop": part.stop}
-    try:
-        table = read_embedding_table(part, schema, column)
-    except DataError as exc:
-        record |= {"rows_in": part.rows, "rows_kept": 0, "rows_below_threshold": 0, "rows_error": part.rows, "failure": str(exc)}
-    else:
-        images = image_values(table.column(column))
-        embeddings, scores, reasons = _embed_and_score(images, clip_spec, predictor, embed)
-        scored = _scored_table(table.drop_columns([column]), embeddings, scores, reasons)
-        rows = np.arange(part.start, part.stop, dtype=np.int64)
-        record |= split_and_write(scored, rows, part.name, part.source, layout, opts)
-    record["seconds"] = round(time.perf_counter() - t0, 4)
-    write_record(layout, record)
-    return record_frame(record)
+    scorer = partial(score_image_table, column=column, clip_spec=clip_spec, predictor=predictor, embed=embed)
+    return process_parquet_part(part, schema, column, out, opts, scorer)
 
 
 def run_job(inputs: list[str], out: str | Path, config: Config, overwrite: bool = False, progress: bool = True) -> tuple[dict[str, Any], int]:
@@ -144,8 +136,7 @@ def run_job(inputs: list[str], out: str | Path, config: Config, overwrite: bool 
     shard_parts = plan_shards(tars) if tars else []
     pq_plan = plan_parquet(parquets, config.image_column, check_image_type, min(config.partition_rows, 4096), pa.binary()) if parquets else None
 
-    weights = resolve_weights(config.aesthetic_weights, config.resolved_model_dir)
-    predictor = load_predictor(weights, config.resolved_model_dir)
+    predictor, weights = load_scoring_weights(config)
     opts = WriteOptions(config.score_threshold, "embedding", config.keep_embeddings, config.keep_rejected, predictor.embed_dim)
     embed = {"batch_size": config.model_inference_batch_size, "max_pixels": config.max_image_pixels, "decode_threads": config.decode_threads}
     settings = {
@@ -159,7 +150,7 @@ def run_job(inputs: list[str], out: str | Path, config: Config, overwrite: bool 
         "keep_rejected": config.keep_rejected,
         "max_image_pixels": config.max_image_pixels,
         "write_shards": str(Path(config.write_shards).resolve()) if config.write_shards else None,
-        "weights_sha256": weights.sha256,
+        "weights_sha256": weights["sha256"],
     }
     job = Job(
         kind="run",
@@ -167,7 +158,7 @@ def run_job(inputs: list[str], out: str | Path, config: Config, overwrite: bool 
         settings=settings,
         info={
             "config": config.to_dict(),
-            "weights": {"source": weights.source, "path": str(weights.path), "sha256": weights.sha256, "folded": predictor.folded},
+            "weights": weights,
             "clip": {"model": clip_spec.model, "pretrained": clip_spec.pretrained, "model_config": clip_spec.model_config},
             "versions": package_versions(VERSIONED_PACKAGES),
         },

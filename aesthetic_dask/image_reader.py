@@ -150,7 +150,9 @@ def parse_json_fields(spec: list[str] | str | None) -> dict[str, pa.DataType]:
         name, _, kind = item.partition(":")
         kind = kind or "string"
         if kind not in JSON_TYPES:
-            raise ValueError(f"json field {item!r}: type must be one of {', '.join(JSON_TYPES)}")
+            from .errors import InputError
+
+            raise InputError(f"json field {item!r}: type must be one of {', '.join(JSON_TYPES)}")
         fields[name] = JSON_TYPES[kind]
     return fields
 

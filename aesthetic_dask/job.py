@@ -198,6 +198,46 @@ def run_parts(
     return manifest, EXIT_PARTIAL if failed else EXIT_OK
 
 
+def process_parquet_part(
+    part: Any, schema: Any, column: str, out: str, opts: Any, score_table: Callable[[Any], Any]
+) -> pd.DataFrame:
+    """Read rows of a Parquet input, score them with ``score_table(table)``, write, record.
+
+    ``score_table`` returns the table with ``aesthetic_score`` and ``error`` columns. An
+    unreadable part counts all its rows as errors and records why.
+    """
+    import numpy as np
+
+    from .embeddings_reader import read_embedding_table
+    from .errors import DataError
+    from .output import split_and_write, write_record
+
+    t0 = time.perf_counter()
+    layout = OutputLayout(Path(out))
+    record: dict[str, Any] = {"name": part.name, "source": part.source, "start": part.start, "stop": part.stop}
+    try:
+        table = read_embedding_table(part, schema, column)
+    except DataError as exc:
+        record |= {"rows_in": part.rows, "rows_kept": 0, "rows_below_threshold": 0, "rows_error": part.rows, "failure": str(exc)}
+    else:
+        rows = np.arange(part.start, part.stop, dtype=np.int64)
+        record |= split_and_write(score_table(table), rows, part.name, part.source, layout, opts)
+    record["seconds"] = round(time.perf_counter() - t0, 4)
+    write_record(layout, record)
+    return record_frame(record)
+
+
+def load_scoring_weights(config: Any) -> tuple[Any, dict[str, Any]]:
+    """The predictor of ``config.aesthetic_weights`` and its manifest entry."""
+    from .predictor import load_predictor
+    from .weights import resolve_weights
+
+    weights = resolve_weights(config.aesthetic_weights, config.resolved_model_dir)
+    predictor = load_predictor(weights, config.resolved_model_dir)
+    info = {"source": weights.source, "path": str(weights.path), "sha256": weights.sha256, "folded": predictor.folded}
+    return predictor, info
+
+
 def _failed_record(part: Any, reason: str) -> dict[str, Any]:
     """A partition that could not be processed: all its rows count as errors, with a reason."""
     return {

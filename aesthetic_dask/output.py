@@ -122,13 +122,11 @@ def split_and_write(
     source: str,
     layout: OutputLayout,
     opts: WriteOptions,
-    extra_errors: pa.Table | None = None,
 ) -> dict[str, int]:
     """Write the kept, rejected and error rows of one scored partition; return its counts.
 
-    ``table`` has ``aesthetic_score`` and ``error`` columns; ``rows`` gives each row's position
-    in its source. ``extra_errors`` (rows that never reached the model, e.g. undecodable images)
-    are appended to the errors file.
+    ``table`` has ``aesthetic_score`` and ``error`` columns (error rows: any non-null ``error``);
+    ``rows`` gives each row's position in its source.
     """
     scores = table.column(SCORE_COLUMN).to_numpy(zero_copy_only=False)
     is_error = table.column(ERROR_COLUMN).is_valid().to_numpy(zero_copy_only=False)
@@ -147,17 +145,15 @@ def split_and_write(
     if opts.keep_rejected and below.any():
         _write_parquet(scored.filter(pa.array(below)), layout.rejected / f"{name}.parquet", layout.tmp)
 
-    n_errors = int(is_error.sum()) + (extra_errors.num_rows if extra_errors is not None else 0)
+    n_errors = int(is_error.sum())
     if n_errors:
         err = table.filter(pa.array(is_error)).drop_columns(
             [c for c in (opts.embedding_column, SCORE_COLUMN, *opts.drop_columns) if c in table.column_names]
         )
         err = _with_provenance(err, source, rows[is_error])
-        if extra_errors is not None and extra_errors.num_rows:
-            err = pa.concat_tables([err, extra_errors.select(err.column_names).cast(err.schema)])
         _write_parquet(err, layout.errors / f"{name}.parquet", layout.tmp)
     return {
-        "rows_in": int(len(scores)) + (extra_errors.num_rows if extra_errors is not None else 0),
+        "rows_in": int(len(scores)),
         "rows_kept": int(keep.sum()),
         "rows_below_threshold": int(below.sum()),
         "rows_error": n_errors,

@@ -21,10 +21,19 @@ ERROR_COLUMN = "error"
 ERROR_DTYPE = pd.ArrowDtype(pa.string())
 
 
-def _arrow_chunks(series: pd.Series) -> list[pa.Array]:
+def arrow_chunks(series: pd.Series) -> list[pa.Array]:
     """The Arrow chunks behind a pandas column (zero-copy for pyarrow-backed dtypes)."""
     arr = series.array.__arrow_array__() if hasattr(series.array, "__arrow_array__") else pa.array(series)
     return arr.chunks if isinstance(arr, pa.ChunkedArray) else [arr]
+
+
+def merge_errors(earlier: pa.Array | pa.ChunkedArray | None, new: pa.Array) -> pa.Array:
+    """Per-row reasons where an earlier stage's reason (e.g. an undecodable image) wins."""
+    if earlier is None:
+        return new
+    if isinstance(earlier, pa.ChunkedArray):
+        earlier = earlier.combine_chunks() if earlier.num_chunks else pa.array([], pa.string())
+    return pc.coalesce(earlier.cast(pa.string()), new)
 
 
 def score_arrow(chunks: list[pa.Array], predictor: AestheticPredictor) -> tuple[np.ndarray, np.ndarray]:
@@ -143,18 +152,16 @@ def score_partition(df: Any, predictor: AestheticPredictor, embedding_column: st
         matrix, candidates, reasons = _cudf_embedding_matrix(df[embedding_column], dim)
         scores = classify_and_score(xp, predictor, matrix, candidates, reasons)
     else:
-        scores, reasons = score_arrow(_arrow_chunks(df[embedding_column]), predictor)
+        scores, reasons = score_arrow(arrow_chunks(df[embedding_column]), predictor)
     out = df.assign(**{SCORE_COLUMN: scores})
     if type(df).__module__.startswith("cudf"):
         import cudf
 
         out[ERROR_COLUMN] = cudf.Series(pd.Series(reasons, dtype="string"), index=df.index)
     else:
-        new = pa.array(reasons, type=pa.string())
-        if ERROR_COLUMN in df.columns:  # an earlier stage's reason (e.g. undecodable image) wins
-            earlier = pa.chunked_array(_arrow_chunks(df[ERROR_COLUMN]), pa.string()).combine_chunks()
-            new = pc.coalesce(earlier, new)
-        out[ERROR_COLUMN] = pd.Series(new, index=df.index, dtype=ERROR_DTYPE)
+        earlier = pa.chunked_array(arrow_chunks(df[ERROR_COLUMN]), pa.string()) if ERROR_COLUMN in df.columns else None
+        merged = merge_errors(earlier, pa.array(reasons, type=pa.string()))
+        out[ERROR_COLUMN] = pd.Series(merged, index=df.index, dtype=ERROR_DTYPE)
     return out
 
 

@@ -7,6 +7,7 @@ partition, run by :func:`aesthetic_dask.job.run_parts`.
 from __future__ import annotations
 
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -14,47 +15,33 @@ import pandas as pd
 import pyarrow as pa
 
 from .config import Config
-from .errors import DataError
-from .job import Job, package_versions, record_frame, run_parts
-from .output import OutputLayout, WriteOptions, frame_to_table, split_and_write, write_record
-from .predictor import AestheticPredictor, load_predictor
-from .embeddings_reader import EmbeddingPart, plan_embeddings, read_embedding_table, table_to_frame
+from .embeddings_reader import EmbeddingPart, plan_embeddings, table_to_frame
+from .job import Job, load_scoring_weights, package_versions, process_parquet_part, run_parts
+from .output import OutputLayout, WriteOptions, frame_to_table
+from .predictor import AestheticPredictor
 from .score import score_partition
-from .weights import resolve_weights
 
 VERSIONED_PACKAGES = ("aesthetic-dask", "dask", "distributed", "pandas", "pyarrow", "numpy", "safetensors", "huggingface_hub")
 
 
+def score_embedding_table(table: pa.Table, predictor: AestheticPredictor, column: str, backend: str, start: int) -> pa.Table:
+    """A read partition with ``aesthetic_score`` and ``error``: pandas on CPU, cudf on a GPU worker."""
+    if backend == "cudf":
+        import cudf
+
+        frame = cudf.DataFrame.from_arrow(table)
+    else:
+        frame = table_to_frame(table, start)
+    return frame_to_table(score_partition(frame, predictor, column))
+
+
 def process_embedding_part(
-    part: EmbeddingPart,
-    schema: pa.Schema,
-    column: str,
-    predictor: AestheticPredictor,
-    out: str,
-    opts: WriteOptions,
-    backend: str = "pandas",
+    part: EmbeddingPart, schema: pa.Schema, column: str, predictor: AestheticPredictor, out: str,
+    opts: WriteOptions, backend: str = "pandas",
 ) -> pd.DataFrame:
     """Read, score and write one partition; return its record (see :func:`job.record_frame`)."""
-    t0 = time.perf_counter()
-    layout = OutputLayout(Path(out))
-    record: dict[str, Any] = {"name": part.name, "source": part.source, "start": part.start, "stop": part.stop}
-    try:
-        table = read_embedding_table(part, schema, column)
-    except DataError as exc:
-        record |= {"rows_in": part.rows, "rows_kept": 0, "rows_below_threshold": 0, "rows_error": part.rows, "failure": str(exc)}
-    else:
-        if backend == "cudf":
-            import cudf
-
-            frame = cudf.DataFrame.from_arrow(table)
-        else:
-            frame = table_to_frame(table, part.start)
-        scored = score_partition(frame, predictor, column)
-        rows = pd.RangeIndex(part.start, part.stop).to_numpy()
-        record |= split_and_write(frame_to_table(scored), rows, part.name, part.source, layout, opts)
-    record["seconds"] = round(time.perf_counter() - t0, 4)
-    write_record(layout, record)
-    return record_frame(record)
+    scorer = partial(score_embedding_table, predictor=predictor, column=column, backend=backend, start=part.start)
+    return process_parquet_part(part, schema, column, out, opts, scorer)
 
 
 def score_job(inputs: list[str], out: str | Path, config: Config, overwrite: bool = False, progress: bool = True) -> tuple[dict[str, Any], int]:
@@ -64,8 +51,7 @@ def score_job(inputs: list[str], out: str | Path, config: Config, overwrite: boo
     t0 = time.perf_counter()
     out = Path(out)
     plan = plan_embeddings(inputs, config.embedding_column, config.partition_rows)
-    weights = resolve_weights(config.aesthetic_weights, config.resolved_model_dir)
-    predictor = load_predictor(weights, config.resolved_model_dir)
+    predictor, weights = load_scoring_weights(config)
     opts = WriteOptions(
         threshold=config.score_threshold,
         embedding_column=config.embedding_column,
@@ -80,7 +66,7 @@ def score_job(inputs: list[str], out: str | Path, config: Config, overwrite: boo
         "keep_embeddings": config.keep_embeddings,
         "keep_rejected": config.keep_rejected,
         "partition_rows": config.partition_rows,
-        "weights_sha256": weights.sha256,
+        "weights_sha256": weights["sha256"],
     }
     job = Job(
         kind="score",
@@ -88,7 +74,7 @@ def score_job(inputs: list[str], out: str | Path, config: Config, overwrite: boo
         settings=settings,
         info={
             "config": config.to_dict(),
-            "weights": {"source": weights.source, "path": str(weights.path), "sha256": weights.sha256, "folded": predictor.folded},
+            "weights": weights,
             "versions": package_versions(VERSIONED_PACKAGES),
         },
         failed_inputs=plan.failed,

@@ -15,8 +15,6 @@ the time spent decoding and in the model beside the wall time, which shows the o
 from __future__ import annotations
 
 import argparse
-import io
-import json
 import os
 import subprocess
 import sys
@@ -25,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "cat", "hubble_deep_field", "retina")
+from _common import REAL_WEIGHTS, make_shards, random_predictor, tiny_clip
 
 BARE_LOOP = """
 import io, sys, tarfile, time, torch, open_clip
@@ -43,32 +41,6 @@ with torch.no_grad():
         f = f / f.norm(dim=-1, keepdim=True)
 print(len(images))
 """
-
-
-def photo(name: str) -> bytes:
-    from PIL import Image
-    from skimage import data
-
-    buf = io.BytesIO()
-    Image.fromarray(getattr(data, name)()).convert("RGB").save(buf, "JPEG", quality=90)
-    return buf.getvalue()
-
-
-def make_shards(directory: Path, shards: int, per_shard: int) -> list[Path]:
-    directory.mkdir(parents=True, exist_ok=True)
-    photos = [photo(n) for n in PHOTOS]
-    paths = []
-    for s in range(shards):
-        path = directory / f"shard-{s:05d}.tar"
-        if not path.exists():
-            with tarfile.open(path, "w") as tar:
-                for i in range(per_shard):
-                    for ext, blob in ((".jpg", photos[(s + i) % len(photos)]), (".txt", f"photo {s}-{i}".encode())):
-                        info = tarfile.TarInfo(f"{s:03d}{i:06d}{ext}")
-                        info.size = len(blob)
-                        tar.addfile(info, io.BytesIO(blob))
-        paths.append(path)
-    return paths
 
 
 def timed(cmd: list[str], env: dict | None = None) -> float:
@@ -90,11 +62,7 @@ def vit_part(work: Path, data: Path, per_shard: int) -> None:
     bare = [sys.executable, "-c", BARE_LOOP, "ViT-L-14-quickgelu", str(ckpt), *map(str, shards)]
     ours = [sys.executable, "-m", "aesthetic_dask", "run", *map(str, shards), "-o", str(work / "out-vit"), "--overwrite",
             "--clip-pretrained", str(ckpt), "--batch-size", "8", "--threshold", "0", "--model-dir", str(work / "models")]
-    weights = Path(__file__).resolve().parents[2] / "shared/models/improved-aesthetic-predictor/sac+logos+ava1-l14-linearMSE.pth"
-    if weights.exists():
-        ours += ["--aesthetic-weights", str(weights)]
-    else:
-        ours += ["--aesthetic-weights", str(random_predictor(work))]
+    ours += ["--aesthetic-weights", str(REAL_WEIGHTS if REAL_WEIGHTS.exists() else random_predictor(work))]
     t_bare = timed(bare)
     t_ours = timed(ours)
     print(f"ViT-L/14 fp32 on CPU, {n} photos in 2 shards, model load included:")
@@ -103,37 +71,12 @@ def vit_part(work: Path, data: Path, per_shard: int) -> None:
     print(f"  RATIO run throughput / bare = {t_bare / t_ours:.2f}  (target >= 0.9)")
 
 
-def random_predictor(work: Path) -> Path:
-    import numpy as np
-    from safetensors.numpy import save_file
-
-    rng = np.random.default_rng(0)
-    dims, keys = (768, 1024, 128, 64, 16, 1), ("layers.0", "layers.2", "layers.4", "layers.6", "layers.7")
-    state = {}
-    for key, n_in, n_out in zip(keys, dims[:-1], dims[1:]):
-        state[f"{key}.weight"] = (rng.standard_normal((n_out, n_in)) / np.sqrt(n_in)).astype(np.float32)
-        state[f"{key}.bias"] = np.zeros(n_out, np.float32)
-    path = work / "predictor.safetensors"
-    save_file(state, str(path))
-    return path
-
-
 def tiny_part(work: Path, data: Path, per_shard: int) -> None:
-    import open_clip
     import torch
 
     from aesthetic_dask.embed import ClipModel, ClipSpec, ImageEmbedder, decode_image
 
-    config = work / "tiny-clip.json"
-    config.write_text(json.dumps({
-        "embed_dim": 768, "quick_gelu": True,
-        "vision_cfg": {"image_size": 224, "layers": 2, "width": 128, "patch_size": 32},
-        "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 1, "layers": 1},
-    }))
-    open_clip.add_model_config(str(config))
-    torch.manual_seed(0)
-    ckpt = work / "tiny-clip.pt"
-    torch.save(open_clip.create_model("tiny-clip").state_dict(), ckpt)
+    config, ckpt = tiny_clip(work, image_size=224, layers=2, width=128, patch=32)
     shards = make_shards(data / f"photos-4x{per_shard}", 4, per_shard)
     images = []
     for shard in shards:

@@ -12,11 +12,8 @@
 from __future__ import annotations
 
 import argparse
-import io
-import json
 import subprocess
 import sys
-import tarfile
 import tempfile
 import threading
 import time
@@ -24,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+from _common import make_shards, random_predictor, tiny_clip
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -56,29 +54,6 @@ def peak_rss(cmd: list[str]) -> tuple[float, float]:
     return time.perf_counter() - t0, peak / 2**20
 
 
-def make_shards(directory: Path, count: int, per_shard: int) -> Path:
-    from PIL import Image
-    from skimage import data
-
-    directory.mkdir(parents=True, exist_ok=True)
-    photos = []
-    for name in ("astronaut", "coffee", "chelsea", "rocket", "cat"):
-        buf = io.BytesIO()
-        Image.fromarray(getattr(data, name)()).save(buf, "JPEG", quality=85)
-        photos.append(buf.getvalue())
-    for s in range(count):
-        path = directory / f"shard-{s:05d}.tar"
-        if path.exists():
-            continue
-        with tarfile.open(path, "w") as tar:
-            for i in range(per_shard):
-                for ext, blob in ((".jpg", photos[(s + i) % len(photos)]), (".json", json.dumps({"i": i}).encode())):
-                    info = tarfile.TarInfo(f"{s:05d}{i:04d}{ext}")
-                    info.size = len(blob)
-                    tar.addfile(info, io.BytesIO(blob))
-    return directory
-
-
 def make_embeddings(path: Path, rows: int) -> Path:
     if path.exists():
         return path
@@ -94,32 +69,6 @@ def make_embeddings(path: Path, rows: int) -> Path:
     return path
 
 
-def tiny_model(work: Path) -> tuple[Path, Path, Path]:
-    import open_clip
-    import torch
-    from safetensors.numpy import save_file
-
-    config = work / "tiny-clip.json"
-    config.write_text(json.dumps({
-        "embed_dim": 768, "quick_gelu": True,
-        "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16},
-        "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 1, "layers": 1},
-    }))
-    open_clip.add_model_config(str(config))
-    torch.manual_seed(0)
-    ckpt = work / "tiny-clip.pt"
-    torch.save(open_clip.create_model("tiny-clip").state_dict(), ckpt)
-    rng = np.random.default_rng(0)
-    dims, keys = (768, 1024, 128, 64, 16, 1), ("layers.0", "layers.2", "layers.4", "layers.6", "layers.7")
-    state = {}
-    for key, n_in, n_out in zip(keys, dims[:-1], dims[1:]):
-        state[f"{key}.weight"] = (rng.standard_normal((n_out, n_in)) / np.sqrt(n_in)).astype(np.float32)
-        state[f"{key}.bias"] = np.zeros(n_out, np.float32)
-    weights = work / "predictor.safetensors"
-    save_file(state, str(weights))
-    return config, ckpt, weights
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shards", type=int, default=200)
@@ -127,10 +76,10 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "aesthetic-dask-bench")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="aesthetic-dask-bench-scale-"))
-    config, ckpt, weights = tiny_model(work)
-    shards = make_shards(args.data / f"scale-{args.shards}x{args.per_shard}", args.shards, args.per_shard)
+    config, ckpt = tiny_clip(work, image_size=64, layers=2, width=64, patch=16)
+    weights = random_predictor(work)
+    all_shards = make_shards(args.data / f"scale-{args.shards}x{args.per_shard}", args.shards, args.per_shard)
     small = max(1, args.shards // 10)
-    all_shards = sorted(shards.glob("*.tar"))
 
     def run_cmd(inputs: list[Path], out: str) -> list[str]:
         return [sys.executable, "-m", "aesthetic_dask", "run", *map(str, inputs), "-o", str(work / out), "--overwrite",

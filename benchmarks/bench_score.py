@@ -23,9 +23,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from _common import REAL_WEIGHTS, random_predictor
 
-REPO = Path(__file__).resolve().parents[1]
-REAL_WEIGHTS = REPO.parent / "shared/models/improved-aesthetic-predictor/sac+logos+ava1-l14-linearMSE.pth"
 
 BASELINE = """
 import sys, pyarrow.parquet as pq
@@ -54,21 +53,6 @@ def make_data(directory: Path, rows: int, files: int) -> list[Path]:
         })
         pq.write_table(table, path, row_group_size=32768)
     return paths
-
-
-def make_weights(directory: Path) -> Path:
-    """Random weights with the real layout (timing does not depend on their values)."""
-    from safetensors.numpy import save_file
-
-    rng = np.random.default_rng(0)
-    dims, keys = (768, 1024, 128, 64, 16, 1), ("layers.0", "layers.2", "layers.4", "layers.6", "layers.7")
-    state = {}
-    for key, n_in, n_out in zip(keys, dims[:-1], dims[1:]):
-        state[f"{key}.weight"] = (rng.standard_normal((n_out, n_in)) / np.sqrt(n_in)).astype(np.float32)
-        state[f"{key}.bias"] = np.zeros(n_out, np.float32)
-    path = directory / "random-weights.safetensors"
-    save_file(state, str(path))
-    return path
 
 
 def timed(cmd: list[str]) -> float:
@@ -113,7 +97,7 @@ def main() -> None:
     data = args.data / f"score-{args.rows}x{args.files}"
     paths = make_data(data, args.rows, args.files)
     work = Path(tempfile.mkdtemp(prefix="aesthetic-dask-bench-"))
-    weights = args.weights or make_weights(work)
+    weights = args.weights or random_predictor(work)
     rows = sum(pq.ParquetFile(p).metadata.num_rows for p in paths)
     baseline = [sys.executable, "-c", BASELINE, *map(str, paths)]
     score = [sys.executable, "-m", "aesthetic_dask", "score", str(data), "-o", str(work / "out"), "--aesthetic-weights",

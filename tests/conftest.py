@@ -132,3 +132,18 @@ def write_shard(path: Path, members: list[tuple[str, bytes]]) -> Path:
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     return path
+
+
+def run_cli_process(argv: list[str]):
+    """The CLI in a fresh process (what a user sees on stderr, exit code)."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "aesthetic_dask", *argv], capture_output=True, text=True, timeout=180)
+
+
+def assert_one_clear_line(proc, code: int, message: str) -> None:
+    assert proc.returncode == code, proc.stderr
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0, proc.stderr

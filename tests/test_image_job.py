@@ -13,7 +13,7 @@ from PIL import Image
 
 import aesthetic_dask as ad
 from aesthetic_dask.cli import main
-from conftest import photo_bytes, write_shard
+from conftest import assert_one_clear_line, photo_bytes, run_cli_process, write_shard
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
 
@@ -219,3 +219,28 @@ def test_lazy_api_read_embed_score_filter(tmp_path, shards, tiny_clip, tiny_weig
     assert len(df) == 8 and df["error"].isna().all()
     ref = reference(tiny_clip, [photo_bytes(n) for n in PHOTOS])
     np.testing.assert_allclose(np.stack(df["embedding"].iloc[:4].to_numpy()), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--clip-model", "ViT-Nope"], "--clip-model ViT-Nope: not an open_clip model"),
+        (["--clip-model", "ViT-L-14-quickgelu", "--clip-pretrained", "laion9000"], "open_clip has no such tag for ViT-L-14-quickgelu (tags: openai"),
+        (["--clip-pretrained", "/no/such/ckpt.pt"], "--clip-pretrained /no/such/ckpt.pt: no such file"),
+        (["--json-fields", "width:int32"], "json field 'width:int32': type must be one of"),
+        (["--image-column", "img"], "no column 'img'"),
+    ],
+)
+def test_run_bad_input_is_one_clear_line_and_exit_2(tmp_path, shards, tiny_clip, tiny_weights, extra, message):
+    pq.write_table(pa.table({"key": ["a"], "image": pa.array([photo_bytes("coffee")], pa.binary())}), tmp_path / "img.parquet")
+    inputs = [str(tmp_path / "img.parquet")] if "--image-column" in extra else [str(tmp_path / "shards")]
+    argv = ["run", *inputs, "-o", str(tmp_path / "out"), "--model-dir", str(tmp_path / "models")]
+    base = {"--clip-model-config": str(tiny_clip["config"]), "--clip-pretrained": str(tiny_clip["checkpoint"]),
+            "--aesthetic-weights": str(tiny_weights["safetensors"])}
+    if "--clip-model" in extra:
+        base.pop("--clip-model-config")
+        base.pop("--clip-pretrained")
+    for flag, value in base.items():
+        if flag not in extra:
+            argv += [flag, value]
+    assert_one_clear_line(run_cli_process(argv + extra), 2, message)

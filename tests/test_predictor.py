@@ -1,5 +1,4 @@
 import numpy as np
-import pytest
 import torch
 
 from aesthetic_dask.predictor import AestheticPredictor, fold_affine, load_predictor

@@ -1,6 +1,4 @@
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
@@ -9,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from aesthetic_dask.cli import main
-from conftest import write_embeddings
+from conftest import assert_one_clear_line, run_cli_process, write_embeddings
 
 
 @pytest.fixture
@@ -114,14 +112,8 @@ def test_bad_input_is_one_clear_line_and_exit_2(dataset, tiny_weights, args, mes
     argv = [a.format(d=dataset) for a in args]
     if "--aesthetic-weights" not in argv:
         argv += ["--aesthetic-weights", str(tiny_weights["safetensors"])]
-    proc = subprocess.run(
-        [sys.executable, "-m", "aesthetic_dask", "score", *argv, "-o", str(dataset / "out")],
-        capture_output=True, text=True, timeout=120,
-    )
-    assert proc.returncode == 2, proc.stderr
-    assert message.format(d=dataset) in proc.stderr
-    assert "Traceback" not in proc.stderr
-    assert proc.stderr.strip().count("\n") == 0
+    proc = run_cli_process(["score", *argv, "-o", str(dataset / "out")])
+    assert_one_clear_line(proc, 2, message.format(d=dataset))
 
 
 def test_usage_errors_exit_2(capsys):
