@@ -45,8 +45,8 @@ class ClipSpec:
             model = Path(config.clip_model_config).stem
         return cls(model, config.clip_pretrained or None, config.clip_model_config, str(config.resolved_model_dir / "open_clip"), config.clip_precision)
 
-    def check(self) -> None:
-        """Fail early, in the client, on a spec that cannot load (names the problem)."""
+    def check(self, embed_dim: int | None = None) -> None:
+        """Fail early, in the client, on a spec that cannot load or does not fit the predictor."""
         import open_clip
 
         from .errors import InputError
@@ -55,8 +55,14 @@ class ClipSpec:
             if not Path(self.model_config).is_file():
                 raise InputError(f"--clip-model-config {self.model_config}: no such file")
             open_clip.add_model_config(self.model_config)
-        if open_clip.get_model_config(self.model) is None:
+        model_config = open_clip.get_model_config(self.model)
+        if model_config is None:
             raise InputError(f"--clip-model {self.model}: not an open_clip model (see open_clip.list_models())")
+        if embed_dim is not None and model_config.get("embed_dim") != embed_dim:
+            raise InputError(
+                f"--clip-model {self.model} gives {model_config.get('embed_dim')}-d embeddings; "
+                f"the aesthetic predictor expects {embed_dim}"
+            )
         pretrained = self.pretrained
         if pretrained and not Path(pretrained).exists():
             if "/" in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")):

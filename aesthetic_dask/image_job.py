@@ -26,10 +26,12 @@ from .embeddings_reader import EmbeddingPart, plan_parquet
 from .errors import InputError
 from .image_reader import ShardPart, ShardReader, check_image_type, image_values, parse_json_fields, plan_shards, samples_table, split_key
 from .job import Job, load_scoring_weights, package_versions, process_parquet_part, record_frame, run_parts
-from .output import OutputLayout, WriteOptions, split_and_write, write_record
+from .output import OutputLayout, WriteOptions, keep_mask, split_and_write, write_record
 from .predictor import AestheticPredictor
 from .score import ERROR_COLUMN, SCORE_COLUMN, merge_errors
 
+# Rows per partition of image Parquet: all their image bytes are in memory at once.
+IMAGE_PARQUET_ROWS = 4096
 VERSIONED_PACKAGES = ("aesthetic-dask", "dask", "distributed", "pandas", "pyarrow", "numpy", "torch", "torchvision", "open_clip_torch", "pillow")
 
 
@@ -83,9 +85,10 @@ def process_shard(part: ShardPart, fields: dict, clip_spec: ClipSpec, predictor:
     elif not samples:
         record["note"] = f"{part.source}: empty shard: no samples"
     if write_shards and record["rows_kept"]:
-        keep = ~np.isnan(scores) & (scores >= opts.threshold) & table.column(ERROR_COLUMN).is_null().to_numpy(zero_copy_only=False)
+        keep, _ = keep_mask(table, opts.threshold)
         kept_keys = {s.key for s, k in zip(samples, keep) if k}
-        record["shard"] = str(write_kept_shard(part.source, kept_keys, Path(write_shards) / f"{part.name}.tar", layout.tmp))
+        shard = write_kept_shard(part.source, kept_keys, Path(write_shards) / f"{part.name}.tar", layout.tmp)
+        record["files"].append(str(shard))  # absolute: checked on resume like the rest
     record["seconds"] = round(time.perf_counter() - t0, 4)
     write_record(layout, record)
     return record_frame(record)
@@ -128,15 +131,16 @@ def run_job(inputs: list[str], out: str | Path, config: Config, overwrite: bool 
     t0 = time.perf_counter()
     out = Path(out)
     clip_spec = ClipSpec.from_config(config)
-    clip_spec.check()
     fields = parse_json_fields(config.json_fields)
     files = expand_inputs(inputs, (".tar", ".tar.gz", ".tgz", ".parquet", ".pq"))
     tars = [str(f) for f in files if not f.name.lower().endswith((".parquet", ".pq"))]
     parquets = [str(f) for f in files if f.name.lower().endswith((".parquet", ".pq"))]
     shard_parts = plan_shards(tars) if tars else []
-    pq_plan = plan_parquet(parquets, config.image_column, check_image_type, min(config.partition_rows, 4096), pa.binary()) if parquets else None
+    pq_plan = plan_parquet(parquets, config.image_column, check_image_type, min(config.partition_rows, IMAGE_PARQUET_ROWS), pa.binary()) if parquets else None
 
     predictor, weights = load_scoring_weights(config)
+    clip_spec.check(predictor.embed_dim)
+    shards_dir = str(Path(config.write_shards).resolve()) if config.write_shards else None
     opts = WriteOptions(config.score_threshold, "embedding", config.keep_embeddings, config.keep_rejected, predictor.embed_dim)
     embed = {"batch_size": config.model_inference_batch_size, "max_pixels": config.max_image_pixels, "decode_threads": config.decode_threads}
     settings = {
@@ -149,7 +153,7 @@ def run_job(inputs: list[str], out: str | Path, config: Config, overwrite: bool 
         "keep_embeddings": config.keep_embeddings,
         "keep_rejected": config.keep_rejected,
         "max_image_pixels": config.max_image_pixels,
-        "write_shards": str(Path(config.write_shards).resolve()) if config.write_shards else None,
+        "write_shards": shards_dir,
         "weights_sha256": weights["sha256"],
     }
     job = Job(
@@ -166,7 +170,6 @@ def run_job(inputs: list[str], out: str | Path, config: Config, overwrite: bool 
     )
     job.timings["plan_s"] = round(time.perf_counter() - t0, 3)
     common = dict(clip_spec=clip_spec, predictor=predictor, out=str(out.resolve()), opts=opts, embed=embed)
-    shards_dir = str(Path(config.write_shards).resolve()) if config.write_shards else None
     work = []
     if shard_parts:
         work.append((shard_parts, process_shard, dict(fields=fields, write_shards=shards_dir, **common)))

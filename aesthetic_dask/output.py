@@ -115,6 +115,14 @@ class WriteOptions:
     drop_columns: tuple[str, ...] = ()
 
 
+def keep_mask(table: pa.Table, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, error) row masks of a scored table: kept means no error and score >= threshold."""
+    scores = table.column(SCORE_COLUMN).to_numpy(zero_copy_only=False)
+    is_error = table.column(ERROR_COLUMN).is_valid().to_numpy(zero_copy_only=False)
+    with np.errstate(invalid="ignore"):
+        return ~is_error & (scores >= threshold), is_error
+
+
 def split_and_write(
     table: pa.Table,
     rows: np.ndarray,
@@ -128,10 +136,7 @@ def split_and_write(
     ``table`` has ``aesthetic_score`` and ``error`` columns (error rows: any non-null ``error``);
     ``rows`` gives each row's position in its source.
     """
-    scores = table.column(SCORE_COLUMN).to_numpy(zero_copy_only=False)
-    is_error = table.column(ERROR_COLUMN).is_valid().to_numpy(zero_copy_only=False)
-    with np.errstate(invalid="ignore"):
-        keep = ~is_error & (scores >= opts.threshold)
+    keep, is_error = keep_mask(table, opts.threshold)
     below = ~is_error & ~keep
 
     drop = [c for c in opts.drop_columns if c in table.column_names]
@@ -141,9 +146,11 @@ def split_and_write(
     if opts.keep_embeddings and opts.embedding_column in scored.column_names:
         scored = _fixed_size(scored, opts.embedding_column, opts.embed_dim)
 
+    files = [f"kept/{name}.parquet"]
     _write_parquet(scored.filter(pa.array(keep)), layout.kept / f"{name}.parquet", layout.tmp)
     if opts.keep_rejected and below.any():
         _write_parquet(scored.filter(pa.array(below)), layout.rejected / f"{name}.parquet", layout.tmp)
+        files.append(f"rejected/{name}.parquet")
 
     n_errors = int(is_error.sum())
     if n_errors:
@@ -152,8 +159,10 @@ def split_and_write(
         )
         err = _with_provenance(err, source, rows[is_error])
         _write_parquet(err, layout.errors / f"{name}.parquet", layout.tmp)
+        files.append(f"errors/{name}.parquet")
     return {
-        "rows_in": int(len(scores)),
+        "files": files,
+        "rows_in": table.num_rows,
         "rows_kept": int(keep.sum()),
         "rows_below_threshold": int(below.sum()),
         "rows_error": n_errors,
@@ -176,14 +185,18 @@ def write_record(layout: OutputLayout, record: dict[str, Any]) -> None:
 
 
 def read_records(layout: OutputLayout) -> dict[str, dict[str, Any]]:
-    """Records of finished partitions, by name (unreadable ones are treated as not finished)."""
+    """Records of finished partitions whose files are all in place, by name.
+
+    An unreadable record, or one whose output files went missing, means "not finished".
+    """
     records = {}
     if layout.records.is_dir():
         for path in layout.records.glob("*.json"):
             try:
                 rec = json.loads(path.read_text())
-                records[rec["name"]] = rec
-            except (OSError, ValueError, KeyError):
+                if all((layout.root / f).is_file() for f in rec.get("files", [])):
+                    records[rec["name"]] = rec
+            except (OSError, ValueError, KeyError, TypeError):
                 continue
     return records
 

@@ -225,6 +225,7 @@ def test_lazy_api_read_embed_score_filter(tmp_path, shards, tiny_clip, tiny_weig
     "extra, message",
     [
         (["--clip-model", "ViT-Nope"], "--clip-model ViT-Nope: not an open_clip model"),
+        (["--clip-model", "ViT-B-32"], "--clip-model ViT-B-32 gives 512-d embeddings; the aesthetic predictor expects 768"),
         (["--clip-model", "ViT-L-14-quickgelu", "--clip-pretrained", "laion9000"], "open_clip has no such tag for ViT-L-14-quickgelu (tags: openai"),
         (["--clip-pretrained", "/no/such/ckpt.pt"], "--clip-pretrained /no/such/ckpt.pt: no such file"),
         (["--json-fields", "width:int32"], "json field 'width:int32': type must be one of"),

@@ -83,6 +83,12 @@ def test_rerun_skips_done_partitions_and_a_changed_config_needs_overwrite(datase
     first = pd.read_parquet(out / "kept").sort_values("key").reset_index(drop=True)
     assert run_cli(*args) == 0
     assert {p.name: p.stat().st_mtime_ns for p in (out / "kept").iterdir()} == before
+    # A partition whose output file went missing is not "done": the re-run redoes it alone.
+    lost = sorted((out / "kept").iterdir())[0]
+    lost.unlink()
+    assert run_cli(*args) == 0
+    assert lost.exists() and pd.read_parquet(out / "kept").sort_values("key").reset_index(drop=True).equals(first)
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "kept").iterdir() if p != lost} == {k: v for k, v in before.items() if k != lost.name}
     assert run_cli(dataset / "in", "-o", out, "--aesthetic-weights", tiny_weights["safetensors"], "--threshold", "5.5") == 2
     assert run_cli(dataset / "in", "-o", out, "--aesthetic-weights", tiny_weights["safetensors"], "--threshold", "5.5", "--overwrite") == 0
     again = pd.read_parquet(out / "kept")
