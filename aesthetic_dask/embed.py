@@ -40,10 +40,13 @@ class ClipSpec:
 
     @classmethod
     def from_config(cls, config: Config) -> ClipSpec:
-        model = config.clip_model
-        if config.clip_model_config:
-            model = Path(config.clip_model_config).stem
-        return cls(model, config.clip_pretrained or None, config.clip_model_config, str(config.resolved_model_dir / "open_clip"), config.clip_precision)
+        model, model_config = config.clip_model, config.clip_model_config
+        if model_config:
+            model, model_config = Path(model_config).stem, str(Path(model_config).resolve())
+        pretrained = config.clip_pretrained or None
+        if pretrained and Path(pretrained).exists():
+            pretrained = str(Path(pretrained).resolve())  # workers may run elsewhere than the client's cwd
+        return cls(model, pretrained, model_config, str(config.resolved_model_dir.resolve() / "open_clip"), config.clip_precision)
 
     def check(self, embed_dim: int | None = None) -> None:
         """Fail early, in the client, on a spec that cannot load or does not fit the predictor."""

@@ -164,3 +164,18 @@ def test_scheduled_entry_point_reads_conf_and_the_environment(tmp_path, tiny_wei
                           timeout=120, env={k: v for k, v in os.environ.items() if not k.startswith("DASK_SCHEDULER")})
     assert proc.returncode == 0, proc.stderr
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["totals"]["rows_in"] == 50
+
+
+def test_score_job_through_a_scheduler_address(tmp_path, tiny_weights, loopback_cluster, rng):
+    from conftest import write_embeddings
+
+    scheduler_file, _ = loopback_cluster
+    address = json.loads(scheduler_file.read_text())["address"]
+    for i in range(3):
+        write_embeddings(tmp_path / "in" / f"{i}.parquet", rng.standard_normal((40, 768)).astype("float32"), f"f{i}-")
+    common = [str(tmp_path / "in"), "--aesthetic-weights", str(tiny_weights["safetensors"]), "--threshold", "5.43", "--keep-rejected"]
+    local = subprocess.run([sys.executable, "-m", "aesthetic_dask", "score", *common, "-o", str(tmp_path / "local")], capture_output=True, timeout=120)
+    remote = subprocess.run([sys.executable, "-m", "aesthetic_dask", "score", *common, "-o", str(tmp_path / "remote"), "--scheduler", address],
+                            capture_output=True, text=True, timeout=120)
+    assert local.returncode == 0 and remote.returncode == 0, remote.stderr
+    assert_same(snapshot(tmp_path / "remote"), snapshot(tmp_path / "local"))

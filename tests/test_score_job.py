@@ -104,6 +104,22 @@ def test_unreadable_input_file_gives_exit_3_and_is_reported(dataset, tiny_weight
     assert m["totals"]["rows_in"] == 160
 
 
+def test_corrupt_data_pages_fail_that_partition_only(dataset, tiny_weights):
+    data = bytearray((dataset / "in" / "a.parquet").read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 4096] = b"\xff" * 4096  # the footer stays readable; a data page does not
+    (dataset / "in" / "a.parquet").write_bytes(bytes(data))
+    out = dataset / "out"
+    assert run_cli(dataset / "in", "-o", out, "--aesthetic-weights", tiny_weights["safetensors"], "--partition-rows", "60") == 3
+    m = json.loads((out / "manifest.json").read_text())
+    a = next(v for k, v in m["inputs"].items() if k.endswith("a.parquet"))
+    b = next(v for k, v in m["inputs"].items() if k.endswith("b.parquet"))
+    assert a["rows_in"] == 120 and a["failures"] and "cannot read rows" in a["failures"][0]
+    assert a["rows_error"] + a["rows_kept"] + a["rows_below_threshold"] == 120
+    assert b["rows_in"] == 40 and "failures" not in b
+    assert m["status"] == "partial" and m["partitions"]["done"] == 3
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
