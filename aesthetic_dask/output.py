@@ -112,7 +112,6 @@ class WriteOptions:
     keep_embeddings: bool
     keep_rejected: bool
     embed_dim: int = 768
-    drop_columns: tuple[str, ...] = ()
 
 
 def keep_mask(table: pa.Table, threshold: float) -> tuple[np.ndarray, np.ndarray]:
@@ -139,9 +138,7 @@ def split_and_write(
     keep, is_error = keep_mask(table, opts.threshold)
     below = ~is_error & ~keep
 
-    drop = [c for c in opts.drop_columns if c in table.column_names]
-    if not opts.keep_embeddings and opts.embedding_column in table.column_names:
-        drop.append(opts.embedding_column)
+    drop = [opts.embedding_column] if not opts.keep_embeddings and opts.embedding_column in table.column_names else []
     scored = table.drop_columns(drop + [ERROR_COLUMN])
     if opts.keep_embeddings and opts.embedding_column in scored.column_names:
         scored = _fixed_size(scored, opts.embedding_column, opts.embed_dim)
@@ -155,7 +152,7 @@ def split_and_write(
     n_errors = int(is_error.sum())
     if n_errors:
         err = table.filter(pa.array(is_error)).drop_columns(
-            [c for c in (opts.embedding_column, SCORE_COLUMN, *opts.drop_columns) if c in table.column_names]
+            [c for c in (opts.embedding_column, SCORE_COLUMN) if c in table.column_names]
         )
         err = _with_provenance(err, source, rows[is_error])
         _write_parquet(err, layout.errors / f"{name}.parquet", layout.tmp)
