@@ -218,7 +218,7 @@ def process_parquet_part(
     try:
         table = read_embedding_table(part, schema, column)
     except DataError as exc:
-        record |= {"rows_in": part.rows, "rows_kept": 0, "rows_below_threshold": 0, "rows_error": part.rows, "failure": str(exc)}
+        record |= _failed_record(part, str(exc))
     else:
         rows = np.arange(part.start, part.stop, dtype=np.int64)
         record |= split_and_write(score_table(table), rows, part.name, part.source, layout, opts)
