@@ -13,7 +13,7 @@ import traceback
 from pathlib import Path
 from typing import Callable
 
-from .errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from .errors import EXIT_FAILED, EXIT_OK
 
 log = logging.getLogger("aesthetic_dask")
 
@@ -136,6 +136,9 @@ def _setup_logging(verbose: bool, out: Path | None) -> None:
     """Console logging at INFO with -v; full details always go to a log file (OUT/job.log)."""
     global _log_path
     root = logging.getLogger("aesthetic_dask")
+    for old in list(root.handlers):  # a previous main() in this process (tests, notebooks)
+        root.removeHandler(old)
+        old.close()
     root.setLevel(logging.DEBUG)
     root.propagate = False  # libraries that call logging.basicConfig must not echo our INFO lines
     console = logging.StreamHandler(sys.stderr)
@@ -162,17 +165,15 @@ def _fail(message: str, code: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``aesthetic-dask`` command."""
-    from .config import ConfigError
-    from .errors import InputError
-    from .weights import WeightsError
+    from .errors import AestheticDaskError
 
     args = build_parser().parse_args(argv)
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return handler(args)
-    except (InputError, ConfigError, WeightsError) as exc:
-        log.debug("bad input", exc_info=True)
-        return _fail(str(exc), EXIT_USAGE)
+    except AestheticDaskError as exc:  # the one mapping: each error class carries its exit code
+        log.debug("%s", type(exc).__name__, exc_info=True)
+        return _fail(str(exc), exc.exit_code)
     except KeyboardInterrupt:
         return _fail("interrupted; re-run the same command to resume", EXIT_FAILED)
     except Exception as exc:  # noqa: BLE001 - one clear line; the traceback goes to the log

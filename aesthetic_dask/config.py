@@ -11,6 +11,8 @@ from typing import Any
 
 import yaml
 
+from .errors import ConfigError
+
 # CLI flag names (snake_case) that differ from the config keys they set.
 ALIASES = {
     "threshold": "score_threshold",
@@ -18,8 +20,6 @@ ALIASES = {
 }
 
 
-class ConfigError(ValueError):
-    """A configuration file or override is invalid."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,28 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# The options that change what a job writes, per job. They (with the inputs, the weights' sha256 and
+# what the job derives from them) make the job's fingerprint: re-running into the same OUT with any
+# of them changed is refused unless --overwrite is given. Cluster shape, logging and the like are
+# left out on purpose: they change how a job runs, never what it writes.
+OUTPUT_OPTIONS: dict[str, tuple[str, ...]] = {
+    "score": (
+        "score_threshold", "embedding_column", "keep_embeddings", "keep_rejected", "partition_rows",
+    ),
+    "run": (
+        "score_threshold", "keep_embeddings", "keep_rejected", "partition_rows", "clip_model",
+        "clip_pretrained", "clip_model_config", "clip_precision", "image_column", "json_fields",
+        "max_image_pixels", "write_shards",
+    ),
+}
+
+
+def output_settings(config: Config, job: str, **derived: Any) -> dict[str, Any]:
+    """What one job's output depends on: its :data:`OUTPUT_OPTIONS` plus ``derived`` values
+    (inputs, weights sha256, file digests, the precision actually used)."""
+    return {name: getattr(config, name) for name in OUTPUT_OPTIONS[job]} | derived
 
 
 def default_config_text() -> str:
@@ -137,15 +159,24 @@ def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> Conf
 
 
 def _validate(config: Config) -> None:
+    import math
+
+    if not math.isfinite(config.score_threshold):
+        raise ConfigError(f"score_threshold (--threshold) must be a finite number, got {config.score_threshold}")
+    for name, flag in (("n_workers", "--n-workers"), ("threads_per_worker", "--threads-per-worker"),
+                       ("decode_threads", "--decode-threads")):
+        value = getattr(config, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"{name} ({flag}) must be >= 1, got {value}")
     if config.model_inference_batch_size < 1:
-        raise ConfigError("model_inference_batch_size must be >= 1")
+        raise ConfigError("model_inference_batch_size (--batch-size) must be >= 1")
     if not 0 < config.num_gpus_per_worker <= 1:
         raise ConfigError("num_gpus_per_worker must be in (0, 1]")
     if config.partition_rows < 1:
-        raise ConfigError("partition_rows must be >= 1")
+        raise ConfigError("partition_rows (--partition-rows) must be >= 1")
     if config.clip_precision not in ("auto", "fp32", "fp16"):
         raise ConfigError("clip_precision must be auto, fp32 or fp16")
     if config.max_image_pixels < 1:
-        raise ConfigError("max_image_pixels must be >= 1")
+        raise ConfigError("max_image_pixels (--max-image-pixels) must be >= 1")
     if config.scheduler and config.scheduler_file:
         raise ConfigError("give either scheduler or scheduler_file, not both")

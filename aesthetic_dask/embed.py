@@ -97,8 +97,8 @@ class ClipModel:
         self.model = model.eval()
         self.preprocess = preprocess
         self.embed_dim = int(model.visual.output_dim)
-        half = spec.precision == "fp16" or (spec.precision == "auto" and self.device == "cuda")
-        self.autocast_dtype = torch.float16 if half and self.device == "cuda" else None
+        self.compute = compute_precision(spec.precision, self.device)
+        self.autocast_dtype = torch.float16 if self.compute.endswith("fp16") else None
 
     def encode(self, batch: Any) -> np.ndarray:
         """L2-normalised float32 embeddings of a preprocessed image batch (N x 3 x H x W)."""
@@ -215,23 +215,73 @@ def embedding_column(rows: list[np.ndarray | None], dim: int) -> pa.Array:
     return pa.FixedSizeListArray.from_arrays(values, dim, mask=pa.array(~valid))
 
 
-def embed_partition(df: pd.DataFrame, spec: ClipSpec, image_column: str, batch_size: int, max_pixels: int,
-                    decode_threads: int | None, keep_images: bool) -> pd.DataFrame:
-    """Partition function of :func:`embed_images`: add ``embedding`` and reasons in ``error``."""
-    from .image_reader import image_values
-    from .score import ERROR_COLUMN, arrow_chunks, merge_errors
+def compute_precision(precision: str, device: str) -> str:
+    """What the model really computes in, e.g. ``cuda-fp16`` or ``cpu-fp32`` (fp16 is CUDA-only)."""
+    half = precision == "fp16" or (precision == "auto" and device == "cuda")
+    return f"{device}-{'fp16' if half and device == 'cuda' else 'fp32'}"
+
+
+@dataclass(frozen=True)
+class EmbedOptions:
+    """How images go through the model: batch size, the pixel limit, decode threads."""
+
+    batch_size: int
+    max_pixels: int
+    decode_threads: int | None = None
+
+    @classmethod
+    def from_config(cls, config: Config) -> EmbedOptions:
+        return cls(config.model_inference_batch_size, config.max_image_pixels, config.decode_threads)
+
+
+def embed_stream(images: Iterable[bytes | None], spec: ClipSpec, opts: EmbedOptions,
+                 expected_dim: int | None = None) -> tuple[pa.Array, pa.Array, str]:
+    """The embed stage: (embedding column, reasons, compute precision) for a stream of image bytes.
+
+    The embedding is ``fixed_size_list<float32>[dim]``, null where the image could not be embedded;
+    the reason says why. Both jobs and :func:`embed_images` go through here.
+    """
+    from .errors import InputError
 
     clip = load_clip(spec)
-    arrow = pa.chunked_array(arrow_chunks(df[image_column]))
-    images = image_values(arrow)
-    results = list(ImageEmbedder(clip, batch_size, max_pixels, decode_threads).embed(images))
-    out = df.drop(columns=[c for c in (image_column, "image_ext") if c in df.columns and not keep_images])
-    emb = embedding_column([e for e, _ in results], clip.embed_dim)
-    out["embedding"] = pd.Series(pd.arrays.ArrowExtensionArray(emb), index=df.index)
-    earlier = pa.chunked_array(arrow_chunks(df[ERROR_COLUMN]), pa.string()) if ERROR_COLUMN in df.columns else None
-    reasons = merge_errors(earlier, pa.array([r for _, r in results], type=pa.string()))
-    out[ERROR_COLUMN] = pd.Series(pd.arrays.ArrowExtensionArray(reasons), index=df.index)
-    return out
+    if expected_dim is not None and clip.embed_dim != expected_dim:
+        raise InputError(f"CLIP model {spec.model} gives {clip.embed_dim}-d embeddings; the predictor expects {expected_dim}")
+    rows, reasons = [], []
+    for emb, reason in ImageEmbedder(clip, opts.batch_size, opts.max_pixels, opts.decode_threads).embed(images):
+        rows.append(emb)
+        reasons.append(reason)
+    return embedding_column(rows, clip.embed_dim), pa.array(reasons, pa.string()), clip.compute
+
+
+def attach_embeddings(table: pa.Table, embeddings: pa.Array, reasons: pa.Array) -> pa.Table:
+    """``table`` (one row per image, in order) plus ``embedding``, with ``reasons`` merged into
+    ``error`` (an earlier reason, e.g. "no image", wins)."""
+    from .score import ERROR_COLUMN, merge_errors
+
+    earlier = table.column(ERROR_COLUMN) if ERROR_COLUMN in table.column_names else None
+    out = table.drop_columns([c for c in (ERROR_COLUMN, "embedding") if c in table.column_names])
+    return out.append_column("embedding", embeddings).append_column(ERROR_COLUMN, merge_errors(earlier, reasons))
+
+
+def with_embeddings(table: pa.Table, images: Iterable[bytes | None], spec: ClipSpec, opts: EmbedOptions,
+                    expected_dim: int | None = None) -> pa.Table:
+    """``table`` plus the embeddings of ``images`` (one per row): :func:`embed_stream` then
+    :func:`attach_embeddings`."""
+    embeddings, reasons, _ = embed_stream(images, spec, opts, expected_dim)
+    return attach_embeddings(table, embeddings, reasons)
+
+
+def embed_partition(df: pd.DataFrame, spec: ClipSpec, image_column: str, opts: EmbedOptions, keep_images: bool) -> pd.DataFrame:
+    """Partition function of :func:`embed_images`: add ``embedding`` and reasons in ``error``."""
+    from .image_reader import image_values
+
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    images = image_values(table.column(image_column))
+    drop = [c for c in (image_column, "image_ext") if c in table.column_names and not keep_images]
+    out = with_embeddings(table.drop_columns(drop), images, spec, opts)
+    frame = out.to_pandas(types_mapper=pd.ArrowDtype)
+    frame.index = df.index
+    return frame
 
 
 def embed_images(ddf, config: Config | None = None):
@@ -246,12 +296,12 @@ def embed_images(ddf, config: Config | None = None):
     spec.check()
     column = config.image_column if config.image_column in ddf.columns else "image"
     keep = bool(config.write_shards)
-    meta = ddf._meta.drop(columns=[c for c in (column, "image_ext") if c in ddf.columns and not keep])
+    drop = [c for c in (column, "image_ext") if c in ddf.columns and not keep]
+    meta = ddf._meta.drop(columns=drop + [c for c in ("embedding", "error") if c in ddf.columns])
     meta = meta.assign(
         embedding=pd.Series(pd.arrays.ArrowExtensionArray(pa.array([], pa.list_(pa.float32(), 768)))),
         error=pd.Series(pd.arrays.ArrowExtensionArray(pa.array([], pa.string()))),
     )
     return ddf.map_partitions(
-        embed_partition, spec, column, config.model_inference_batch_size, config.max_image_pixels,
-        config.decode_threads, keep, meta=meta, enforce_metadata=False,
+        embed_partition, spec, column, EmbedOptions.from_config(config), keep, meta=meta, enforce_metadata=False,
     )

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import re
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -22,8 +22,8 @@ import pyarrow.compute as pc
 import pyarrow.fs  # noqa: F401  (pa.fs)
 import pyarrow.parquet as pq
 
-from .errors import DataError, InputError
-from .sources import expand_inputs
+from .errors import DataError, InputError, MissingColumnError
+from .sources import check_not_inside, list_inputs
 
 EMBEDDING_TYPE = pa.list_(pa.float32())
 _NPY_NAME = re.compile(r"img_emb_(\d+)\.npy$")
@@ -42,24 +42,33 @@ class EmbeddingPart:
 
     @property
     def name(self) -> str:
-        """Deterministic output name: file stem, a digest of its path, the row range."""
-        digest = hashlib.sha1(str(Path(self.source).resolve()).encode()).hexdigest()[:8]
-        stem = Path(self.source).name.split(".")[0]
-        return f"{stem}-{digest}-{self.start:010d}-{self.stop:010d}"
+        """Deterministic output name: file stem, a digest of its (absolute) path, the row range.
+
+        A pure function of ``source``, so the client and every worker agree on it.
+        """
+        return f"{source_name(self.source)}-{self.start:010d}-{self.stop:010d}"
 
     @property
     def rows(self) -> int:
         return self.stop - self.start
 
 
+def source_name(source: str) -> str:
+    """``stem-digest`` of an input path: readable, and unique per path."""
+    digest = hashlib.sha1(str(source).encode()).hexdigest()[:8]
+    return f"{Path(str(source)).name.split('.')[0][:80]}-{digest}"
+
+
 @dataclass
 class EmbeddingPlan:
-    """What to read: the partitions, the one schema they share, and files that could not be opened."""
+    """What to read: the partitions, the one schema they share, and inputs that could not be read
+    (path -> reason: each is a :class:`DataError`, recorded, and the job goes on)."""
 
     parts: list[EmbeddingPart]
     schema: pa.Schema
     embedding_column: str
     failed: dict[str, str]
+    duplicates: list[str] = field(default_factory=list)
 
 
 def _check_embedding_type(dtype: pa.DataType, column: str, where: str) -> None:
@@ -89,9 +98,10 @@ def _group_row_groups(meta: pq.FileMetaData, target_rows: int) -> list[tuple[int
 
 
 def _open_footer(path: Path) -> pq.FileMetaData | str:
+    """The footer of a Parquet file, or why it cannot be read."""
     try:
         return pq.ParquetFile(path).metadata
-    except (pa.ArrowException, OSError) as exc:
+    except (pa.ArrowException, OSError, ValueError) as exc:
         return f"not a readable Parquet file: {exc}"
 
 
@@ -117,7 +127,7 @@ def _plan_parquet_files(
             continue
         schema = meta.schema.to_arrow_schema()
         if column not in schema.names:
-            raise InputError(f"{path}: no column {column!r} (columns: {', '.join(schema.names)})")
+            raise MissingColumnError(str(path), column, schema.names)
         check(schema.field(column).type, column, str(path))
         schemas.append((str(path), schema))
         for start, stop, groups in _group_row_groups(meta, partition_rows):
@@ -131,67 +141,93 @@ def plan_parquet(
     check: Callable[[pa.DataType, str, str], None],
     partition_rows: int,
     canonical: pa.DataType | None = None,
+    exclude: tuple[str, ...] = (),
 ) -> EmbeddingPlan:
     """Partitions and shared schema of Parquet files/dirs/globs that must hold ``column``."""
-    files = expand_inputs(inputs, (".parquet", ".pq"))
-    parts, schemas, failed = _plan_parquet_files(files, column, check, partition_rows)
-    return EmbeddingPlan(parts, _unify(schemas, column, canonical), column, failed)
+    listed = list_inputs(inputs, (".parquet", ".pq"), exclude)
+    parts, schemas, failed = _plan_parquet_files(listed.files, column, check, partition_rows)
+    return EmbeddingPlan(parts, _unify(schemas, column, canonical), column, failed, listed.duplicates)
 
 
 def plan_embeddings(
-    inputs: list[str] | str, embedding_column: str = "embedding", partition_rows: int = 131072
+    inputs: list[str] | str,
+    embedding_column: str = "embedding",
+    partition_rows: int = 131072,
+    exclude: tuple[str, ...] = (),
 ) -> EmbeddingPlan:
-    """Partitions and the shared schema of Parquet files/dirs/globs and clip-retrieval folders."""
+    """Partitions and the shared schema of Parquet files/dirs/globs and clip-retrieval folders.
+
+    ``exclude``: directories never read as input (the job's OUT).
+    """
     if isinstance(inputs, (str, Path)):
         inputs = [str(inputs)]
-    folders = [Path(i) for i in inputs if _is_clip_retrieval_folder(Path(i))]
+    folders = [Path(i).absolute() for i in inputs if _is_clip_retrieval_folder(Path(i))]
     others = [i for i in inputs if not _is_clip_retrieval_folder(Path(i))]
-    files = expand_inputs(others, (".parquet", ".pq")) if others else []
+    listed = list_inputs(others, (".parquet", ".pq"), exclude) if others else None
     try:
-        parts, schemas, failed = _plan_parquet_files(files, embedding_column, _check_embedding_type, partition_rows)
-    except InputError as exc:
-        if "no column" in str(exc):
-            raise InputError(f"{exc}; choose one with --embedding-column") from None
-        raise
+        parts, schemas, failed = _plan_parquet_files(
+            listed.files if listed else [], embedding_column, _check_embedding_type, partition_rows
+        )
+    except MissingColumnError as exc:
+        raise InputError(f"{exc}; choose one with --embedding-column") from None
+    seen_folders: set[Path] = set()
+    duplicates = list(listed.duplicates) if listed else []
     for folder in folders:
-        folder_parts, folder_schemas = _plan_clip_retrieval(folder, embedding_column, partition_rows)
+        if folder.resolve() in seen_folders:
+            duplicates.append(str(folder))
+            continue
+        seen_folders.add(folder.resolve())
+        check_not_inside(folder, exclude)
+        folder_parts, folder_schemas, folder_failed = _plan_clip_retrieval(folder, embedding_column, partition_rows)
         parts.extend(folder_parts)
         schemas.extend(folder_schemas)
+        failed.update(folder_failed)
     if not schemas and not failed:
         raise InputError(f"no embedding files found in {', '.join(map(str, inputs))}")
-    return EmbeddingPlan(parts, _unify(schemas, embedding_column, EMBEDDING_TYPE), embedding_column, failed)
+    return EmbeddingPlan(parts, _unify(schemas, embedding_column, EMBEDDING_TYPE), embedding_column, failed, duplicates)
 
 
 def _plan_clip_retrieval(
     folder: Path, column: str, partition_rows: int
-) -> tuple[list[EmbeddingPart], list[tuple[str, pa.Schema]]]:
+) -> tuple[list[EmbeddingPart], list[tuple[str, pa.Schema]], dict[str, str]]:
+    """Parts of a clip-retrieval folder; an unreadable or misaligned file pair is a failed input."""
     npys = sorted((folder / "img_emb").glob("img_emb_*.npy"), key=lambda p: int(_NPY_NAME.search(p.name)[1]))
     if not npys:
         raise InputError(f"{folder}: img_emb/ holds no img_emb_N.npy files")
-    parts, schemas = [], []
+    parts, schemas, failed = [], [], {}
     for npy in npys:
         n_str = _NPY_NAME.search(npy.name)[1]
         meta_path = folder / "metadata" / f"metadata_{n_str}.parquet"
-        if not meta_path.is_file():
-            raise InputError(f"{npy}: no row-aligned metadata file {meta_path}")
         try:
-            emb = np.load(npy, mmap_mode="r")
-        except (ValueError, OSError) as exc:
-            raise InputError(f"{npy}: not a readable .npy array: {exc}") from None
-        if emb.ndim != 2 or emb.dtype.kind != "f":
-            raise InputError(f"{npy}: expected a 2-D float array, got shape {emb.shape} {emb.dtype}")
-        meta = pq.ParquetFile(meta_path).metadata
-        if meta.num_rows != emb.shape[0]:
-            raise InputError(
-                f"{npy} has {emb.shape[0]} rows but {meta_path} has {meta.num_rows}; they must be row-aligned"
-            )
+            emb, meta = _open_clip_retrieval_pair(npy, meta_path)
+        except DataError as exc:
+            failed[str(npy)] = str(exc)
+            continue
         schema = meta.schema.to_arrow_schema()
         if column in schema.names:
             raise InputError(f"{meta_path}: already has a column {column!r}; pick another --embedding-column")
         schemas.append((str(meta_path), schema.append(pa.field(column, EMBEDDING_TYPE))))
         for start, stop in _row_ranges(emb.shape[0], partition_rows):
             parts.append(EmbeddingPart(str(npy), start, stop, metadata=str(meta_path)))
-    return parts, schemas
+    return parts, schemas, failed
+
+
+def _open_clip_retrieval_pair(npy: Path, meta_path: Path) -> tuple[np.ndarray, pq.FileMetaData]:
+    """The memory-mapped embeddings and the metadata footer of one pair; DataError if unusable."""
+    if not meta_path.is_file():
+        raise DataError(f"no row-aligned metadata file {meta_path}")
+    try:
+        emb = np.load(npy, mmap_mode="r")
+    except (ValueError, OSError) as exc:
+        raise DataError(f"not a readable .npy array: {exc}") from None
+    if emb.ndim != 2 or emb.dtype.kind != "f":
+        raise DataError(f"expected a 2-D float array, got shape {emb.shape} {emb.dtype}")
+    meta = _open_footer(meta_path)
+    if isinstance(meta, str):
+        raise DataError(f"metadata {meta_path}: {meta}")
+    if meta.num_rows != emb.shape[0]:
+        raise DataError(f"{emb.shape[0]} rows but {meta_path} has {meta.num_rows}; they must be row-aligned")
+    return emb, meta
 
 
 def _unify(schemas: list[tuple[str, pa.Schema]], column: str, canonical: pa.DataType | None) -> pa.Schema:
@@ -300,10 +336,10 @@ def read_embeddings(
     """Lazy ``dask.dataframe.DataFrame`` of Parquet embedding files or clip-retrieval folders.
 
     ``paths``: files, directories or globs. The embedding column is ``list<float32>``; other
-    columns keep their Arrow types, unified across files. Unreadable files raise ``InputError``.
+    columns keep their Arrow types, unified across files. Unreadable files raise ``DataError``.
     """
     plan = plan_embeddings(paths, embedding_column, partition_rows)
     if plan.failed:
         path, reason = next(iter(plan.failed.items()))
-        raise InputError(f"{path}: {reason}")
+        raise DataError(f"{path}: {reason}")
     return parquet_frame(plan)

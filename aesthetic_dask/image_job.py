@@ -1,68 +1,47 @@
 """The ``run`` job: WebDataset shards or image Parquet -> CLIP embeddings -> scores -> filtered Parquet.
 
-Per partition (a shard, or a row range of an image Parquet file): stream the samples, decode and
-embed them in batches (image bytes are let go as soon as they are embedded, so memory per task
-does not grow with image sizes), score the embeddings, and write kept/rejected/errors, plus
-WebDataset tars of the kept samples with ``--write-shards``.
+Per partition (a shard, or a row range of an image Parquet file): stream the samples, embed them
+(:func:`embed.with_embeddings`; image bytes are let go as soon as they are embedded, so memory per
+task does not grow with image sizes), score (:func:`score.score_table`), and write
+kept/rejected/errors, plus WebDataset tars of the kept samples with ``--write-shards``. The
+notebook API runs the same stage functions.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tarfile
 import time
 import uuid
 from functools import partial
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 
-from .config import Config
-from .embed import ClipSpec, ImageEmbedder, embedding_column, load_clip
+from .config import Config, output_settings
+from .embed import ClipSpec, EmbedOptions, attach_embeddings, compute_precision, embed_stream, with_embeddings
 from .embeddings_reader import EmbeddingPart, plan_parquet
 from .errors import InputError
-from .image_reader import ShardPart, ShardReader, check_image_type, image_values, parse_json_fields, plan_shards, samples_table, split_key
-from .job import Job, load_scoring_weights, package_versions, process_parquet_part, record_frame, run_parts
-from .output import OutputLayout, WriteOptions, keep_mask, split_and_write, write_record
-from .predictor import AestheticPredictor
-from .score import ERROR_COLUMN, SCORE_COLUMN, merge_errors
+from .image_reader import ShardPart, ShardReader, check_image_type, image_values, parse_json_fields, samples_table, split_key
+from .job import Job, Work, package_versions, run_parts
+from .output import OutputLayout, WriteOptions, split_and_write
+from .partition import finish_record, new_record, process_parquet_part
+from .predictor import AestheticPredictor, load_job_predictor
+from .score import score_table, table_keep_mask
+from .sources import list_inputs
 
 # Rows per partition of image Parquet: all their image bytes are in memory at once.
 IMAGE_PARQUET_ROWS = 4096
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+PARQUET_SUFFIXES = (".parquet", ".pq")
 VERSIONED_PACKAGES = ("aesthetic-dask", "dask", "distributed", "pandas", "pyarrow", "numpy", "torch", "torchvision", "open_clip_torch", "pillow")
 
 
-def _embed_and_score(
-    images: Iterable[bytes | None], clip_spec: ClipSpec, predictor: AestheticPredictor, embed: dict[str, Any]
-) -> tuple[pa.Array, np.ndarray, list[str | None]]:
-    """(embedding column, float32 scores, reasons) for a stream of image bytes."""
-    clip = load_clip(clip_spec)
-    if clip.embed_dim != predictor.embed_dim:
-        raise InputError(f"CLIP model {clip_spec.model} gives {clip.embed_dim}-d embeddings; the predictor expects {predictor.embed_dim}")
-    embedder = ImageEmbedder(clip, embed["batch_size"], embed["max_pixels"], embed["decode_threads"])
-    rows, reasons = [], []
-    for emb, reason in embedder.embed(images):
-        rows.append(emb)
-        reasons.append(reason)
-    valid = np.array([r is not None for r in rows], dtype=bool)
-    scores = np.full(len(rows), np.nan, dtype=np.float32)
-    if valid.any():
-        scores[valid] = predictor.score_unit(np.stack([r for r in rows if r is not None]))
-    return embedding_column(rows, clip.embed_dim), scores, reasons
-
-
-def _scored_table(base: pa.Table, embeddings: pa.Array, scores: np.ndarray, reasons: list[str | None]) -> pa.Table:
-    earlier = base.column(ERROR_COLUMN) if ERROR_COLUMN in base.column_names else None
-    error = merge_errors(earlier, pa.array(reasons, pa.string()))
-    table = base.drop_columns([c for c in (ERROR_COLUMN,) if c in base.column_names])
-    return table.append_column("embedding", embeddings).append_column(SCORE_COLUMN, pa.array(scores)).append_column(ERROR_COLUMN, error)
-
-
 def process_shard(part: ShardPart, fields: dict, clip_spec: ClipSpec, predictor: AestheticPredictor, out: str,
-                  opts: WriteOptions, embed: dict[str, Any], write_shards: str | None) -> pd.DataFrame:
+                  opts: WriteOptions, embed: EmbedOptions, write_shards: str | None) -> dict[str, Any]:
     """Read, embed, score and write one WebDataset shard; return its record."""
     t0 = time.perf_counter()
     layout = OutputLayout(Path(out))
@@ -75,23 +54,21 @@ def process_shard(part: ShardPart, fields: dict, clip_spec: ClipSpec, predictor:
             data, sample.image = sample.image, None  # bytes live only until embedded
             yield None if sample.error else data
 
-    embeddings, scores, reasons = _embed_and_score(images(), clip_spec, predictor, embed)
+    embeddings, reasons, compute = embed_stream(images(), clip_spec, embed, predictor.embed_dim)
     base = samples_table(samples, part.source, fields, with_images=False).drop_columns(["image", "image_ext"])
-    table = _scored_table(base, embeddings, scores, reasons)
-    record: dict[str, Any] = {"name": part.name, "source": part.source}
+    table = score_table(attach_embeddings(base, embeddings, reasons), predictor)
+    record = new_record(part) | {"clip_compute": compute}
     record |= split_and_write(table, np.array([s.index for s in samples], dtype=np.int64), part.name, part.source, layout, opts)
     if reader.failure:
         record["failure"] = f"{part.source}: {reader.failure}"
     elif not samples:
         record["note"] = f"{part.source}: empty shard: no samples"
     if write_shards and record["rows_kept"]:
-        keep, _ = keep_mask(table, opts.threshold)
+        keep, _ = table_keep_mask(table, opts.threshold)
         kept_keys = {s.key for s, k in zip(samples, keep) if k}
         shard = write_kept_shard(part.source, kept_keys, Path(write_shards) / f"{part.name}.tar", layout.tmp)
         record["files"].append(str(shard))  # absolute: checked on resume like the rest
-    record["seconds"] = round(time.perf_counter() - t0, 4)
-    write_record(layout, record)
-    return record_frame(record)
+    return finish_record(layout, record, t0)
 
 
 def write_kept_shard(source: str, keys: set[str], target: Path, tmp_dir: Path) -> Path:
@@ -110,14 +87,16 @@ def write_kept_shard(source: str, keys: set[str], target: Path, tmp_dir: Path) -
     return target
 
 
-def score_image_table(table: pa.Table, column: str, clip_spec: ClipSpec, predictor: AestheticPredictor, embed: dict[str, Any]) -> pa.Table:
+def score_image_table(table: pa.Table, column: str, clip_spec: ClipSpec, predictor: AestheticPredictor,
+                      embed: EmbedOptions) -> pa.Table:
     """Rows of an image Parquet file, with the image column replaced by embedding, score and error."""
-    embeddings, scores, reasons = _embed_and_score(image_values(table.column(column)), clip_spec, predictor, embed)
-    return _scored_table(table.drop_columns([column]), embeddings, scores, reasons)
+    embedded = with_embeddings(table.drop_columns([column]), image_values(table.column(column)), clip_spec, embed,
+                               predictor.embed_dim)
+    return score_table(embedded, predictor)
 
 
 def process_image_parquet_part(part: EmbeddingPart, schema: pa.Schema, column: str, clip_spec: ClipSpec,
-                               predictor: AestheticPredictor, out: str, opts: WriteOptions, embed: dict[str, Any]) -> pd.DataFrame:
+                               predictor: AestheticPredictor, out: str, opts: WriteOptions, embed: EmbedOptions) -> dict[str, Any]:
     """Read, embed, score and write rows of an image Parquet file; return its record."""
     scorer = partial(score_image_table, column=column, clip_spec=clip_spec, predictor=predictor, embed=embed)
     return process_parquet_part(part, schema, column, out, opts, scorer)
@@ -126,57 +105,64 @@ def process_image_parquet_part(part: EmbeddingPart, schema: pa.Schema, column: s
 def run_job(inputs: list[str], out: str | Path, config: Config, overwrite: bool = False, progress: bool = True) -> tuple[dict[str, Any], int]:
     """Run the image job over shards and image Parquet; return (manifest, exit code)."""
     from .cluster import dask_client, task_resources
-    from .sources import expand_inputs
 
-    t0 = time.perf_counter()
-    out = Path(out)
+    started, t0 = time.time(), time.perf_counter()
+    out = Path(out).absolute()
+    shards_dir = str(Path(config.write_shards).absolute()) if config.write_shards else None
+    exclude = (str(out),) + ((shards_dir,) if shards_dir else ())
     clip_spec = ClipSpec.from_config(config)
     fields = parse_json_fields(config.json_fields)
-    files = expand_inputs(inputs, (".tar", ".tar.gz", ".tgz", ".parquet", ".pq"))
-    tars = [str(f) for f in files if not f.name.lower().endswith((".parquet", ".pq"))]
-    parquets = [str(f) for f in files if f.name.lower().endswith((".parquet", ".pq"))]
-    shard_parts = plan_shards(tars) if tars else []
-    pq_plan = plan_parquet(parquets, config.image_column, check_image_type, min(config.partition_rows, IMAGE_PARQUET_ROWS), pa.binary()) if parquets else None
+    listed = list_inputs(inputs, SHARD_SUFFIXES + PARQUET_SUFFIXES, exclude)
+    tars = [str(f) for f in listed.files if not f.name.lower().endswith(PARQUET_SUFFIXES)]
+    parquets = [str(f) for f in listed.files if f.name.lower().endswith(PARQUET_SUFFIXES)]
+    shard_parts = [ShardPart(t) for t in tars]
+    pq_plan = plan_parquet(parquets, config.image_column, check_image_type, min(config.partition_rows, IMAGE_PARQUET_ROWS),
+                           pa.binary()) if parquets else None
 
-    predictor, weights = load_scoring_weights(config)
+    predictor, weights = load_job_predictor(config)
     clip_spec.check(predictor.embed_dim)
-    shards_dir = str(Path(config.write_shards).resolve()) if config.write_shards else None
     opts = WriteOptions(config.score_threshold, "embedding", config.keep_embeddings, config.keep_rejected, predictor.embed_dim)
-    embed = {"batch_size": config.model_inference_batch_size, "max_pixels": config.max_image_pixels, "decode_threads": config.decode_threads}
-    settings = {
-        "inputs": sorted(str(Path(f).resolve()) for f in files),
-        "score_threshold": config.score_threshold,
-        "clip_model": clip_spec.model,
-        "clip_pretrained": config.clip_pretrained,
-        "json_fields": config.json_fields,
-        "image_column": config.image_column,
-        "keep_embeddings": config.keep_embeddings,
-        "keep_rejected": config.keep_rejected,
-        "max_image_pixels": config.max_image_pixels,
-        "write_shards": shards_dir,
-        "weights_sha256": weights["sha256"],
-    }
-    job = Job(
-        kind="run",
-        layout=OutputLayout(out),
-        settings=settings,
-        info={
-            "config": config.to_dict(),
-            "weights": weights,
-            "clip": {"model": clip_spec.model, "pretrained": clip_spec.pretrained, "model_config": clip_spec.model_config},
-            "versions": package_versions(VERSIONED_PACKAGES),
-        },
-        failed_inputs=dict(pq_plan.failed) if pq_plan else {},
-    )
-    job.timings["plan_s"] = round(time.perf_counter() - t0, 3)
-    common = dict(clip_spec=clip_spec, predictor=predictor, out=str(out.resolve()), opts=opts, embed=embed)
+    embed = EmbedOptions.from_config(config)
+    failed_inputs = dict(pq_plan.failed) if pq_plan else {}
     work = []
+    common = dict(clip_spec=clip_spec, predictor=predictor, out=str(out), opts=opts, embed=embed)
     if shard_parts:
-        work.append((shard_parts, process_shard, dict(fields=fields, write_shards=shards_dir, **common)))
+        work.append(Work(shard_parts, process_shard, dict(fields=fields, write_shards=shards_dir, **common)))
     if pq_plan and pq_plan.parts:
-        work.append((pq_plan.parts, process_image_parquet_part, dict(schema=pq_plan.schema, column=config.image_column, **common)))
-    if not work and not job.failed_inputs:
+        work.append(Work(pq_plan.parts, process_image_parquet_part, dict(schema=pq_plan.schema, column=config.image_column, **common)))
+    if not work and not failed_inputs:
         raise InputError(f"no shards or image Parquet files found in {', '.join(map(str, inputs))}")
+    plan_s = round(time.perf_counter() - t0, 3)
+
     with dask_client(config, model_work=True) as (client, device):
+        settings = output_settings(
+            config, "run",
+            inputs=sorted(str(f) for f in listed.files),
+            weights_sha256=weights["sha256"],
+            write_shards=shards_dir,
+            clip_model_config_sha256=_file_digest(clip_spec.model_config),
+            clip_compute=compute_precision(config.clip_precision, device),
+        )
+        job = Job(
+            kind="run",
+            layout=OutputLayout(out),
+            settings=settings,
+            info={
+                "config": config.to_dict(),
+                "weights": weights,
+                "clip": {"model": clip_spec.model, "pretrained": clip_spec.pretrained, "model_config": clip_spec.model_config},
+                "versions": package_versions(VERSIONED_PACKAGES),
+            },
+            failed_inputs=failed_inputs,
+            duplicate_inputs=listed.duplicates,
+            started=started,
+        )
+        job.timings["plan_s"] = plan_s
+        job.timings["cluster_s"] = round(time.perf_counter() - t0 - plan_s, 3)
         return run_parts(job, client, work, overwrite=overwrite, resources=task_resources(config, device),
-                         progress=progress and not config.verbose)
+                         progress=progress and not config.verbose, unit="images")
+
+
+def _file_digest(path: str | None) -> str | None:
+    """sha256 of a small file's content (an open_clip model config), so an edit changes the fingerprint."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest() if path else None

@@ -8,13 +8,11 @@ text, and fields named in ``json_fields`` become typed columns.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import posixpath
 import tarfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterator
 
 import pandas as pd
@@ -34,12 +32,14 @@ class ShardPart:
     """One WebDataset shard: one partition and one set of output files."""
 
     source: str
-    rows: int = 0  # unknown before reading; failed shards count what they yielded
+    rows: int | None = None  # unknown until the shard is read
 
     @property
     def name(self) -> str:
-        digest = hashlib.sha1(str(Path(self.source).resolve()).encode()).hexdigest()[:8]
-        return f"{Path(self.source).name.split('.')[0]}-{digest}"
+        """``stem-digest`` of the shard's path: a pure function of it, same on every machine."""
+        from .embeddings_reader import source_name
+
+        return source_name(self.source)
 
 
 @dataclass
@@ -137,6 +137,8 @@ def _finish(sample: Sample) -> Sample:
 def _describe_tar_error(exc: BaseException, samples_read: int) -> str:
     if samples_read == 0 and isinstance(exc, tarfile.ReadError):
         return f"not a tar archive: {exc}"
+    if isinstance(exc, OSError) and not isinstance(exc, tarfile.TarError) and exc.filename:
+        return f"cannot read the shard: {exc.strerror or exc}"
     return f"archive truncated or corrupt after {samples_read} samples: {type(exc).__name__}: {exc}"
 
 
@@ -218,15 +220,17 @@ def samples_table(samples: list[Sample], source: str, fields: dict[str, pa.DataT
 
 
 def read_shard(part: ShardPart, fields: dict[str, pa.DataType]) -> pd.DataFrame:
-    """Partition function of :func:`read_webdataset`: one shard as a pandas frame."""
+    """Partition function of :func:`read_webdataset`: one shard as a pandas frame.
+
+    A shard that cannot be read whole raises :class:`DataError` naming it (as Dask's own readers
+    do on a corrupt file); the ``run`` job instead keeps the samples before the damage and
+    records the failure, with the same :class:`ShardReader`.
+    """
     reader = ShardReader(part.source)
     samples = list(reader)
-    if reader.failure and not samples:
-        raise DataError(f"{part.source}: {reader.failure}")
-    df = samples_table(samples, part.source, fields).to_pandas(types_mapper=pd.ArrowDtype)
     if reader.failure:
-        df.attrs["failure"] = f"{part.source}: {reader.failure}"
-    return df
+        raise DataError(f"{part.source}: {reader.failure}")
+    return samples_table(samples, part.source, fields).to_pandas(types_mapper=pd.ArrowDtype)
 
 
 def plan_shards(inputs: list[str] | str) -> list[ShardPart]:

@@ -1,9 +1,16 @@
-"""Running a job's partitions on a Dask cluster: skip finished ones, track progress, write the manifest.
+"""Running a job's partitions on a Dask cluster: prepare OUT, submit, collect, finish.
 
-Both jobs (``score`` and ``run``) plan a list of parts and a pure ``process(part, ...)`` that reads,
-scores and writes one partition and returns its record. This module turns the parts into a Dask
-frame of per-partition records (``dd.from_map``), computes it with retries, and keeps
-``OUT/manifest.json`` current.
+Both jobs (``score`` and ``run``) plan a list of parts and a pure ``process(part, **kwargs)`` that
+reads, scores and writes one partition and returns its record (:mod:`aesthetic_dask.partition`).
+This module is generic over them:
+
+- :meth:`Job.prepare` checks OUT belongs to this job, removes what no longer belongs to its plan,
+  and returns the partitions finished before (their completion markers);
+- :func:`submit_parts` runs the rest with ``client.submit``, keys named after the partitions
+  (visible on the dashboard), a bounded number in flight, and retries;
+- :func:`collect` turns results and task exceptions into records, logs and progress;
+- :meth:`Job.finish` decides status and exit code from the whole OUT (:func:`errors.job_outcome`)
+  and writes the manifest.
 """
 
 from __future__ import annotations
@@ -14,29 +21,21 @@ import logging
 import shutil
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
-import pandas as pd
-
-from .errors import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, InputError
-from .output import COUNT_KEYS, OutputLayout, read_records, remove_partition_files, reset_output, write_json
+from .errors import FAILURE_ERROR, InputError, job_outcome
+from .output import COUNT_KEYS, OutputLayout, read_records, remove_partition_files, remove_unplanned, reset_output, write_json
+from .partition import failed_record
 
 log = logging.getLogger("aesthetic_dask")
 
-RECORD_COLUMNS = ("name", "source", "record")
-
-
-def record_frame(record: dict[str, Any]) -> pd.DataFrame:
-    """A partition's record as the one-row frame the job's Dask frame is made of."""
-    return pd.DataFrame([{"name": record["name"], "source": record["source"], "record": json.dumps(record)}])
-
-
-def _record_meta() -> pd.DataFrame:
-    return pd.DataFrame({c: pd.Series([], dtype=object) for c in RECORD_COLUMNS})
+# Lines of unreadable inputs and failed partitions the summary shows before "and N more".
+SUMMARY_FAILURES = 5
 
 
 def fingerprint(settings: dict[str, Any]) -> str:
@@ -54,25 +53,48 @@ def package_versions(names: tuple[str, ...]) -> dict[str, str]:
 
 
 @dataclass
+class Work:
+    """Parts that one process function handles, with the keyword arguments it takes."""
+
+    parts: list[Any]
+    process: Callable[..., dict[str, Any]]
+    kwargs: dict[str, Any]
+
+
+@dataclass
 class Job:
     """One job over one OUT directory."""
 
     kind: str
     layout: OutputLayout
-    settings: dict[str, Any]  # everything the output depends on; a change needs --overwrite
+    settings: dict[str, Any]  # everything the output depends on (config.output_settings)
     info: dict[str, Any]  # recorded in the manifest, not compared (config, weights, versions)
     failed_inputs: dict[str, str] = field(default_factory=dict)
+    duplicate_inputs: list[str] = field(default_factory=list)
     started: float = field(default_factory=time.time)
     timings: dict[str, float] = field(default_factory=dict)
+    records: dict[str, dict[str, Any]] = field(default_factory=dict)  # finished partitions
+    failures: dict[str, dict[str, Any]] = field(default_factory=dict)  # failed in this run
+    planned: list[str] = field(default_factory=list)
+    skipped: int = 0  # finished by an earlier run
+    cluster: dict[str, Any] = field(default_factory=dict)
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])  # tells this run's records apart
     _last_manifest: float = 0.0
 
     @property
     def fingerprint(self) -> str:
         return fingerprint(self.settings)
 
-    def prepare(self, overwrite: bool) -> dict[str, dict[str, Any]]:
-        """Check OUT belongs to this job (or reset it), clear leftovers, return finished records."""
+    def prepare(self, planned: list[str], overwrite: bool) -> set[str]:
+        """Make OUT this job's; return the names of the planned partitions still to run.
+
+        Refuses an OUT written by a different job (unless ``overwrite``), removes what no longer
+        belongs to the plan and the leftovers of unfinished partitions, and keeps the records of
+        finished ones (resume trusts those markers alone).
+        """
         layout = self.layout
+        if len(set(planned)) != len(planned):
+            raise InputError("two inputs map to the same output name; give each input once")
         if overwrite:
             reset_output(layout)
         elif layout.manifest.exists():
@@ -91,24 +113,54 @@ class Job:
             raise InputError(f"{layout.root} holds files but no manifest.json; pass --overwrite to replace them")
         shutil.rmtree(layout.tmp, ignore_errors=True)  # orphans of a killed run
         layout.root.mkdir(parents=True, exist_ok=True)
-        return read_records(layout)
+        self.planned = list(planned)
+        removed = remove_unplanned(layout, set(planned))
+        if removed:
+            log.info("removed the output of %d partitions this job no longer plans", len(removed))
+        self.records = {k: v for k, v in read_records(layout).items() if k in set(planned)}
+        todo = {name for name in planned if name not in self.records}
+        for name in todo:
+            remove_partition_files(layout, name)
+        self.skipped = len(planned) - len(todo)
+        return todo
 
-    def manifest(self, records: dict[str, dict[str, Any]], planned: list[str], status: str) -> dict[str, Any]:
+    def add(self, record: dict[str, Any]) -> None:
+        """A partition's record from this run: finished, or failed."""
+        if record.get("failure"):
+            self.failures[record["name"]] = record
+            self.records.pop(record["name"], None)
+        else:
+            self.records[record["name"]] = record
+            self.failures.pop(record["name"], None)
+
+    def outcome(self) -> tuple[str, int]:
+        kinds = [r.get("failure_kind", FAILURE_ERROR) for r in self.failures.values()]
+        return job_outcome(len(self.planned), len(self.records), kinds, len(self.failed_inputs))
+
+    def manifest(self, status: str) -> dict[str, Any]:
         per_input: dict[str, dict[str, Any]] = {}
-        for name in planned:
-            rec = records.get(name)
+        unknown = 0
+        for name in self.planned:
+            rec = self.records.get(name) or self.failures.get(name)
             if rec is None:
                 continue
-            entry = per_input.setdefault(rec["source"], {k: 0 for k in COUNT_KEYS} | {"partitions_done": 0})
-            for k in COUNT_KEYS:
-                entry[k] += rec[k]
-            entry["partitions_done"] += 1
+            entry = per_input.setdefault(
+                rec["source"], {k: 0 for k in COUNT_KEYS} | {"partitions_done": 0, "partitions_failed": 0}
+            )
+            if rec["rows_in"] is None:
+                unknown += 1
+                entry["rows_unknown_partitions"] = entry.get("rows_unknown_partitions", 0) + 1
+            else:
+                for k in COUNT_KEYS:
+                    entry[k] += rec[k]
+            entry["partitions_failed" if rec.get("failure") else "partitions_done"] += 1
             if rec.get("failure"):
                 entry.setdefault("failures", []).append(rec["failure"])
             if rec.get("note"):
                 entry.setdefault("notes", []).append(rec["note"])
-        totals = {k: sum(e[k] for e in per_input.values()) for k in COUNT_KEYS}
-        done = [n for n in planned if n in records]
+        totals = {k: sum(e[k] for e in per_input.values()) for k in COUNT_KEYS} | {"rows_unknown_partitions": unknown}
+        processed = [r for r in (*self.records.values(), *self.failures.values()) if r.get("run_id") == self.run_id]
+        compute_s = self.timings.get("compute_s")
         return {
             "job": self.kind,
             "status": status,
@@ -118,173 +170,226 @@ class Job:
             "totals": totals,
             "inputs": per_input,
             "failed_inputs": self.failed_inputs,
-            "partitions": {"planned": len(planned), "done": len(done), "done_names": done},
+            "duplicate_inputs": self.duplicate_inputs,
+            "partitions": {
+                "planned": len(self.planned),
+                "done": len(self.records),
+                "failed": len(self.failures),
+                "done_names": [n for n in self.planned if n in self.records],
+                "failed_names": [n for n in self.planned if n in self.failures],
+            },
+            "this_run": {
+                "run_id": self.run_id,
+                "partitions_processed": len(processed),
+                "partitions_skipped": self.skipped,
+                "rows_processed": sum(r["rows_in"] or 0 for r in processed),
+                "compute_s": compute_s,
+            },
+            "cluster": self.cluster,
             "timings": {**self.timings, "elapsed_s": round(time.time() - self.started, 3)},
             "started_at": datetime.fromtimestamp(self.started, timezone.utc).isoformat(),
             "updated_at": datetime.now(timezone.utc).isoformat(),
         }
 
-    def write_manifest(self, records: dict[str, dict[str, Any]], planned: list[str], status: str) -> dict[str, Any]:
-        manifest = self.manifest(records, planned, status)
+    def write_manifest(self, status: str) -> dict[str, Any]:
+        manifest = self.manifest(status)
         write_json(self.layout.manifest, manifest, self.layout.tmp)
         self._last_manifest = time.time()
         return manifest
+
+    def finish(self) -> tuple[dict[str, Any], int]:
+        """Status and exit code from the whole OUT; the final manifest; no temporary files left."""
+        status, code = self.outcome()
+        manifest = self.write_manifest(status)
+        shutil.rmtree(self.layout.tmp, ignore_errors=True)
+        return manifest, code
+
+
+def _call(process: Callable[..., dict[str, Any]], part: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The task: one partition through its process function."""
+    return process(part, **kwargs)
+
+
+def submit_parts(
+    client: Any,
+    tasks: list[tuple[Any, Work]],
+    run_id: str,
+    kind: str,
+    retries: int = 2,
+    resources: dict[str, float] | None = None,
+    max_in_flight: int = 64,
+) -> Iterator[tuple[Any, dict[str, Any] | None, BaseException | None]]:
+    """Run each ``(part, work)`` as one task; yield ``(part, record, None)`` or ``(part, None, exception)``.
+
+    At most ``max_in_flight`` tasks exist at once, so a job over 10^6 shards holds a bounded
+    graph. Keys are ``(aesthetic-KIND-RUNID, partition name)``: grouped and named on the dashboard,
+    and never shared with another job on the same cluster.
+    """
+    from distributed import as_completed
+
+    prefix = f"aesthetic-{kind}-{run_id}"
+    pending = iter(tasks)
+    by_key: dict[Any, Any] = {}
+    running = as_completed()
+
+    def top_up() -> None:
+        while running.count() < max_in_flight:
+            try:
+                part, work = next(pending)
+            except StopIteration:
+                return
+            future = client.submit(_call, work.process, part, work.kwargs, key=(prefix, part.name),
+                                   retries=retries, resources=resources, pure=False)
+            by_key[future.key] = part
+            running.add(future)
+
+    top_up()
+    for future in running:
+        part = by_key.pop(future.key)
+        if future.status == "finished":
+            yield part, future.result(), None
+        else:
+            try:
+                exc = future.exception()
+            except BaseException as cancelled:  # noqa: BLE001 - a cancelled future raises instead
+                exc = cancelled
+            yield part, None, exc
+        future.release()
+        top_up()
 
 
 def run_parts(
     job: Job,
     client: Any,
-    work: list[tuple[list[Any], Callable[..., pd.DataFrame], dict[str, Any]]],
+    work: list[Work],
     overwrite: bool = False,
     retries: int = 2,
     resources: dict[str, float] | None = None,
     progress: bool = True,
+    unit: str = "rows",
 ) -> tuple[dict[str, Any], int]:
-    """Run ``process(part, **kwargs)`` for every unfinished part of each ``(parts, process, kwargs)``.
-
-    Returns (manifest, exit code). Each group becomes a Dask frame of per-partition records
-    (``dd.from_map``); all groups are computed together.
-    """
-    import dask.dataframe as dd
-    from distributed import as_completed
-
-    records = job.prepare(overwrite)
-    parts = [p for group, _, _ in work for p in group]
-    planned = [p.name for p in parts]
-    if len(set(planned)) != len(planned):
-        raise InputError("two inputs map to the same output name; give each input once")
-    todo_names = {p.name for p in parts if p.name not in records}
-    for name in todo_names:
-        remove_partition_files(job.layout, name)
-    log.info("%d partitions planned, %d already done, %d to run", len(parts), len(parts) - len(todo_names), len(todo_names))
-    job.write_manifest(records, planned, "running")
-
-    failures = 0
+    """Run every unfinished part of ``work`` on ``client``; return (manifest, exit code)."""
+    todo_names = job.prepare([p.name for w in work for p in w.parts], overwrite)
+    tasks = [(p, w) for w in work for p in w.parts if p.name in todo_names]
+    log.info("%d partitions planned, %d finished before, %d to run", len(job.planned), job.skipped, len(tasks))
+    job.cluster = cluster_info(client)
+    job.write_manifest("running")
+    threads = max(1, job.cluster.get("threads") or 1)
     t0 = time.perf_counter()
-    by_future: dict[Any, Any] = {}
-    for group, process, kwargs in work:
-        todo = [p for p in group if p.name in todo_names]
-        if todo:
-            frame = dd.from_map(process, todo, **kwargs, meta=_record_meta(), enforce_metadata=False, label=f"{job.kind}-partition")
-            futures = client.compute(frame.to_delayed(), retries=retries, resources=resources)
-            by_future.update(zip(futures, todo))
-    bar = _progress_bar(len(by_future), progress)
-    for future in as_completed(list(by_future)):
-        part = by_future[future]
-        if future.status == "error":
-            exc = future.exception()
-            failures += 1
-            log.error("partition %s failed: %s: %s", part.name, type(exc).__name__, exc)
-            records[part.name] = _failed_record(part, f"{type(exc).__name__}: {exc}")
-        else:
-            rec = json.loads(future.result()["record"].iloc[0])
-            records[rec["name"]] = rec
-            failures += bool(rec.get("failure"))
-            log.info(
-                "partition %s: %d in, %d kept, %d below, %d errors (%.2fs)",
-                rec["name"], rec["rows_in"], rec["rows_kept"], rec["rows_below_threshold"], rec["rows_error"], rec["seconds"],
-            )
-        future.release()
-        bar.update(1)
+    bar = _progress_bar(len(tasks), progress, unit)
+    for part, record, exc in submit_parts(client, tasks, job.run_id, job.kind, retries, resources, max(8, 4 * threads)):
+        collect(job, part, record, exc)
+        bar.update(job.records.get(part.name) or job.failures.get(part.name))
         if time.time() - job._last_manifest > 2:
-            job.write_manifest(records, planned, "running")
+            job.write_manifest("running")
     bar.close()
     job.timings["compute_s"] = round(time.perf_counter() - t0, 3)
-    failed = failures + len(job.failed_inputs)
-    manifest = job.write_manifest(records, planned, "done" if not failed else "partial")
-    shutil.rmtree(job.layout.tmp, ignore_errors=True)
-    if failures and failures == len(by_future):
-        return manifest, EXIT_FAILED
-    return manifest, EXIT_PARTIAL if failed else EXIT_OK
+    return job.finish()
 
 
-def process_parquet_part(
-    part: Any, schema: Any, column: str, out: str, opts: Any, score_table: Callable[[Any], Any]
-) -> pd.DataFrame:
-    """Read rows of a Parquet input, score them with ``score_table(table)``, write, record.
+def collect(job: Job, part: Any, record: dict[str, Any] | None, exc: BaseException | None) -> None:
+    """Record one partition's result; a task exception becomes a failed record with its reason."""
+    if record is None:
+        reason = f"{type(exc).__name__}: {exc}"
+        log.error("partition %s (%s) failed: %s", part.name, part.source, reason)
+        record = failed_record(part, reason, FAILURE_ERROR)
+    elif record.get("failure"):
+        log.warning("partition %s: %s", part.name, record["failure"])
+    record["run_id"] = job.run_id
+    job.add(record)
+    log.info(
+        "partition %s: %s in, %s kept, %s below, %s errors (%.2fs)",
+        record["name"], record["rows_in"], record["rows_kept"], record["rows_below_threshold"], record["rows_error"],
+        record["seconds"],
+    )
 
-    ``score_table`` returns the table with ``aesthetic_score`` and ``error`` columns. An
-    unreadable part counts all its rows as errors and records why.
-    """
-    import numpy as np
 
-    from .embeddings_reader import read_embedding_table
-    from .errors import DataError
-    from .output import split_and_write, write_record
-
-    t0 = time.perf_counter()
-    layout = OutputLayout(Path(out))
-    record: dict[str, Any] = {"name": part.name, "source": part.source, "start": part.start, "stop": part.stop}
+def cluster_info(client: Any) -> dict[str, Any]:
+    """Which cluster ran the job (for the manifest and the summary)."""
     try:
-        table = read_embedding_table(part, schema, column)
-    except DataError as exc:
-        record |= _failed_record(part, str(exc))
-    else:
-        rows = np.arange(part.start, part.stop, dtype=np.int64)
-        record |= split_and_write(score_table(table), rows, part.name, part.source, layout, opts)
-    record["seconds"] = round(time.perf_counter() - t0, 4)
-    write_record(layout, record)
-    return record_frame(record)
+        info = client.scheduler_info()
+        workers = info.get("workers", {})
+        return {
+            "scheduler_address": info.get("address") or client.scheduler.address,
+            "dashboard_link": _dashboard_link(client),
+            "workers": len(workers),
+            "threads": sum(w.get("nthreads", 0) for w in workers.values()),
+        }
+    except Exception:  # noqa: BLE001 - informational only
+        log.debug("cannot describe the cluster", exc_info=True)
+        return {}
 
 
-def load_scoring_weights(config: Any) -> tuple[Any, dict[str, Any]]:
-    """The predictor of ``config.aesthetic_weights`` and its manifest entry."""
-    from .predictor import load_predictor
-    from .weights import resolve_weights
-
-    weights = resolve_weights(config.aesthetic_weights, config.resolved_model_dir)
-    predictor = load_predictor(weights, config.resolved_model_dir)
-    info = {"source": weights.source, "path": str(weights.path), "sha256": weights.sha256, "folded": predictor.folded}
-    return predictor, info
+def _dashboard_link(client: Any) -> str | None:
+    try:
+        return client.dashboard_link if client.scheduler_info().get("services", {}).get("dashboard") else None
+    except Exception:  # noqa: BLE001
+        return None
 
 
-def _failed_record(part: Any, reason: str) -> dict[str, Any]:
-    """A partition that could not be processed: all its rows count as errors, with a reason."""
-    return {
-        "name": part.name,
-        "source": str(part.source),
-        "rows_in": part.rows,
-        "rows_kept": 0,
-        "rows_below_threshold": 0,
-        "rows_error": part.rows,
-        "failure": reason,
-        "seconds": 0.0,
-    }
+class _Progress:
+    """Partitions done, and rows (or images) processed with their rate, on a terminal."""
 
+    def __init__(self, total: int, enabled: bool, unit: str) -> None:
+        self.bar = None
+        self.rows = 0
+        self.unit = unit
+        self.t0 = time.perf_counter()
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
 
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
+            self.bar = tqdm(total=total, unit="part", desc="partitions", file=sys.stderr)
+
+    def update(self, record: dict[str, Any] | None) -> None:
+        self.rows += (record or {}).get("rows_in") or 0
+        if self.bar is not None:
+            rate = self.rows / max(time.perf_counter() - self.t0, 1e-9)
+            self.bar.set_postfix_str(f"{self.rows:,} {self.unit}, {rate:,.0f} {self.unit}/s", refresh=False)
+            self.bar.update(1)
 
     def close(self) -> None:
-        pass
+        if self.bar is not None:
+            self.bar.close()
 
 
-def _progress_bar(total: int, enabled: bool) -> Any:
-    if not enabled or not sys.stderr.isatty():
-        return _NoBar()
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="part", desc="partitions", file=sys.stderr)
+def _progress_bar(total: int, enabled: bool, unit: str) -> _Progress:
+    return _Progress(total, enabled, unit)
 
 
 def summary(manifest: dict[str, Any], out: Path, unit: str = "rows") -> str:
     """The one-screen end-of-job summary."""
     t = manifest["totals"]
-    elapsed = manifest["timings"].get("elapsed_s", 0) or 1e-9
+    parts = manifest["partitions"]
+    run = manifest.get("this_run", {})
+    rows_in = f"{t['rows_in']:,}"
+    if t.get("rows_unknown_partitions"):
+        rows_in += f" (+ rows unknown in {t['rows_unknown_partitions']} failed partitions)"
+    processed, compute_s = run.get("rows_processed", 0), run.get("compute_s") or 0
+    if run.get("partitions_processed"):
+        throughput = f"{processed / max(compute_s, 1e-9):,.0f} {unit}/s ({processed:,} {unit} processed in {compute_s:.1f}s)"
+    else:
+        throughput = "nothing processed in this run"
     rows = [
-        (f"{unit} in", f"{t['rows_in']:,}"),
+        (f"{unit} in", rows_in),
         ("kept (>= threshold)", f"{t['rows_kept']:,}"),
         ("below threshold", f"{t['rows_below_threshold']:,}"),
         ("errors", f"{t['rows_error']:,}"),
-        ("throughput", f"{t['rows_in'] / elapsed:,.0f} {unit}/s in {elapsed:.1f}s"),
+        ("partitions", f"{parts['planned']:,} planned: {run.get('partitions_processed', 0):,} run now, "
+                       f"{run.get('partitions_skipped', 0):,} skipped (finished before), {parts['failed']:,} failed"),
+        ("throughput", throughput),
+        ("elapsed", f"{manifest['timings'].get('elapsed_s', 0):.1f}s"),
         ("output", str(out / "kept")),
         ("manifest", str(out / "manifest.json")),
     ]
+    if manifest.get("cluster", {}).get("dashboard_link"):
+        rows.append(("dashboard", manifest["cluster"]["dashboard_link"]))
     lines = [f"aesthetic-dask {manifest['job']}: {manifest['status']}"] + [f"  {k + ':':<22}{v}" for k, v in rows]
-    if manifest.get("failed_inputs"):
-        lines.append(f"  {'unreadable inputs:':<22}{len(manifest['failed_inputs'])} (see manifest failed_inputs)")
-    failures = sum(len(e.get("failures", [])) for e in manifest["inputs"].values())
-    if failures:
-        lines.append(f"  {'failed partitions:':<22}{failures} (see manifest inputs.*.failures)")
+    if manifest.get("duplicate_inputs"):
+        lines.append(f"  {'inputs named twice:':<22}{len(manifest['duplicate_inputs'])} (each read once)")
+    problems = [f"unreadable input: {path}: {reason}" for path, reason in manifest.get("failed_inputs", {}).items()]
+    problems += [f"failed partition: {source}: {reason.removeprefix(source + ': ')}"
+                 for source, entry in manifest["inputs"].items() for reason in entry.get("failures", [])]
+    lines += [f"  {p}" for p in problems[:SUMMARY_FAILURES]]
+    if len(problems) > SUMMARY_FAILURES:
+        lines.append(f"  ... and {len(problems) - SUMMARY_FAILURES} more (see manifest failed_inputs and inputs.*.failures)")
     return "\n".join(lines)

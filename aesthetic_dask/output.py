@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .score import ERROR_COLUMN, SCORE_COLUMN
+from .score import ERROR_COLUMN, SCORE_COLUMN, table_keep_mask
 
 COUNT_KEYS = ("rows_in", "rows_kept", "rows_below_threshold", "rows_error")
 SOURCE_COLUMN = "source"
@@ -114,14 +114,6 @@ class WriteOptions:
     embed_dim: int = 768
 
 
-def keep_mask(table: pa.Table, threshold: float) -> tuple[np.ndarray, np.ndarray]:
-    """(kept, error) row masks of a scored table: kept means no error and score >= threshold."""
-    scores = table.column(SCORE_COLUMN).to_numpy(zero_copy_only=False)
-    is_error = table.column(ERROR_COLUMN).is_valid().to_numpy(zero_copy_only=False)
-    with np.errstate(invalid="ignore"):
-        return ~is_error & (scores >= threshold), is_error
-
-
 def split_and_write(
     table: pa.Table,
     rows: np.ndarray,
@@ -135,18 +127,23 @@ def split_and_write(
     ``table`` has ``aesthetic_score`` and ``error`` columns (error rows: any non-null ``error``);
     ``rows`` gives each row's position in its source.
     """
-    keep, is_error = keep_mask(table, opts.threshold)
+    keep, is_error = table_keep_mask(table, opts.threshold)
     below = ~is_error & ~keep
 
     drop = [opts.embedding_column] if not opts.keep_embeddings and opts.embedding_column in table.column_names else []
     scored = table.drop_columns(drop + [ERROR_COLUMN])
-    if opts.keep_embeddings and opts.embedding_column in scored.column_names:
-        scored = _fixed_size(scored, opts.embedding_column, opts.embed_dim)
+
+    def valid_rows(mask: np.ndarray) -> pa.Table:
+        rows = scored.filter(pa.array(mask))
+        if opts.keep_embeddings and opts.embedding_column in rows.column_names:
+            # Cast after filtering: only valid rows are sure to hold exactly embed_dim values.
+            rows = _fixed_size(rows, opts.embedding_column, opts.embed_dim)
+        return rows
 
     files = [f"kept/{name}.parquet"]
-    _write_parquet(scored.filter(pa.array(keep)), layout.kept / f"{name}.parquet", layout.tmp)
+    _write_parquet(valid_rows(keep), layout.kept / f"{name}.parquet", layout.tmp)
     if opts.keep_rejected and below.any():
-        _write_parquet(scored.filter(pa.array(below)), layout.rejected / f"{name}.parquet", layout.tmp)
+        _write_parquet(valid_rows(below), layout.rejected / f"{name}.parquet", layout.tmp)
         files.append(f"rejected/{name}.parquet")
 
     n_errors = int(is_error.sum())
@@ -184,18 +181,49 @@ def write_record(layout: OutputLayout, record: dict[str, Any]) -> None:
 def read_records(layout: OutputLayout) -> dict[str, dict[str, Any]]:
     """Records of finished partitions whose files are all in place, by name.
 
-    An unreadable record, or one whose output files went missing, means "not finished".
+    An unreadable record, a record of a failed partition, or one whose output files went missing
+    means "not finished": resume trusts complete records alone.
     """
     records = {}
     if layout.records.is_dir():
         for path in layout.records.glob("*.json"):
             try:
                 rec = json.loads(path.read_text())
+                if rec.get("failure") or rec["name"] != path.stem:
+                    continue
                 if all((layout.root / f).is_file() for f in rec.get("files", [])):
                     records[rec["name"]] = rec
             except (OSError, ValueError, KeyError, TypeError):
                 continue
     return records
+
+
+def remove_unplanned(layout: OutputLayout, planned: set[str]) -> list[str]:
+    """Remove the files and records of partitions this job no longer plans; return their names.
+
+    E.g. a different partitioning of the same inputs: its files would otherwise be read as
+    kept rows twice.
+    """
+    removed: set[str] = set()
+    if layout.records.is_dir():
+        for path in layout.records.glob("*.json"):
+            if path.stem in planned:
+                continue
+            try:
+                listed = json.loads(path.read_text()).get("files", [])
+            except (OSError, ValueError, AttributeError):
+                listed = []
+            for f in listed:
+                (layout.root / f).unlink(missing_ok=True)  # absolute paths (write_shards) too
+            path.unlink(missing_ok=True)
+            removed.add(path.stem)
+    for d in (layout.kept, layout.rejected, layout.errors):
+        if d.is_dir():
+            for path in d.glob("*.parquet"):
+                if path.stem not in planned:
+                    path.unlink(missing_ok=True)
+                    removed.add(path.stem)
+    return sorted(removed)
 
 
 def reset_output(layout: OutputLayout) -> None:
@@ -206,6 +234,7 @@ def reset_output(layout: OutputLayout) -> None:
 
 
 def remove_partition_files(layout: OutputLayout, name: str) -> None:
-    """Drop the output files of a partition that will be redone."""
+    """Drop the output files (and any stale record) of a partition that will be redone."""
     for d in (layout.kept, layout.rejected, layout.errors):
         (d / f"{name}.parquet").unlink(missing_ok=True)
+    (layout.records / f"{name}.json").unlink(missing_ok=True)

@@ -127,3 +127,11 @@ def load_predictor(
     resolved = weights if isinstance(weights, ResolvedWeights) else resolve_weights(weights, directory)
     state = load_state_dict(resolved, directory)
     return AestheticPredictor.from_state_dict(state, resolved.spec, resolved.source, resolved.sha256)
+
+
+def load_job_predictor(config: Any) -> tuple[AestheticPredictor, dict[str, Any]]:
+    """The predictor of ``config.aesthetic_weights`` and its manifest entry (loaded in the client)."""
+    weights = resolve_weights(config.aesthetic_weights, config.resolved_model_dir)
+    predictor = load_predictor(weights, config.resolved_model_dir)
+    info = {"source": weights.source, "path": str(weights.path), "sha256": weights.sha256, "folded": predictor.folded}
+    return predictor, info

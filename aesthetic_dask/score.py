@@ -13,7 +13,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .errors import InputError
+from .errors import MissingColumnError
 from .predictor import AestheticPredictor
 
 SCORE_COLUMN = "aesthetic_score"
@@ -141,28 +141,78 @@ def _cudf_embedding_matrix(series: Any, dim: int) -> tuple[Any, Any, np.ndarray]
     return matrix, candidates, reasons
 
 
+def score_columns(
+    embedding: list[pa.Array], earlier_error: pa.ChunkedArray | pa.Array | None, predictor: AestheticPredictor
+) -> tuple[np.ndarray, pa.Array]:
+    """The score stage on Arrow columns: (float32 scores, NaN where invalid; error reasons).
+
+    ``embedding`` is the column's chunks; an earlier stage's reason (e.g. an undecodable image)
+    wins over this stage's.
+    """
+    scores, reasons = score_arrow(embedding, predictor)
+    return scores, merge_errors(earlier_error, pa.array(reasons, type=pa.string()))
+
+
+def score_table(table: pa.Table, predictor: AestheticPredictor, embedding_column: str = "embedding") -> pa.Table:
+    """``table`` with ``aesthetic_score`` (float32) and ``error`` set: the jobs' score stage."""
+    if embedding_column not in table.column_names:
+        raise MissingColumnError("input", embedding_column, table.column_names)
+    earlier = table.column(ERROR_COLUMN) if ERROR_COLUMN in table.column_names else None
+    scores, error = score_columns(table.column(embedding_column).chunks, earlier, predictor)
+    out = table.drop_columns([c for c in (SCORE_COLUMN, ERROR_COLUMN) if c in table.column_names])
+    return out.append_column(SCORE_COLUMN, pa.array(scores, pa.float32())).append_column(ERROR_COLUMN, error)
+
+
 def score_partition(df: Any, predictor: AestheticPredictor, embedding_column: str = "embedding") -> Any:
-    """Partition function: ``df`` plus ``aesthetic_score`` (float32, NaN if invalid) and ``error``."""
+    """Partition function: ``df`` plus ``aesthetic_score`` (float32, NaN if invalid) and ``error``.
+
+    The notebook API's score stage; it computes exactly what :func:`score_table` does for the jobs.
+    """
     if embedding_column not in df.columns:
-        raise InputError(f"no column {embedding_column!r} (columns: {', '.join(map(str, df.columns))})")
-    dim = predictor.embed_dim
+        raise MissingColumnError("input", embedding_column, list(df.columns))
     if type(df).__module__.startswith("cudf"):
-        import cupy as xp
-
-        matrix, candidates, reasons = _cudf_embedding_matrix(df[embedding_column], dim)
-        scores = classify_and_score(xp, predictor, matrix, candidates, reasons)
-    else:
-        scores, reasons = score_arrow(arrow_chunks(df[embedding_column]), predictor)
+        return _score_cudf_partition(df, predictor, embedding_column)
+    earlier = pa.chunked_array(arrow_chunks(df[ERROR_COLUMN]), pa.string()) if ERROR_COLUMN in df.columns else None
+    scores, error = score_columns(arrow_chunks(df[embedding_column]), earlier, predictor)
     out = df.assign(**{SCORE_COLUMN: scores})
-    if type(df).__module__.startswith("cudf"):
-        import cudf
-
-        out[ERROR_COLUMN] = cudf.Series(pd.Series(reasons, dtype="string"), index=df.index)
-    else:
-        earlier = pa.chunked_array(arrow_chunks(df[ERROR_COLUMN]), pa.string()) if ERROR_COLUMN in df.columns else None
-        merged = merge_errors(earlier, pa.array(reasons, type=pa.string()))
-        out[ERROR_COLUMN] = pd.Series(merged, index=df.index, dtype=ERROR_DTYPE)
+    out[ERROR_COLUMN] = pd.Series(pd.arrays.ArrowExtensionArray(error), index=df.index)
     return out
+
+
+def _score_cudf_partition(df: Any, predictor: AestheticPredictor, embedding_column: str) -> Any:
+    """cudf partitions: the matrix is scored on the GPU with cupy; reasons merge as on CPU."""
+    import cudf
+    import cupy as xp
+
+    matrix, candidates, reasons = _cudf_embedding_matrix(df[embedding_column], predictor.embed_dim)
+    scores = classify_and_score(xp, predictor, matrix, candidates, reasons)
+    earlier = df[ERROR_COLUMN].to_arrow() if ERROR_COLUMN in df.columns else None
+    merged = merge_errors(earlier, pa.array(reasons, type=pa.string()))
+    out = df.assign(**{SCORE_COLUMN: scores})
+    error = cudf.Series.from_arrow(merged)
+    error.index = df.index  # positional: the reasons are in row order, whatever the index labels
+    out[ERROR_COLUMN] = error
+    return out
+
+
+def keep_mask(scores: np.ndarray, is_error: np.ndarray, threshold: float) -> np.ndarray:
+    """The one keep rule: no error and ``score >= threshold`` (NaN scores never pass)."""
+    with np.errstate(invalid="ignore"):
+        return ~is_error & (scores >= threshold)
+
+
+def table_keep_mask(table: pa.Table, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, error) row masks of a scored Arrow table."""
+    scores = table.column(SCORE_COLUMN).to_numpy(zero_copy_only=False)
+    is_error = table.column(ERROR_COLUMN).is_valid().to_numpy(zero_copy_only=False)
+    return keep_mask(scores, is_error, threshold), is_error
+
+
+def filter_partition(df: Any, threshold: float) -> Any:
+    """Partition function of :func:`filter_by_score`: the rows the jobs would keep."""
+    scores = np.asarray(df[SCORE_COLUMN].to_numpy(dtype="float32", na_value=np.nan))
+    is_error = df[ERROR_COLUMN].notna().to_numpy(dtype=bool) if ERROR_COLUMN in df.columns else np.zeros(len(df), bool)
+    return df[keep_mask(scores, is_error, threshold)]
 
 
 def _scored_meta(meta: pd.DataFrame) -> pd.DataFrame:
@@ -185,12 +235,17 @@ def score_embeddings(ddf, config=None, predictor: AestheticPredictor | None = No
         predictor = load_predictor(config.aesthetic_weights, config.resolved_model_dir)
     column = config.embedding_column
     if column not in ddf.columns:
-        raise InputError(f"no column {column!r} (columns: {', '.join(map(str, ddf.columns))})")
+        raise MissingColumnError("input", column, list(ddf.columns))
     return ddf.map_partitions(
         score_partition, predictor, column, meta=_scored_meta(ddf._meta), enforce_metadata=False
     )
 
 
 def filter_by_score(ddf, threshold: float = 0.5):
-    """Rows with ``aesthetic_score >= threshold`` (invalid rows, scored NaN, never pass)."""
-    return ddf[ddf[SCORE_COLUMN] >= threshold]
+    """Rows with ``aesthetic_score >= threshold`` and no error: exactly what the jobs keep.
+
+    Lazy on a Dask frame; a pandas (or cudf) frame is filtered at once.
+    """
+    if not hasattr(ddf, "map_partitions"):
+        return filter_partition(ddf, threshold)
+    return ddf.map_partitions(filter_partition, threshold, meta=ddf._meta, enforce_metadata=False)

@@ -1,7 +1,7 @@
 """The ``score`` job: precomputed embeddings -> aesthetic scores -> kept/rejected/errors Parquet.
 
-read (:mod:`embeddings_reader`) -> score (:mod:`score`) -> write (:mod:`output`), one Dask task per
-partition, run by :func:`aesthetic_dask.job.run_parts`.
+read (:mod:`embeddings_reader`) -> score (:func:`score.score_table`) -> write (:mod:`output`), one
+Dask task per partition (:func:`partition.process_parquet_part`), run by :func:`job.run_parts`.
 """
 
 from __future__ import annotations
@@ -11,36 +11,34 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import pyarrow as pa
 
-from .config import Config
-from .embeddings_reader import EmbeddingPart, plan_embeddings, table_to_frame
-from .job import Job, load_scoring_weights, package_versions, process_parquet_part, run_parts
+from .config import Config, output_settings
+from .embeddings_reader import EmbeddingPart, plan_embeddings
+from .job import Job, Work, package_versions, run_parts
 from .output import OutputLayout, WriteOptions, frame_to_table
-from .predictor import AestheticPredictor
-from .score import score_partition
+from .partition import process_parquet_part
+from .predictor import AestheticPredictor, load_job_predictor
+from .score import score_partition, score_table
 
 VERSIONED_PACKAGES = ("aesthetic-dask", "dask", "distributed", "pandas", "pyarrow", "numpy", "safetensors", "huggingface_hub")
 
 
-def score_embedding_table(table: pa.Table, predictor: AestheticPredictor, column: str, backend: str, start: int) -> pa.Table:
-    """A read partition with ``aesthetic_score`` and ``error``: pandas on CPU, cudf on a GPU worker."""
+def score_embedding_table(table: pa.Table, predictor: AestheticPredictor, column: str, backend: str) -> pa.Table:
+    """A read partition with ``aesthetic_score`` and ``error``: Arrow on CPU, cudf on a GPU worker."""
     if backend == "cudf":
         import cudf
 
-        frame = cudf.DataFrame.from_arrow(table)
-    else:
-        frame = table_to_frame(table, start)
-    return frame_to_table(score_partition(frame, predictor, column))
+        return frame_to_table(score_partition(cudf.DataFrame.from_arrow(table), predictor, column))
+    return score_table(table, predictor, column)
 
 
 def process_embedding_part(
     part: EmbeddingPart, schema: pa.Schema, column: str, predictor: AestheticPredictor, out: str,
     opts: WriteOptions, backend: str = "pandas",
-) -> pd.DataFrame:
-    """Read, score and write one partition; return its record (see :func:`job.record_frame`)."""
-    scorer = partial(score_embedding_table, predictor=predictor, column=column, backend=backend, start=part.start)
+) -> dict[str, Any]:
+    """Read, score and write one partition; return its record."""
+    scorer = partial(score_embedding_table, predictor=predictor, column=column, backend=backend)
     return process_parquet_part(part, schema, column, out, opts, scorer)
 
 
@@ -48,10 +46,10 @@ def score_job(inputs: list[str], out: str | Path, config: Config, overwrite: boo
     """Run the score job; return (manifest, exit code)."""
     from .cluster import dask_client, task_resources
 
-    t0 = time.perf_counter()
-    out = Path(out)
-    plan = plan_embeddings(inputs, config.embedding_column, config.partition_rows)
-    predictor, weights = load_scoring_weights(config)
+    started, t0 = time.time(), time.perf_counter()
+    out = Path(out).absolute()
+    plan = plan_embeddings(inputs, config.embedding_column, config.partition_rows, exclude=(str(out),))
+    predictor, weights = load_job_predictor(config)
     opts = WriteOptions(
         threshold=config.score_threshold,
         embedding_column=config.embedding_column,
@@ -59,25 +57,19 @@ def score_job(inputs: list[str], out: str | Path, config: Config, overwrite: boo
         keep_rejected=config.keep_rejected,
         embed_dim=predictor.embed_dim,
     )
-    settings = {
-        "inputs": sorted(str(Path(p.source).resolve()) for p in plan.parts),
-        "score_threshold": config.score_threshold,
-        "embedding_column": config.embedding_column,
-        "keep_embeddings": config.keep_embeddings,
-        "keep_rejected": config.keep_rejected,
-        "partition_rows": config.partition_rows,
-        "weights_sha256": weights["sha256"],
-    }
+    sources = sorted({p.source for p in plan.parts} | set(plan.failed))
     job = Job(
         kind="score",
         layout=OutputLayout(out),
-        settings=settings,
+        settings=output_settings(config, "score", inputs=sources, weights_sha256=weights["sha256"]),
         info={
             "config": config.to_dict(),
             "weights": weights,
             "versions": package_versions(VERSIONED_PACKAGES),
         },
         failed_inputs=plan.failed,
+        duplicate_inputs=plan.duplicates,
+        started=started,
     )
     job.timings["plan_s"] = round(time.perf_counter() - t0, 3)
     with dask_client(config) as (client, device):
@@ -86,14 +78,14 @@ def score_job(inputs: list[str], out: str | Path, config: Config, overwrite: boo
             schema=plan.schema,
             column=config.embedding_column,
             predictor=predictor,
-            out=str(out.resolve()),
+            out=str(out),
             opts=opts,
             backend="cudf" if device == "cuda" else "pandas",
         )
         return run_parts(
             job,
             client,
-            [(plan.parts, process_embedding_part, kwargs)],
+            [Work(plan.parts, process_embedding_part, kwargs)],
             overwrite=overwrite,
             resources=task_resources(config, device),
             progress=progress and not config.verbose,

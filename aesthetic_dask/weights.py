@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import WeightsError
 
-class WeightsError(RuntimeError):
-    """Weights cannot be found, downloaded, verified or loaded."""
+__all__ = ["REGISTRY", "WeightsError", "resolve_weights", "load_state_dict", "download_all"]
 
 
 @dataclass(frozen=True)

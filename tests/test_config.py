@@ -37,7 +37,7 @@ def test_file_then_overrides_and_cli_aliases(tmp_path):
         ("score_threshold: high\n", "option 'score_threshold' expects float"),
         ("- a\n- b\n", "expected a mapping"),
         ("verbose: [\n", "not valid YAML"),
-        ("model_inference_batch_size: 0\n", "model_inference_batch_size must be >= 1"),
+        ("model_inference_batch_size: 0\n", r"model_inference_batch_size \(--batch-size\) must be >= 1"),
     ],
 )
 def test_bad_config_files_name_the_file_and_the_problem(tmp_path, text, message):

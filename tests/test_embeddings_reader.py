@@ -1,3 +1,4 @@
+from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -45,14 +46,23 @@ def test_clip_retrieval_folder(tmp_path, rng):
     np.testing.assert_array_equal(np.asarray(df["embedding"].iloc[20], np.float32), first)
 
 
-def test_clip_retrieval_misaligned_rows_are_refused(tmp_path, rng):
+def test_unusable_clip_retrieval_pairs_are_failed_inputs_like_a_bad_parquet(tmp_path, rng):
+    """One taxonomy: a misaligned pair, a bad .npy and a bad metadata Parquet are all unreadable
+    inputs (recorded, exit 3), as a bad Parquet footer is; the readable pair still plans."""
     root = tmp_path / "laion"
     (root / "img_emb").mkdir(parents=True)
     (root / "metadata").mkdir()
-    np.save(root / "img_emb" / "img_emb_0.npy", rng.standard_normal((3, 768)).astype(np.float32))
-    pq.write_table(pa.table({"url": ["a", "b"]}), root / "metadata" / "metadata_0.parquet")
-    with pytest.raises(InputError, match="has 3 rows but .*metadata_0.parquet has 2"):
-        plan_embeddings([str(root)])
+    for n, rows in enumerate((3, 2, 2, 4)):
+        np.save(root / "img_emb" / f"img_emb_{n}.npy", rng.standard_normal((rows, 768)).astype(np.float32))
+        pq.write_table(pa.table({"url": [f"u{i}" for i in range(2 if n == 0 else rows)]}), root / "metadata" / f"metadata_{n}.parquet")
+    (root / "img_emb" / "img_emb_1.npy").write_bytes(b"not numpy")
+    (root / "metadata" / "metadata_2.parquet").write_bytes(b"PAR1 not parquet")
+    plan = plan_embeddings([str(root)])
+    assert [(Path(p.source).name, p.rows) for p in plan.parts] == [("img_emb_3.npy", 4)]
+    failed = {Path(k).name: v for k, v in plan.failed.items()}
+    assert "3 rows but" in failed["img_emb_0.npy"] and "metadata_0.parquet has 2" in failed["img_emb_0.npy"]
+    assert "not a readable .npy array" in failed["img_emb_1.npy"]
+    assert "not a readable Parquet file" in failed["img_emb_2.npy"]
 
 
 def test_missing_inputs_and_columns_are_input_errors(tmp_path, rng):

@@ -101,7 +101,7 @@ def test_odd_pil_modes_and_extensions_all_embed(tmp_path, tiny_clip, tiny_weight
     assert Image.open(io.BytesIO(members[5][1])).mode == "I;16"
     write_shard(tmp_path / "modes.tar", members)
     code, m = run(tmp_path, [tmp_path / "modes.tar"], tiny_clip, tiny_weights, "--keep-embeddings", "--threshold", "0")
-    assert code == 0 and m["totals"] == {"rows_in": 8, "rows_kept": 8, "rows_below_threshold": 0, "rows_error": 0}
+    assert code == 0 and m["totals"] == {"rows_in": 8, "rows_kept": 8, "rows_below_threshold": 0, "rows_error": 0, "rows_unknown_partitions": 0}
     kept = pd.read_parquet(tmp_path / "out" / "kept").set_index("key")
     ref = reference(tiny_clip, [b for _, b in members])
     got = np.stack(kept.loc[[n.split(".")[0] for n, _ in members], "embedding"].to_numpy())
@@ -130,7 +130,7 @@ def test_every_corrupt_sample_kind_is_counted_and_explained(tmp_path, tiny_clip,
     write_shard(tmp_path / "bad.tar", members)
     code, m = run(tmp_path, [tmp_path / "bad.tar"], tiny_clip, tiny_weights, "--max-image-pixels", "250000", "--threshold", "0")
     assert code == 0
-    assert m["totals"] == {"rows_in": 7, "rows_kept": 1, "rows_below_threshold": 0, "rows_error": 6}
+    assert m["totals"] == {"rows_in": 7, "rows_kept": 1, "rows_below_threshold": 0, "rows_error": 6, "rows_unknown_partitions": 0}
     errors = pd.read_parquet(tmp_path / "out" / "errors").set_index("key")["error"]
     assert errors["truncated"].startswith("corrupt or truncated image")
     assert errors["empty"] == "empty image file"
@@ -200,7 +200,7 @@ def test_image_parquet_input_binary_and_struct(tmp_path, tiny_clip, tiny_weights
     struct_col = pa.array([{"bytes": b, "path": f"{i}.jpg"} for i, b in enumerate(imgs[:2])] + [{"bytes": b"", "path": "x"}])
     pq.write_table(pa.table({"key": ["s0", "s1", "s2"], "image": struct_col}), tmp_path / "b.parquet")
     code, m = run(tmp_path, [tmp_path / "a.parquet", tmp_path / "b.parquet"], tiny_clip, tiny_weights, "--threshold", "0", "--keep-embeddings")
-    assert code == 0 and m["totals"] == {"rows_in": 7, "rows_kept": 6, "rows_below_threshold": 0, "rows_error": 1}
+    assert code == 0 and m["totals"] == {"rows_in": 7, "rows_kept": 6, "rows_below_threshold": 0, "rows_error": 1, "rows_unknown_partitions": 0}
     kept = pd.read_parquet(tmp_path / "out" / "kept").set_index("key")
     ref = reference(tiny_clip, imgs)
     np.testing.assert_allclose(np.stack(kept.loc[["p0", "p1", "p2", "p3"], "embedding"].to_numpy()), ref, atol=1e-5)
