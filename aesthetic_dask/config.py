@@ -78,6 +78,16 @@ OUTPUT_OPTIONS: dict[str, tuple[str, ...]] = {
 }
 
 
+# Options that change how a job runs, never what it writes (checked by the tests: every option is
+# in OUTPUT_OPTIONS of a job or here, so a new option needs a decision).
+RUNTIME_OPTIONS = (
+    "model_inference_batch_size", "num_gpus_per_worker", "model_dir", "verbose", "aesthetic_weights",
+    "scheduler", "scheduler_file", "n_workers", "threads_per_worker", "decode_threads",
+)
+# aesthetic_weights is listed as runtime because the fingerprint holds the weights' sha256 instead:
+# the same file under another name or path writes the same output.
+
+
 def output_settings(config: Config, job: str, **derived: Any) -> dict[str, Any]:
     """What one job's output depends on: its :data:`OUTPUT_OPTIONS` plus ``derived`` values
     (inputs, weights sha256, file digests, the precision actually used)."""
