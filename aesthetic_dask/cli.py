@@ -24,6 +24,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="output directory")
     p.add_argument("--threshold", type=float, help="keep rows with aesthetic_score >= T (default 0.5)")
     p.add_argument("--aesthetic-weights", metavar="W", help="registry name or local .pth/.safetensors")
+    p.add_argument("--extra-scores", metavar="NAME=W[,NAME=W...]",
+                   help="more heads scored from the same embedding, one float32 column NAME each")
     p.add_argument("--model-dir", metavar="D", help="weights download/cache directory")
     p.add_argument("--keep-embeddings", action="store_const", const=True, help="write the embedding column")
     p.add_argument("--keep-rejected", action="store_const", const=True, help="write below-threshold rows to OUT/rejected/")
@@ -63,9 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--write-shards", metavar="DIR", help="also write kept samples as WebDataset tars into DIR")
     run.set_defaults(handler=_cmd_run)
 
-    download = sub.add_parser("download", help="prefetch every default weight into a model directory")
+    download = sub.add_parser("download", help="prefetch the configured heads and CLIP weights into a model directory")
     download.add_argument("--model-dir", metavar="DIR", help="target directory (default: the config's model_dir)")
-    download.add_argument("--list", action="store_true", help="list the registered weights and exit")
+    download.add_argument("--list", action="store_true", help="list the registered heads, and which are cached, and exit")
+    download.add_argument("--all", action="store_true", help="every registered head, not only the configured ones")
+    download.add_argument("--aesthetic-weights", metavar="W", help="the head to prefetch (default: the config's)")
+    download.add_argument("--extra-scores", metavar="NAME=W[,NAME=W...]", help="more heads to prefetch")
     download.add_argument("--skip-clip", action="store_true", help="only the aesthetic predictor, not the CLIP weights")
     download.add_argument("--config", metavar="FILE")
     download.set_defaults(handler=_cmd_download)
@@ -81,7 +86,7 @@ def _config_from_args(args: argparse.Namespace, keys: tuple[str, ...]):
 
 _JOB_KEYS = (
     "threshold", "aesthetic_weights", "model_dir", "keep_embeddings", "keep_rejected", "scheduler",
-    "scheduler_file", "n_workers", "threads_per_worker", "partition_rows", "verbose",
+    "scheduler_file", "n_workers", "threads_per_worker", "partition_rows", "verbose", "extra_scores",
 )
 
 
@@ -111,17 +116,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_download(args: argparse.Namespace) -> int:
-    from .weights import REGISTRY, download_all
+    from .weights import REGISTRY, cached_weights, download_all
 
+    config = _config_from_args(args, ("model_dir", "aesthetic_weights", "extra_scores"))
+    model_dir = config.resolved_model_dir
     if args.list:
         for name, entry in REGISTRY.items():
-            print(name)
+            cached = cached_weights(name, model_dir)
+            print(f"{name}  [{'cached: ' + str(cached.path) if cached else 'not cached'}]")
+            print(f"  {entry.description}; {entry.license}; expects CLIP {entry.clip}; layout {entry.spec.layout}")
             for src in entry.sources:
                 print(f"  {src.url}" + (f"  sha256={src.sha256}" if src.sha256 else ""))
         return EXIT_OK
-    config = _config_from_args(args, ("model_dir",))
-    for w in download_all(config.resolved_model_dir):
-        print(f"{w.source} -> {w.path} (sha256 {w.sha256})")
+    names = list(REGISTRY) if args.all else [w for w in (config.aesthetic_weights, *config.extra_scores.values()) if w in REGISTRY]
+    for w in download_all(model_dir, names):
+        print(f"{w.name}: {w.source} -> {w.path} (sha256 {w.sha256})")
     if not args.skip_clip:
         from .embed import download_clip
 

@@ -49,6 +49,7 @@ class Config:
     max_image_pixels: int
     decode_threads: int | None
     clip_precision: str
+    extra_scores: dict[str, str]
 
     @property
     def resolved_model_dir(self) -> Path:
@@ -69,11 +70,12 @@ class Config:
 OUTPUT_OPTIONS: dict[str, tuple[str, ...]] = {
     "score": (
         "score_threshold", "embedding_column", "keep_embeddings", "keep_rejected", "partition_rows",
+        "extra_scores",
     ),
     "run": (
         "score_threshold", "keep_embeddings", "keep_rejected", "partition_rows", "clip_model",
         "clip_pretrained", "clip_model_config", "clip_precision", "image_column", "json_fields",
-        "max_image_pixels", "write_shards",
+        "max_image_pixels", "write_shards", "extra_scores",
     ),
 }
 
@@ -125,6 +127,14 @@ def _coerce(name: str, value: Any, origin: str) -> Any:
     elif declared.startswith("float"):
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         value = float(value) if ok else value
+    elif declared.startswith("dict"):
+        if isinstance(value, str):  # CLI form: name=weights,name=weights
+            pairs = [item.partition("=") for item in value.split(",") if item.strip()]
+            if any(not sep or not k.strip() or not v.strip() for k, sep, v in pairs):
+                raise ConfigError(f"{origin}: option {name!r} expects NAME=VALUE[,NAME=VALUE...], got {value!r}")
+            value = {k.strip(): v.strip() for k, _, v in pairs}
+        ok = isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
+        value = dict(value) if ok else value
     elif declared.startswith("list"):
         if isinstance(value, str):  # CLI form: a,b,c
             value = [v.strip() for v in value.split(",") if v.strip()]

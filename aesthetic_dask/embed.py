@@ -48,31 +48,105 @@ class ClipSpec:
             pretrained = str(Path(pretrained).resolve())  # workers may run elsewhere than the client's cwd
         return cls(model, pretrained, model_config, str(config.resolved_model_dir.resolve() / "open_clip"), config.clip_precision)
 
-    def check(self, embed_dim: int | None = None) -> None:
-        """Fail early, in the client, on a spec that cannot load or does not fit the predictor."""
+    @property
+    def schema(self) -> str | None:
+        """open_clip's own reading of the model name: None (built-in), ``hf-hub`` or ``local-dir``."""
+        from open_clip.factory import parse_model_name
+
+        from .errors import InputError
+
+        try:
+            return parse_model_name(self.model)[0]
+        except ValueError as exc:
+            raise InputError(f"--clip-model {self.model}: {exc}") from None
+
+    def check(self, embed_dim: int | None = None, heads: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Fail early, in the client and before any download, on a spec that cannot load, gives the
+        wrong width, or reads another embedding space than a head was trained on.
+
+        ``heads``: column -> registry entry (None for a local head file). Returns the manifest's
+        record of the compatibility check.
+        """
         import open_clip
 
         from .errors import InputError
 
+        schema = self.schema
         if self.model_config:
             if not Path(self.model_config).is_file():
                 raise InputError(f"--clip-model-config {self.model_config}: no such file")
             open_clip.add_model_config(self.model_config)
-        model_config = open_clip.get_model_config(self.model)
-        if model_config is None:
-            raise InputError(f"--clip-model {self.model}: not an open_clip model (see open_clip.list_models())")
-        if embed_dim is not None and model_config.get("embed_dim") != embed_dim:
-            raise InputError(
-                f"--clip-model {self.model} gives {model_config.get('embed_dim')}-d embeddings; "
-                f"the aesthetic predictor expects {embed_dim}"
-            )
+        if schema is None:
+            model_config = open_clip.get_model_config(self.model)
+            if model_config is None:
+                raise InputError(f"--clip-model {self.model}: not an open_clip model (see open_clip.list_models())")
+            if embed_dim is not None and model_config.get("embed_dim") != embed_dim:
+                raise InputError(
+                    f"--clip-model {self.model} gives {model_config.get('embed_dim')}-d embeddings; "
+                    f"the aesthetic predictor expects {embed_dim}"
+                )
+            self._check_pretrained()
+        elif schema == "local-dir" and not Path(self.model.split(":", 1)[1]).is_dir():
+            raise InputError(f"--clip-model {self.model}: no such directory")
+        return self._check_heads(heads or {})
+
+    def _check_pretrained(self) -> None:
+        import open_clip
+
+        from .errors import InputError
+
         pretrained = self.pretrained
-        if pretrained and not Path(pretrained).exists():
+        if not pretrained:
+            raise InputError(
+                f"--clip-pretrained is empty: {self.model} would be randomly initialised and its scores "
+                "meaningless; give an open_clip pretrained tag or a checkpoint file"
+            )
+        if not Path(pretrained).exists():
             if "/" in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")):
                 raise InputError(f"--clip-pretrained {pretrained}: no such file")
             if not open_clip.get_pretrained_cfg(self.model, pretrained):
                 tags = ", ".join(open_clip.list_pretrained_tags_by_model(self.model)) or "none"
                 raise InputError(f"--clip-pretrained {pretrained}: open_clip has no such tag for {self.model} (tags: {tags})")
+
+    def _check_heads(self, heads: dict[str, Any]) -> dict[str, Any]:
+        """Each registered head's CLIP against this spec, by the weights open_clip would load."""
+        from .errors import InputError
+
+        mine = clip_weights_id(self.model, self.pretrained)
+        result: dict[str, Any] = {}
+        for column, entry in heads.items():
+            if entry is None:
+                result[column] = "vouched: a local head file; its CLIP is not known"
+            elif mine is None:
+                result[column] = "vouched: a local CLIP checkpoint; the head expects " + str(entry.clip)
+            elif mine != clip_weights_id(entry.clip.model, entry.clip.pretrained):
+                flag = "--aesthetic-weights " if column == "aesthetic_score" else f"--extra-scores {column}="
+                raise InputError(
+                    f"{flag}{entry.name} was trained on the embeddings of CLIP {entry.clip}; "
+                    f"--clip-model {self.model} --clip-pretrained {self.pretrained} gives another embedding space "
+                    "and its scores would be meaningless (a local --clip-pretrained checkpoint is accepted as vouched for)"
+                )
+            else:
+                result[column] = f"matches: {entry.clip}"
+        return result
+
+
+def clip_weights_id(model: str, pretrained: str | None) -> str | None:
+    """What CLIP weights ``(model, pretrained)`` loads, by open_clip's own registry: the hub repo
+    (or URL) of the pretrained tag, or the ``hf-hub:`` repo itself. ``None`` for a local
+    checkpoint or directory, whose weights only the user knows."""
+    import open_clip
+    from open_clip.factory import parse_model_name
+
+    schema, ident = parse_model_name(model)
+    if schema == "hf-hub":
+        return "hf-hub:" + ident.strip("/")
+    if schema == "local-dir" or not pretrained or Path(pretrained).exists():
+        return None
+    cfg = open_clip.get_pretrained_cfg(model, pretrained) or {}
+    if cfg.get("hf_hub"):
+        return "hf-hub:" + cfg["hf_hub"].strip("/")
+    return cfg.get("url") or f"{model}/{pretrained}"
 
 
 class ClipModel:
@@ -91,8 +165,9 @@ class ClipModel:
         pretrained = spec.pretrained
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            # require_pretrained: open_clip refuses to hand back randomly initialised weights.
             model, _, preprocess = open_clip.create_model_and_transforms(
-                spec.model, pretrained=pretrained, device=self.device, cache_dir=spec.cache_dir
+                spec.model, pretrained=pretrained, device=self.device, cache_dir=spec.cache_dir, require_pretrained=True
             )
         self.model = model.eval()
         self.preprocess = preprocess

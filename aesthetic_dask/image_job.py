@@ -25,13 +25,15 @@ from .config import Config, output_settings
 from .embed import ClipSpec, EmbedOptions, attach_embeddings, compute_precision, embed_stream, with_embeddings
 from .embeddings_reader import EmbeddingPart, plan_parquet
 from .errors import InputError
-from .image_reader import ShardPart, ShardReader, check_image_type, image_values, parse_json_fields, samples_table, split_key
+from .image_reader import (ShardPart, ShardReader, check_image_type, image_values, parse_json_fields, samples_table,
+                           shard_schema, split_key)
 from .job import Job, Work, package_versions, run_parts
 from .output import OutputLayout, WriteOptions, split_and_write
 from .partition import finish_record, new_record, process_parquet_part
-from .predictor import AestheticPredictor, load_job_predictor
-from .score import score_table, table_keep_mask
+from .predictor import AestheticPredictor, load_extra_heads, load_job_predictor
+from .score import SCORE_COLUMN, check_extra_score_names, score_table, table_keep_mask
 from .sources import list_inputs
+from .weights import REGISTRY
 
 # Rows per partition of image Parquet: all their image bytes are in memory at once.
 IMAGE_PARQUET_ROWS = 4096
@@ -41,7 +43,8 @@ VERSIONED_PACKAGES = ("aesthetic-dask", "dask", "distributed", "pandas", "pyarro
 
 
 def process_shard(part: ShardPart, fields: dict, clip_spec: ClipSpec, predictor: AestheticPredictor, out: str,
-                  opts: WriteOptions, embed: EmbedOptions, write_shards: str | None) -> dict[str, Any]:
+                  opts: WriteOptions, embed: EmbedOptions, write_shards: str | None,
+                  extras: dict[str, AestheticPredictor] | None = None) -> dict[str, Any]:
     """Read, embed, score and write one WebDataset shard; return its record."""
     t0 = time.perf_counter()
     layout = OutputLayout(Path(out))
@@ -56,7 +59,7 @@ def process_shard(part: ShardPart, fields: dict, clip_spec: ClipSpec, predictor:
 
     embeddings, reasons, compute = embed_stream(images(), clip_spec, embed, predictor.embed_dim)
     base = samples_table(samples, part.source, fields, with_images=False).drop_columns(["image", "image_ext"])
-    table = score_table(attach_embeddings(base, embeddings, reasons), predictor)
+    table = score_table(attach_embeddings(base, embeddings, reasons), predictor, extras=extras)
     record = new_record(part) | {"clip_compute": compute}
     record |= split_and_write(table, np.array([s.index for s in samples], dtype=np.int64), part.name, part.source, layout, opts)
     if reader.failure:
@@ -88,17 +91,18 @@ def write_kept_shard(source: str, keys: set[str], target: Path, tmp_dir: Path) -
 
 
 def score_image_table(table: pa.Table, column: str, clip_spec: ClipSpec, predictor: AestheticPredictor,
-                      embed: EmbedOptions) -> pa.Table:
+                      embed: EmbedOptions, extras: dict[str, AestheticPredictor] | None = None) -> pa.Table:
     """Rows of an image Parquet file, with the image column replaced by embedding, score and error."""
     embedded = with_embeddings(table.drop_columns([column]), image_values(table.column(column)), clip_spec, embed,
                                predictor.embed_dim)
-    return score_table(embedded, predictor)
+    return score_table(embedded, predictor, extras=extras)
 
 
 def process_image_parquet_part(part: EmbeddingPart, schema: pa.Schema, column: str, clip_spec: ClipSpec,
-                               predictor: AestheticPredictor, out: str, opts: WriteOptions, embed: EmbedOptions) -> dict[str, Any]:
+                               predictor: AestheticPredictor, out: str, opts: WriteOptions, embed: EmbedOptions,
+                               extras: dict[str, AestheticPredictor] | None = None) -> dict[str, Any]:
     """Read, embed, score and write rows of an image Parquet file; return its record."""
-    scorer = partial(score_image_table, column=column, clip_spec=clip_spec, predictor=predictor, embed=embed)
+    scorer = partial(score_image_table, column=column, clip_spec=clip_spec, predictor=predictor, embed=embed, extras=extras)
     return process_parquet_part(part, schema, column, out, opts, scorer)
 
 
@@ -119,13 +123,19 @@ def run_job(inputs: list[str], out: str | Path, config: Config, overwrite: bool 
     pq_plan = plan_parquet(parquets, config.image_column, check_image_type, min(config.partition_rows, IMAGE_PARQUET_ROWS),
                            pa.binary()) if parquets else None
 
+    # Compatibility first: a head trained on another CLIP is refused before anything is downloaded.
+    heads = {SCORE_COLUMN: config.aesthetic_weights, **config.extra_scores}
+    compatibility = clip_spec.check(heads={column: REGISTRY.get(w) for column, w in heads.items()})
     predictor, weights = load_job_predictor(config)
+    extras, extra_info = load_extra_heads(config, predictor.embed_dim)
     clip_spec.check(predictor.embed_dim)
-    opts = WriteOptions(config.score_threshold, "embedding", config.keep_embeddings, config.keep_rejected, predictor.embed_dim)
+    check_extra_score_names(extras, shard_schema(fields).names + (pq_plan.schema.names if pq_plan else []))
+    opts = WriteOptions(config.score_threshold, "embedding", config.keep_embeddings, config.keep_rejected,
+                        predictor.embed_dim, tuple(extras))
     embed = EmbedOptions.from_config(config)
     failed_inputs = dict(pq_plan.failed) if pq_plan else {}
     work = []
-    common = dict(clip_spec=clip_spec, predictor=predictor, out=str(out), opts=opts, embed=embed)
+    common = dict(clip_spec=clip_spec, predictor=predictor, out=str(out), opts=opts, embed=embed, extras=extras)
     if shard_parts:
         work.append(Work(shard_parts, process_shard, dict(fields=fields, write_shards=shards_dir, **common)))
     if pq_plan and pq_plan.parts:
@@ -139,6 +149,7 @@ def run_job(inputs: list[str], out: str | Path, config: Config, overwrite: bool 
             config, "run",
             inputs=sorted(str(f) for f in listed.files),
             weights_sha256=weights["sha256"],
+            extra_scores_sha256={k: v["sha256"] for k, v in extra_info.items()},
             write_shards=shards_dir,
             clip_model_config_sha256=_file_digest(clip_spec.model_config),
             clip_compute=compute_precision(config.clip_precision, device),
@@ -150,7 +161,9 @@ def run_job(inputs: list[str], out: str | Path, config: Config, overwrite: bool 
             info={
                 "config": config.to_dict(),
                 "weights": weights,
-                "clip": {"model": clip_spec.model, "pretrained": clip_spec.pretrained, "model_config": clip_spec.model_config},
+                "extra_scores": extra_info,
+                "clip": {"model": clip_spec.model, "pretrained": clip_spec.pretrained, "model_config": clip_spec.model_config,
+                         "compatibility": compatibility},
                 "versions": package_versions(VERSIONED_PACKAGES),
             },
             failed_inputs=failed_inputs,

@@ -112,6 +112,7 @@ class WriteOptions:
     keep_embeddings: bool
     keep_rejected: bool
     embed_dim: int = 768
+    extra_score_columns: tuple[str, ...] = ()  # --extra-scores: written for scored rows only
 
 
 def split_and_write(
@@ -149,7 +150,7 @@ def split_and_write(
     n_errors = int(is_error.sum())
     if n_errors:
         err = table.filter(pa.array(is_error)).drop_columns(
-            [c for c in (opts.embedding_column, SCORE_COLUMN) if c in table.column_names]
+            [c for c in (opts.embedding_column, SCORE_COLUMN, *opts.extra_score_columns) if c in table.column_names]
         )
         err = _with_provenance(err, source, rows[is_error])
         _write_parquet(err, layout.errors / f"{name}.parquet", layout.tmp)

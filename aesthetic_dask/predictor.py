@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .weights import PredictorSpec, ResolvedWeights, load_state_dict, resolve_weights
+from .weights import PredictorSpec, ResolvedWeights, infer_spec, load_state_dict, param_key, resolve_weights
 
 # Rows per matmul on the layered path: bounds the (rows x 1024) hidden activations.
 _LAYER_CHUNK = 65536
@@ -66,7 +66,7 @@ class AestheticPredictor:
     def from_state_dict(
         cls, state: dict[str, np.ndarray], spec: PredictorSpec, source: str = "", sha256: str = ""
     ) -> AestheticPredictor:
-        layers = [(state[f"{k}.weight"], state[f"{k}.bias"]) for k in spec.layer_keys]
+        layers = [(state[param_key(k, "weight")], state[param_key(k, "bias")]) for k in spec.layer_keys]
         return cls(layers, spec.activation, source=source, sha256=sha256)
 
     @property
@@ -126,12 +126,47 @@ def load_predictor(
     directory = Path(model_dir) if model_dir is not None else load_config().resolved_model_dir
     resolved = weights if isinstance(weights, ResolvedWeights) else resolve_weights(weights, directory)
     state = load_state_dict(resolved, directory)
-    return AestheticPredictor.from_state_dict(state, resolved.spec, resolved.source, resolved.sha256)
+    return AestheticPredictor.from_state_dict(state, resolved.spec or infer_spec(state), resolved.source, resolved.sha256)
 
 
 def load_job_predictor(config: Any) -> tuple[AestheticPredictor, dict[str, Any]]:
     """The predictor of ``config.aesthetic_weights`` and its manifest entry (loaded in the client)."""
-    weights = resolve_weights(config.aesthetic_weights, config.resolved_model_dir)
-    predictor = load_predictor(weights, config.resolved_model_dir)
-    info = {"source": weights.source, "path": str(weights.path), "sha256": weights.sha256, "folded": predictor.folded}
+    return load_head(config.aesthetic_weights, config.resolved_model_dir)
+
+
+def load_head(name_or_path: str, model_dir: Path) -> tuple[AestheticPredictor, dict[str, Any]]:
+    """A head by registry name or local file, and what the manifest records of it."""
+    weights = resolve_weights(name_or_path, model_dir)
+    predictor = load_predictor(weights, model_dir)
+    entry = weights.entry
+    info = {
+        "name": weights.name,
+        "source": weights.source,
+        "path": str(weights.path),
+        "sha256": weights.sha256,
+        "folded": predictor.folded,
+        "activation": predictor.activation,
+        "embed_dim": predictor.embed_dim,
+        "license": entry.license if entry else None,
+        "expected_clip": {"model": entry.clip.model, "pretrained": entry.clip.pretrained} if entry else None,
+    }
     return predictor, info
+
+
+def load_extra_heads(config: Any, embed_dim: int) -> tuple[dict[str, AestheticPredictor], dict[str, dict[str, Any]]]:
+    """The ``extra_scores`` heads (column name -> predictor) and their manifest entries.
+
+    Every extra head must read the same embedding as the main one (same width).
+    """
+    from .errors import InputError
+
+    heads, infos = {}, {}
+    for column, weights in config.extra_scores.items():
+        predictor, info = load_head(weights, config.resolved_model_dir)
+        if predictor.embed_dim != embed_dim:
+            raise InputError(
+                f"--extra-scores {column}={weights}: the head reads {predictor.embed_dim}-d embeddings, "
+                f"the main head {embed_dim}-d"
+            )
+        heads[column], infos[column] = predictor, info
+    return heads, infos

@@ -13,12 +13,27 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .errors import MissingColumnError
+from .errors import InputError, MissingColumnError
 from .predictor import AestheticPredictor
 
 SCORE_COLUMN = "aesthetic_score"
 ERROR_COLUMN = "error"
 ERROR_DTYPE = pd.ArrowDtype(pa.string())
+
+
+# Columns the jobs write themselves; a user column or an extra head never takes one of these names.
+RESERVED_COLUMNS = ("aesthetic_score", "error", "embedding", "source", "row")
+
+
+def check_extra_score_names(extras: dict[str, Any], input_columns: list[str]) -> None:
+    """Refuse an ``--extra-scores`` column name that is empty, reserved or already an input column."""
+    for name in extras:
+        if not name.isidentifier():
+            raise InputError(f"--extra-scores {name}: a column name must be letters, digits and _")
+        if name in RESERVED_COLUMNS:
+            raise InputError(f"--extra-scores {name}: {name!r} is a column the job writes; choose another name")
+        if name in input_columns:
+            raise InputError(f"--extra-scores {name}: the input already has a column {name!r}; choose another name")
 
 
 def arrow_chunks(series: pd.Series) -> list[pa.Array]:
@@ -36,37 +51,48 @@ def merge_errors(earlier: pa.Array | pa.ChunkedArray | None, new: pa.Array) -> p
     return pc.coalesce(earlier.cast(pa.string()), new)
 
 
-def score_arrow(chunks: list[pa.Array], predictor: AestheticPredictor) -> tuple[np.ndarray, np.ndarray]:
-    """(float32 scores, error reasons) of an Arrow embedding column, chunk by chunk.
+def score_arrow(
+    chunks: list[pa.Array], predictor: AestheticPredictor, extras: dict[str, AestheticPredictor] | None = None
+) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """(float32 scores, error reasons, extra heads' scores) of an Arrow embedding column, chunk by chunk.
 
-    Chunks are scored where they lie: combining them would copy the whole matrix.
+    Chunks are scored where they lie: combining them would copy the whole matrix. Every head
+    reads the same matrix in the same pass.
     """
-    scores, reasons = [], []
+    heads = [predictor, *(extras or {}).values()]
+    per_head: list[list[np.ndarray]] = [[] for _ in heads]
+    reasons = []
     for chunk in chunks:
         matrix, candidates, why = arrow_embedding_matrix(chunk, predictor.embed_dim)
-        scores.append(classify_and_score(np, predictor, matrix, candidates, why))
+        for out, scores in zip(per_head, classify_and_score(np, heads, matrix, candidates, why)):
+            out.append(scores)
         reasons.append(why)
-    if not scores:
-        return np.empty(0, np.float32), np.empty(0, object)
-    return np.concatenate(scores), np.concatenate(reasons)
+    if not reasons:
+        empty = np.empty(0, np.float32)
+        return empty, np.empty(0, object), {name: empty for name in (extras or {})}
+    joined = [np.concatenate(parts) for parts in per_head]
+    return joined[0], np.concatenate(reasons), dict(zip(extras or {}, joined[1:]))
 
 
 def classify_and_score(
     xp: Any,
-    predictor: AestheticPredictor,
+    heads: AestheticPredictor | list[AestheticPredictor],
     matrix: Any,
     candidates: Any,
     reasons: np.ndarray,
-) -> np.ndarray:
-    """Scores for all rows; invalid rows get NaN and a reason in ``reasons`` (filled in place).
+) -> Any:
+    """Scores for all rows from each head; invalid rows get NaN and a reason in ``reasons`` (filled in place).
 
     ``matrix`` holds the rows where ``candidates`` is true (right length, no nulls). Rows with a
     non-finite or zero squared norm are invalid: a zero vector is an error, not a division by zero.
+    Given one head, returns its scores; given a list, a list of score arrays.
     """
+    single = not isinstance(heads, (list, tuple))
+    heads = [heads] if single else list(heads)
     n = candidates.shape[0]
-    scores = np.full(n, np.nan, dtype=np.float32)
+    results = [np.full(n, np.nan, dtype=np.float32) for _ in heads]
     if matrix.shape[0] == 0:
-        return scores
+        return results[0] if single else results
     sq_norm = xp.einsum("ij,ij->i", matrix, matrix)
     finite = xp.isfinite(sq_norm)
     nonzero = sq_norm > 0
@@ -75,11 +101,11 @@ def classify_and_score(
     finite_h, nonzero_h, ok_h = _to_numpy(finite), _to_numpy(nonzero), _to_numpy(ok)
     reasons[cand_idx[~finite_h]] = "embedding contains NaN or inf"
     reasons[cand_idx[finite_h & ~nonzero_h]] = "embedding has zero norm"
-    if ok_h.all():
-        scores[cand_idx] = _to_numpy(predictor.score_raw(matrix, sq_norm, xp))
-    elif ok_h.any():
-        scores[cand_idx[ok_h]] = _to_numpy(predictor.score_raw(matrix[ok], sq_norm[ok], xp))
-    return scores
+    if ok_h.any():
+        rows, norms = (matrix, sq_norm) if ok_h.all() else (matrix[ok], sq_norm[ok])
+        for head, scores in zip(heads, results):
+            scores[cand_idx[ok_h]] = _to_numpy(head.score_raw(rows, norms, xp))
+    return results[0] if single else results
 
 
 def _to_numpy(a: Any) -> np.ndarray:
@@ -142,53 +168,72 @@ def _cudf_embedding_matrix(series: Any, dim: int) -> tuple[Any, Any, np.ndarray]
 
 
 def score_columns(
-    embedding: list[pa.Array], earlier_error: pa.ChunkedArray | pa.Array | None, predictor: AestheticPredictor
-) -> tuple[np.ndarray, pa.Array]:
-    """The score stage on Arrow columns: (float32 scores, NaN where invalid; error reasons).
+    embedding: list[pa.Array],
+    earlier_error: pa.ChunkedArray | pa.Array | None,
+    predictor: AestheticPredictor,
+    extras: dict[str, AestheticPredictor] | None = None,
+) -> tuple[np.ndarray, pa.Array, dict[str, np.ndarray]]:
+    """The score stage on Arrow columns: (float32 scores, NaN where invalid; error reasons; extra
+    heads' scores by column name).
 
     ``embedding`` is the column's chunks; an earlier stage's reason (e.g. an undecodable image)
     wins over this stage's.
     """
-    scores, reasons = score_arrow(embedding, predictor)
-    return scores, merge_errors(earlier_error, pa.array(reasons, type=pa.string()))
+    scores, reasons, extra = score_arrow(embedding, predictor, extras)
+    return scores, merge_errors(earlier_error, pa.array(reasons, type=pa.string())), extra
 
 
-def score_table(table: pa.Table, predictor: AestheticPredictor, embedding_column: str = "embedding") -> pa.Table:
-    """``table`` with ``aesthetic_score`` (float32) and ``error`` set: the jobs' score stage."""
+def score_table(
+    table: pa.Table,
+    predictor: AestheticPredictor,
+    embedding_column: str = "embedding",
+    extras: dict[str, AestheticPredictor] | None = None,
+) -> pa.Table:
+    """``table`` with ``aesthetic_score`` (float32), the extra heads' columns and ``error`` set:
+    the jobs' score stage."""
     if embedding_column not in table.column_names:
         raise MissingColumnError("input", embedding_column, table.column_names)
     earlier = table.column(ERROR_COLUMN) if ERROR_COLUMN in table.column_names else None
-    scores, error = score_columns(table.column(embedding_column).chunks, earlier, predictor)
-    out = table.drop_columns([c for c in (SCORE_COLUMN, ERROR_COLUMN) if c in table.column_names])
-    return out.append_column(SCORE_COLUMN, pa.array(scores, pa.float32())).append_column(ERROR_COLUMN, error)
+    scores, error, extra = score_columns(table.column(embedding_column).chunks, earlier, predictor, extras)
+    added = {SCORE_COLUMN: scores, **extra}
+    out = table.drop_columns([c for c in (*added, ERROR_COLUMN) if c in table.column_names])
+    for name, values in added.items():
+        out = out.append_column(name, pa.array(values, pa.float32()))
+    return out.append_column(ERROR_COLUMN, error)
 
 
-def score_partition(df: Any, predictor: AestheticPredictor, embedding_column: str = "embedding") -> Any:
-    """Partition function: ``df`` plus ``aesthetic_score`` (float32, NaN if invalid) and ``error``.
+def score_partition(
+    df: Any, predictor: AestheticPredictor, embedding_column: str = "embedding",
+    extras: dict[str, AestheticPredictor] | None = None,
+) -> Any:
+    """Partition function: ``df`` plus ``aesthetic_score`` (float32, NaN if invalid), the extra
+    heads' columns, and ``error``.
 
     The notebook API's score stage; it computes exactly what :func:`score_table` does for the jobs.
     """
     if embedding_column not in df.columns:
         raise MissingColumnError("input", embedding_column, list(df.columns))
     if type(df).__module__.startswith("cudf"):
-        return _score_cudf_partition(df, predictor, embedding_column)
+        return _score_cudf_partition(df, predictor, embedding_column, extras)
     earlier = pa.chunked_array(arrow_chunks(df[ERROR_COLUMN]), pa.string()) if ERROR_COLUMN in df.columns else None
-    scores, error = score_columns(arrow_chunks(df[embedding_column]), earlier, predictor)
-    out = df.assign(**{SCORE_COLUMN: scores})
+    scores, error, extra = score_columns(arrow_chunks(df[embedding_column]), earlier, predictor, extras)
+    out = df.drop(columns=[c for c in (SCORE_COLUMN, *extra, ERROR_COLUMN) if c in df.columns])
+    out = out.assign(**{SCORE_COLUMN: scores, **extra})
     out[ERROR_COLUMN] = pd.Series(pd.arrays.ArrowExtensionArray(error), index=df.index)
     return out
 
 
-def _score_cudf_partition(df: Any, predictor: AestheticPredictor, embedding_column: str) -> Any:
+def _score_cudf_partition(df: Any, predictor: AestheticPredictor, embedding_column: str,
+                          extras: dict[str, AestheticPredictor] | None = None) -> Any:
     """cudf partitions: the matrix is scored on the GPU with cupy; reasons merge as on CPU."""
     import cudf
     import cupy as xp
 
     matrix, candidates, reasons = _cudf_embedding_matrix(df[embedding_column], predictor.embed_dim)
-    scores = classify_and_score(xp, predictor, matrix, candidates, reasons)
+    scores, *extra = classify_and_score(xp, [predictor, *(extras or {}).values()], matrix, candidates, reasons)
     earlier = df[ERROR_COLUMN].to_arrow() if ERROR_COLUMN in df.columns else None
     merged = merge_errors(earlier, pa.array(reasons, type=pa.string()))
-    out = df.assign(**{SCORE_COLUMN: scores})
+    out = df.assign(**{SCORE_COLUMN: scores, **dict(zip(extras or {}, extra))})
     error = cudf.Series.from_arrow(merged)
     error.index = df.index  # positional: the reasons are in row order, whatever the index labels
     out[ERROR_COLUMN] = error
@@ -215,29 +260,33 @@ def filter_partition(df: Any, threshold: float) -> Any:
     return df[keep_mask(scores, is_error, threshold)]
 
 
-def _scored_meta(meta: pd.DataFrame) -> pd.DataFrame:
+def _scored_meta(meta: pd.DataFrame, extra_columns: tuple[str, ...] = ()) -> pd.DataFrame:
+    added = (SCORE_COLUMN, *extra_columns)
+    meta = meta.drop(columns=[c for c in (*added, ERROR_COLUMN) if c in meta.columns])
     return meta.assign(
-        **{SCORE_COLUMN: pd.Series([], dtype="float32"), ERROR_COLUMN: pd.Series([], dtype=ERROR_DTYPE)}
+        **{c: pd.Series([], dtype="float32") for c in added}, **{ERROR_COLUMN: pd.Series([], dtype=ERROR_DTYPE)}
     )
 
 
 def score_embeddings(ddf, config=None, predictor: AestheticPredictor | None = None):
-    """Lazily add ``aesthetic_score`` (and ``error`` for invalid rows) to an embeddings frame.
+    """Lazily add ``aesthetic_score``, the ``extra_scores`` heads' columns and ``error`` (the
+    reason of an invalid row) to an embeddings frame.
 
-    The predictor is loaded once in the caller from ``config.aesthetic_weights`` (unless given)
-    and travels to the workers folded: one 768-vector and a bias.
+    The heads are loaded once in the caller from ``config`` (unless ``predictor`` is given) and
+    travel to the workers; a folded head is one 768-vector and a bias.
     """
     from .config import load_config
-    from .predictor import load_predictor
+    from .predictor import load_extra_heads, load_predictor
 
     config = config or load_config()
     if predictor is None:
         predictor = load_predictor(config.aesthetic_weights, config.resolved_model_dir)
+    extras, _ = load_extra_heads(config, predictor.embed_dim)
     column = config.embedding_column
     if column not in ddf.columns:
         raise MissingColumnError("input", column, list(ddf.columns))
     return ddf.map_partitions(
-        score_partition, predictor, column, meta=_scored_meta(ddf._meta), enforce_metadata=False
+        score_partition, predictor, column, extras, meta=_scored_meta(ddf._meta, tuple(extras)), enforce_metadata=False
     )
 
 

@@ -18,27 +18,28 @@ from .embeddings_reader import EmbeddingPart, plan_embeddings
 from .job import Job, Work, package_versions, run_parts
 from .output import OutputLayout, WriteOptions, frame_to_table
 from .partition import process_parquet_part
-from .predictor import AestheticPredictor, load_job_predictor
-from .score import score_partition, score_table
+from .predictor import AestheticPredictor, load_extra_heads, load_job_predictor
+from .score import check_extra_score_names, score_partition, score_table
 
 VERSIONED_PACKAGES = ("aesthetic-dask", "dask", "distributed", "pandas", "pyarrow", "numpy", "safetensors", "huggingface_hub")
 
 
-def score_embedding_table(table: pa.Table, predictor: AestheticPredictor, column: str, backend: str) -> pa.Table:
-    """A read partition with ``aesthetic_score`` and ``error``: Arrow on CPU, cudf on a GPU worker."""
+def score_embedding_table(table: pa.Table, predictor: AestheticPredictor, column: str, backend: str,
+                          extras: dict[str, AestheticPredictor] | None = None) -> pa.Table:
+    """A read partition with ``aesthetic_score``, extra heads and ``error``: Arrow on CPU, cudf on a GPU worker."""
     if backend == "cudf":
         import cudf
 
-        return frame_to_table(score_partition(cudf.DataFrame.from_arrow(table), predictor, column))
-    return score_table(table, predictor, column)
+        return frame_to_table(score_partition(cudf.DataFrame.from_arrow(table), predictor, column, extras))
+    return score_table(table, predictor, column, extras)
 
 
 def process_embedding_part(
     part: EmbeddingPart, schema: pa.Schema, column: str, predictor: AestheticPredictor, out: str,
-    opts: WriteOptions, backend: str = "pandas",
+    opts: WriteOptions, backend: str = "pandas", extras: dict[str, AestheticPredictor] | None = None,
 ) -> dict[str, Any]:
     """Read, score and write one partition; return its record."""
-    scorer = partial(score_embedding_table, predictor=predictor, column=column, backend=backend)
+    scorer = partial(score_embedding_table, predictor=predictor, column=column, backend=backend, extras=extras)
     return process_parquet_part(part, schema, column, out, opts, scorer)
 
 
@@ -50,21 +51,26 @@ def score_job(inputs: list[str], out: str | Path, config: Config, overwrite: boo
     out = Path(out).absolute()
     plan = plan_embeddings(inputs, config.embedding_column, config.partition_rows, exclude=(str(out),))
     predictor, weights = load_job_predictor(config)
+    extras, extra_info = load_extra_heads(config, predictor.embed_dim)
+    check_extra_score_names(extras, plan.schema.names)
     opts = WriteOptions(
         threshold=config.score_threshold,
         embedding_column=config.embedding_column,
         keep_embeddings=config.keep_embeddings,
         keep_rejected=config.keep_rejected,
         embed_dim=predictor.embed_dim,
+        extra_score_columns=tuple(extras),
     )
     sources = sorted({p.source for p in plan.parts} | set(plan.failed))
     job = Job(
         kind="score",
         layout=OutputLayout(out),
-        settings=output_settings(config, "score", inputs=sources, weights_sha256=weights["sha256"]),
+        settings=output_settings(config, "score", inputs=sources, weights_sha256=weights["sha256"],
+                                 extra_scores_sha256={k: v["sha256"] for k, v in extra_info.items()}),
         info={
             "config": config.to_dict(),
             "weights": weights,
+            "extra_scores": extra_info,
             "versions": package_versions(VERSIONED_PACKAGES),
         },
         failed_inputs=plan.failed,
@@ -81,6 +87,7 @@ def score_job(inputs: list[str], out: str | Path, config: Config, overwrite: boo
             out=str(out),
             opts=opts,
             backend="cudf" if device == "cuda" else "pandas",
+            extras=extras,
         )
         return run_parts(
             job,

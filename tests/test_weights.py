@@ -12,7 +12,7 @@ from aesthetic_dask.weights import WeightsError, load_state_dict, resolve_weight
 
 def test_registry_pins_the_default_sources():
     entry = W.REGISTRY[W.DEFAULT_WEIGHTS]
-    hub = {s.repo_id: s for s in entry.sources}
+    hub = {s.repo_id: s for s in entry.sources if isinstance(s, W.HubFile)}
     ttj = hub["ttj/sac-logos-ava1-l14-linearMSE"]
     assert ttj.filename == "model.safetensors" and ttj.revision.startswith("1e77fa0") and len(ttj.revision) == 40
     cam = hub["camenduru/improved-aesthetic-predictor"]
