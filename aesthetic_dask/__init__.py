@@ -5,7 +5,10 @@ Notebook API (lazy Dask frames)::
     import aesthetic_dask as ad
     cfg = ad.load_config(threshold=5.0)
     ddf = ad.read_embeddings("laion/embeddings/", embedding_column="embedding")
-    good = ad.filter_by_score(ad.score_embeddings(ddf, cfg), cfg.score_threshold)
+    scored = ad.score_embeddings(ddf, cfg)
+    ad.score_histogram(scored)             # exact histogram, bins of 0.05 (small pandas frame)
+    good = ad.filter_by_score(scored, cfg.score_threshold)
+    ad.write_report("out/")                # OUT/report.html of a finished job
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ _EXPORTS = {
     "AestheticPredictor": "predictor",
     "load_predictor": "predictor",
     "REGISTRY": "weights",
+    "score_histogram": "histogram",
+    "write_report": "report",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -36,6 +36,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--partition-rows", type=int, help="rows per partition (Parquet row groups are not split)")
     p.add_argument("--config", metavar="FILE", help="YAML config (see conf/default.yaml)")
     p.add_argument("--overwrite", action="store_true", help="replace an OUT written by a different job")
+    p.add_argument("--report", action=argparse.BooleanOptionalAction, default=None,
+                   help="write OUT/report.html at the end (default: on)")
     p.add_argument("-v", "--verbose", action="store_const", const=True, help="log per-partition progress")
 
 
@@ -65,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--write-shards", metavar="DIR", help="also write kept samples as WebDataset tars into DIR")
     run.set_defaults(handler=_cmd_run)
 
+    report = sub.add_parser("report", help="write the HTML report of a job's OUT (histogram, thresholds, samples)")
+    report.add_argument("out", metavar="OUT", help="the job's output directory")
+    report.add_argument("-o", "--output", metavar="FILE", help="where to write the page (default OUT/report.html)")
+    report.set_defaults(handler=_cmd_report)
+
     download = sub.add_parser("download", help="prefetch the configured heads and CLIP weights into a model directory")
     download.add_argument("--model-dir", metavar="DIR", help="target directory (default: the config's model_dir)")
     download.add_argument("--list", action="store_true", help="list the registered heads, and which are cached, and exit")
@@ -86,7 +93,7 @@ def _config_from_args(args: argparse.Namespace, keys: tuple[str, ...]):
 
 _JOB_KEYS = (
     "threshold", "aesthetic_weights", "model_dir", "keep_embeddings", "keep_rejected", "scheduler",
-    "scheduler_file", "n_workers", "threads_per_worker", "partition_rows", "verbose", "extra_scores",
+    "scheduler_file", "n_workers", "threads_per_worker", "partition_rows", "verbose", "extra_scores", "report",
 )
 
 
@@ -113,6 +120,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     manifest, code = run_job(args.inputs, args.output, config, overwrite=args.overwrite)
     print(summary(manifest, Path(args.output), unit="images"), file=sys.stderr)
     return code
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    print(f"report: {write_report(args.out, args.output)}")
+    return EXIT_OK
 
 
 def _cmd_download(args: argparse.Namespace) -> int:

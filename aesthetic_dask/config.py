@@ -50,6 +50,7 @@ class Config:
     decode_threads: int | None
     clip_precision: str
     extra_scores: dict[str, str]
+    report: bool
 
     @property
     def resolved_model_dir(self) -> Path:
@@ -84,7 +85,7 @@ OUTPUT_OPTIONS: dict[str, tuple[str, ...]] = {
 # in OUTPUT_OPTIONS of a job or here, so a new option needs a decision).
 RUNTIME_OPTIONS = (
     "model_inference_batch_size", "num_gpus_per_worker", "model_dir", "verbose", "aesthetic_weights",
-    "scheduler", "scheduler_file", "n_workers", "threads_per_worker", "decode_threads",
+    "scheduler", "scheduler_file", "n_workers", "threads_per_worker", "decode_threads", "report",
 )
 # aesthetic_weights is listed as runtime because the fingerprint holds the weights' sha256 instead:
 # the same file under another name or path writes the same output.

@@ -16,7 +16,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -213,29 +213,33 @@ def load_clip(spec: ClipSpec) -> ClipModel:
         return model
 
 
-def decode_image(data: bytes | None, preprocess: Any, max_pixels: int) -> tuple[Any, str | None]:
-    """(preprocessed tensor, None) or (None, reason). Never decodes an image over ``max_pixels``."""
+def decode_image(data: bytes | None, preprocess: Any, max_pixels: int,
+                 thumbnail: bool = False) -> tuple[Any, str | None, bytes | None]:
+    """(preprocessed tensor, None, thumbnail) or (None, reason, None). Never decodes an image over
+    ``max_pixels``. With ``thumbnail``, also a 128-px JPEG of the decoded image for the report."""
+    from .samples import make_thumbnail
+
     from PIL import Image, UnidentifiedImageError
 
     if data is None:
-        return None, "no image"
+        return None, "no image", None
     if len(data) == 0:
-        return None, "empty image file"
+        return None, "empty image file", None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
             width, height = image.size
             if width * height > max_pixels:
-                return None, f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels} (max_image_pixels)"
+                return None, f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels} (max_image_pixels)", None
             image.load()  # first frame of an animation
-            return preprocess(image), None
+            return preprocess(image), None, make_thumbnail(image) if thumbnail else None
     except Image.DecompressionBombError as exc:
-        return None, f"image over the pixel limit: {exc}"
+        return None, f"image over the pixel limit: {exc}", None
     except UnidentifiedImageError:
-        return None, "not an image (cannot identify the format)"
+        return None, "not an image (cannot identify the format)", None
     except (OSError, SyntaxError, ValueError) as exc:
-        return None, f"corrupt or truncated image: {exc}"
+        return None, f"corrupt or truncated image: {exc}", None
 
 
 class ImageEmbedder:
@@ -247,36 +251,45 @@ class ImageEmbedder:
         self.max_pixels = max_pixels
         self.decode_threads = decode_threads or os.cpu_count() or 1
 
-    def embed(self, images: Iterable[bytes | None]) -> Iterator[tuple[np.ndarray | None, str | None]]:
-        """For each image in order: (embedding, None) or (None, reason)."""
+    def embed(self, images: Iterable[bytes | None], thumbnail_for: Callable[[int], bool] | None = None
+              ) -> Iterator[tuple[np.ndarray | None, str | None, bytes | None]]:
+        """For each image in order: (embedding, None, thumbnail) or (None, reason, None).
+
+        ``thumbnail_for(i)``, asked when image ``i`` is taken from ``images``, says whether the
+        decoder also makes its thumbnail.
+        """
         import torch
 
         source = iter(images)
         pending: deque = deque()
         lookahead = 2 * self.batch_size  # the batch the model runs on and the next one
+        taken = 0
 
         with ThreadPoolExecutor(self.decode_threads, thread_name_prefix="decode") as pool:
             def fill() -> None:
+                nonlocal taken
                 while len(pending) < lookahead:
                     try:
                         data = next(source)
                     except StopIteration:
                         return
-                    pending.append(pool.submit(decode_image, data, self.clip.preprocess, self.max_pixels))
+                    thumb = bool(thumbnail_for and data is not None and thumbnail_for(taken))
+                    taken += 1
+                    pending.append(pool.submit(decode_image, data, self.clip.preprocess, self.max_pixels, thumb))
 
             fill()
             while pending:
                 batch = [pending.popleft() for _ in range(min(self.batch_size, len(pending)))]
                 decoded = [f.result() for f in batch]
                 fill()  # decoding of the next batch overlaps the model below
-                tensors = [t for t, _ in decoded if t is not None]
+                tensors = [t for t, _, _ in decoded if t is not None]
                 embeddings = self.clip.encode(torch.stack(tensors)) if tensors else None
                 j = 0
-                for tensor, reason in decoded:
+                for tensor, reason, thumb in decoded:
                     if tensor is None:
-                        yield None, reason
+                        yield None, reason, None
                     else:
-                        yield embeddings[j], None
+                        yield embeddings[j], None, thumb
                         j += 1
 
 
@@ -310,8 +323,10 @@ class EmbedOptions:
 
 
 def embed_stream(images: Iterable[bytes | None], spec: ClipSpec, opts: EmbedOptions,
-                 expected_dim: int | None = None) -> tuple[pa.Array, pa.Array, str]:
-    """The embed stage: (embedding column, reasons, compute precision) for a stream of image bytes.
+                 expected_dim: int | None = None, thumbnail_for: Callable[[int], bool] | None = None,
+                 ) -> tuple[pa.Array, pa.Array, str, dict[int, bytes]]:
+    """The embed stage: (embedding column, reasons, compute precision, thumbnails by row) for a
+    stream of image bytes.
 
     The embedding is ``fixed_size_list<float32>[dim]``, null where the image could not be embedded;
     the reason says why. Both jobs and :func:`embed_images` go through here.
@@ -321,11 +336,14 @@ def embed_stream(images: Iterable[bytes | None], spec: ClipSpec, opts: EmbedOpti
     clip = load_clip(spec)
     if expected_dim is not None and clip.embed_dim != expected_dim:
         raise InputError(f"CLIP model {spec.model} gives {clip.embed_dim}-d embeddings; the predictor expects {expected_dim}")
-    rows, reasons = [], []
-    for emb, reason in ImageEmbedder(clip, opts.batch_size, opts.max_pixels, opts.decode_threads).embed(images):
+    rows, reasons, thumbnails = [], [], {}
+    embedder = ImageEmbedder(clip, opts.batch_size, opts.max_pixels, opts.decode_threads)
+    for i, (emb, reason, thumb) in enumerate(embedder.embed(images, thumbnail_for)):
         rows.append(emb)
         reasons.append(reason)
-    return embedding_column(rows, clip.embed_dim), pa.array(reasons, pa.string()), clip.compute
+        if thumb is not None:
+            thumbnails[i] = thumb
+    return embedding_column(rows, clip.embed_dim), pa.array(reasons, pa.string()), clip.compute, thumbnails
 
 
 def attach_embeddings(table: pa.Table, embeddings: pa.Array, reasons: pa.Array) -> pa.Table:
@@ -342,7 +360,7 @@ def with_embeddings(table: pa.Table, images: Iterable[bytes | None], spec: ClipS
                     expected_dim: int | None = None) -> pa.Table:
     """``table`` plus the embeddings of ``images`` (one per row): :func:`embed_stream` then
     :func:`attach_embeddings`."""
-    embeddings, reasons, _ = embed_stream(images, spec, opts, expected_dim)
+    embeddings, reasons, _, _ = embed_stream(images, spec, opts, expected_dim)
     return attach_embeddings(table, embeddings, reasons)
 
 

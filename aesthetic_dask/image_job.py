@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from .config import Config, output_settings
-from .embed import ClipSpec, EmbedOptions, attach_embeddings, compute_precision, embed_stream, with_embeddings
+from .embed import ClipSpec, EmbedOptions, attach_embeddings, compute_precision, embed_stream
 from .embeddings_reader import EmbeddingPart, plan_parquet
 from .errors import InputError
 from .image_reader import (ShardPart, ShardReader, check_image_type, image_values, parse_json_fields, samples_table,
@@ -31,6 +31,7 @@ from .job import Job, Work, package_versions, run_parts
 from .output import OutputLayout, WriteOptions, split_and_write
 from .partition import finish_record, new_record, process_parquet_part
 from .predictor import AestheticPredictor, load_extra_heads, load_job_predictor
+from .samples import wants_thumbnail
 from .score import SCORE_COLUMN, check_extra_score_names, score_table, table_keep_mask
 from .sources import list_inputs
 from .weights import REGISTRY
@@ -57,11 +58,13 @@ def process_shard(part: ShardPart, fields: dict, clip_spec: ClipSpec, predictor:
             data, sample.image = sample.image, None  # bytes live only until embedded
             yield None if sample.error else data
 
-    embeddings, reasons, compute = embed_stream(images(), clip_spec, embed, predictor.embed_dim)
+    thumbnail_for = report_thumbnails(lambda i: samples[i].key) if opts.samples else None
+    embeddings, reasons, compute, thumbnails = embed_stream(images(), clip_spec, embed, predictor.embed_dim, thumbnail_for)
     base = samples_table(samples, part.source, fields, with_images=False).drop_columns(["image", "image_ext"])
     table = score_table(attach_embeddings(base, embeddings, reasons), predictor, extras=extras)
     record = new_record(part) | {"clip_compute": compute}
-    record |= split_and_write(table, np.array([s.index for s in samples], dtype=np.int64), part.name, part.source, layout, opts)
+    rows = np.array([s.index for s in samples], dtype=np.int64)
+    record |= split_and_write(table, rows, part.name, part.source, layout, opts, thumbnails)
     if reader.failure:
         record["failure"] = f"{part.source}: {reader.failure}"
     elif not samples:
@@ -90,19 +93,38 @@ def write_kept_shard(source: str, keys: set[str], target: Path, tmp_dir: Path) -
     return target
 
 
+def report_thumbnails(key_of: Any) -> Any:
+    """``thumbnail_for(i)`` of :func:`embed.embed_stream`: which samples of a partition get a thumbnail."""
+    made = 0
+
+    def thumbnail_for(i: int) -> bool:
+        nonlocal made
+        wanted = wants_thumbnail(i, key_of(i), made)
+        made += wanted
+        return wanted
+
+    return thumbnail_for
+
+
 def score_image_table(table: pa.Table, column: str, clip_spec: ClipSpec, predictor: AestheticPredictor,
-                      embed: EmbedOptions, extras: dict[str, AestheticPredictor] | None = None) -> pa.Table:
-    """Rows of an image Parquet file, with the image column replaced by embedding, score and error."""
-    embedded = with_embeddings(table.drop_columns([column]), image_values(table.column(column)), clip_spec, embed,
-                               predictor.embed_dim)
-    return score_table(embedded, predictor, extras=extras)
+                      embed: EmbedOptions, extras: dict[str, AestheticPredictor] | None = None,
+                      thumbnails: bool = True) -> tuple[pa.Table, dict[int, bytes] | None]:
+    """Rows of an image Parquet file, with the image column replaced by embedding, score and error;
+    and the report's thumbnails by row."""
+    keys = table.column("key").cast(pa.string()).to_pylist() if "key" in table.column_names else None
+    thumbnail_for = report_thumbnails(lambda i: keys[i] if keys else None) if thumbnails else None
+    embeddings, reasons, _, made = embed_stream(image_values(table.column(column)), clip_spec, embed,
+                                                predictor.embed_dim, thumbnail_for)
+    embedded = attach_embeddings(table.drop_columns([column]), embeddings, reasons)
+    return score_table(embedded, predictor, extras=extras), made if thumbnails else None
 
 
 def process_image_parquet_part(part: EmbeddingPart, schema: pa.Schema, column: str, clip_spec: ClipSpec,
                                predictor: AestheticPredictor, out: str, opts: WriteOptions, embed: EmbedOptions,
                                extras: dict[str, AestheticPredictor] | None = None) -> dict[str, Any]:
     """Read, embed, score and write rows of an image Parquet file; return its record."""
-    scorer = partial(score_image_table, column=column, clip_spec=clip_spec, predictor=predictor, embed=embed, extras=extras)
+    scorer = partial(score_image_table, column=column, clip_spec=clip_spec, predictor=predictor, embed=embed, extras=extras,
+                     thumbnails=opts.samples)
     return process_parquet_part(part, schema, column, out, opts, scorer)
 
 
@@ -169,6 +191,7 @@ def run_job(inputs: list[str], out: str | Path, config: Config, overwrite: bool 
             failed_inputs=failed_inputs,
             duplicate_inputs=listed.duplicates,
             started=started,
+            report=config.report,
         )
         job.timings["plan_s"] = plan_s
         job.timings["cluster_s"] = round(time.perf_counter() - t0 - plan_s, 3)

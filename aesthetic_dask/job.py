@@ -28,6 +28,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from . import histogram, samples
 from .errors import FAILURE_ERROR, InputError, job_outcome
 from .output import COUNT_KEYS, OutputLayout, read_records, remove_partition_files, remove_unplanned, reset_output, write_json
 from .partition import failed_record
@@ -79,6 +80,7 @@ class Job:
     skipped: int = 0  # finished by an earlier run
     cluster: dict[str, Any] = field(default_factory=dict)
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])  # tells this run's records apart
+    report: bool = True  # write OUT/report.html at the end
     _last_manifest: float = 0.0
 
     @property
@@ -159,6 +161,10 @@ class Job:
             if rec.get("note"):
                 entry.setdefault("notes", []).append(rec["note"])
         totals = {k: sum(e[k] for e in per_input.values()) for k in COUNT_KEYS} | {"rows_unknown_partitions": unknown}
+        counted = [self.records.get(n) or self.failures.get(n) for n in self.planned]
+        counted = [r for r in counted if r is not None]
+        scores = histogram.summary(histogram.merge([r.get("histogram") for r in counted]))
+        extra_columns = sorted({c for r in counted for c in r.get("extra_histograms", {})})
         processed = [r for r in (*self.records.values(), *self.failures.values()) if r.get("run_id") == self.run_id]
         compute_s = self.timings.get("compute_s")
         return {
@@ -169,6 +175,13 @@ class Job:
             **self.info,
             "totals": totals,
             "inputs": per_input,
+            "score_histogram": {"edges": scores["edges"], "counts": scores["counts"]},
+            "score_quantiles": scores["quantiles"],
+            "extra_score_histograms": {
+                c: histogram.summary(histogram.merge([r.get("extra_histograms", {}).get(c) for r in counted]))
+                for c in extra_columns
+            },
+            "error_reasons": samples.merge_error_reasons([r.get("error_reasons") for r in counted]),
             "failed_inputs": self.failed_inputs,
             "duplicate_inputs": self.duplicate_inputs,
             "partitions": {
@@ -198,9 +211,18 @@ class Job:
         return manifest
 
     def finish(self) -> tuple[dict[str, Any], int]:
-        """Status and exit code from the whole OUT; the final manifest; no temporary files left."""
+        """Status and exit code from the whole OUT; the final manifest and report; no temporary files left."""
         status, code = self.outcome()
         manifest = self.write_manifest(status)
+        if self.report:
+            from .report import write_report
+
+            t0 = time.perf_counter()
+            try:
+                manifest["report"] = str(write_report(self.layout.root))
+            except Exception:  # noqa: BLE001 - the data is written; a report failure must not fail the job
+                log.error("could not write the report", exc_info=True)
+            self.timings["report_s"] = round(time.perf_counter() - t0, 3)
         shutil.rmtree(self.layout.tmp, ignore_errors=True)
         return manifest, code
 
@@ -384,6 +406,9 @@ def summary(manifest: dict[str, Any], out: Path, unit: str = "rows") -> str:
     if manifest.get("cluster", {}).get("dashboard_link"):
         rows.append(("dashboard", manifest["cluster"]["dashboard_link"]))
     lines = [f"aesthetic-dask {manifest['job']}: {manifest['status']}"] + [f"  {k + ':':<22}{v}" for k, v in rows]
+    if manifest.get("report"):
+        lines.append(f"  {'report:':<22}{manifest['report']}")
+    lines += threshold_warning(manifest)
     if manifest.get("duplicate_inputs"):
         lines.append(f"  {'inputs named twice:':<22}{len(manifest['duplicate_inputs'])} (each read once)")
     problems = [f"unreadable input: {path}: {reason}" for path, reason in manifest.get("failed_inputs", {}).items()]
@@ -393,3 +418,20 @@ def summary(manifest: dict[str, Any], out: Path, unit: str = "rows") -> str:
     if len(problems) > SUMMARY_FAILURES:
         lines.append(f"  ... and {len(problems) - SUMMARY_FAILURES} more (see manifest failed_inputs and inputs.*.failures)")
     return "\n".join(lines)
+
+
+def threshold_warning(manifest: dict[str, Any]) -> list[str]:
+    """Lines warning that the threshold kept more than 99% or less than 1% of the scored rows, with
+    what other thresholds would keep (from the exact histogram)."""
+    counts = manifest.get("score_histogram", {}).get("counts")
+    scored = sum(counts) if counts else 0
+    if not scored:
+        return []
+    kept = manifest["totals"]["rows_kept"]
+    if 0.01 <= kept / scored <= 0.99:
+        return []
+    threshold = manifest["config"]["score_threshold"]
+    options = ", ".join(f"{t:.1f} keeps {histogram.kept_at(counts, t):,} ({histogram.kept_at(counts, t) / scored:.1%})"
+                        for t in (5.0, 5.5, 6.0, 6.5))
+    return [f"  warning: threshold {threshold:g} kept {kept / scored:.1%} of the scored rows (scores land roughly in 1..10);",
+            f"           instead {options}"]

@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from . import histogram, samples
 from .score import ERROR_COLUMN, SCORE_COLUMN, table_keep_mask
 
 COUNT_KEYS = ("rows_in", "rows_kept", "rows_below_threshold", "rows_error")
@@ -46,6 +47,10 @@ class OutputLayout:
         return self.root / "errors"
 
     @property
+    def samples(self) -> Path:
+        return self.root / "samples"
+
+    @property
     def tmp(self) -> Path:
         return self.root / "_tmp"
 
@@ -58,7 +63,7 @@ class OutputLayout:
         return self.root / "manifest.json"
 
     def data_dirs(self) -> tuple[Path, ...]:
-        return (self.kept, self.rejected, self.errors, self.tmp, self.records)
+        return (self.kept, self.rejected, self.errors, self.samples, self.tmp, self.records)
 
 
 def atomic_write_bytes(path: Path, data: bytes, tmp_dir: Path | None = None) -> None:
@@ -113,6 +118,7 @@ class WriteOptions:
     keep_rejected: bool
     embed_dim: int = 768
     extra_score_columns: tuple[str, ...] = ()  # --extra-scores: written for scored rows only
+    samples: bool = True  # keep a small sample per score band for the report (OUT/samples/)
 
 
 def split_and_write(
@@ -122,11 +128,14 @@ def split_and_write(
     source: str,
     layout: OutputLayout,
     opts: WriteOptions,
-) -> dict[str, int]:
-    """Write the kept, rejected and error rows of one scored partition; return its counts.
+    thumbnails: dict[int, bytes] | None = None,
+) -> dict[str, Any]:
+    """Write the kept, rejected and error rows of one scored partition; return its record's counts.
 
     ``table`` has ``aesthetic_score`` and ``error`` columns (error rows: any non-null ``error``);
-    ``rows`` gives each row's position in its source.
+    ``rows`` gives each row's position in its source. The record also carries the partition's
+    score histogram(s), its error reasons, and (in ``OUT/samples/``) a few rows per score band,
+    with ``thumbnails`` (row index -> JPEG) where the job made them.
     """
     keep, is_error = table_keep_mask(table, opts.threshold)
     below = ~is_error & ~keep
@@ -155,12 +164,30 @@ def split_and_write(
         err = _with_provenance(err, source, rows[is_error])
         _write_parquet(err, layout.errors / f"{name}.parquet", layout.tmp)
         files.append(f"errors/{name}.parquet")
+        keys = err.column("key").cast(pa.string()).to_pylist() if "key" in err.column_names else [str(r) for r in rows[is_error]]
+        reasons = samples.error_reasons(err.column(ERROR_COLUMN), keys)
+    else:
+        reasons = {}
+    scores = table.column(SCORE_COLUMN).to_numpy(zero_copy_only=False)
+    if opts.samples and (~is_error).any():
+        eligible = ~is_error
+        if thumbnails is not None:
+            eligible &= np.isin(np.arange(table.num_rows), list(thumbnails))
+        chosen = samples.pick(scores, eligible)
+        if len(chosen):
+            _write_parquet(samples.sample_table(table, scores, rows, source, chosen, thumbnails),
+                           layout.samples / f"{name}.parquet", layout.tmp)
+            files.append(f"samples/{name}.parquet")
     return {
         "files": files,
         "rows_in": table.num_rows,
         "rows_kept": int(keep.sum()),
         "rows_below_threshold": int(below.sum()),
         "rows_error": n_errors,
+        "histogram": histogram.histogram_counts(scores[~is_error]),
+        "extra_histograms": {c: histogram.histogram_counts(table.column(c).to_numpy(zero_copy_only=False)[~is_error])
+                             for c in opts.extra_score_columns},
+        "error_reasons": reasons,
     }
 
 
@@ -218,7 +245,7 @@ def remove_unplanned(layout: OutputLayout, planned: set[str]) -> list[str]:
                 (layout.root / f).unlink(missing_ok=True)  # absolute paths (write_shards) too
             path.unlink(missing_ok=True)
             removed.add(path.stem)
-    for d in (layout.kept, layout.rejected, layout.errors):
+    for d in (layout.kept, layout.rejected, layout.errors, layout.samples):
         if d.is_dir():
             for path in d.glob("*.parquet"):
                 if path.stem not in planned:
@@ -236,6 +263,6 @@ def reset_output(layout: OutputLayout) -> None:
 
 def remove_partition_files(layout: OutputLayout, name: str) -> None:
     """Drop the output files (and any stale record) of a partition that will be redone."""
-    for d in (layout.kept, layout.rejected, layout.errors):
+    for d in (layout.kept, layout.rejected, layout.errors, layout.samples):
         (d / f"{name}.parquet").unlink(missing_ok=True)
     (layout.records / f"{name}.json").unlink(missing_ok=True)

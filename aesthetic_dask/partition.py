@@ -57,8 +57,9 @@ def process_parquet_part(
 ) -> dict[str, Any]:
     """Read rows of a Parquet input, score them with ``score_table(table)``, write, return the record.
 
-    ``score_table`` returns the table with ``aesthetic_score`` and ``error`` columns. An
-    unreadable row range counts all its rows as errors and records why.
+    ``score_table`` returns the table with ``aesthetic_score`` and ``error`` columns, and the
+    report's thumbnails by row (or None). An unreadable row range counts all its rows as errors
+    and records why.
     """
     from .embeddings_reader import read_embedding_table
 
@@ -70,5 +71,6 @@ def process_parquet_part(
         return finish_record(layout, failed_record(part, str(exc), FAILURE_DATA), t0)
     record = new_record(part) | {"start": part.start, "stop": part.stop}
     rows = np.arange(part.start, part.stop, dtype=np.int64)
-    record |= split_and_write(score_table(table), rows, part.name, part.source, layout, opts)
+    scored, thumbnails = score_table(table)
+    record |= split_and_write(scored, rows, part.name, part.source, layout, opts, thumbnails)
     return finish_record(layout, record, t0)

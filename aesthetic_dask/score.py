@@ -242,8 +242,10 @@ def _score_cudf_partition(df: Any, predictor: AestheticPredictor, embedding_colu
 
 def keep_mask(scores: np.ndarray, is_error: np.ndarray, threshold: float) -> np.ndarray:
     """The one keep rule: no error and ``score >= threshold`` (NaN scores never pass)."""
+    scores = np.asarray(scores)
     with np.errstate(invalid="ignore"):
-        return ~is_error & (scores >= threshold)
+        # Compared in the scores' own dtype (float32), as the histogram bins are: exact agreement.
+        return ~is_error & (scores >= scores.dtype.type(threshold))
 
 
 def table_keep_mask(table: pa.Table, threshold: float) -> tuple[np.ndarray, np.ndarray]:

@@ -25,13 +25,14 @@ VERSIONED_PACKAGES = ("aesthetic-dask", "dask", "distributed", "pandas", "pyarro
 
 
 def score_embedding_table(table: pa.Table, predictor: AestheticPredictor, column: str, backend: str,
-                          extras: dict[str, AestheticPredictor] | None = None) -> pa.Table:
-    """A read partition with ``aesthetic_score``, extra heads and ``error``: Arrow on CPU, cudf on a GPU worker."""
+                          extras: dict[str, AestheticPredictor] | None = None) -> tuple[pa.Table, None]:
+    """A read partition with ``aesthetic_score``, extra heads and ``error``: Arrow on CPU, cudf on a
+    GPU worker (no thumbnails: embeddings have no images)."""
     if backend == "cudf":
         import cudf
 
-        return frame_to_table(score_partition(cudf.DataFrame.from_arrow(table), predictor, column, extras))
-    return score_table(table, predictor, column, extras)
+        return frame_to_table(score_partition(cudf.DataFrame.from_arrow(table), predictor, column, extras)), None
+    return score_table(table, predictor, column, extras), None
 
 
 def process_embedding_part(
@@ -76,6 +77,7 @@ def score_job(inputs: list[str], out: str | Path, config: Config, overwrite: boo
         failed_inputs=plan.failed,
         duplicate_inputs=plan.duplicates,
         started=started,
+        report=config.report,
     )
     job.timings["plan_s"] = round(time.perf_counter() - t0, 3)
     with dask_client(config) as (client, device):
