@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import tempfile
+import time
 import traceback
 from pathlib import Path
 from typing import Callable
@@ -16,6 +16,7 @@ from typing import Callable
 from .errors import EXIT_FAILED, EXIT_OK
 
 log = logging.getLogger("aesthetic_dask")
+_STARTED = time.time()  # when the command started: the summary's elapsed time covers all of it
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -47,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Score and filter image datasets by predicted aesthetic quality on Dask.",
         epilog="Exit codes: 0 done, 3 done but some inputs unreadable, 1 failed, 2 bad usage or input.",
     )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"aesthetic-dask {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     score = sub.add_parser("score", help="precomputed CLIP embeddings -> aesthetic scores -> filtered Parquet")
@@ -97,13 +101,23 @@ _JOB_KEYS = (
 )
 
 
+def _check_output(output: str) -> Path:
+    """OUT must be a directory or not exist yet."""
+    from .errors import InputError
+
+    out = Path(output)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"-o {output}: exists and is not a directory")
+    return out
+
+
 def _cmd_score(args: argparse.Namespace) -> int:
     from .job import summary
     from .score_job import score_job
 
     config = _config_from_args(args, _JOB_KEYS + ("embedding_column",))
-    _setup_logging(config.verbose, Path(args.output))
-    manifest, code = score_job(args.inputs, args.output, config, overwrite=args.overwrite)
+    _setup_logging(config.verbose, _check_output(args.output), config.resolved_model_dir)
+    manifest, code = score_job(args.inputs, args.output, config, overwrite=args.overwrite, started=_STARTED)
     print(summary(manifest, Path(args.output)), file=sys.stderr)
     return code
 
@@ -116,8 +130,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         "batch_size", "clip_model", "clip_pretrained", "clip_model_config", "json_fields", "image_column",
         "max_image_pixels", "decode_threads", "write_shards",
     ))
-    _setup_logging(config.verbose, Path(args.output))
-    manifest, code = run_job(args.inputs, args.output, config, overwrite=args.overwrite)
+    _setup_logging(config.verbose, _check_output(args.output), config.resolved_model_dir)
+    manifest, code = run_job(args.inputs, args.output, config, overwrite=args.overwrite, started=_STARTED)
     print(summary(manifest, Path(args.output), unit="images"), file=sys.stderr)
     return code
 
@@ -152,36 +166,21 @@ def _cmd_download(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-_log_path: Path | None = None
+_job_log = None  # logs.JobLogHandler of this run
 
 
-def _setup_logging(verbose: bool, out: Path | None) -> None:
-    """Console logging at INFO with -v; full details always go to a log file (OUT/job.log)."""
-    global _log_path
-    root = logging.getLogger("aesthetic_dask")
-    for old in list(root.handlers):  # a previous main() in this process (tests, notebooks)
-        root.removeHandler(old)
-        old.close()
-    root.setLevel(logging.DEBUG)
-    root.propagate = False  # libraries that call logging.basicConfig must not echo our INFO lines
-    console = logging.StreamHandler(sys.stderr)
-    console.setLevel(logging.INFO if verbose else logging.WARNING)
-    console.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
-    root.addHandler(console)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        _log_path = out / "job.log"
-        handler = logging.FileHandler(_log_path)
-    except (OSError, AttributeError):
-        _log_path = Path(tempfile.gettempdir()) / "aesthetic-dask.log"
-        handler = logging.FileHandler(_log_path)
-    handler.setLevel(logging.DEBUG)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
-    root.addHandler(handler)
+def _setup_logging(verbose: bool, out: Path | None, cache_dir: Path | None = None) -> None:
+    """Console logging at INFO with -v; full details always go to the job log (OUT/job.log)."""
+    global _job_log
+    from .config import default_cache_dir
+    from .logs import setup
+
+    _job_log = setup(verbose, out, cache_dir or default_cache_dir())
 
 
 def _fail(message: str, code: int) -> int:
-    where = f" (details: {_log_path})" if _log_path else ""
+    path = _job_log.spill() if _job_log is not None else None
+    where = f" (details: {path})" if path else ""
     print(f"aesthetic-dask: error: {message}{where}", file=sys.stderr)
     return code
 
@@ -190,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``aesthetic-dask`` command."""
     from .errors import AestheticDaskError
 
+    global _STARTED
+    _STARTED = time.time()
     args = build_parser().parse_args(argv)
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
@@ -201,6 +202,6 @@ def main(argv: list[str] | None = None) -> int:
         return _fail("interrupted; re-run the same command to resume", EXIT_FAILED)
     except Exception as exc:  # noqa: BLE001 - one clear line; the traceback goes to the log
         log.error("job failed\n%s", traceback.format_exc())
-        if _log_path is None:
+        if _job_log is None:
             traceback.print_exc()
         return _fail(f"{type(exc).__name__}: {exc}", EXIT_FAILED)

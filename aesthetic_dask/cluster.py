@@ -49,13 +49,64 @@ def task_resources(config: Config, device: str) -> dict[str, float] | None:
     return {GPU_RESOURCE: config.num_gpus_per_worker} if device == "cuda" else None
 
 
+# How long to wait for a scheduler to answer, and for a connected cluster to have a worker.
+CONNECT_TIMEOUT_S = 10
+WORKERS_TIMEOUT_S = 60
+
+
+def cluster_address(config: Config) -> tuple[str | None, str | None]:
+    """(scheduler address, scheduler file) to connect to, or (None, None) to start a local cluster.
+
+    The job's own options win; otherwise Dask's configuration: ``scheduler-address`` (set by
+    ``DASK_SCHEDULER_ADDRESS``) and ``scheduler-file`` (``DASK_SCHEDULER_FILE``).
+    """
+    import dask
+
+    if config.scheduler or config.scheduler_file:
+        return config.scheduler, config.scheduler_file
+    return dask.config.get("scheduler-address", None), dask.config.get("scheduler-file", None)
+
+
+def connect(address: str | None, scheduler_file: str | None) -> Any:
+    """A client of an existing cluster with at least one worker; one clear :class:`InputError` if not."""
+    from distributed import Client
+
+    from .errors import InputError
+
+    where = f"--scheduler {address}" if address else f"--scheduler-file {scheduler_file}"
+    if scheduler_file and not os.path.isfile(scheduler_file):
+        raise InputError(f"{where}: no such file (start the cluster first, or check the path)")
+    if address:
+        from distributed.comm import parse_address
+        from distributed.comm.addressing import parse_host_port
+
+        try:
+            scheme, loc = parse_address(address)
+            if scheme in ("tcp", "tls", "ws", "wss"):
+                parse_host_port(loc)
+        except ValueError as exc:
+            raise InputError(f"{where}: not a scheduler address ({exc}); e.g. tcp://host:8786") from None
+    try:
+        client = Client(address, scheduler_file=scheduler_file, timeout=f"{CONNECT_TIMEOUT_S}s")
+    except (OSError, TimeoutError, ValueError) as exc:
+        log.debug("cannot connect", exc_info=True)
+        raise InputError(f"{where}: no scheduler answered within {CONNECT_TIMEOUT_S}s ({type(exc).__name__})") from None
+    try:
+        client.wait_for_workers(1, timeout=WORKERS_TIMEOUT_S)
+    except (OSError, TimeoutError) as exc:
+        client.close()
+        raise InputError(f"{where}: the cluster has no workers after {WORKERS_TIMEOUT_S}s ({type(exc).__name__})") from None
+    return client
+
+
 @contextmanager
 def dask_client(config: Config, model_work: bool = False) -> Iterator[tuple[Any, str]]:
     """Yield ``(client, device)``; a local cluster started here is closed on exit."""
     from distributed import Client
 
-    if config.scheduler or config.scheduler_file:
-        client = Client(config.scheduler, scheduler_file=config.scheduler_file, timeout="30s")
+    address, scheduler_file = cluster_address(config)
+    if address or scheduler_file:
+        client = connect(address, scheduler_file)
         try:
             yield client, _cluster_device(client)
         finally:
@@ -63,28 +114,19 @@ def dask_client(config: Config, model_work: bool = False) -> Iterator[tuple[Any,
         return
 
     device = pick_device()
+    # A dashboard on a free local port (never "port 8787 is in use"); distributed's own INFO lines
+    # stay out of the job's output, -v or not: the job logs what it does itself.
+    common = dict(dashboard_address=":0", silence_logs=logging.WARNING)
     if device == "cuda":
         from dask_cuda import LocalCUDACluster
 
         threads = config.threads_per_worker or max(1, round(1 / config.num_gpus_per_worker))
-        cluster = LocalCUDACluster(
-            n_workers=config.n_workers,
-            threads_per_worker=threads,
-            resources={GPU_RESOURCE: 1},
-            dashboard_address=None,
-            silence_logs=logging.WARNING if not config.verbose else logging.INFO,
-        )
+        cluster = LocalCUDACluster(n_workers=config.n_workers, threads_per_worker=threads, resources={GPU_RESOURCE: 1}, **common)
     else:
         from distributed import LocalCluster
 
         threads = config.threads_per_worker or (1 if model_work else os.cpu_count() or 1)
-        cluster = LocalCluster(
-            n_workers=config.n_workers or 1,
-            threads_per_worker=threads,
-            processes=False,
-            dashboard_address=None,
-            silence_logs=logging.WARNING if not config.verbose else logging.INFO,
-        )
+        cluster = LocalCluster(n_workers=config.n_workers or 1, threads_per_worker=threads, processes=False, **common)
     client = Client(cluster)
     try:
         yield client, device

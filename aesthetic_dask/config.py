@@ -55,10 +55,7 @@ class Config:
     @property
     def resolved_model_dir(self) -> Path:
         """``model_dir``, or the per-user cache directory when it is unset."""
-        if self.model_dir:
-            return Path(self.model_dir).expanduser()
-        cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-        return Path(cache) / "aesthetic-dask"
+        return Path(self.model_dir).expanduser() if self.model_dir else default_cache_dir()
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -95,6 +92,12 @@ def output_settings(config: Config, job: str, **derived: Any) -> dict[str, Any]:
     """What one job's output depends on: its :data:`OUTPUT_OPTIONS` plus ``derived`` values
     (inputs, weights sha256, file digests, the precision actually used)."""
     return {name: getattr(config, name) for name in OUTPUT_OPTIONS[job]} | derived
+
+
+def default_cache_dir() -> Path:
+    """The per-user cache directory: ``$XDG_CACHE_HOME/aesthetic-dask`` (usually ~/.cache/aesthetic-dask)."""
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "aesthetic-dask"
 
 
 def default_config_text() -> str:

@@ -14,7 +14,7 @@ import threading
 import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -37,6 +37,7 @@ class ClipSpec:
     model_config: str | None
     cache_dir: str
     precision: str = "auto"
+    hub_offline: bool = False  # the client found the weights cached and the hub unreachable
 
     @classmethod
     def from_config(cls, config: Config) -> ClipSpec:
@@ -159,6 +160,11 @@ class ClipModel:
         from .cluster import configure_model_process
 
         configure_model_process()
+        if spec.hub_offline:
+            # Cached weights, no network: load them without huggingface_hub's retries (~23 s a file).
+            import huggingface_hub.constants
+
+            huggingface_hub.constants.HF_HUB_OFFLINE = True
         if spec.model_config:
             open_clip.add_model_config(spec.model_config)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -189,6 +195,61 @@ class ClipModel:
             features = features.float()
             features = features / features.norm(dim=-1, keepdim=True)
         return features.cpu().numpy()
+
+
+def clip_cache_status(spec: ClipSpec) -> str:
+    """``local`` (a checkpoint file or directory), ``cached`` (in ``cache_dir``) or ``missing``,
+    by open_clip's own pretrained config and huggingface_hub's cache layout (no network)."""
+    import open_clip
+    from huggingface_hub import try_to_load_from_cache
+
+    schema = spec.schema
+    if schema == "local-dir" or (spec.pretrained and Path(spec.pretrained).exists()):
+        return "local"
+    if schema == "hf-hub":
+        repo, files = spec.model.split(":", 1)[1], ["open_clip_config.json"]
+    else:
+        cfg = open_clip.get_pretrained_cfg(spec.model, spec.pretrained or "") or {}
+        if cfg.get("file"):
+            return "local"
+        if not cfg.get("hf_hub"):
+            url = cfg.get("url", "")
+            return "cached" if url and (Path(spec.cache_dir) / os.path.basename(url)).is_file() else "missing"
+        repo, filename = os.path.split(cfg["hf_hub"])
+        files = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+    for name in files:
+        if isinstance(try_to_load_from_cache(repo, name, cache_dir=spec.cache_dir), str):
+            return "cached"
+    return "missing"
+
+
+def prepare_clip_weights(spec: ClipSpec) -> tuple[ClipSpec, str]:
+    """Make sure the workers can load the CLIP weights, before any task is submitted.
+
+    Cached: workers load them (without network retries when the hub is unreachable). Missing:
+    downloaded here once with open_clip's own mechanism if the hub is reachable, else one clear
+    error in seconds. Returns the spec the workers get and what was found.
+    """
+    from .errors import InputError
+    from .network import hub_endpoint, offline, reachable
+
+    status = clip_cache_status(spec)
+    if status == "local":
+        return spec, status
+    online = reachable(hub_endpoint())
+    if status == "cached":
+        return (spec if online else replace(spec, hub_offline=True)), status
+    if not online:
+        why = "HF_HUB_OFFLINE is set" if offline() else "the hub is unreachable (no network?)"
+        raise InputError(
+            f"CLIP weights {spec.model} / {spec.pretrained} are not in {spec.cache_dir} and {why}; run "
+            "`aesthetic-dask download --model-dir DIR` where the hub is reachable, or pass --clip-pretrained FILE"
+        )
+    import open_clip
+
+    if spec.schema is None:
+        open_clip.download_pretrained(open_clip.get_pretrained_cfg(spec.model, spec.pretrained), cache_dir=spec.cache_dir)
+    return spec, "downloaded"
 
 
 def download_clip(config: Config) -> str:

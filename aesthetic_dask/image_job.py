@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from .config import Config, output_settings
-from .embed import ClipSpec, EmbedOptions, attach_embeddings, compute_precision, embed_stream
+from .embed import ClipSpec, EmbedOptions, attach_embeddings, compute_precision, embed_stream, prepare_clip_weights
 from .embeddings_reader import EmbeddingPart, plan_parquet
 from .errors import InputError
 from .image_reader import (ShardPart, ShardReader, check_image_type, image_values, parse_json_fields, samples_table,
@@ -128,11 +128,13 @@ def process_image_parquet_part(part: EmbeddingPart, schema: pa.Schema, column: s
     return process_parquet_part(part, schema, column, out, opts, scorer)
 
 
-def run_job(inputs: list[str], out: str | Path, config: Config, overwrite: bool = False, progress: bool = True) -> tuple[dict[str, Any], int]:
+def run_job(inputs: list[str], out: str | Path, config: Config, overwrite: bool = False, progress: bool = True,
+           started: float | None = None) -> tuple[dict[str, Any], int]:
     """Run the image job over shards and image Parquet; return (manifest, exit code)."""
     from .cluster import dask_client, task_resources
 
-    started, t0 = time.time(), time.perf_counter()
+    started, t0 = started or time.time(), time.perf_counter()
+    require_clip_extra()
     out = Path(out).absolute()
     shards_dir = str(Path(config.write_shards).absolute()) if config.write_shards else None
     exclude = (str(out),) + ((shards_dir,) if shards_dir else ())
@@ -151,6 +153,7 @@ def run_job(inputs: list[str], out: str | Path, config: Config, overwrite: bool 
     predictor, weights = load_job_predictor(config)
     extras, extra_info = load_extra_heads(config, predictor.embed_dim)
     clip_spec.check(predictor.embed_dim)
+    clip_spec, clip_weights = prepare_clip_weights(clip_spec)  # present or fetchable, before any task
     check_extra_score_names(extras, shard_schema(fields).names + (pq_plan.schema.names if pq_plan else []))
     opts = WriteOptions(config.score_threshold, "embedding", config.keep_embeddings, config.keep_rejected,
                         predictor.embed_dim, tuple(extras))
@@ -185,7 +188,7 @@ def run_job(inputs: list[str], out: str | Path, config: Config, overwrite: bool 
                 "weights": weights,
                 "extra_scores": extra_info,
                 "clip": {"model": clip_spec.model, "pretrained": clip_spec.pretrained, "model_config": clip_spec.model_config,
-                         "compatibility": compatibility},
+                         "compatibility": compatibility, "weights": clip_weights},
                 "versions": package_versions(VERSIONED_PACKAGES),
             },
             failed_inputs=failed_inputs,
@@ -197,6 +200,16 @@ def run_job(inputs: list[str], out: str | Path, config: Config, overwrite: bool 
         job.timings["cluster_s"] = round(time.perf_counter() - t0 - plan_s, 3)
         return run_parts(job, client, work, overwrite=overwrite, resources=task_resources(config, device),
                          progress=progress and not config.verbose, unit="images")
+
+
+def require_clip_extra() -> None:
+    """The ``run`` job needs torch, torchvision, open_clip and Pillow: say so in one line if absent."""
+    import importlib.util
+
+    missing = [m for m in ("torch", "torchvision", "open_clip", "PIL") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise InputError(f"aesthetic-dask run needs the clip extra ({', '.join(missing)} missing): "
+                         "pip install 'aesthetic-dask[clip]'")
 
 
 def _file_digest(path: str | None) -> str | None:

@@ -295,6 +295,13 @@ def run_parts(
     tasks = [(p, w) for w in work for p in w.parts if p.name in todo_names]
     log.info("%d partitions planned, %d finished before, %d to run", len(job.planned), job.skipped, len(tasks))
     job.cluster = cluster_info(client)
+    start_line = (f"aesthetic-dask {job.kind}: {len(tasks):,} of {len(job.planned):,} partitions to run on "
+                  f"{job.cluster.get('scheduler_address')} ({job.cluster.get('workers')} workers, "
+                  f"{job.cluster.get('threads')} threads); dashboard: {job.cluster.get('dashboard_link') or 'none'}")
+    if progress:
+        print(start_line, file=sys.stderr)
+    else:
+        log.info(start_line)
     job.write_manifest("running")
     threads = max(1, job.cluster.get("threads") or 1)
     t0 = time.perf_counter()

@@ -44,11 +44,12 @@ def process_embedding_part(
     return process_parquet_part(part, schema, column, out, opts, scorer)
 
 
-def score_job(inputs: list[str], out: str | Path, config: Config, overwrite: bool = False, progress: bool = True) -> tuple[dict[str, Any], int]:
+def score_job(inputs: list[str], out: str | Path, config: Config, overwrite: bool = False, progress: bool = True,
+           started: float | None = None) -> tuple[dict[str, Any], int]:
     """Run the score job; return (manifest, exit code)."""
     from .cluster import dask_client, task_resources
 
-    started, t0 = time.time(), time.perf_counter()
+    started, t0 = started or time.time(), time.perf_counter()
     out = Path(out).absolute()
     plan = plan_embeddings(inputs, config.embedding_column, config.partition_rows, exclude=(str(out),))
     predictor, weights = load_job_predictor(config)

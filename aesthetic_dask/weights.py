@@ -232,7 +232,9 @@ def sha256_file(path: Path) -> str:
 
 
 def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+    from .network import offline
+
+    return offline()
 
 
 def _verified(path: Path, src: HubFile | UrlFile) -> Path:
@@ -272,6 +274,10 @@ def _fetch(src: HubFile | UrlFile, model_dir: Path) -> Path:
     if not target.exists():
         if _offline():
             raise WeightsError(f"{src.url} is not in {model_dir} and HF_HUB_OFFLINE is set")
+        from .network import hub_endpoint, reachable
+
+        if not reachable(hub_endpoint() if isinstance(src, HubFile) else src.url):
+            raise WeightsError(f"{src.url}: not in {model_dir}, and its host is unreachable (no network?)")
         try:
             _download(src, target)
         except Exception as exc:  # network, auth, missing file: try the next source
@@ -374,20 +380,89 @@ def _load_safetensors(path: Path) -> dict[str, np.ndarray]:
 
 
 def _load_pth(path: Path) -> dict[str, np.ndarray]:
-    import pickle
+    """A PyTorch state dict as numpy arrays, without torch and without running pickled code.
 
-    import torch
+    torch's zip checkpoints are read by :class:`_StateDictUnpickler`, which rebuilds tensors from
+    their storages and refuses every other global (so a pickle carrying code fails to load). The
+    legacy pre-1.6 format falls back to ``torch.load(weights_only=True)`` where torch is installed.
+    """
+    import pickle
+    import zipfile
 
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as exc:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                obj = _StateDictUnpickler.load_from(archive)
+        else:
+            obj = _load_legacy_pth(path)
+    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise WeightsError(f"{path}: cannot load as a PyTorch state dict: {first}") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    if not isinstance(obj, dict) or not all(isinstance(v, np.ndarray) for v in obj.values()):
         raise WeightsError(f"{path}: expected a state dict of tensors, got {type(obj).__name__}")
-    return {k: v.detach().to(torch.float32).numpy() for k, v in obj.items()}
+    return {k: v.astype(np.float32) for k, v in obj.items()}
+
+
+def _load_legacy_pth(path: Path) -> dict[str, np.ndarray]:
+    try:
+        import torch
+    except ImportError:
+        raise ValueError("a legacy (pre-zip) PyTorch file needs torch to read; install aesthetic-dask[clip] "
+                         "or convert it to .safetensors") from None
+    obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    if isinstance(obj, dict):
+        obj = {k: (v.detach().to(torch.float32).numpy() if isinstance(v, torch.Tensor) else v) for k, v in obj.items()}
+    return obj
+
+
+def _rebuild_tensor(storage: np.ndarray, offset: int, size: tuple, stride: tuple, *_: object) -> np.ndarray:
+    """torch._utils._rebuild_tensor_v2, in numpy."""
+    if not size:
+        return storage[offset : offset + 1].reshape(()).copy()
+    view = np.lib.stride_tricks.as_strided(storage[offset:], shape=tuple(size),
+                                           strides=tuple(s * storage.itemsize for s in stride))
+    return np.array(view)
+
+
+_STORAGE_DTYPES = {"FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16}
+
+
+class _StateDictUnpickler(__import__("pickle").Unpickler):
+    """Unpickles a torch zip checkpoint's ``data.pkl`` allowing only what a state dict needs."""
+
+    def __init__(self, file: object, archive: object, prefix: str) -> None:
+        super().__init__(file)
+        self.archive, self.prefix = archive, prefix
+
+    @classmethod
+    def load_from(cls, archive: object) -> object:
+        import io
+
+        pkl = next(n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl")
+        prefix = pkl[: -len("data.pkl")]
+        return cls(io.BytesIO(archive.read(pkl)), archive, prefix).load()
+
+    def find_class(self, module: str, name: str) -> object:
+        import collections
+        import pickle
+
+        if (module, name) == ("collections", "OrderedDict"):
+            return collections.OrderedDict
+        if (module, name) in (("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_tensor")):
+            return _rebuild_tensor
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _STORAGE_DTYPES[name]
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only tensors are allowed")
+
+    def persistent_load(self, pid: tuple) -> np.ndarray:
+        import pickle
+
+        kind, dtype, key = pid[0], pid[1], pid[2]
+        if kind != "storage" or dtype not in _STORAGE_DTYPES.values():
+            raise pickle.UnpicklingError(f"unsupported storage {pid[:2]!r}")
+        return np.frombuffer(self.archive.read(f"{self.prefix}data/{key}"), dtype=dtype)
 
 
 def _write_converted(state: dict[str, np.ndarray], target: Path) -> None:

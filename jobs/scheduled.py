@@ -1,17 +1,19 @@
-"""Scheduled entry point: run the job a YAML in conf/ describes, on the cluster the environment names.
+"""Scheduled entry point: run the job a YAML in conf/ describes, on the cluster Dask's configuration names.
 
     DASK_SCHEDULER_ADDRESS=tcp://host:8786 python jobs/scheduled.py conf/scheduled.example.yaml
     DASK_SCHEDULER_FILE=/shared/scheduler.json python jobs/scheduled.py conf/my-job.yaml
 
-With neither variable set, the job starts a local cluster (the embedded default). The YAML holds
-``job`` (score or run), ``inputs``, ``output``, ``overwrite`` and any config option. Exit codes
-are the CLI's: 0 done, 3 done with unreadable inputs, 1 failed, 2 bad usage or input.
+The CLI itself honours Dask's configuration (``scheduler-address``, ``scheduler-file``, which
+those variables set); with neither, the job starts a local cluster (the embedded default). The YAML
+holds ``job`` (score or run), ``inputs``, ``output``, ``overwrite`` and any config option. Exit
+codes are the CLI's: 0 done, 3 partial (some inputs unreadable), 1 failed, 2 bad usage or input.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import yaml
@@ -19,8 +21,8 @@ import yaml
 JOB_KEYS = ("job", "inputs", "output", "overwrite")
 
 
-def build_argv(spec_path: str, environ: dict[str, str]) -> list[str]:
-    """The `aesthetic-dask` arguments for the job in ``spec_path``."""
+def build_argv(spec_path: str, config_file: str) -> list[str]:
+    """The `aesthetic-dask` arguments for the job in ``spec_path``; its options go to ``config_file``."""
     spec = yaml.safe_load(Path(spec_path).read_text()) or {}
     missing = [k for k in ("job", "inputs", "output") if k not in spec]
     if missing:
@@ -28,15 +30,8 @@ def build_argv(spec_path: str, environ: dict[str, str]) -> list[str]:
     if spec["job"] not in ("score", "run"):
         raise SystemExit(f"{spec_path}: job must be score or run, got {spec['job']!r}")
     inputs = spec["inputs"] if isinstance(spec["inputs"], list) else [spec["inputs"]]
-    options = {k: v for k, v in spec.items() if k not in JOB_KEYS}
-    if environ.get("DASK_SCHEDULER_ADDRESS"):
-        options["scheduler"] = environ["DASK_SCHEDULER_ADDRESS"]
-    elif environ.get("DASK_SCHEDULER_FILE"):
-        options["scheduler_file"] = environ["DASK_SCHEDULER_FILE"]
-    config_file = Path(spec["output"]) / "scheduled-config.yaml"
-    config_file.parent.mkdir(parents=True, exist_ok=True)
-    config_file.write_text(yaml.safe_dump(options))
-    argv = [spec["job"], *map(str, inputs), "-o", str(spec["output"]), "--config", str(config_file)]
+    Path(config_file).write_text(yaml.safe_dump({k: v for k, v in spec.items() if k not in JOB_KEYS}))
+    argv = [spec["job"], *map(str, inputs), "-o", str(spec["output"]), "--config", config_file]
     return argv + (["--overwrite"] if spec.get("overwrite") else [])
 
 
@@ -46,7 +41,12 @@ def main() -> int:
         return 2
     from aesthetic_dask.cli import main as cli
 
-    return cli(build_argv(sys.argv[1], dict(os.environ)))
+    fd, config_file = tempfile.mkstemp(prefix="aesthetic-dask-", suffix=".yaml")
+    os.close(fd)
+    try:
+        return cli(build_argv(sys.argv[1], config_file))
+    finally:
+        os.unlink(config_file)
 
 
 if __name__ == "__main__":

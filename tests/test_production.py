@@ -143,7 +143,7 @@ def test_job_on_a_real_cluster_survives_a_killed_worker(tmp_path, many_shards, t
         assert len(client.scheduler_info()["workers"]) == 1  # the job neither starts nor stops workers
 
 
-def test_scheduled_entry_point_reads_conf_and_the_environment(tmp_path, tiny_weights, rng):
+def test_scheduled_entry_point_reads_conf_and_the_environment(tmp_path, tiny_weights, rng, loopback_cluster):
     import yaml
 
     sys.path.insert(0, str(REPO / "jobs"))
@@ -153,17 +153,29 @@ def test_scheduled_entry_point_reads_conf_and_the_environment(tmp_path, tiny_wei
         sys.path.pop(0)
     from conftest import write_embeddings
 
+    scheduler_file, _ = loopback_cluster
     write_embeddings(tmp_path / "in" / "a.parquet", rng.standard_normal((50, 768)).astype("float32"))
     spec = tmp_path / "job.yaml"
     spec.write_text(yaml.safe_dump({"job": "score", "inputs": [str(tmp_path / "in")], "output": str(tmp_path / "out"),
                                     "score_threshold": 5.0, "aesthetic_weights": str(tiny_weights["safetensors"])}))
-    argv = scheduled.build_argv(str(spec), {"DASK_SCHEDULER_ADDRESS": "tcp://127.0.0.1:8786"})
+    argv = scheduled.build_argv(str(spec), str(tmp_path / "options.yaml"))
     assert argv[:4] == ["score", str(tmp_path / "in"), "-o", str(tmp_path / "out")]
-    assert yaml.safe_load((tmp_path / "out" / "scheduled-config.yaml").read_text())["scheduler"] == "tcp://127.0.0.1:8786"
-    proc = subprocess.run([sys.executable, str(REPO / "jobs" / "scheduled.py"), str(spec)], capture_output=True, text=True,
-                          timeout=120, env={k: v for k, v in os.environ.items() if not k.startswith("DASK_SCHEDULER")})
-    assert proc.returncode == 0, proc.stderr
-    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["totals"]["rows_in"] == 50
+    assert yaml.safe_load((tmp_path / "options.yaml").read_text())["score_threshold"] == 5.0
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DASK_SCHEDULER")}
+    local = subprocess.run([sys.executable, str(REPO / "jobs" / "scheduled.py"), str(spec)], capture_output=True, text=True,
+                           timeout=120, env=env)
+    assert local.returncode == 0, local.stderr
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert m["totals"]["rows_in"] == 50 and m["cluster"]["scheduler_address"].startswith("inproc://")
+    assert not (tmp_path / "out" / "scheduled-config.yaml").exists()
+    # Dask's own variable: the job runs on that cluster (the CLI honours it, not only jobs/).
+    address = json.loads(scheduler_file.read_text())["address"]
+    remote = subprocess.run([sys.executable, "-m", "aesthetic_dask", "score", str(tmp_path / "in"), "-o", str(tmp_path / "remote"),
+                             "--aesthetic-weights", str(tiny_weights["safetensors"])], capture_output=True, text=True,
+                            timeout=120, env=env | {"DASK_SCHEDULER_ADDRESS": address})
+    assert remote.returncode == 0, remote.stderr
+    m = json.loads((tmp_path / "remote" / "manifest.json").read_text())
+    assert m["cluster"]["scheduler_address"] == address and m["cluster"]["workers"] == 2
 
 
 def test_score_job_through_a_scheduler_address(tmp_path, tiny_weights, loopback_cluster, rng):

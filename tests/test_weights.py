@@ -116,6 +116,7 @@ def fake_hub(monkeypatch, tiny_weights):
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr("aesthetic_dask.network.reachable", lambda url: True)  # the fake hub is "online"
     return files, calls
 
 

@@ -1,0 +1,79 @@
+"""Where a run's log goes: ``OUT/job.log``, or a per-run file under the user's cache.
+
+The log file is opened only once the job has created OUT, so a run that fails before doing
+anything leaves no OUT holding only ``job.log``; its records are then written to
+``~/.cache/aesthetic-dask/logs/run-<time>-<pid>.log`` (one file per run, never shared).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+LOGGER = "aesthetic_dask"
+_FORMAT = logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
+
+
+class JobLogHandler(logging.Handler):
+    """Holds records in memory until OUT exists, then writes them (and all later ones) to OUT/job.log."""
+
+    def __init__(self, out: Path | None, cache_dir: Path) -> None:
+        super().__init__(logging.DEBUG)
+        self.out, self.cache_dir = out, cache_dir
+        self.file: logging.FileHandler | None = None
+        self.pending: list[logging.LogRecord] = []
+
+    @property
+    def path(self) -> Path | None:
+        return Path(self.file.baseFilename) if self.file else None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.file is None and self.out is not None and self.out.is_dir():
+            self._open(self.out / "job.log")
+        if self.file is None:
+            self.pending.append(record)
+        else:
+            self.file.emit(record)
+
+    def _open(self, path: Path) -> None:
+        self.file = logging.FileHandler(path)
+        self.file.setFormatter(_FORMAT)
+        for record in self.pending:
+            self.file.emit(record)
+        self.pending.clear()
+
+    def spill(self) -> Path | None:
+        """The log's path, writing held records to a per-run file in the cache if OUT never appeared."""
+        if self.file is None:
+            try:
+                logs = self.cache_dir / "logs"
+                logs.mkdir(parents=True, exist_ok=True)
+                self._open(logs / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log")
+            except OSError:
+                return None
+        return self.path
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        super().close()
+
+
+def setup(verbose: bool, out: Path | None, cache_dir: Path) -> JobLogHandler:
+    """Console lines (INFO with -v, else warnings) and the job log; returns the job log's handler."""
+    root = logging.getLogger(LOGGER)
+    for old in list(root.handlers):  # a previous main() in this process (tests, notebooks)
+        root.removeHandler(old)
+        old.close()
+    root.setLevel(logging.DEBUG)
+    root.propagate = False  # libraries that call logging.basicConfig must not echo our lines
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(logging.INFO if verbose else logging.WARNING)
+    console.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    root.addHandler(console)
+    handler = JobLogHandler(out, cache_dir)
+    root.addHandler(handler)
+    return handler

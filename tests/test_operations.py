@@ -1,0 +1,172 @@
+"""Operating it like a well-behaved Dask tool (issue 13): clear failures, fast offline behaviour, a
+light `score` path, Dask's conventions, truthful numbers."""
+
+import dataclasses
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from aesthetic_dask import __version__
+from aesthetic_dask import weights as W
+from aesthetic_dask.cli import main
+from conftest import assert_one_clear_line, photo_bytes, write_embeddings, write_shard
+
+
+def cli(*argv, env=None, timeout=60):
+    return subprocess.run([sys.executable, "-m", "aesthetic_dask", *map(str, argv)], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+@pytest.fixture
+def inp(tmp_path, rng):
+    write_embeddings(tmp_path / "in" / "a.parquet", rng.standard_normal((40, 768)).astype(np.float32))
+    return tmp_path / "in"
+
+
+@pytest.fixture
+def private_cache(tmp_path):
+    """XDG_CACHE_HOME of the command: where a run without a usable OUT logs."""
+    return dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"))
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--scheduler", "localhost"], "--scheduler localhost: not a scheduler address"),
+        (["--scheduler", "tcp://127.0.0.1:1"], "--scheduler tcp://127.0.0.1:1: no scheduler answered within"),
+        (["--scheduler-file", "{tmp}/nope.json"], "--scheduler-file {tmp}/nope.json: no such file"),
+        (["--threshold", "nan"], "score_threshold (--threshold) must be a finite number"),
+        (["--n-workers", "0"], "n_workers (--n-workers) must be >= 1"),
+    ],
+)
+def test_bad_cluster_and_option_values_are_one_line_exit_2_and_never_hang(tmp_path, inp, tiny_weights, private_cache, extra, message):
+    t0 = time.time()
+    proc = cli("score", inp, "-o", tmp_path / "out", "--aesthetic-weights", tiny_weights["safetensors"],
+               *[e.format(tmp=tmp_path) for e in extra], env=private_cache, timeout=45)
+    assert_one_clear_line(proc, 2, message.format(tmp=tmp_path))
+    assert time.time() - t0 < 40
+    # Nothing was done: no OUT holding only a log; the details are in a per-run file in the user's cache.
+    assert not (tmp_path / "out").exists()
+    if extra[0].startswith("--scheduler"):  # (a bad option value is refused before anything is logged)
+        logs = list((tmp_path / "cache" / "aesthetic-dask" / "logs").glob("run-*.log"))
+        assert len(logs) == 1 and str(logs[0]) in proc.stderr
+
+
+def test_output_that_is_a_file_is_bad_usage(tmp_path, inp, tiny_weights, private_cache):
+    (tmp_path / "out").write_text("I am a file")
+    proc = cli("score", inp, "-o", tmp_path / "out", "--aesthetic-weights", tiny_weights["safetensors"], env=private_cache)
+    assert_one_clear_line(proc, 2, f"-o {tmp_path / 'out'}: exists and is not a directory")
+    assert not Path("/tmp/aesthetic-dask.log").exists() or "I am a file" not in Path("/tmp/aesthetic-dask.log").read_text()
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out.strip() == f"aesthetic-dask {__version__}"
+
+
+def test_a_cached_verified_head_is_used_offline_without_any_network_wait(tmp_path, inp, tiny_weights, monkeypatch, capsys):
+    """Only the safetensors conversion of the pinned sha256 is in model_dir: no download is tried."""
+    digest = hashlib.sha256(tiny_weights["pth"].read_bytes()).hexdigest()
+    entry = W.REGISTRY[W.DEFAULT_WEIGHTS]
+    pinned = tuple(dataclasses.replace(s, sha256=digest) if s.sha256 else s for s in entry.sources)
+    monkeypatch.setitem(W.REGISTRY, W.DEFAULT_WEIGHTS, dataclasses.replace(entry, sources=pinned))
+    models = tmp_path / "models"
+    W._write_converted(tiny_weights["state"], W._converted_path(models, digest))
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the network was tried although a verified copy is cached")
+
+    monkeypatch.setattr("aesthetic_dask.network.reachable", no_network)
+    monkeypatch.setattr("huggingface_hub.hf_hub_download", no_network)
+    t0 = time.time()
+    assert main(["score", str(inp), "-o", str(tmp_path / "out"), "--model-dir", str(models)]) == 0
+    assert main(["download", "--model-dir", str(models), "--skip-clip"]) == 0
+    assert time.time() - t0 < 20
+    assert main(["download", "--model-dir", str(models), "--list"]) == 0
+    listing = capsys.readouterr().out
+    assert f"{W.DEFAULT_WEIGHTS}  [cached: " in listing and "ava+logos-l14-reluMSE  [not cached]" in listing
+
+
+def test_an_unreachable_hub_fails_in_seconds_before_any_task(tmp_path, private_cache):
+    write_shard(tmp_path / "s.tar", [("a.jpg", photo_bytes("coffee"))])
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # nothing listens there: connections are refused at once
+    env = private_cache | {"HF_ENDPOINT": f"http://127.0.0.1:{port}"}
+    env.pop("HF_HUB_OFFLINE", None)
+    t0 = time.time()
+    proc = cli("run", tmp_path / "s.tar", "-o", tmp_path / "out", "--model-dir", tmp_path / "models",
+               "--aesthetic-weights", "ava+logos-l14-linearMSE", env=env, timeout=60)
+    assert_one_clear_line(proc, 2, "its host is unreachable")
+    proc = cli("run", tmp_path / "s.tar", "-o", tmp_path / "out", "--model-dir", tmp_path / "models", env=env, timeout=60)
+    assert proc.returncode == 2 and "unreachable" in proc.stderr and "Traceback" not in proc.stderr
+    assert time.time() - t0 < 30 and not (tmp_path / "out").exists()
+
+
+def test_the_score_job_never_imports_torch(tmp_path, inp, tiny_weights):
+    code = ("import sys; sys.modules['torch'] = None; sys.modules['open_clip'] = None\n"
+            "from aesthetic_dask.cli import main\n"
+            f"raise SystemExit(main(['score', {str(inp)!r}, '-o', {str(tmp_path / 'out')!r}, '--aesthetic-weights', {str(tiny_weights['pth'])!r},"
+            f" '--model-dir', {str(tmp_path / 'models')!r}]))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr  # a .pth head, read without torch
+
+
+def test_a_fully_skipped_rerun_reports_truthful_numbers_and_the_dashboard(tmp_path, inp, tiny_weights, capsys):
+    argv = ["score", str(inp), "-o", str(tmp_path / "out"), "--aesthetic-weights", str(tiny_weights["safetensors"])]
+    busy = socket.socket()
+    try:
+        busy.bind(("127.0.0.1", 8787))  # Dask's default dashboard port, taken: no warning may leak
+    except OSError:
+        pass
+    try:
+        assert main(argv) == 0
+        capsys.readouterr()
+        assert main(argv) == 0
+    finally:
+        busy.close()
+    err = capsys.readouterr().err
+    assert "nothing processed in this run" in err and "1 planned: 0 run now, 1 skipped (finished before), 0 failed" in err
+    assert "rows/s" not in err and "already in use" not in err
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert m["this_run"]["partitions_processed"] == 0 and m["this_run"]["rows_processed"] == 0
+    link = m["cluster"]["dashboard_link"]
+    assert link.startswith("http://") and ":8787/" not in link and m["cluster"]["workers"] == 1
+    assert m["cluster"]["threads"] >= 1 and m["cluster"]["scheduler_address"]
+    assert f"dashboard: {m['cluster']['dashboard_link']}" in err  # printed when the job starts
+
+
+def test_verbose_shows_the_jobs_lines_not_distributeds(tmp_path, inp, tiny_weights):
+    proc = cli("score", inp, "-o", tmp_path / "out", "--aesthetic-weights", tiny_weights["safetensors"], "-v")
+    assert proc.returncode == 0
+    lines = proc.stderr.splitlines()
+    assert any("partition a-" in line for line in lines)
+    assert not [line for line in lines if "distributed." in line], proc.stderr
+
+
+def test_elapsed_covers_the_whole_command(tmp_path, shards_for_timing, tiny_clip, tiny_weights):
+    out = tmp_path / "out"
+    t0 = time.time()
+    proc = cli("run", shards_for_timing, "-o", out, "--clip-model-config", tiny_clip["config"], "--clip-pretrained",
+               tiny_clip["checkpoint"], "--aesthetic-weights", tiny_weights["safetensors"], timeout=120)
+    wall = time.time() - t0
+    assert proc.returncode == 0, proc.stderr
+    m = json.loads((out / "manifest.json").read_text())
+    elapsed = m["timings"]["elapsed_s"]
+    assert elapsed >= m["timings"]["plan_s"] + m["timings"]["compute_s"] and elapsed <= wall
+    assert m["this_run"]["rows_processed"] == 3
+
+
+@pytest.fixture
+def shards_for_timing(tmp_path):
+    return write_shard(tmp_path / "s.tar", [(f"{i}.jpg", photo_bytes("coffee")) for i in range(3)])
