@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--json-fields", metavar="A,B:int64", help="sidecar .json fields to add as typed columns")
     run.add_argument("--image-column", metavar="NAME", help="image bytes column of Parquet inputs (default image)")
     run.add_argument("--max-image-pixels", type=int, help="larger images are errors, never decoded")
+    run.add_argument("--max-sidecar-bytes", type=int, help="larger .txt/.json sidecars make an error row (default 65536)")
     run.add_argument("--decode-threads", type=int, help="image decoding threads (default: CPU count)")
     run.add_argument("--write-shards", metavar="DIR", help="also write kept samples as WebDataset tars into DIR")
     run.set_defaults(handler=_cmd_run)
@@ -128,7 +129,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     config = _config_from_args(args, _JOB_KEYS + (
         "batch_size", "clip_model", "clip_pretrained", "clip_model_config", "json_fields", "image_column",
-        "max_image_pixels", "decode_threads", "write_shards",
+        "max_image_pixels", "max_sidecar_bytes", "decode_threads", "write_shards",
     ))
     _setup_logging(config.verbose, _check_output(args.output), config.resolved_model_dir)
     manifest, code = run_job(args.inputs, args.output, config, overwrite=args.overwrite, started=_STARTED)
@@ -185,21 +186,51 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler or `kill` ending the job), handled like Ctrl-C: one line, the log, exit 1."""
+
+
+def _on_sigterm_interrupt() -> object:
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum: int, frame: object) -> None:
+        raise Terminated()
+
+    return signal.signal(signal.SIGTERM, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``aesthetic-dask`` command."""
-    from .errors import AestheticDaskError
-
     global _STARTED
     _STARTED = time.time()
     args = build_parser().parse_args(argv)
+    previous = _on_sigterm_interrupt()
     handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return _run(handler, args)
+    finally:
+        if previous is not None:
+            import signal
+
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(handler: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    from .errors import AestheticDaskError
+
     try:
         return handler(args)
     except AestheticDaskError as exc:  # the one mapping: each error class carries its exit code
         log.debug("%s", type(exc).__name__, exc_info=True)
         return _fail(str(exc), exc.exit_code)
-    except KeyboardInterrupt:
-        return _fail("interrupted; re-run the same command to resume", EXIT_FAILED)
+    except KeyboardInterrupt as exc:
+        what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        log.debug("%s", what, exc_info=True)  # the job log only: the console gets the one line below
+        return _fail(f"{what}; re-run the same command to resume", EXIT_FAILED)
     except Exception as exc:  # noqa: BLE001 - one clear line; the traceback goes to the log
         log.error("job failed\n%s", traceback.format_exc())
         if _job_log is None:

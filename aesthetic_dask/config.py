@@ -47,6 +47,7 @@ class Config:
     json_fields: list[str]
     write_shards: str | None
     max_image_pixels: int
+    max_sidecar_bytes: int
     decode_threads: int | None
     clip_precision: str
     extra_scores: dict[str, str]
@@ -73,7 +74,7 @@ OUTPUT_OPTIONS: dict[str, tuple[str, ...]] = {
     "run": (
         "score_threshold", "keep_embeddings", "keep_rejected", "partition_rows", "clip_model",
         "clip_pretrained", "clip_model_config", "clip_precision", "image_column", "json_fields",
-        "max_image_pixels", "write_shards", "extra_scores",
+        "max_image_pixels", "max_sidecar_bytes", "write_shards", "extra_scores",
     ),
 }
 
@@ -202,5 +203,7 @@ def _validate(config: Config) -> None:
         raise ConfigError("clip_precision must be auto, fp32 or fp16")
     if config.max_image_pixels < 1:
         raise ConfigError("max_image_pixels (--max-image-pixels) must be >= 1")
+    if config.max_sidecar_bytes < 0:
+        raise ConfigError("max_sidecar_bytes (--max-sidecar-bytes) must be >= 0")
     if config.scheduler and config.scheduler_file:
         raise ConfigError("give either scheduler or scheduler_file, not both")

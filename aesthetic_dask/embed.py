@@ -289,18 +289,40 @@ def decode_image(data: bytes | None, preprocess: Any, max_pixels: int,
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            width, height = image.size
-            if width * height > max_pixels:
-                return None, f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels} (max_image_pixels)", None
+            try:
+                # Only the declared formats: a member named .jpg holding EPS must never reach Ghostscript.
+                image = Image.open(io.BytesIO(data), formats=DECODED_FORMATS)
+            except UnidentifiedImageError:
+                # Not even identified through other plugins: their header parsers are attack surface too.
+                return None, NOT_DECODED, None
+            too_big = _over_limit(image.size, max_pixels)
+            if too_big:
+                return None, too_big, None
             image.load()  # first frame of an animation
+            too_big = _over_limit(image.size, max_pixels)  # the decoded size, whatever the header said
+            if too_big:
+                return None, too_big, None
             return preprocess(image), None, make_thumbnail(image) if thumbnail else None
     except Image.DecompressionBombError as exc:
         return None, f"image over the pixel limit: {exc}", None
-    except UnidentifiedImageError:
-        return None, "not an image (cannot identify the format)", None
-    except (OSError, SyntaxError, ValueError) as exc:
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
         return None, f"corrupt or truncated image: {exc}", None
+    except Exception as exc:  # noqa: BLE001 - whatever a hostile file does, it is this sample's error
+        return None, f"corrupt image: {type(exc).__name__}: {exc}", None
+
+
+# The formats the job decodes (Pillow format names); anything else is an error row, never decoded.
+DECODED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF")
+NOT_DECODED = "not a JPEG, PNG, WebP or GIF image (no other format is decoded)"
+
+
+def _over_limit(size: tuple[int, int], max_pixels: int) -> str | None:
+    width, height = size
+    if width * height > max_pixels:
+        return f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels} (max_image_pixels)"
+    return None
+
+
 
 
 class ImageEmbedder:

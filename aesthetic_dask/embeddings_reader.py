@@ -142,11 +142,16 @@ def plan_parquet(
     partition_rows: int,
     canonical: pa.DataType | None = None,
     exclude: tuple[str, ...] = (),
+    reserved: tuple[str, ...] = (),
 ) -> EmbeddingPlan:
-    """Partitions and shared schema of Parquet files/dirs/globs that must hold ``column``."""
+    """Partitions and shared schema of Parquet files/dirs/globs that must hold ``column``.
+
+    Input columns named in ``reserved`` (columns the job writes) are read as ``NAME_input``.
+    """
     listed = list_inputs(inputs, (".parquet", ".pq"), exclude)
     parts, schemas, failed = _plan_parquet_files(listed.files, column, check, partition_rows)
-    return EmbeddingPlan(parts, _unify(schemas, column, canonical), column, failed, listed.duplicates)
+    schema = rename_reserved(_unify(schemas, column, canonical), reserved, column)
+    return EmbeddingPlan(parts, schema, column, failed, listed.duplicates)
 
 
 def plan_embeddings(
@@ -154,6 +159,7 @@ def plan_embeddings(
     embedding_column: str = "embedding",
     partition_rows: int = 131072,
     exclude: tuple[str, ...] = (),
+    reserved: tuple[str, ...] = ("aesthetic_score", "error"),
 ) -> EmbeddingPlan:
     """Partitions and the shared schema of Parquet files/dirs/globs and clip-retrieval folders.
 
@@ -184,7 +190,8 @@ def plan_embeddings(
         failed.update(folder_failed)
     if not schemas and not failed:
         raise InputError(f"no embedding files found in {', '.join(map(str, inputs))}")
-    return EmbeddingPlan(parts, _unify(schemas, embedding_column, EMBEDDING_TYPE), embedding_column, failed, duplicates)
+    schema = rename_reserved(_unify(schemas, embedding_column, EMBEDDING_TYPE), reserved, embedding_column)
+    return EmbeddingPlan(parts, schema, embedding_column, failed, duplicates)
 
 
 def _plan_clip_retrieval(
@@ -246,18 +253,38 @@ def _unify(schemas: list[tuple[str, pa.Schema]], column: str, canonical: pa.Data
     return unified
 
 
+# Field metadata naming the input column a renamed field reads (see rename_reserved).
+_SOURCE_NAME = b"aesthetic_dask.input_name"
+
+
+def rename_reserved(schema: pa.Schema, reserved: tuple[str, ...], keep: str) -> pa.Schema:
+    """The documented rule for input columns named like a column the job writes: ``NAME`` is
+    read as ``NAME_input`` (``keep``, the column the job reads, is left alone)."""
+    for name in reserved:
+        if name == keep or name not in schema.names:
+            continue
+        new = f"{name}_input"
+        if new in schema.names:
+            raise InputError(f"the inputs have both {name!r} and {new!r} columns; {name!r} is a column the job writes")
+        i = schema.get_field_index(name)
+        schema = schema.set(i, schema.field(i).with_name(new).with_metadata({_SOURCE_NAME: name.encode()}))
+    return schema
+
+
 def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
-    """``table`` with exactly ``schema``'s columns: cast where types differ, nulls where absent."""
+    """``table`` with exactly ``schema``'s columns: cast where types differ, nulls where absent,
+    renamed input columns read from their input name."""
     columns = []
     for field in schema:
-        if field.name in table.column_names:
-            col = table.column(field.name)
+        source = (field.metadata or {}).get(_SOURCE_NAME, b"").decode() or field.name
+        if source in table.column_names:
+            col = table.column(source)
             if pa.types.is_struct(col.type) and pa.types.is_binary(field.type):
                 col = pc.struct_field(col, "bytes")  # Hugging Face-style image struct<bytes, path>
             columns.append(col if col.type == field.type else col.cast(field.type))
         else:
             columns.append(pa.nulls(table.num_rows, field.type))
-    return pa.Table.from_arrays(columns, schema=schema)
+    return pa.Table.from_arrays(columns, schema=pa.schema([f.remove_metadata() for f in schema]))
 
 
 def read_parquet_rows(path: str, start: int, stop: int, row_groups: tuple[int, ...] | None = None) -> pa.Table:
@@ -318,7 +345,7 @@ def parquet_frame(plan: EmbeddingPlan, parts: list[EmbeddingPart] | None = None)
     import dask.dataframe as dd
 
     parts = plan.parts if parts is None else parts
-    meta = table_to_frame(plan.schema.empty_table())
+    meta = table_to_frame(pa.schema([f.remove_metadata() for f in plan.schema]).empty_table())
     return dd.from_map(
         read_part,
         parts,

@@ -25,8 +25,8 @@ from .config import Config, output_settings
 from .embed import ClipSpec, EmbedOptions, attach_embeddings, compute_precision, embed_stream, prepare_clip_weights
 from .embeddings_reader import EmbeddingPart, plan_parquet
 from .errors import InputError
-from .image_reader import (ShardPart, ShardReader, check_image_type, image_values, parse_json_fields, samples_table,
-                           shard_schema, split_key)
+from .image_reader import (SHARD_SUFFIXES, ShardPart, ShardReader, check_image_type, image_values, iter_members,
+                           parse_json_fields, samples_table, shard_schema)
 from .job import Job, Work, package_versions, run_parts
 from .output import OutputLayout, WriteOptions, split_and_write
 from .partition import finish_record, new_record, process_parquet_part
@@ -38,18 +38,17 @@ from .weights import REGISTRY
 
 # Rows per partition of image Parquet: all their image bytes are in memory at once.
 IMAGE_PARQUET_ROWS = 4096
-SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 PARQUET_SUFFIXES = (".parquet", ".pq")
 VERSIONED_PACKAGES = ("aesthetic-dask", "dask", "distributed", "pandas", "pyarrow", "numpy", "torch", "torchvision", "open_clip_torch", "pillow")
 
 
 def process_shard(part: ShardPart, fields: dict, clip_spec: ClipSpec, predictor: AestheticPredictor, out: str,
                   opts: WriteOptions, embed: EmbedOptions, write_shards: str | None,
-                  extras: dict[str, AestheticPredictor] | None = None) -> dict[str, Any]:
+                  extras: dict[str, AestheticPredictor] | None = None, max_sidecar_bytes: int = 65536) -> dict[str, Any]:
     """Read, embed, score and write one WebDataset shard; return its record."""
     t0 = time.perf_counter()
     layout = OutputLayout(Path(out))
-    reader = ShardReader(part.source)
+    reader = ShardReader(part.source, max_sidecar_bytes=max_sidecar_bytes)
     samples = []
 
     def images():
@@ -71,21 +70,25 @@ def process_shard(part: ShardPart, fields: dict, clip_spec: ClipSpec, predictor:
         record["note"] = f"{part.source}: empty shard: no samples"
     if write_shards and record["rows_kept"]:
         keep, _ = table_keep_mask(table, opts.threshold)
-        kept_keys = {s.key for s, k in zip(samples, keep) if k}
-        shard = write_kept_shard(part.source, kept_keys, Path(write_shards) / f"{part.name}.tar", layout.tmp)
+        kept = {s.index for s, k in zip(samples, keep) if k}
+        shard = write_kept_shard(part.source, kept, Path(write_shards) / f"{part.name}.tar", layout.tmp)
         record["files"].append(str(shard))  # absolute: checked on resume like the rest
     return finish_record(layout, record, t0)
 
 
-def write_kept_shard(source: str, keys: set[str], target: Path, tmp_dir: Path) -> Path:
-    """Copy the members of the kept samples (original bytes, same names) into a new tar, atomically."""
+def write_kept_shard(source: str, kept: set[int], target: Path, tmp_dir: Path) -> Path:
+    """Copy the regular-file members of the kept samples (by sample index: a key may repeat
+    non-consecutively in a tar) with their original bytes and names into a new tar, atomically."""
+    from .image_reader import _TailStream
+
     tmp_dir.mkdir(parents=True, exist_ok=True)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_dir / f"{target.name}.{uuid.uuid4().hex}.tmp"
-    with tarfile.open(source, mode="r|*") as src, tarfile.open(tmp, mode="w") as dst:
+    tmp = tmp_dir / f"{uuid.uuid4().hex}.tar.tmp"
+    with open(source, "rb") as raw, tarfile.open(fileobj=_TailStream(raw), mode="r|") as src, \
+            tarfile.open(tmp, mode="w") as dst:
         try:
-            for member in src:
-                if member.isfile() and split_key(member.name)[0] in keys:
+            for index, _, _, member in iter_members(src):
+                if index in kept and member.isfile():
                     dst.addfile(member, src.extractfile(member))
         except (tarfile.TarError, EOFError, OSError):
             pass  # a truncated source: its readable part was what got scored
@@ -145,7 +148,7 @@ def run_job(inputs: list[str], out: str | Path, config: Config, overwrite: bool 
     parquets = [str(f) for f in listed.files if f.name.lower().endswith(PARQUET_SUFFIXES)]
     shard_parts = [ShardPart(t) for t in tars]
     pq_plan = plan_parquet(parquets, config.image_column, check_image_type, min(config.partition_rows, IMAGE_PARQUET_ROWS),
-                           pa.binary()) if parquets else None
+                           pa.binary(), reserved=("aesthetic_score", "error", "embedding")) if parquets else None
 
     # Compatibility first: a head trained on another CLIP is refused before anything is downloaded.
     heads = {SCORE_COLUMN: config.aesthetic_weights, **config.extra_scores}
@@ -162,7 +165,8 @@ def run_job(inputs: list[str], out: str | Path, config: Config, overwrite: bool 
     work = []
     common = dict(clip_spec=clip_spec, predictor=predictor, out=str(out), opts=opts, embed=embed, extras=extras)
     if shard_parts:
-        work.append(Work(shard_parts, process_shard, dict(fields=fields, write_shards=shards_dir, **common)))
+        work.append(Work(shard_parts, process_shard, dict(fields=fields, write_shards=shards_dir,
+                                                          max_sidecar_bytes=config.max_sidecar_bytes, **common)))
     if pq_plan and pq_plan.parts:
         work.append(Work(pq_plan.parts, process_image_parquet_part, dict(schema=pq_plan.schema, column=config.image_column, **common)))
     if not work and not failed_inputs:

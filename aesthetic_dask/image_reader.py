@@ -9,7 +9,6 @@ text, and fields named in ``json_fields`` become typed columns.
 from __future__ import annotations
 
 import json
-import os
 import posixpath
 import tarfile
 from dataclasses import dataclass, field
@@ -25,6 +24,12 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif")
 JSON_TYPES = {"string": pa.string(), "int64": pa.int64(), "float64": pa.float64(), "bool": pa.bool_()}
 # A member larger than this is never read into memory (its sample becomes an error row).
 MAX_MEMBER_BYTES = 256 * 1024 * 1024
+# Columns of a shard's samples and of the job's output: a --json-fields name may not take one.
+RESERVED_SAMPLE_COLUMNS = ("key", "source", "image", "image_ext", "caption", "json", "error", "aesthetic_score",
+                           "embedding", "row")
+# Default cap of one .txt/.json sidecar (config max_sidecar_bytes): held for the whole shard.
+MAX_SIDECAR_BYTES = 64 * 1024
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tbz", ".tar.xz", ".txz")
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,7 @@ class Sample:
     caption: str | None = None
     json_text: str | None = None
     error: str | None = None
+    special: str | None = None  # a link or special member of this sample, never read
 
 
 def split_key(member_name: str) -> tuple[str, str]:
@@ -61,53 +67,128 @@ def split_key(member_name: str) -> tuple[str, str]:
     return posixpath.join(directory, stem) if directory else stem, ext.lower()
 
 
+def clean_name(name: str) -> tuple[str, bool]:
+    """A member name as valid UTF-8 text, and whether it was (tarfile keeps undecodable bytes as
+    surrogates, which no Arrow string may hold)."""
+    try:
+        name.encode("utf-8")
+        return name, True
+    except UnicodeEncodeError:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace"), False
+
+
+_MAGIC = ((b"\x1f\x8b", "gzip"), (b"BZh", "bz2"), (b"\xfd7zXZ\x00", "xz"))
+
+
+class _TailStream:
+    """The (decompressed) tar byte stream, remembering its size and last 1024 bytes: a streaming
+    tar read stops silently at a cut header, so completeness is checked from these."""
+
+    def __init__(self, raw: Any) -> None:
+        head = raw.read(6)
+        raw.seek(0)
+        kind = next((k for magic, k in _MAGIC if head.startswith(magic)), None)
+        if kind == "gzip":
+            import gzip
+
+            self.stream = gzip.GzipFile(fileobj=raw, mode="rb")
+        elif kind == "bz2":
+            import bz2
+
+            self.stream = bz2.BZ2File(raw, mode="rb")
+        elif kind == "xz":
+            import lzma
+
+            self.stream = lzma.LZMAFile(raw, mode="rb")
+        else:
+            self.stream = raw
+        self.size, self.tail = 0, b""
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.stream.read(n)
+        self.size += len(data)
+        self.tail = (self.tail + data)[-1024:]
+        return data
+
+    def complete(self) -> bool:
+        """Read to the end (a cut compressed stream raises EOFError here) and check the tar's end
+        marker: two zero blocks at a 512-byte boundary."""
+        while self.read(1 << 20):
+            pass
+        return self.size >= 1024 and self.size % 512 == 0 and not self.tail.strip(b"\0")
+
+
+def iter_members(tar: tarfile.TarFile) -> Iterator[tuple[int, str, str, tarfile.TarInfo]]:
+    """(sample index, key, extension, member) for every member but directories, grouped exactly as
+    :class:`ShardReader` groups samples: a run of consecutive members sharing a key."""
+    index, key = -1, None
+    for member in tar:
+        if member.isdir():
+            continue
+        member_key, ext = split_key(clean_name(member.name)[0])
+        if member_key != key:
+            index, key = index + 1, member_key
+        yield index, member_key, ext, member
+
+
 @dataclass
 class ShardReader:
-    """Iterate the samples of a tar shard; ``failure`` says why reading stopped early, if it did."""
+    """Iterate the samples of a tar shard (plain, .gz, .bz2 or .xz); ``failure`` says why reading
+    stopped early, if it did. Whatever one sample holds, it becomes a sample (maybe an error row):
+    nothing a member contains can end the shard."""
 
     path: str
     max_member_bytes: int = MAX_MEMBER_BYTES
+    max_sidecar_bytes: int = MAX_SIDECAR_BYTES
     failure: str | None = field(default=None, init=False)
 
     def __iter__(self) -> Iterator[Sample]:
         current: Sample | None = None
-        index = 0
         self._in_member = False
         try:
-            with tarfile.open(self.path, mode="r|*") as tar:
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    key, ext = split_key(member.name)
-                    if current is not None and key != current.key:
-                        yield _finish(current)
-                        current, index = None, index + 1
-                    if current is None:
-                        current = Sample(key=key, index=index)
-                    self._add(current, ext, member, tar)
-        except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
-            complete = index + (current is not None and not self._in_member)
+            with open(self.path, "rb") as raw:
+                stream = _TailStream(raw)
+                with tarfile.open(fileobj=stream, mode="r|") as tar:
+                    for index, key, ext, member in iter_members(tar):
+                        if current is not None and index != current.index:
+                            yield _finish(current)
+                            current = None
+                        if current is None:
+                            current = Sample(key=key, index=index)
+                            if not clean_name(member.name)[1]:
+                                current.error = "member name is not valid UTF-8"
+                        self._add(current, ext, member, tar)
+                    if not stream.complete():
+                        n = 0 if current is None else current.index + 1
+                        self.failure = f"archive truncated: no end-of-archive marker after {n} samples"
+        except (tarfile.TarError, EOFError, OSError, ValueError, zlib_error()) as exc:
+            complete = 0 if current is None else current.index + (not self._in_member)
             self.failure = _describe_tar_error(exc, complete)
             if current is not None and self._in_member:
                 # Damage inside this sample's data: it is still accounted for, as an error row.
                 current.image, current.error = None, f"sample cut off by archive damage: {type(exc).__name__}"
-        if self.failure is None and not _has_end_marker(self.path):
-            self.failure = f"archive truncated: no end-of-archive marker after {index + (current is not None)} samples"
         if current is not None:
             yield _finish(current)
 
     def _add(self, sample: Sample, ext: str, member: tarfile.TarInfo, tar: tarfile.TarFile) -> None:
         last = ext.rsplit(".", 1)[-1]
-        wanted = last in IMAGE_EXTENSIONS or ext in ("txt", "json")
-        if not wanted:
+        is_image = last in IMAGE_EXTENSIONS
+        if not (is_image or ext in ("txt", "json")):
             return
-        if member.size > self.max_member_bytes:
-            sample.error = f"member {member.name!r} is {member.size} bytes, over the {self.max_member_bytes}-byte limit"
+        if not member.isfile():  # a link or a device: never followed, never read
+            kind = "symlink" if member.issym() else "hard link" if member.islnk() else "special file"
+            sample.special = sample.special or f"member {clean_name(member.name)[0]!r} is a {kind}, not a regular file"
+            return
+        limit = self.max_member_bytes if is_image else self.max_sidecar_bytes
+        if member.size > limit:
+            what = "image" if is_image else f".{ext} sidecar"
+            option = "" if is_image else " (max_sidecar_bytes)"
+            sample.error = sample.error or f"{what} {clean_name(member.name)[0]!r} is {member.size} bytes, over the limit of {limit}{option}"
             return
         self._in_member = True
         data = tar.extractfile(member).read()
         self._in_member = False
-        if last in IMAGE_EXTENSIONS and sample.image is None:
+        if is_image and sample.image is None:
             sample.image, sample.image_ext = data, ext
         elif ext == "txt":
             sample.caption = data.decode("utf-8", errors="replace")
@@ -115,22 +196,17 @@ class ShardReader:
             sample.json_text = data.decode("utf-8", errors="replace")
 
 
-def _has_end_marker(path: str) -> bool:
-    """Whether an uncompressed tar ends with its zero blocks (a streaming read stops silently
-    at a cut header); compressed shards are checked by their own stream format instead."""
-    with open(path, "rb") as f:
-        if f.read(2) in (b"\x1f\x8b", b"BZ", b"\xfd7"):
-            return True
-        f.seek(0, os.SEEK_END)
-        size = f.tell()
-        f.seek(max(0, size - 1024))
-        tail = f.read()
-    return size >= 1024 and size % 512 == 0 and not tail.strip(b"\0")
+def zlib_error() -> type:
+    import zlib
+
+    return zlib.error
 
 
 def _finish(sample: Sample) -> Sample:
     if sample.image is None and sample.error is None:
-        sample.error = "no image"
+        sample.error = sample.special or "no image"
+    if sample.error:
+        sample.image = None
     return sample
 
 
@@ -155,6 +231,11 @@ def parse_json_fields(spec: list[str] | str | None) -> dict[str, pa.DataType]:
             from .errors import InputError
 
             raise InputError(f"json field {item!r}: type must be one of {', '.join(JSON_TYPES)}")
+        if name in RESERVED_SAMPLE_COLUMNS:
+            from .errors import InputError
+
+            raise InputError(f"--json-fields {name}: {name!r} is a column the job writes "
+                             f"({', '.join(RESERVED_SAMPLE_COLUMNS)}); choose another field")
         fields[name] = JSON_TYPES[kind]
     return fields
 
@@ -165,7 +246,7 @@ def json_field_values(texts: list[str | None], fields: dict[str, pa.DataType]) -
     for text in texts:
         try:
             obj = json.loads(text) if text else {}
-        except ValueError:
+        except (ValueError, RecursionError):  # malformed, or nested deeper than the parser goes
             obj = {}
         parsed.append(obj if isinstance(obj, dict) else {})
     columns = {}
@@ -183,8 +264,14 @@ def _coerce_json(value: Any, dtype: pa.DataType) -> Any:
     if pa.types.is_boolean(dtype):
         return value if isinstance(value, bool) else None
     if pa.types.is_integer(dtype):
-        return value if isinstance(value, int) and not isinstance(value, bool) else None
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+        ok = isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**63
+        return value if ok else None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except OverflowError:  # an integer beyond float range
+            return None
+    return None
 
 
 def shard_schema(fields: dict[str, pa.DataType]) -> pa.Schema:
@@ -219,14 +306,14 @@ def samples_table(samples: list[Sample], source: str, fields: dict[str, pa.DataT
     return pa.table({f.name: pa.array(columns[f.name], type=f.type) for f in schema}, schema=schema)
 
 
-def read_shard(part: ShardPart, fields: dict[str, pa.DataType]) -> pd.DataFrame:
+def read_shard(part: ShardPart, fields: dict[str, pa.DataType], max_sidecar_bytes: int = MAX_SIDECAR_BYTES) -> pd.DataFrame:
     """Partition function of :func:`read_webdataset`: one shard as a pandas frame.
 
     A shard that cannot be read whole raises :class:`DataError` naming it (as Dask's own readers
     do on a corrupt file); the ``run`` job instead keeps the samples before the damage and
     records the failure, with the same :class:`ShardReader`.
     """
-    reader = ShardReader(part.source)
+    reader = ShardReader(part.source, max_sidecar_bytes=max_sidecar_bytes)
     samples = list(reader)
     if reader.failure:
         raise DataError(f"{part.source}: {reader.failure}")
@@ -235,10 +322,11 @@ def read_shard(part: ShardPart, fields: dict[str, pa.DataType]) -> pd.DataFrame:
 
 def plan_shards(inputs: list[str] | str) -> list[ShardPart]:
     """One part per tar shard found in the inputs (files, directories, globs)."""
-    return [ShardPart(str(p)) for p in expand_inputs(inputs, (".tar", ".tar.gz", ".tgz"))]
+    return [ShardPart(str(p)) for p in expand_inputs(inputs, SHARD_SUFFIXES)]
 
 
-def read_webdataset(paths: list[str] | str, json_fields: list[str] | str | None = None):
+def read_webdataset(paths: list[str] | str, json_fields: list[str] | str | None = None,
+                    max_sidecar_bytes: int = MAX_SIDECAR_BYTES):
     """Lazy Dask frame of WebDataset shards, one partition per shard.
 
     Columns: ``key``, ``source``, ``image`` (bytes), ``image_ext``, ``caption``, ``json`` (the
@@ -248,7 +336,8 @@ def read_webdataset(paths: list[str] | str, json_fields: list[str] | str | None 
 
     fields = parse_json_fields(json_fields)
     meta = shard_schema(fields).empty_table().to_pandas(types_mapper=pd.ArrowDtype)
-    return dd.from_map(read_shard, plan_shards(paths), fields=fields, meta=meta, enforce_metadata=False, label="read-webdataset")
+    return dd.from_map(read_shard, plan_shards(paths), fields=fields, max_sidecar_bytes=max_sidecar_bytes, meta=meta,
+                       enforce_metadata=False, label="read-webdataset")
 
 
 def image_values(column: pa.ChunkedArray | pa.Array) -> list[bytes | None]:

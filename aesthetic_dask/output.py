@@ -192,11 +192,16 @@ def split_and_write(
 
 
 def _with_provenance(err: pa.Table, source: str, rows: np.ndarray) -> pa.Table:
-    """Error rows lead with their source file and row position, then their columns, then ``error``."""
-    cols = [c for c in err.column_names if c not in (SOURCE_COLUMN, ROW_COLUMN, ERROR_COLUMN)]
-    out = err.select(cols)
-    if SOURCE_COLUMN not in cols:
-        out = out.add_column(0, SOURCE_COLUMN, pa.array([source] * err.num_rows, pa.string()))
+    """Error rows lead with their source file and row position, then their columns, then ``error``.
+
+    Shards' samples carry the shard as ``source`` already; an input's own ``source`` or ``row``
+    column is kept as ``source_input`` / ``row_input``.
+    """
+    own_source = err.column_names.count(SOURCE_COLUMN) and pa.types.is_string(err.schema.field(SOURCE_COLUMN).type) \
+        and err.column(SOURCE_COLUMN).to_pylist() == [source] * err.num_rows
+    out = err.drop_columns([ERROR_COLUMN] + ([SOURCE_COLUMN] if own_source else []))
+    out = out.rename_columns([f"{c}_input" if c in (SOURCE_COLUMN, ROW_COLUMN) else c for c in out.column_names])
+    out = out.add_column(0, SOURCE_COLUMN, pa.array([source] * err.num_rows, pa.string()))
     out = out.add_column(1, ROW_COLUMN, pa.array(rows.astype(np.int64)))
     return out.append_column(ERROR_COLUMN, err.column(ERROR_COLUMN).cast(pa.string()))
 

@@ -134,7 +134,7 @@ def test_every_corrupt_sample_kind_is_counted_and_explained(tmp_path, tiny_clip,
     errors = pd.read_parquet(tmp_path / "out" / "errors").set_index("key")["error"]
     assert errors["truncated"].startswith("corrupt or truncated image")
     assert errors["empty"] == "empty image file"
-    assert errors["notimage"] == "not an image (cannot identify the format)"
+    assert errors["notimage"] == "not a JPEG, PNG, WebP or GIF image (no other format is decoded)"
     assert errors["captiononly"] == "no image"
     assert "pixel" in errors["bomb"]
     assert errors["big"] == "image is 512x512 = 262144 pixels, over the limit of 250000 (max_image_pixels)"

@@ -116,7 +116,7 @@ def test_the_report_has_the_numbers_thumbnails_and_nothing_external(run_out):
     import io
 
     assert max(Image.open(io.BytesIO(base64.b64decode(thumbs[0]))).size) <= 128
-    assert "not an image (cannot identify the format)" in page and "empty image file" in page
+    assert "not a JPEG, PNG, WebP or GIF image" in page and "empty image file" in page
     assert "a &lt;b&gt;photo&lt;/b&gt; of" in page  # captions are text, never markup
     assert external_resources(page) == []
     assert len(page) < 3_000_000
