@@ -28,6 +28,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--extra-scores", metavar="NAME=W[,NAME=W...]",
                    help="more heads scored from the same embedding, one float32 column NAME each")
     p.add_argument("--model-dir", metavar="D", help="weights download/cache directory")
+    p.add_argument("--storage-options", metavar="JSON", help="fsspec options for URLs, e.g. '{\"anon\": true}'")
     p.add_argument("--keep-embeddings", action="store_const", const=True, help="write the embedding column")
     p.add_argument("--keep-rejected", action="store_const", const=True, help="write below-threshold rows to OUT/rejected/")
     p.add_argument("--scheduler", metavar="ADDRESS", help="existing Dask scheduler, e.g. tcp://host:8786")
@@ -75,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="write the HTML report of a job's OUT (histogram, thresholds, samples)")
     report.add_argument("out", metavar="OUT", help="the job's output directory")
     report.add_argument("-o", "--output", metavar="FILE", help="where to write the page (default OUT/report.html)")
+    report.add_argument("--storage-options", metavar="JSON", help="fsspec options when OUT is a URL")
+    report.add_argument("--config", metavar="FILE")
     report.set_defaults(handler=_cmd_report)
 
     download = sub.add_parser("download", help="prefetch the configured heads and CLIP weights into a model directory")
@@ -99,17 +102,32 @@ def _config_from_args(args: argparse.Namespace, keys: tuple[str, ...]):
 _JOB_KEYS = (
     "threshold", "aesthetic_weights", "model_dir", "keep_embeddings", "keep_rejected", "scheduler",
     "scheduler_file", "n_workers", "threads_per_worker", "partition_rows", "verbose", "extra_scores", "report",
+    "storage_options",
 )
 
 
-def _check_output(output: str) -> Path:
-    """OUT must be a directory or not exist yet."""
-    from .errors import InputError
+def _check_output(output: str, storage_options: dict) -> Path | None:
+    """OUT must be a directory (or not exist yet), or a reachable bucket. Returns where the job
+    log goes: the local OUT, or None (a remote OUT gets the log uploaded at the end)."""
+    from .storage import check_output
 
-    out = Path(output)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"-o {output}: exists and is not a directory")
-    return out
+    check_output(output, storage_options)
+    return None if "://" in output and not output.startswith("file://") else Path(output.removeprefix("file://"))
+
+
+def _upload_log(output: str, storage_options: dict) -> None:
+    """A remote OUT's job.log: the per-run log, copied there at the end."""
+    if _job_log is None or "://" not in output or output.startswith("file://"):
+        return
+    from .storage import join, split
+
+    path = _job_log.spill()
+    if path is not None:
+        try:
+            fs, root = split(output, storage_options)
+            fs.put_file(str(path), join(root, "job.log"))
+        except Exception:  # noqa: BLE001 - the log stays in the local cache; it is named in errors
+            log.debug("could not upload the job log", exc_info=True)
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
@@ -117,9 +135,12 @@ def _cmd_score(args: argparse.Namespace) -> int:
     from .score_job import score_job
 
     config = _config_from_args(args, _JOB_KEYS + ("embedding_column",))
-    _setup_logging(config.verbose, _check_output(args.output), config.resolved_model_dir)
-    manifest, code = score_job(args.inputs, args.output, config, overwrite=args.overwrite, started=_STARTED)
-    print(summary(manifest, Path(args.output)), file=sys.stderr)
+    _setup_logging(config.verbose, _check_output(args.output, config.storage_options), config.resolved_model_dir)
+    try:
+        manifest, code = score_job(args.inputs, args.output, config, overwrite=args.overwrite, started=_STARTED)
+    finally:
+        _upload_log(args.output, config.storage_options)
+    print(summary(manifest, args.output), file=sys.stderr)
     return code
 
 
@@ -131,16 +152,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
         "batch_size", "clip_model", "clip_pretrained", "clip_model_config", "json_fields", "image_column",
         "max_image_pixels", "max_sidecar_bytes", "decode_threads", "write_shards",
     ))
-    _setup_logging(config.verbose, _check_output(args.output), config.resolved_model_dir)
-    manifest, code = run_job(args.inputs, args.output, config, overwrite=args.overwrite, started=_STARTED)
-    print(summary(manifest, Path(args.output), unit="images"), file=sys.stderr)
+    _setup_logging(config.verbose, _check_output(args.output, config.storage_options), config.resolved_model_dir)
+    try:
+        manifest, code = run_job(args.inputs, args.output, config, overwrite=args.overwrite, started=_STARTED)
+    finally:
+        _upload_log(args.output, config.storage_options)
+    print(summary(manifest, args.output, unit="images"), file=sys.stderr)
     return code
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from .report import write_report
 
-    print(f"report: {write_report(args.out, args.output)}")
+    config = _config_from_args(args, ("storage_options",))
+    print(f"report: {write_report(args.out, args.output, config.storage_options)}")
     return EXIT_OK
 
 

@@ -52,6 +52,7 @@ class Config:
     clip_precision: str
     extra_scores: dict[str, str]
     report: bool
+    storage_options: dict[str, Any]
 
     @property
     def resolved_model_dir(self) -> Path:
@@ -59,7 +60,10 @@ class Config:
         return Path(self.model_dir).expanduser() if self.model_dir else default_cache_dir()
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """All options, as the manifest records them (secrets in storage_options masked)."""
+        from .storage import redact
+
+        return dataclasses.asdict(self) | {"storage_options": redact(self.storage_options)}
 
 
 # The options that change what a job writes, per job. They (with the inputs, the weights' sha256 and
@@ -84,6 +88,7 @@ OUTPUT_OPTIONS: dict[str, tuple[str, ...]] = {
 RUNTIME_OPTIONS = (
     "model_inference_batch_size", "num_gpus_per_worker", "model_dir", "verbose", "aesthetic_weights",
     "scheduler", "scheduler_file", "n_workers", "threads_per_worker", "decode_threads", "report",
+    "storage_options",
 )
 # aesthetic_weights is listed as runtime because the fingerprint holds the weights' sha256 instead:
 # the same file under another name or path writes the same output.
@@ -132,6 +137,15 @@ def _coerce(name: str, value: Any, origin: str) -> Any:
     elif declared.startswith("float"):
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         value = float(value) if ok else value
+    elif declared == "dict[str, Any]":
+        if isinstance(value, str):  # CLI form: a JSON object
+            import json
+
+            try:
+                value = json.loads(value)
+            except ValueError as exc:
+                raise ConfigError(f"{origin}: option {name!r} expects a JSON object: {exc}") from None
+        ok = isinstance(value, dict)
     elif declared.startswith("dict"):
         if isinstance(value, str):  # CLI form: name=weights,name=weights
             pairs = [item.partition("=") for item in value.split(",") if item.strip()]

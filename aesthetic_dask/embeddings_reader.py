@@ -9,11 +9,12 @@ Python objects per row), indexed by row number in their source file.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -23,11 +24,11 @@ import pyarrow.fs  # noqa: F401  (pa.fs)
 import pyarrow.parquet as pq
 
 from .errors import DataError, InputError, MissingColumnError
+from . import storage
 from .sources import check_not_inside, list_inputs
 
 EMBEDDING_TYPE = pa.list_(pa.float32())
 _NPY_NAME = re.compile(r"img_emb_(\d+)\.npy$")
-_LOCAL_FS = pa.fs.LocalFileSystem()
 
 
 @dataclass(frozen=True)
@@ -97,10 +98,11 @@ def _group_row_groups(meta: pq.FileMetaData, target_rows: int) -> list[tuple[int
     return groups
 
 
-def _open_footer(path: Path) -> pq.FileMetaData | str:
-    """The footer of a Parquet file, or why it cannot be read."""
+def _open_footer(url: str, storage_options: dict[str, Any] | None = None) -> pq.FileMetaData | str:
+    """The footer of a Parquet file (local or remote), or why it cannot be read."""
     try:
-        return pq.ParquetFile(path).metadata
+        fs, path = storage.split(url, storage_options)
+        return pq.ParquetFile(path, filesystem=storage.pyarrow_filesystem(fs)).metadata
     except (pa.ArrowException, OSError, ValueError) as exc:
         return f"not a readable Parquet file: {exc}"
 
@@ -109,18 +111,25 @@ def _row_ranges(n: int, target_rows: int) -> list[tuple[int, int]]:
     return [(s, min(s + target_rows, n)) for s in range(0, n, target_rows)] or [(0, 0)]
 
 
-def _is_clip_retrieval_folder(path: Path) -> bool:
-    return path.is_dir() and (path / "img_emb").is_dir()
+def _is_clip_retrieval_folder(url: str, storage_options: dict[str, Any] | None = None) -> bool:
+    if set("*?[") & set(str(url)):
+        return False
+    fs, path = storage.split(str(url), storage_options)
+    try:
+        return fs.isdir(storage.join(path, "img_emb"))
+    except OSError:
+        return False
 
 
 def _plan_parquet_files(
-    files: list[Path], column: str, check: Callable[[pa.DataType, str, str], None], partition_rows: int
+    files: list[str], column: str, check: Callable[[pa.DataType, str, str], None], partition_rows: int,
+    storage_options: dict[str, Any] | None = None,
 ) -> tuple[list[EmbeddingPart], list[tuple[str, pa.Schema]], dict[str, str]]:
     parts: list[EmbeddingPart] = []
     schemas: list[tuple[str, pa.Schema]] = []
     failed: dict[str, str] = {}
-    with ThreadPoolExecutor(16) as pool:
-        footers = list(pool.map(_open_footer, files))
+    with ThreadPoolExecutor(16) as pool:  # footers are small reads: many at once, for object storage
+        footers = list(pool.map(lambda f: _open_footer(f, storage_options), files))
     for path, meta in zip(files, footers):
         if isinstance(meta, str):
             failed[str(path)] = meta
@@ -143,13 +152,14 @@ def plan_parquet(
     canonical: pa.DataType | None = None,
     exclude: tuple[str, ...] = (),
     reserved: tuple[str, ...] = (),
+    storage_options: dict[str, Any] | None = None,
 ) -> EmbeddingPlan:
     """Partitions and shared schema of Parquet files/dirs/globs that must hold ``column``.
 
     Input columns named in ``reserved`` (columns the job writes) are read as ``NAME_input``.
     """
-    listed = list_inputs(inputs, (".parquet", ".pq"), exclude)
-    parts, schemas, failed = _plan_parquet_files(listed.files, column, check, partition_rows)
+    listed = list_inputs(inputs, (".parquet", ".pq"), exclude, storage_options)
+    parts, schemas, failed = _plan_parquet_files(listed.files, column, check, partition_rows, storage_options)
     schema = rename_reserved(_unify(schemas, column, canonical), reserved, column)
     return EmbeddingPlan(parts, schema, column, failed, listed.duplicates)
 
@@ -160,6 +170,7 @@ def plan_embeddings(
     partition_rows: int = 131072,
     exclude: tuple[str, ...] = (),
     reserved: tuple[str, ...] = ("aesthetic_score", "error"),
+    storage_options: dict[str, Any] | None = None,
 ) -> EmbeddingPlan:
     """Partitions and the shared schema of Parquet files/dirs/globs and clip-retrieval folders.
 
@@ -167,24 +178,27 @@ def plan_embeddings(
     """
     if isinstance(inputs, (str, Path)):
         inputs = [str(inputs)]
-    folders = [Path(i).absolute() for i in inputs if _is_clip_retrieval_folder(Path(i))]
-    others = [i for i in inputs if not _is_clip_retrieval_folder(Path(i))]
-    listed = list_inputs(others, (".parquet", ".pq"), exclude) if others else None
+    is_folder = {i: _is_clip_retrieval_folder(i, storage_options) for i in inputs}
+    folders = [os.path.abspath(i) if "://" not in i else i for i in inputs if is_folder[i]]
+    others = [i for i in inputs if not is_folder[i]]
+    listed = list_inputs(others, (".parquet", ".pq"), exclude, storage_options) if others else None
     try:
         parts, schemas, failed = _plan_parquet_files(
-            listed.files if listed else [], embedding_column, _check_embedding_type, partition_rows
+            listed.files if listed else [], embedding_column, _check_embedding_type, partition_rows, storage_options
         )
     except MissingColumnError as exc:
         raise InputError(f"{exc}; choose one with --embedding-column") from None
-    seen_folders: set[Path] = set()
+    seen_folders: set[str] = set()
     duplicates = list(listed.duplicates) if listed else []
     for folder in folders:
-        if folder.resolve() in seen_folders:
-            duplicates.append(str(folder))
+        identity = os.path.realpath(folder) if "://" not in folder else folder.rstrip("/")
+        if identity in seen_folders:
+            duplicates.append(folder)
             continue
-        seen_folders.add(folder.resolve())
-        check_not_inside(folder, exclude)
-        folder_parts, folder_schemas, folder_failed = _plan_clip_retrieval(folder, embedding_column, partition_rows)
+        seen_folders.add(identity)
+        check_not_inside(folder, exclude, storage_options)
+        folder_parts, folder_schemas, folder_failed = _plan_clip_retrieval(folder, embedding_column, partition_rows,
+                                                                           storage_options)
         parts.extend(folder_parts)
         schemas.extend(folder_schemas)
         failed.update(folder_failed)
@@ -195,46 +209,76 @@ def plan_embeddings(
 
 
 def _plan_clip_retrieval(
-    folder: Path, column: str, partition_rows: int
+    folder: str, column: str, partition_rows: int, storage_options: dict[str, Any] | None = None,
 ) -> tuple[list[EmbeddingPart], list[tuple[str, pa.Schema]], dict[str, str]]:
     """Parts of a clip-retrieval folder; an unreadable or misaligned file pair is a failed input."""
-    npys = sorted((folder / "img_emb").glob("img_emb_*.npy"), key=lambda p: int(_NPY_NAME.search(p.name)[1]))
+    fs, root = storage.split(folder, storage_options)
+    found = [p for p in fs.glob(storage.join(root, "img_emb", "img_emb_*.npy")) if _NPY_NAME.search(p)]
+    npys = sorted(found, key=lambda p: int(_NPY_NAME.search(p)[1]))
     if not npys:
         raise InputError(f"{folder}: img_emb/ holds no img_emb_N.npy files")
     parts, schemas, failed = [], [], {}
     for npy in npys:
-        n_str = _NPY_NAME.search(npy.name)[1]
-        meta_path = folder / "metadata" / f"metadata_{n_str}.parquet"
+        n_str = _NPY_NAME.search(npy)[1]
+        npy_url = storage.to_url(fs, npy)
+        meta_url = storage.to_url(fs, storage.join(root, "metadata", f"metadata_{n_str}.parquet"))
         try:
-            emb, meta = _open_clip_retrieval_pair(npy, meta_path)
+            shape, meta = _open_clip_retrieval_pair(fs, npy, meta_url, storage_options)
         except DataError as exc:
-            failed[str(npy)] = str(exc)
+            failed[npy_url] = str(exc)
             continue
         schema = meta.schema.to_arrow_schema()
         if column in schema.names:
-            raise InputError(f"{meta_path}: already has a column {column!r}; pick another --embedding-column")
-        schemas.append((str(meta_path), schema.append(pa.field(column, EMBEDDING_TYPE))))
-        for start, stop in _row_ranges(emb.shape[0], partition_rows):
-            parts.append(EmbeddingPart(str(npy), start, stop, metadata=str(meta_path)))
+            raise InputError(f"{meta_url}: already has a column {column!r}; pick another --embedding-column")
+        schemas.append((meta_url, schema.append(pa.field(column, EMBEDDING_TYPE))))
+        for start, stop in _row_ranges(shape[0], partition_rows):
+            parts.append(EmbeddingPart(npy_url, start, stop, metadata=meta_url))
     return parts, schemas, failed
 
 
-def _open_clip_retrieval_pair(npy: Path, meta_path: Path) -> tuple[np.ndarray, pq.FileMetaData]:
-    """The memory-mapped embeddings and the metadata footer of one pair; DataError if unusable."""
-    if not meta_path.is_file():
-        raise DataError(f"no row-aligned metadata file {meta_path}")
+def _npy_header(f: Any) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, dtype, data offset) of an .npy file object, from its header alone."""
+    fmt = np.lib.format
+    version = fmt.read_magic(f)
+    read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+    shape, fortran, dtype = read(f)
+    if fortran:
+        raise ValueError("Fortran-ordered arrays are not supported")
+    return shape, dtype, f.tell()
+
+
+def read_npy_rows(url: str, start: int, stop: int, storage_options: dict[str, Any] | None = None) -> np.ndarray:
+    """Rows ``[start, stop)`` of a 2-D .npy file, reading only their bytes (local or remote)."""
+    fs, path = storage.split(url, storage_options)
+    with fs.open(path, "rb") as f:
+        shape, dtype, offset = _npy_header(f)
+        row_bytes = int(np.prod(shape[1:])) * dtype.itemsize
+        f.seek(offset + start * row_bytes)
+        data = f.read((stop - start) * row_bytes)
+    if len(data) != (stop - start) * row_bytes:
+        raise ValueError(f"file ends after {len(data) // max(row_bytes, 1)} of rows {start}-{stop}")
+    return np.frombuffer(data, dtype=dtype).reshape((stop - start, *shape[1:]))
+
+
+def _open_clip_retrieval_pair(fs: Any, npy: str, meta_url: str, storage_options: dict[str, Any] | None
+                              ) -> tuple[tuple[int, ...], pq.FileMetaData]:
+    """The embeddings' shape and the metadata footer of one pair; DataError if unusable."""
+    meta_fs, meta_path = storage.split(meta_url, storage_options)
+    if not meta_fs.isfile(meta_path):
+        raise DataError(f"no row-aligned metadata file {meta_url}")
     try:
-        emb = np.load(npy, mmap_mode="r")
+        with fs.open(npy, "rb") as f:
+            shape, dtype, _ = _npy_header(f)
     except (ValueError, OSError) as exc:
         raise DataError(f"not a readable .npy array: {exc}") from None
-    if emb.ndim != 2 or emb.dtype.kind != "f":
-        raise DataError(f"expected a 2-D float array, got shape {emb.shape} {emb.dtype}")
-    meta = _open_footer(meta_path)
+    if len(shape) != 2 or dtype.kind != "f":
+        raise DataError(f"expected a 2-D float array, got shape {shape} {dtype}")
+    meta = _open_footer(meta_url, storage_options)
     if isinstance(meta, str):
-        raise DataError(f"metadata {meta_path}: {meta}")
-    if meta.num_rows != emb.shape[0]:
-        raise DataError(f"{emb.shape[0]} rows but {meta_path} has {meta.num_rows}; they must be row-aligned")
-    return emb, meta
+        raise DataError(f"metadata {meta_url}: {meta}")
+    if meta.num_rows != shape[0]:
+        raise DataError(f"{shape[0]} rows but {meta_url} has {meta.num_rows}; they must be row-aligned")
+    return shape, meta
 
 
 def _unify(schemas: list[tuple[str, pa.Schema]], column: str, canonical: pa.DataType | None) -> pa.Schema:
@@ -287,14 +331,17 @@ def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=pa.schema([f.remove_metadata() for f in schema]))
 
 
-def read_parquet_rows(path: str, start: int, stop: int, row_groups: tuple[int, ...] | None = None) -> pa.Table:
-    """Rows ``[start, stop)`` of a Parquet file, reading only the row groups that hold them.
+def read_parquet_rows(url: str, start: int, stop: int, row_groups: tuple[int, ...] | None = None,
+                      storage_options: dict[str, Any] | None = None) -> pa.Table:
+    """Rows ``[start, stop)`` of a Parquet file (local or remote), reading only the row groups
+    that hold them.
 
     Uses a dataset fragment: measured here about 2x faster than ``ParquetFile.read_row_groups``.
     """
     import pyarrow.dataset as ds
 
-    fragment = ds.ParquetFileFormat().make_fragment(str(path), filesystem=_LOCAL_FS)
+    fs, path = storage.split(url, storage_options)
+    fragment = ds.ParquetFileFormat().make_fragment(path, filesystem=storage.pyarrow_filesystem(fs))
     first = start
     if row_groups is None:
         meta = fragment.metadata
@@ -311,14 +358,15 @@ def read_parquet_rows(path: str, start: int, stop: int, row_groups: tuple[int, .
     return table.slice(start - first, stop - start) if (start - first or table.num_rows != stop - start) else table
 
 
-def read_embedding_table(part: EmbeddingPart, schema: pa.Schema, column: str) -> pa.Table:
+def read_embedding_table(part: EmbeddingPart, schema: pa.Schema, column: str,
+                         storage_options: dict[str, Any] | None = None) -> pa.Table:
     """The Arrow table of one partition, conformed to ``schema``. Raises DataError if unreadable."""
     try:
         if part.metadata is None:
-            table = read_parquet_rows(part.source, part.start, part.stop, part.row_groups)
+            table = read_parquet_rows(part.source, part.start, part.stop, part.row_groups, storage_options)
         else:
-            table = read_parquet_rows(part.metadata, part.start, part.stop)
-            matrix = np.ascontiguousarray(np.load(part.source, mmap_mode="r")[part.start : part.stop])
+            table = read_parquet_rows(part.metadata, part.start, part.stop, None, storage_options)
+            matrix = np.ascontiguousarray(read_npy_rows(part.source, part.start, part.stop, storage_options))
             values = pa.array(matrix.reshape(-1))
             table = table.append_column(column, pa.FixedSizeListArray.from_arrays(values, matrix.shape[1]))
     except (pa.ArrowException, OSError, ValueError) as exc:
@@ -335,12 +383,13 @@ def table_to_frame(table: pa.Table, start: int = 0) -> pd.DataFrame:
     return df
 
 
-def read_part(part: EmbeddingPart, schema: pa.Schema, column: str) -> pd.DataFrame:
+def read_part(part: EmbeddingPart, schema: pa.Schema, column: str, storage_options: dict[str, Any] | None = None) -> pd.DataFrame:
     """Partition function of the Parquet readers: one part as a pandas frame."""
-    return table_to_frame(read_embedding_table(part, schema, column), part.start)
+    return table_to_frame(read_embedding_table(part, schema, column, storage_options), part.start)
 
 
-def parquet_frame(plan: EmbeddingPlan, parts: list[EmbeddingPart] | None = None):
+def parquet_frame(plan: EmbeddingPlan, parts: list[EmbeddingPart] | None = None,
+                  storage_options: dict[str, Any] | None = None):
     """The lazy Dask frame of ``plan`` (or of a subset of its parts)."""
     import dask.dataframe as dd
 
@@ -351,6 +400,7 @@ def parquet_frame(plan: EmbeddingPlan, parts: list[EmbeddingPart] | None = None)
         parts,
         schema=plan.schema,
         column=plan.embedding_column,
+        storage_options=storage_options,
         meta=meta,
         enforce_metadata=False,
         label="read-parquet",
@@ -358,15 +408,17 @@ def parquet_frame(plan: EmbeddingPlan, parts: list[EmbeddingPart] | None = None)
 
 
 def read_embeddings(
-    paths: list[str] | str, embedding_column: str = "embedding", partition_rows: int = 131072
+    paths: list[str] | str, embedding_column: str = "embedding", partition_rows: int = 131072,
+    storage_options: dict[str, Any] | None = None,
 ):
     """Lazy ``dask.dataframe.DataFrame`` of Parquet embedding files or clip-retrieval folders.
 
-    ``paths``: files, directories or globs. The embedding column is ``list<float32>``; other
-    columns keep their Arrow types, unified across files. Unreadable files raise ``DataError``.
+    ``paths``: files, directories or globs, local or fsspec URLs (``s3://...`` with
+    ``storage_options``). The embedding column is ``list<float32>``; other columns keep their
+    Arrow types, unified across files. Unreadable files raise ``DataError``.
     """
-    plan = plan_embeddings(paths, embedding_column, partition_rows)
+    plan = plan_embeddings(paths, embedding_column, partition_rows, storage_options=storage_options)
     if plan.failed:
         path, reason = next(iter(plan.failed.items()))
         raise DataError(f"{path}: {reason}")
-    return parquet_frame(plan)
+    return parquet_frame(plan, storage_options=storage_options)

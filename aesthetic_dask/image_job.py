@@ -13,7 +13,6 @@ import hashlib
 import os
 import tarfile
 import time
-import uuid
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from . import storage
 from .config import Config, output_settings
 from .embed import ClipSpec, EmbedOptions, attach_embeddings, compute_precision, embed_stream, prepare_clip_weights
 from .embeddings_reader import EmbeddingPart, plan_parquet
@@ -44,11 +44,12 @@ VERSIONED_PACKAGES = ("aesthetic-dask", "dask", "distributed", "pandas", "pyarro
 
 def process_shard(part: ShardPart, fields: dict, clip_spec: ClipSpec, predictor: AestheticPredictor, out: str,
                   opts: WriteOptions, embed: EmbedOptions, write_shards: str | None,
-                  extras: dict[str, AestheticPredictor] | None = None, max_sidecar_bytes: int = 65536) -> dict[str, Any]:
+                  extras: dict[str, AestheticPredictor] | None = None, max_sidecar_bytes: int = 65536,
+                  storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Read, embed, score and write one WebDataset shard; return its record."""
     t0 = time.perf_counter()
-    layout = OutputLayout(Path(out))
-    reader = ShardReader(part.source, max_sidecar_bytes=max_sidecar_bytes)
+    layout = OutputLayout(out, storage_options)
+    reader = ShardReader(part.source, max_sidecar_bytes=max_sidecar_bytes, storage_options=storage_options)
     samples = []
 
     def images():
@@ -71,29 +72,29 @@ def process_shard(part: ShardPart, fields: dict, clip_spec: ClipSpec, predictor:
     if write_shards and record["rows_kept"]:
         keep, _ = table_keep_mask(table, opts.threshold)
         kept = {s.index for s, k in zip(samples, keep) if k}
-        shard = write_kept_shard(part.source, kept, Path(write_shards) / f"{part.name}.tar", layout.tmp)
-        record["files"].append(str(shard))  # absolute: checked on resume like the rest
+        target = storage.join(write_shards, f"{part.name}.tar")
+        write_kept_shard(part.source, kept, target, layout.tmp, storage_options)
+        record["files"].append(target)  # a full path or URL: checked on resume like the rest
     return finish_record(layout, record, t0)
 
 
-def write_kept_shard(source: str, kept: set[int], target: Path, tmp_dir: Path) -> Path:
+def write_kept_shard(source: str, kept: set[int], target: str, tmp_dir: str | None,
+                     storage_options: dict[str, Any] | None = None) -> None:
     """Copy the regular-file members of the kept samples (by sample index: a key may repeat
-    non-consecutively in a tar) with their original bytes and names into a new tar, atomically."""
+    non-consecutively in a tar) with their original bytes and names into a new tar, streamed and
+    written whole or not at all (:func:`storage.atomic_open`)."""
     from .image_reader import _TailStream
 
-    tmp_dir.mkdir(parents=True, exist_ok=True)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_dir / f"{uuid.uuid4().hex}.tar.tmp"
-    with open(source, "rb") as raw, tarfile.open(fileobj=_TailStream(raw), mode="r|") as src, \
-            tarfile.open(tmp, mode="w") as dst:
+    src_fs, src_path = storage.split(source, storage_options)
+    dst_fs, dst_path = storage.split(target, storage_options)
+    with src_fs.open(src_path, "rb") as raw, tarfile.open(fileobj=_TailStream(raw), mode="r|") as src, \
+            storage.atomic_open(dst_fs, dst_path, tmp_dir) as out, tarfile.open(fileobj=out, mode="w|") as dst:
         try:
             for index, _, _, member in iter_members(src):
                 if index in kept and member.isfile():
                     dst.addfile(member, src.extractfile(member))
         except (tarfile.TarError, EOFError, OSError):
             pass  # a truncated source: its readable part was what got scored
-    os.replace(tmp, target)
-    return target
 
 
 def report_thumbnails(key_of: Any) -> Any:
@@ -124,11 +125,12 @@ def score_image_table(table: pa.Table, column: str, clip_spec: ClipSpec, predict
 
 def process_image_parquet_part(part: EmbeddingPart, schema: pa.Schema, column: str, clip_spec: ClipSpec,
                                predictor: AestheticPredictor, out: str, opts: WriteOptions, embed: EmbedOptions,
-                               extras: dict[str, AestheticPredictor] | None = None) -> dict[str, Any]:
+                               extras: dict[str, AestheticPredictor] | None = None,
+                               storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Read, embed, score and write rows of an image Parquet file; return its record."""
     scorer = partial(score_image_table, column=column, clip_spec=clip_spec, predictor=predictor, embed=embed, extras=extras,
                      thumbnails=opts.samples)
-    return process_parquet_part(part, schema, column, out, opts, scorer)
+    return process_parquet_part(part, schema, column, out, opts, scorer, storage_options)
 
 
 def run_job(inputs: list[str], out: str | Path, config: Config, overwrite: bool = False, progress: bool = True,
@@ -138,17 +140,18 @@ def run_job(inputs: list[str], out: str | Path, config: Config, overwrite: bool 
 
     started, t0 = started or time.time(), time.perf_counter()
     require_clip_extra()
-    out = Path(out).absolute()
-    shards_dir = str(Path(config.write_shards).absolute()) if config.write_shards else None
-    exclude = (str(out),) + ((shards_dir,) if shards_dir else ())
+    so = config.storage_options
+    layout = OutputLayout(out, so)
+    shards_dir = _absolute(config.write_shards) if config.write_shards else None
+    exclude = (layout.url(),) + ((shards_dir,) if shards_dir else ())
     clip_spec = ClipSpec.from_config(config)
     fields = parse_json_fields(config.json_fields)
-    listed = list_inputs(inputs, SHARD_SUFFIXES + PARQUET_SUFFIXES, exclude)
-    tars = [str(f) for f in listed.files if not f.name.lower().endswith(PARQUET_SUFFIXES)]
-    parquets = [str(f) for f in listed.files if f.name.lower().endswith(PARQUET_SUFFIXES)]
+    listed = list_inputs(inputs, SHARD_SUFFIXES + PARQUET_SUFFIXES, exclude, so)
+    tars = [f for f in listed.files if not f.lower().endswith(PARQUET_SUFFIXES)]
+    parquets = [f for f in listed.files if f.lower().endswith(PARQUET_SUFFIXES)]
     shard_parts = [ShardPart(t) for t in tars]
     pq_plan = plan_parquet(parquets, config.image_column, check_image_type, min(config.partition_rows, IMAGE_PARQUET_ROWS),
-                           pa.binary(), reserved=("aesthetic_score", "error", "embedding")) if parquets else None
+                           pa.binary(), reserved=("aesthetic_score", "error", "embedding"), storage_options=so) if parquets else None
 
     # Compatibility first: a head trained on another CLIP is refused before anything is downloaded.
     heads = {SCORE_COLUMN: config.aesthetic_weights, **config.extra_scores}
@@ -163,7 +166,8 @@ def run_job(inputs: list[str], out: str | Path, config: Config, overwrite: bool 
     embed = EmbedOptions.from_config(config)
     failed_inputs = dict(pq_plan.failed) if pq_plan else {}
     work = []
-    common = dict(clip_spec=clip_spec, predictor=predictor, out=str(out), opts=opts, embed=embed, extras=extras)
+    common = dict(clip_spec=clip_spec, predictor=predictor, out=layout.url(), opts=opts, embed=embed, extras=extras,
+                  storage_options=so)
     if shard_parts:
         work.append(Work(shard_parts, process_shard, dict(fields=fields, write_shards=shards_dir,
                                                           max_sidecar_bytes=config.max_sidecar_bytes, **common)))
@@ -185,7 +189,7 @@ def run_job(inputs: list[str], out: str | Path, config: Config, overwrite: bool 
         )
         job = Job(
             kind="run",
-            layout=OutputLayout(out),
+            layout=layout,
             settings=settings,
             info={
                 "config": config.to_dict(),
@@ -214,6 +218,11 @@ def require_clip_extra() -> None:
     if missing:
         raise InputError(f"aesthetic-dask run needs the clip extra ({', '.join(missing)} missing): "
                          "pip install 'aesthetic-dask[clip]'")
+
+
+def _absolute(url: str) -> str:
+    """A local path made absolute in the client (workers may run elsewhere); URLs as given."""
+    return url if "://" in url else os.path.abspath(url)
 
 
 def _file_digest(path: str | None) -> str | None:

@@ -137,16 +137,20 @@ class ShardReader:
     stopped early, if it did. Whatever one sample holds, it becomes a sample (maybe an error row):
     nothing a member contains can end the shard."""
 
-    path: str
+    path: str  # a local path or an fsspec URL: streamed either way, never downloaded whole
     max_member_bytes: int = MAX_MEMBER_BYTES
     max_sidecar_bytes: int = MAX_SIDECAR_BYTES
+    storage_options: dict[str, Any] | None = None
     failure: str | None = field(default=None, init=False)
 
     def __iter__(self) -> Iterator[Sample]:
         current: Sample | None = None
         self._in_member = False
         try:
-            with open(self.path, "rb") as raw:
+            from .storage import split
+
+            fs, path = split(self.path, self.storage_options)
+            with fs.open(path, "rb") as raw:
                 stream = _TailStream(raw)
                 with tarfile.open(fileobj=stream, mode="r|") as tar:
                     for index, key, ext, member in iter_members(tar):
@@ -306,27 +310,28 @@ def samples_table(samples: list[Sample], source: str, fields: dict[str, pa.DataT
     return pa.table({f.name: pa.array(columns[f.name], type=f.type) for f in schema}, schema=schema)
 
 
-def read_shard(part: ShardPart, fields: dict[str, pa.DataType], max_sidecar_bytes: int = MAX_SIDECAR_BYTES) -> pd.DataFrame:
+def read_shard(part: ShardPart, fields: dict[str, pa.DataType], max_sidecar_bytes: int = MAX_SIDECAR_BYTES,
+               storage_options: dict[str, Any] | None = None) -> pd.DataFrame:
     """Partition function of :func:`read_webdataset`: one shard as a pandas frame.
 
     A shard that cannot be read whole raises :class:`DataError` naming it (as Dask's own readers
     do on a corrupt file); the ``run`` job instead keeps the samples before the damage and
     records the failure, with the same :class:`ShardReader`.
     """
-    reader = ShardReader(part.source, max_sidecar_bytes=max_sidecar_bytes)
+    reader = ShardReader(part.source, max_sidecar_bytes=max_sidecar_bytes, storage_options=storage_options)
     samples = list(reader)
     if reader.failure:
         raise DataError(f"{part.source}: {reader.failure}")
     return samples_table(samples, part.source, fields).to_pandas(types_mapper=pd.ArrowDtype)
 
 
-def plan_shards(inputs: list[str] | str) -> list[ShardPart]:
-    """One part per tar shard found in the inputs (files, directories, globs)."""
-    return [ShardPart(str(p)) for p in expand_inputs(inputs, SHARD_SUFFIXES)]
+def plan_shards(inputs: list[str] | str, storage_options: dict[str, Any] | None = None) -> list[ShardPart]:
+    """One part per tar shard found in the inputs (files, directories, globs; local or URLs)."""
+    return [ShardPart(p) for p in expand_inputs(inputs, SHARD_SUFFIXES, storage_options=storage_options)]
 
 
 def read_webdataset(paths: list[str] | str, json_fields: list[str] | str | None = None,
-                    max_sidecar_bytes: int = MAX_SIDECAR_BYTES):
+                    max_sidecar_bytes: int = MAX_SIDECAR_BYTES, storage_options: dict[str, Any] | None = None):
     """Lazy Dask frame of WebDataset shards, one partition per shard.
 
     Columns: ``key``, ``source``, ``image`` (bytes), ``image_ext``, ``caption``, ``json`` (the
@@ -336,8 +341,8 @@ def read_webdataset(paths: list[str] | str, json_fields: list[str] | str | None 
 
     fields = parse_json_fields(json_fields)
     meta = shard_schema(fields).empty_table().to_pandas(types_mapper=pd.ArrowDtype)
-    return dd.from_map(read_shard, plan_shards(paths), fields=fields, max_sidecar_bytes=max_sidecar_bytes, meta=meta,
-                       enforce_metadata=False, label="read-webdataset")
+    return dd.from_map(read_shard, plan_shards(paths, storage_options), fields=fields, max_sidecar_bytes=max_sidecar_bytes,
+                       storage_options=storage_options, meta=meta, enforce_metadata=False, label="read-webdataset")
 
 
 def image_values(column: pa.ChunkedArray | pa.Array) -> list[bytes | None]:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
+import os
 import sys
 import time
 import uuid
@@ -97,32 +97,36 @@ class Job:
         layout = self.layout
         if len(set(planned)) != len(planned):
             raise InputError("two inputs map to the same output name; give each input once")
+        old_text = None if overwrite else layout.read_text(layout.manifest)
         if overwrite:
             reset_output(layout)
-        elif layout.manifest.exists():
+        elif old_text is not None:
             try:
-                old = json.loads(layout.manifest.read_text())
+                old = json.loads(old_text)
             except ValueError:
                 old = {}
             if old.get("fingerprint") != self.fingerprint:
                 before = old.get("settings", {})
                 changed = sorted(k for k in set(before) | set(self.settings) if before.get(k) != self.settings.get(k))
                 raise InputError(
-                    f"{layout.root} holds the output of a different job (changed: {', '.join(changed) or 'unknown'}); "
+                    f"{layout.root_url} holds the output of a different job (changed: {', '.join(changed) or 'unknown'}); "
                     "pass --overwrite to replace it, or choose another output directory"
                 )
-        elif any(d.is_dir() and any(d.iterdir()) for d in (layout.kept, layout.rejected, layout.errors)):
-            raise InputError(f"{layout.root} holds files but no manifest.json; pass --overwrite to replace them")
-        shutil.rmtree(layout.tmp, ignore_errors=True)  # orphans of a killed run
-        layout.root.mkdir(parents=True, exist_ok=True)
+        existing = layout.existing()
+        if old_text is None and not overwrite and any(
+                p.rsplit("/", 1)[0] in (layout.kept, layout.rejected, layout.errors) for p in existing):
+            raise InputError(f"{layout.root_url} holds files but no manifest.json; pass --overwrite to replace them")
+        layout.clear_tmp()  # orphans of a killed run
+        if layout.local:
+            os.makedirs(layout.root, exist_ok=True)
         self.planned = list(planned)
-        removed = remove_unplanned(layout, set(planned))
+        removed = remove_unplanned(layout, set(planned), existing)
         if removed:
             log.info("removed the output of %d partitions this job no longer plans", len(removed))
-        self.records = {k: v for k, v in read_records(layout).items() if k in set(planned)}
+            existing = layout.existing()
+        self.records = {k: v for k, v in read_records(layout, existing).items() if k in set(planned)}
         todo = {name for name in planned if name not in self.records}
-        for name in todo:
-            remove_partition_files(layout, name)
+        remove_partition_files(layout, todo, existing)
         self.skipped = len(planned) - len(todo)
         return todo
 
@@ -206,7 +210,7 @@ class Job:
 
     def write_manifest(self, status: str) -> dict[str, Any]:
         manifest = self.manifest(status)
-        write_json(self.layout.manifest, manifest, self.layout.tmp)
+        write_json(self.layout.manifest, manifest, self.layout.tmp, self.layout.fs)
         self._last_manifest = time.time()
         return manifest
 
@@ -219,11 +223,11 @@ class Job:
 
             t0 = time.perf_counter()
             try:
-                manifest["report"] = str(write_report(self.layout.root))
+                manifest["report"] = write_report(self.layout.root_url, storage_options=self.layout.storage_options)
             except Exception:  # noqa: BLE001 - the data is written; a report failure must not fail the job
                 log.error("could not write the report", exc_info=True)
             self.timings["report_s"] = round(time.perf_counter() - t0, 3)
-        shutil.rmtree(self.layout.tmp, ignore_errors=True)
+        self.layout.clear_tmp()
         return manifest, code
 
 
@@ -407,8 +411,8 @@ def summary(manifest: dict[str, Any], out: Path, unit: str = "rows") -> str:
                        f"{run.get('partitions_skipped', 0):,} skipped (finished before), {parts['failed']:,} failed"),
         ("throughput", throughput),
         ("elapsed", f"{manifest['timings'].get('elapsed_s', 0):.1f}s"),
-        ("output", str(out / "kept")),
-        ("manifest", str(out / "manifest.json")),
+        ("output", f"{str(out).rstrip('/')}/kept"),
+        ("manifest", f"{str(out).rstrip('/')}/manifest.json"),
     ]
     if manifest.get("cluster", {}).get("dashboard_link"):
         rows.append(("dashboard", manifest["cluster"]["dashboard_link"]))

@@ -1,9 +1,9 @@
-"""Writer: the OUT layout, per-partition files written atomically, and the manifest.
+"""Writer: the OUT layout (local or object storage), per-partition files, completion markers.
 
 OUT/kept/, OUT/rejected/ and OUT/errors/ are plain Parquet datasets (one file per input
-partition, named after it). Files are written under OUT/_tmp/ and renamed into place, so readers
-never see a partial file; OUT/_parts/NAME.json records a finished partition (its counts), which is
-what a re-run uses to skip it.
+partition, named after it). Every file appears whole or not at all (:func:`storage.atomic_open`);
+OUT/_parts/NAME.json, written last, records a finished partition (its counts), which is what a
+re-run uses to skip it.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import histogram, samples
+from . import histogram, samples, storage
 from .score import ERROR_COLUMN, SCORE_COLUMN, table_keep_mask
 
 COUNT_KEYS = ("rows_in", "rows_kept", "rows_below_threshold", "rows_error")
@@ -28,67 +27,88 @@ SOURCE_COLUMN = "source"
 ROW_COLUMN = "row"
 
 
-@dataclass(frozen=True)
 class OutputLayout:
-    """Paths of one job's output directory."""
+    """Paths of one job's output directory, on any fsspec filesystem.
 
-    root: Path
+    ``root`` is a local path or a URL; paths below are the filesystem's (no protocol), and
+    ``url(...)`` gives them as users see them.
+    """
+
+    def __init__(self, root: str | Path, storage_options: dict[str, Any] | None = None) -> None:
+        self.root_url = str(root)
+        self.storage_options = dict(storage_options or {})
+        self.fs, self.root = storage.split(self.root_url, self.storage_options)
+        self.local = storage.is_local(self.fs)
+        if self.local:
+            self.root = os.path.abspath(self.root)
+
+    def path(self, *parts: str) -> str:
+        return storage.join(self.root, *parts)
+
+    def url(self, *parts: str) -> str:
+        return storage.to_url(self.fs, self.path(*parts))
+
+    kept = property(lambda self: self.path("kept"))
+    rejected = property(lambda self: self.path("rejected"))
+    errors = property(lambda self: self.path("errors"))
+    samples = property(lambda self: self.path("samples"))
+    records = property(lambda self: self.path("_parts"))
+    manifest = property(lambda self: self.path("manifest.json"))
 
     @property
-    def kept(self) -> Path:
-        return self.root / "kept"
+    def tmp(self) -> str | None:
+        """Where local files are written before their rename (object stores need none)."""
+        return self.path("_tmp") if self.local else None
 
-    @property
-    def rejected(self) -> Path:
-        return self.root / "rejected"
+    def data_dirs(self) -> tuple[str, ...]:
+        return (self.kept, self.rejected, self.errors, self.samples, self.records) + ((self.tmp,) if self.local else ())
 
-    @property
-    def errors(self) -> Path:
-        return self.root / "errors"
+    def file(self, listed: str) -> str:
+        """A record's file entry (relative to OUT, or absolute/a URL for --write-shards) as a path."""
+        if "://" in listed:
+            return storage.split(listed, self.storage_options)[1]
+        return listed if listed.startswith("/") else self.path(listed)
 
-    @property
-    def samples(self) -> Path:
-        return self.root / "samples"
+    def existing(self) -> set[str]:
+        """Every file under OUT, listed once (one listing instead of a request per file)."""
+        try:
+            return set(self.fs.find(self.root))
+        except FileNotFoundError:
+            return set()
 
-    @property
-    def tmp(self) -> Path:
-        return self.root / "_tmp"
+    def read_text(self, path: str) -> str | None:
+        try:
+            return self.fs.cat_file(path).decode()
+        except FileNotFoundError:
+            return None
 
-    @property
-    def records(self) -> Path:
-        return self.root / "_parts"
+    def remove(self, paths: list[str]) -> None:
+        if paths:
+            try:
+                self.fs.rm(paths)
+            except FileNotFoundError:
+                pass
 
-    @property
-    def manifest(self) -> Path:
-        return self.root / "manifest.json"
-
-    def data_dirs(self) -> tuple[Path, ...]:
-        return (self.kept, self.rejected, self.errors, self.samples, self.tmp, self.records)
-
-
-def atomic_write_bytes(path: Path, data: bytes, tmp_dir: Path | None = None) -> None:
-    """Write ``data`` to ``path`` via a temporary file and a rename."""
-    tmp_dir = tmp_dir or path.parent
-    tmp_dir.mkdir(parents=True, exist_ok=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_dir / f".{path.name}.{uuid.uuid4().hex}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    def clear_tmp(self) -> None:
+        if self.local:
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def write_json(path: Path, obj: Any, tmp_dir: Path | None = None) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode(), tmp_dir)
+def atomic_write_bytes(path: str | Path, data: bytes, tmp_dir: str | Path | None = None,
+                       fs: Any = None) -> None:
+    """Write ``data`` to ``path`` so that it appears whole or not at all (:func:`storage.atomic_open`)."""
+    if fs is None:
+        fs, path = storage.split(str(path))
+    storage.write_bytes(fs, str(path), data, str(tmp_dir) if tmp_dir else None)
 
 
-def _write_parquet(table: pa.Table, path: Path, tmp_dir: Path) -> None:
-    tmp_dir.mkdir(parents=True, exist_ok=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_dir / f"{path.parent.name}-{path.name}.{uuid.uuid4().hex}.tmp"
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+def write_json(path: str | Path, obj: Any, tmp_dir: str | Path | None = None, fs: Any = None) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode(), tmp_dir, fs)
+
+
+def _write_parquet(table: pa.Table, layout: OutputLayout, path: str) -> None:
+    with storage.atomic_open(layout.fs, path, layout.tmp) as f:
+        pq.write_table(table, f)
 
 
 def frame_to_table(df: Any) -> pa.Table:
@@ -151,9 +171,9 @@ def split_and_write(
         return rows
 
     files = [f"kept/{name}.parquet"]
-    _write_parquet(valid_rows(keep), layout.kept / f"{name}.parquet", layout.tmp)
+    _write_parquet(valid_rows(keep), layout, storage.join(layout.kept, f"{name}.parquet"))
     if opts.keep_rejected and below.any():
-        _write_parquet(valid_rows(below), layout.rejected / f"{name}.parquet", layout.tmp)
+        _write_parquet(valid_rows(below), layout, storage.join(layout.rejected, f"{name}.parquet"))
         files.append(f"rejected/{name}.parquet")
 
     n_errors = int(is_error.sum())
@@ -162,7 +182,7 @@ def split_and_write(
             [c for c in (opts.embedding_column, SCORE_COLUMN, *opts.extra_score_columns) if c in table.column_names]
         )
         err = _with_provenance(err, source, rows[is_error])
-        _write_parquet(err, layout.errors / f"{name}.parquet", layout.tmp)
+        _write_parquet(err, layout, storage.join(layout.errors, f"{name}.parquet"))
         files.append(f"errors/{name}.parquet")
         keys = err.column("key").cast(pa.string()).to_pylist() if "key" in err.column_names else [str(r) for r in rows[is_error]]
         reasons = samples.error_reasons(err.column(ERROR_COLUMN), keys)
@@ -176,7 +196,7 @@ def split_and_write(
         chosen = samples.pick(scores, eligible)
         if len(chosen):
             _write_parquet(samples.sample_table(table, scores, rows, source, chosen, thumbnails),
-                           layout.samples / f"{name}.parquet", layout.tmp)
+                           layout, storage.join(layout.samples, f"{name}.parquet"))
             files.append(f"samples/{name}.parquet")
     return {
         "files": files,
@@ -208,66 +228,72 @@ def _with_provenance(err: pa.Table, source: str, rows: np.ndarray) -> pa.Table:
 
 def write_record(layout: OutputLayout, record: dict[str, Any]) -> None:
     """Mark a partition finished: written last, after its data files are in place."""
-    write_json(layout.records / f"{record['name']}.json", record, layout.tmp)
+    write_json(storage.join(layout.records, f"{record['name']}.json"), record, layout.tmp, layout.fs)
 
 
-def read_records(layout: OutputLayout) -> dict[str, dict[str, Any]]:
+def read_records(layout: OutputLayout, existing: set[str] | None = None) -> dict[str, dict[str, Any]]:
     """Records of finished partitions whose files are all in place, by name.
 
     An unreadable record, a record of a failed partition, or one whose output files went missing
     means "not finished": resume trusts complete records alone.
     """
+    existing = layout.existing() if existing is None else existing
+    paths = sorted(p for p in existing if p.startswith(layout.records + "/") and p.endswith(".json"))
+    contents = layout.fs.cat(paths, on_error="omit") if paths else {}
     records = {}
-    if layout.records.is_dir():
-        for path in layout.records.glob("*.json"):
-            try:
-                rec = json.loads(path.read_text())
-                if rec.get("failure") or rec["name"] != path.stem:
-                    continue
-                if all((layout.root / f).is_file() for f in rec.get("files", [])):
-                    records[rec["name"]] = rec
-            except (OSError, ValueError, KeyError, TypeError):
+    for path, data in contents.items():
+        try:
+            rec = json.loads(data)
+            if rec.get("failure") or rec["name"] != _stem(path):
                 continue
+            files = [layout.file(f) for f in rec.get("files", [])]
+            # Files under OUT are checked against the one listing; --write-shards files elsewhere one by one.
+            if all(f in existing or (not f.startswith(layout.root + "/") and layout.fs.exists(f)) for f in files):
+                records[rec["name"]] = rec
+        except (ValueError, KeyError, TypeError, AttributeError):
+            continue
     return records
 
 
-def remove_unplanned(layout: OutputLayout, planned: set[str]) -> list[str]:
+def _stem(path: str) -> str:
+    return path.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+
+
+def remove_unplanned(layout: OutputLayout, planned: set[str], existing: set[str]) -> list[str]:
     """Remove the files and records of partitions this job no longer plans; return their names.
 
     E.g. a different partitioning of the same inputs: its files would otherwise be read as
     kept rows twice.
     """
     removed: set[str] = set()
-    if layout.records.is_dir():
-        for path in layout.records.glob("*.json"):
-            if path.stem in planned:
-                continue
+    doomed: list[str] = []
+    for path in sorted(existing):
+        directory = path.rsplit("/", 1)[0]
+        if directory == layout.records and path.endswith(".json") and _stem(path) not in planned:
             try:
-                listed = json.loads(path.read_text()).get("files", [])
+                listed = json.loads(layout.fs.cat_file(path)).get("files", [])
             except (OSError, ValueError, AttributeError):
                 listed = []
-            for f in listed:
-                (layout.root / f).unlink(missing_ok=True)  # absolute paths (write_shards) too
-            path.unlink(missing_ok=True)
-            removed.add(path.stem)
-    for d in (layout.kept, layout.rejected, layout.errors, layout.samples):
-        if d.is_dir():
-            for path in d.glob("*.parquet"):
-                if path.stem not in planned:
-                    path.unlink(missing_ok=True)
-                    removed.add(path.stem)
+            doomed += [layout.file(f) for f in listed if "/" in f and not f.startswith(("kept/", "rejected/", "errors/", "samples/"))]
+            doomed.append(path)
+            removed.add(_stem(path))
+        elif directory in (layout.kept, layout.rejected, layout.errors, layout.samples) and _stem(path) not in planned:
+            doomed.append(path)
+            removed.add(_stem(path))
+    layout.remove([p for p in doomed if p in existing or layout.fs.exists(p)])
     return sorted(removed)
 
 
 def reset_output(layout: OutputLayout) -> None:
     """Remove everything a job writes under OUT (for --overwrite)."""
     for d in layout.data_dirs():
-        shutil.rmtree(d, ignore_errors=True)
-    layout.manifest.unlink(missing_ok=True)
+        if layout.fs.exists(d):
+            layout.fs.rm(d, recursive=True)
+    layout.remove([layout.manifest] if layout.fs.exists(layout.manifest) else [])
 
 
-def remove_partition_files(layout: OutputLayout, name: str) -> None:
-    """Drop the output files (and any stale record) of a partition that will be redone."""
-    for d in (layout.kept, layout.rejected, layout.errors, layout.samples):
-        (d / f"{name}.parquet").unlink(missing_ok=True)
-    (layout.records / f"{name}.json").unlink(missing_ok=True)
+def remove_partition_files(layout: OutputLayout, names: set[str], existing: set[str]) -> None:
+    """Drop the output files (and any stale record) of partitions that will be redone."""
+    doomed = [p for p in existing if _stem(p) in names and p.rsplit("/", 1)[0] in
+              (layout.kept, layout.rejected, layout.errors, layout.samples, layout.records)]
+    layout.remove(doomed)

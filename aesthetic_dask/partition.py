@@ -9,7 +9,6 @@ its data files: resume trusts those markers alone, so a failed partition is retr
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -53,7 +52,8 @@ def finish_record(layout: OutputLayout, record: dict[str, Any], started: float) 
 
 
 def process_parquet_part(
-    part: Any, schema: Any, column: str, out: str, opts: WriteOptions, score_table: Callable[[Any], Any]
+    part: Any, schema: Any, column: str, out: str, opts: WriteOptions, score_table: Callable[[Any], Any],
+    storage_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Read rows of a Parquet input, score them with ``score_table(table)``, write, return the record.
 
@@ -64,9 +64,9 @@ def process_parquet_part(
     from .embeddings_reader import read_embedding_table
 
     t0 = time.perf_counter()
-    layout = OutputLayout(Path(out))
+    layout = OutputLayout(out, storage_options)
     try:
-        table = read_embedding_table(part, schema, column)
+        table = read_embedding_table(part, schema, column, storage_options)
     except DataError as exc:
         return finish_record(layout, failed_record(part, str(exc), FAILURE_DATA), t0)
     record = new_record(part) | {"start": part.start, "stop": part.stop}

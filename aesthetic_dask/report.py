@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from . import histogram
+from . import histogram, storage
 from .errors import InputError
 from .output import OutputLayout, atomic_write_bytes
 
@@ -28,21 +28,20 @@ MAX_SAMPLE_FILES = 2000  # partitions' sample files read (evenly spaced) for the
 MAX_INPUT_ROWS = 200
 
 
-def report_path(out: Path) -> Path:
-    return Path(out) / "report.html"
-
-
-def write_report(out: str | Path, path: str | Path | None = None) -> Path:
-    """Write the report of the job in ``out`` (default ``OUT/report.html``); return its path."""
-    out = Path(out)
-    layout = OutputLayout(out)
-    if not layout.manifest.is_file():
+def write_report(out: str | Path, path: str | Path | None = None, storage_options: dict[str, Any] | None = None) -> str:
+    """Write the report of the job in ``out`` (default ``OUT/report.html``; local or a URL);
+    return where it went."""
+    layout = OutputLayout(str(out), storage_options)
+    text = layout.read_text(layout.manifest)
+    if text is None:
         raise InputError(f"{out}: no manifest.json; is this the output directory of an aesthetic-dask job?")
-    manifest = json.loads(layout.manifest.read_text())
-    target = Path(path) if path else report_path(out)
-    page = render(manifest, _load_samples(layout, manifest), out)
-    atomic_write_bytes(target, page.encode("utf-8"), layout.tmp if target.parent == out else None)
-    return target
+    manifest = json.loads(text)
+    page = render(manifest, _load_samples(layout, manifest), layout.url())
+    if path is None:
+        atomic_write_bytes(layout.path("report.html"), page.encode("utf-8"), layout.tmp, layout.fs)
+        return layout.url("report.html")
+    atomic_write_bytes(str(path), page.encode("utf-8"))
+    return str(path)
 
 
 def kept_table(manifest: dict[str, Any]) -> list[tuple[float, int, float, bool]]:
@@ -65,10 +64,14 @@ def _load_samples(layout: OutputLayout, manifest: dict[str, Any]) -> dict[int, l
     import pyarrow.parquet as pq
 
     names = set(manifest["partitions"]["done_names"]) | set(manifest["partitions"].get("failed_names", []))
-    files = sorted(p for p in layout.samples.glob("*.parquet") if p.stem in names) if layout.samples.is_dir() else []
+    try:
+        listed = layout.fs.glob(layout.path("samples", "*.parquet"))
+    except FileNotFoundError:
+        listed = []
+    files = sorted(p for p in listed if p.rsplit("/", 1)[-1][: -len(".parquet")] in names)
     if len(files) > MAX_SAMPLE_FILES:
         files = [files[i] for i in np.linspace(0, len(files) - 1, MAX_SAMPLE_FILES).round().astype(int)]
-    rows = [r for f in files for r in pq.read_table(f).to_pylist()]
+    rows = [r for f in files for r in pq.read_table(f, filesystem=storage.pyarrow_filesystem(layout.fs)).to_pylist()]
     by_band: dict[int, list[dict[str, Any]]] = {}
     for r in sorted(rows, key=lambda r: (r["source"], r["row"])):
         by_band.setdefault(int(r["band"]), []).append(r)
@@ -165,7 +168,7 @@ th{background:#f4f4f4}tr.chosen td{background:#fff3cd;font-weight:bold}
 """
 
 
-def render(manifest: dict[str, Any], samples: dict[int, list[dict[str, Any]]], out: Path) -> str:
+def render(manifest: dict[str, Any], samples: dict[int, list[dict[str, Any]]], out: str) -> str:
     """The report page's HTML."""
     t = manifest["totals"]
     counts = manifest["score_histogram"]["counts"]
@@ -240,7 +243,7 @@ def render(manifest: dict[str, Any], samples: dict[int, list[dict[str, Any]]], o
 <html lang="en"><head><meta charset="utf-8"><title>aesthetic-dask report: {_e(out)}</title>
 <style>{_STYLE}</style></head><body>
 <h1>aesthetic-dask {_e(manifest['job'])}: {_e(out)}</h1>
-<p class="muted">Generated {generated} from {_e(out / 'manifest.json')}.</p>
+<p class="muted">Generated {generated} from {_e(out.rstrip('/') + '/manifest.json')}.</p>
 <h2>Summary</h2>{_table(None, summary_rows)}
 <h2>Score distribution</h2>{warn}{hist_svg}
 <h2>Rows kept as a function of the threshold</h2>{kept_svg}{guide_html}

@@ -38,10 +38,11 @@ def score_embedding_table(table: pa.Table, predictor: AestheticPredictor, column
 def process_embedding_part(
     part: EmbeddingPart, schema: pa.Schema, column: str, predictor: AestheticPredictor, out: str,
     opts: WriteOptions, backend: str = "pandas", extras: dict[str, AestheticPredictor] | None = None,
+    storage_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Read, score and write one partition; return its record."""
     scorer = partial(score_embedding_table, predictor=predictor, column=column, backend=backend, extras=extras)
-    return process_parquet_part(part, schema, column, out, opts, scorer)
+    return process_parquet_part(part, schema, column, out, opts, scorer, storage_options)
 
 
 def score_job(inputs: list[str], out: str | Path, config: Config, overwrite: bool = False, progress: bool = True,
@@ -50,8 +51,9 @@ def score_job(inputs: list[str], out: str | Path, config: Config, overwrite: boo
     from .cluster import dask_client, task_resources
 
     started, t0 = started or time.time(), time.perf_counter()
-    out = Path(out).absolute()
-    plan = plan_embeddings(inputs, config.embedding_column, config.partition_rows, exclude=(str(out),))
+    layout = OutputLayout(out, config.storage_options)
+    plan = plan_embeddings(inputs, config.embedding_column, config.partition_rows, exclude=(layout.url(),),
+                           storage_options=config.storage_options)
     predictor, weights = load_job_predictor(config)
     extras, extra_info = load_extra_heads(config, predictor.embed_dim)
     check_extra_score_names(extras, plan.schema.names)
@@ -66,7 +68,7 @@ def score_job(inputs: list[str], out: str | Path, config: Config, overwrite: boo
     sources = sorted({p.source for p in plan.parts} | set(plan.failed))
     job = Job(
         kind="score",
-        layout=OutputLayout(out),
+        layout=layout,
         settings=output_settings(config, "score", inputs=sources, weights_sha256=weights["sha256"],
                                  extra_scores_sha256={k: v["sha256"] for k, v in extra_info.items()}),
         info={
@@ -87,7 +89,8 @@ def score_job(inputs: list[str], out: str | Path, config: Config, overwrite: boo
             schema=plan.schema,
             column=config.embedding_column,
             predictor=predictor,
-            out=str(out),
+            out=layout.url(),
+            storage_options=config.storage_options,
             opts=opts,
             backend="cudf" if device == "cuda" else "pandas",
             extras=extras,

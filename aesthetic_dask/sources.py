@@ -1,18 +1,20 @@
-"""Expanding INPUT arguments (files, directories, globs) into a sorted list of absolute files.
+"""Expanding INPUT arguments (files, directories, globs; local paths or fsspec URLs) into a sorted
+list of absolute files, listed through their filesystem.
 
-Paths are made absolute here, in the client, so tasks find them on workers whose working
-directory differs. A job's own output directories are never read as input: they are skipped when
-listing directories and globs, and naming a file inside one is refused.
+Local paths are made absolute here, in the client, so tasks find them on workers whose working
+directory differs; URLs keep their protocol on every path the job records. A job's own output
+directories are never read as input: they are skipped when listing directories and globs, and
+naming a file inside one is refused.
 """
 
 from __future__ import annotations
 
-import glob
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
+from . import storage
 from .errors import InputError
 
 _GLOB_CHARS = set("*?[")
@@ -20,14 +22,18 @@ _GLOB_CHARS = set("*?[")
 
 @dataclass
 class InputFiles:
-    """The files to read, in a stable order, and the spellings that named a file already listed."""
+    """The files to read (local absolute paths or URLs), in a stable order, and the spellings that
+    named a file already listed."""
 
-    files: list[Path]
+    files: list[str]
     duplicates: list[str] = field(default_factory=list)
 
 
 def list_inputs(
-    inputs: list[str] | str, suffixes: tuple[str, ...], exclude: Iterable[str | Path] = ()
+    inputs: list[str] | str,
+    suffixes: tuple[str, ...],
+    exclude: Iterable[str | Path] = (),
+    storage_options: dict[str, Any] | None = None,
 ) -> InputFiles:
     """Files named directly, found under directories (recursively, by suffix), or matched by globs.
 
@@ -39,66 +45,83 @@ def list_inputs(
     """
     if isinstance(inputs, (str, Path)):
         inputs = [str(inputs)]
-    excluded = [Path(e).expanduser().resolve() for e in exclude]
-    files: list[Path] = []
+    files: list[tuple[str, str]] = []  # (identity, url)
     for raw in inputs:
-        if _GLOB_CHARS & set(str(raw)):
-            matches = sorted(Path(m) for m in glob.glob(str(Path(raw).expanduser()), recursive=True))
-            matches = [m for m in matches if not _inside(m, excluded)]
-            if not matches:
-                raise InputError(f"input {raw}: the pattern matches no file")
-            for m in matches:
-                files.extend(_expand_one(m, suffixes, excluded))
-            continue
-        path = Path(raw).expanduser()
-        if not path.exists():
-            raise InputError(f"input {raw}: no such file or directory")
-        check_not_inside(raw, excluded)
-        found = _expand_one(path, suffixes, excluded)
+        fs, path = storage.split(str(Path(raw).expanduser()) if "://" not in str(raw) else str(raw), storage_options)
+        local = storage.is_local(fs)
+        excluded = _excluded(exclude, fs, storage_options)
+        try:
+            if _GLOB_CHARS & set(path):
+                matches = sorted(m for m in fs.glob(path) if not _inside(m, excluded, local))
+                if not matches:
+                    raise InputError(f"input {raw}: the pattern matches no file")
+                for m in matches:
+                    files.extend(_expand_one(fs, m, suffixes, excluded, local))
+                continue
+            if not fs.exists(path):
+                raise InputError(f"input {raw}: no such file or directory")
+        except (OSError, PermissionError, ValueError) as exc:
+            raise InputError(f"input {raw}: cannot list it: {type(exc).__name__}: {exc}") from None
+        if _inside(path, excluded, local):
+            raise InputError(f"input {raw} lies inside the job's output directory; it is never read as input")
+        found = _expand_one(fs, path, suffixes, excluded, local)
         if not found:
             raise InputError(f"input {raw}: no {'/'.join(suffixes)} files under this directory")
         files.extend(found)
-    seen: set[Path] = set()
+    seen: set[str] = set()
     unique, duplicates = [], []
-    for f in files:
-        key = f.resolve()
-        if key in seen:
-            duplicates.append(str(f))
+    for identity, url in files:
+        if identity in seen:
+            duplicates.append(url)
             continue
-        seen.add(key)
-        unique.append(Path(os.path.abspath(f)))
+        seen.add(identity)
+        unique.append(url)
     return InputFiles(unique, duplicates)
 
 
-def expand_inputs(inputs: list[str] | str, suffixes: tuple[str, ...], exclude: Iterable[str | Path] = ()) -> list[Path]:
+def expand_inputs(inputs: list[str] | str, suffixes: tuple[str, ...], exclude: Iterable[str | Path] = (),
+                  storage_options: dict[str, Any] | None = None) -> list[str]:
     """The files of :func:`list_inputs`, without the duplicate report."""
-    return list_inputs(inputs, suffixes, exclude).files
+    return list_inputs(inputs, suffixes, exclude, storage_options).files
 
 
-def check_not_inside(raw: str | Path, exclude: Iterable[str | Path]) -> None:
+def check_not_inside(raw: str, exclude: Iterable[str | Path], storage_options: dict[str, Any] | None = None) -> None:
     """Refuse an input that lies inside one of the job's output directories."""
-    owner = _inside(Path(raw).expanduser(), [Path(e).expanduser().resolve() for e in exclude])
-    if owner:
-        raise InputError(f"input {raw} lies inside the job's output directory {owner}; it is never read as input")
+    fs, path = storage.split(str(raw), storage_options)
+    if _inside(path, _excluded(exclude, fs, storage_options), storage.is_local(fs)):
+        raise InputError(f"input {raw} lies inside the job's output directory; it is never read as input")
 
 
-def _inside(path: Path, excluded: list[Path]) -> Path | None:
-    """The excluded directory ``path`` lies in (or is), if any."""
-    resolved = path.resolve()
-    for e in excluded:
-        if resolved == e or e in resolved.parents:
-            return e
-    return None
+def _excluded(exclude: Iterable[str | Path], fs: Any, storage_options: dict[str, Any] | None) -> list[str]:
+    """The excluded directories that live on ``fs``, as its paths (resolved when local)."""
+    out = []
+    for e in exclude:
+        efs, epath = storage.split(str(e), storage_options)
+        if type(efs) is type(fs):
+            out.append(os.path.realpath(epath) if storage.is_local(fs) else epath.rstrip("/"))
+    return out
 
 
-def _expand_one(path: Path, suffixes: tuple[str, ...], excluded: list[Path]) -> list[Path]:
-    if path.is_dir():
-        found = []
-        for root, dirs, names in os.walk(path):
-            # Prune the job's own output directories (an OUT inside an input directory).
-            dirs[:] = sorted(d for d in dirs if not _inside(Path(root) / d, excluded))
-            found.extend(
-                Path(root) / n for n in names if n.lower().endswith(suffixes) and not n.startswith((".", "_"))
-            )
-        return sorted(found)
-    return [path]
+def _inside(path: str, excluded: list[str], local: bool) -> bool:
+    resolved = os.path.realpath(path) if local else path.rstrip("/")
+    return any(resolved == e or resolved.startswith(e.rstrip("/") + "/") for e in excluded)
+
+
+def _expand_one(fs: Any, path: str, suffixes: tuple[str, ...], excluded: list[str], local: bool) -> list[tuple[str, str]]:
+    """(identity, url) of the file, or of the matching files under the directory, sorted."""
+    if fs.isdir(path):
+        found = [
+            p for p in fs.find(path)
+            if p.lower().endswith(suffixes) and not p.rsplit("/", 1)[-1].startswith((".", "_"))
+            and not _inside(p, excluded, local)
+        ]
+        return [_identify(fs, p, local) for p in sorted(found)]
+    return [_identify(fs, path, local)]
+
+
+def _identify(fs: Any, path: str, local: bool) -> tuple[str, str]:
+    if local:
+        absolute = os.path.abspath(path)
+        return os.path.realpath(absolute), absolute
+    url = fs.unstrip_protocol(path)
+    return url, url

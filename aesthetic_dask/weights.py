@@ -466,15 +466,15 @@ class _StateDictUnpickler(__import__("pickle").Unpickler):
 
 
 def _write_converted(state: dict[str, np.ndarray], target: Path) -> None:
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
+
+    from .storage import split, write_bytes
 
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_suffix(f".tmp-{os.getpid()}")
-        save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(tmp))
-        os.replace(tmp, target)
+        fs, path = split(str(target))
+        write_bytes(fs, path, save({k: np.ascontiguousarray(v) for k, v in state.items()}))
     except OSError:
-        pass  # a read-only model_dir only costs the torch import next time
+        pass  # a read-only model_dir only costs reading the .pth again next time
 
 
 def _check_state(state: dict[str, np.ndarray], spec: PredictorSpec, path: Path) -> None:

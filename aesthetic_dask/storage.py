@@ -1,0 +1,131 @@
+"""Every file the project reads or writes, local or in object storage, goes through fsspec here.
+
+Paths are URLs (``s3://bucket/key``, ``gs://``, ``abfs://``, ``hf://``, ``file://``, ``http(s)://``
+for inputs) or local paths. ``storage_options`` (``--storage-options``) go to the filesystem;
+without them its standard credential chain applies.
+
+Commit protocol (README, "Object storage"): object stores have no atomic rename, so a file is
+written once under its final name and appears whole or not at all (a single PUT, or a multipart
+upload completed on close and aborted on error); locally it is written under ``OUT/_tmp/`` and
+renamed into place. :func:`atomic_open` is the one helper behind every file the project writes.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+from .errors import InputError
+
+# fsspec protocol -> the extra that installs its filesystem.
+EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "abfs": "azure", "abfss": "azure", "az": "azure", "adl": "azure"}
+# Option names whose values are secrets: never written to the manifest or the log.
+_SECRET_WORDS = ("key", "secret", "token", "password", "credential", "sas", "connection", "auth")
+
+
+def split(url: str, storage_options: dict[str, Any] | None = None) -> tuple[Any, str]:
+    """(filesystem, path on it) of ``url``; one clear error when its filesystem is not installed."""
+    import fsspec
+
+    try:
+        return fsspec.core.url_to_fs(str(url), **(storage_options or {}))
+    except ImportError as exc:
+        protocol = str(url).split("://", 1)[0]
+        extra = EXTRAS.get(protocol)
+        hint = f"pip install 'aesthetic-dask[{extra}]'" if extra else f"install the fsspec filesystem for {protocol}://"
+        raise InputError(f"{url}: no filesystem for {protocol}:// is installed ({hint})") from exc
+    except ValueError as exc:
+        raise InputError(f"{url}: {exc}") from None
+
+
+def is_local(fs: Any) -> bool:
+    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    return "file" in protocols or "local" in protocols
+
+
+def to_url(fs: Any, path: str) -> str:
+    """The path as users see it: local paths stay paths, others keep their protocol."""
+    return path if is_local(fs) else fs.unstrip_protocol(path)
+
+
+def join(base: str, *parts: str) -> str:
+    return "/".join([str(base).rstrip("/"), *parts])
+
+
+def redact(storage_options: dict[str, Any]) -> dict[str, Any]:
+    """``storage_options`` as the manifest and the log may show them: secrets masked."""
+    out: dict[str, Any] = {}
+    for key, value in storage_options.items():
+        if isinstance(value, dict):
+            out[key] = redact(value)
+        elif any(word in key.lower() for word in _SECRET_WORDS):
+            out[key] = "***"
+        else:
+            out[key] = value
+    return out
+
+
+def pyarrow_filesystem(fs: Any) -> Any:
+    """A pyarrow filesystem for ``fs`` (pyarrow's own for local files: the fastest path)."""
+    import pyarrow.fs as pafs
+
+    if is_local(fs):
+        return pafs.LocalFileSystem()
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+
+
+@contextmanager
+def atomic_open(fs: Any, path: str, tmp_dir: str | None = None) -> Iterator[Any]:
+    """A binary file to write ``path`` through; the file appears whole, or not at all.
+
+    Local: written under ``tmp_dir`` (or beside ``path``) and renamed into place. Object stores:
+    written straight to ``path``, committed on close; on an error the upload is discarded.
+    """
+    if is_local(fs):
+        directory = tmp_dir or os.path.dirname(path)
+        os.makedirs(directory, exist_ok=True)
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tmp = os.path.join(directory, f".{uuid.uuid4().hex}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return
+    f = fs.open(path, "wb")
+    try:
+        yield f
+    except BaseException:
+        discard = getattr(f, "discard", None)
+        if discard is not None:
+            discard()  # abort a multipart upload: nothing appears
+        raise
+    f.close()
+
+
+def write_bytes(fs: Any, path: str, data: bytes, tmp_dir: str | None = None) -> None:
+    with atomic_open(fs, path, tmp_dir) as f:
+        f.write(data)
+
+
+def check_output(url: str, storage_options: dict[str, Any] | None = None) -> None:
+    """Refuse, in one line, an OUT that cannot be written: a local file, an unreachable endpoint, a
+    missing bucket."""
+    fs, path = split(url, storage_options)
+    if is_local(fs):
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise InputError(f"-o {url}: exists and is not a directory")
+        return
+    bucket = path.split("/", 1)[0]
+    try:
+        found = fs.exists(bucket)
+    except Exception as exc:  # noqa: BLE001 - botocore/aiohttp errors are not all OSError
+        raise InputError(f"-o {url}: cannot reach the storage: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
+    if not found:
+        raise InputError(f"-o {url}: the bucket {bucket!r} does not exist (or these credentials cannot see it)")
