@@ -114,10 +114,11 @@ def _row_ranges(n: int, target_rows: int) -> list[tuple[int, int]]:
 def _is_clip_retrieval_folder(url: str, storage_options: dict[str, Any] | None = None) -> bool:
     if set("*?[") & set(str(url)):
         return False
+    storage.check_reachable(str(url), storage_options, "input")
     fs, path = storage.split(str(url), storage_options)
     try:
         return fs.isdir(storage.join(path, "img_emb"))
-    except OSError:
+    except Exception:  # noqa: BLE001 - listing the inputs reports what is wrong with them
         return False
 
 

@@ -47,6 +47,7 @@ def list_inputs(
         inputs = [str(inputs)]
     files: list[tuple[str, str]] = []  # (identity, url)
     for raw in inputs:
+        storage.check_reachable(raw, storage_options, "input")
         fs, path = storage.split(str(Path(raw).expanduser()) if "://" not in str(raw) else str(raw), storage_options)
         local = storage.is_local(fs)
         excluded = _excluded(exclude, fs, storage_options)

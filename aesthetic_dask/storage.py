@@ -114,6 +114,21 @@ def write_bytes(fs: Any, path: str, data: bytes, tmp_dir: str | None = None) -> 
         f.write(data)
 
 
+def endpoint_of(storage_options: dict[str, Any] | None) -> str | None:
+    """The endpoint URL the options name (S3-compatible stores), if any."""
+    so = storage_options or {}
+    return so.get("endpoint_url") or (so.get("client_kwargs") or {}).get("endpoint_url")
+
+
+def check_reachable(url: str, storage_options: dict[str, Any] | None, what: str) -> None:
+    """Fail in seconds, not after a client's retries, when a named endpoint does not answer."""
+    from .network import reachable
+
+    endpoint = endpoint_of(storage_options)
+    if "://" in str(url) and endpoint and not reachable(endpoint):
+        raise InputError(f"{what} {url}: cannot reach the storage endpoint {endpoint}")
+
+
 def check_output(url: str, storage_options: dict[str, Any] | None = None) -> None:
     """Refuse, in one line, an OUT that cannot be written: a local file, an unreachable endpoint, a
     missing bucket."""
@@ -122,10 +137,13 @@ def check_output(url: str, storage_options: dict[str, Any] | None = None) -> Non
         if os.path.exists(path) and not os.path.isdir(path):
             raise InputError(f"-o {url}: exists and is not a directory")
         return
+    check_reachable(url, storage_options, "-o")
     bucket = path.split("/", 1)[0]
     try:
-        found = fs.exists(bucket)
+        fs.ls(bucket)
+    except FileNotFoundError:
+        raise InputError(f"-o {url}: the bucket {bucket!r} does not exist") from None
+    except PermissionError as exc:
+        raise InputError(f"-o {url}: no access to the bucket {bucket!r}: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - botocore/aiohttp errors are not all OSError
         raise InputError(f"-o {url}: cannot reach the storage: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
-    if not found:
-        raise InputError(f"-o {url}: the bucket {bucket!r} does not exist (or these credentials cannot see it)")

@@ -1,0 +1,246 @@
+"""Object storage (issue 10) on a real S3 API: moto's server on 127.0.0.1, s3fs as the client."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import assert_one_clear_line, photo_bytes, run_cli_process, write_embeddings, write_shard
+
+pytest.importorskip("s3fs")
+moto_server = pytest.importorskip("moto.server")
+
+SECRET = "not-a-real-secret-7f3a"
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A moto S3 server; yields (storage options, s3fs filesystem)."""
+    import s3fs
+
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    options = {"endpoint_url": f"http://{host}:{port}", "key": "testing", "secret": SECRET}
+    fs = s3fs.S3FileSystem(**options)
+    try:
+        yield options, fs
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def bucket(s3, request):
+    options, fs = s3
+    name = "b-" + request.node.name.lower().replace("_", "-")[:40].strip("-")
+    fs.mkdir(name)
+    fs.invalidate_cache()
+    return name
+
+
+def cli(*argv, timeout=300, env=None):
+    return subprocess.run([sys.executable, "-m", "aesthetic_dask", *map(str, argv)], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def no_aws_env() -> dict:
+    """The environment without any AWS credentials: options must reach everything themselves."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+
+
+def table(out: str, d: str, options=None) -> pd.DataFrame:
+    if options:
+        import s3fs
+
+        s3fs.S3FileSystem(**options).invalidate_cache()  # fsspec reuses the instance: drop stale listings
+    df = pd.read_parquet(f"{out}/{d}", storage_options=options)
+    return df.sort_values(list(df.columns[:2])).reset_index(drop=True)
+
+
+def manifest(out: str, fs=None) -> dict:
+    if fs is not None:
+        fs.invalidate_cache()
+    return json.loads(fs.cat(out.removeprefix("s3://") + "/manifest.json") if fs else (Path(out) / "manifest.json").read_text())
+
+
+def comparable(m: dict) -> tuple:
+    strip = lambda inputs: {k.rsplit("/", 1)[-1]: v for k, v in inputs.items()}  # noqa: E731
+    return m["totals"], strip(m["inputs"]), m["score_histogram"], m["status"]
+
+
+@pytest.fixture
+def embeddings(tmp_path, rng):
+    for i in range(3):
+        write_embeddings(tmp_path / "emb" / f"part-{i}.parquet", rng.standard_normal((300, 768)).astype(np.float32),
+                         f"f{i}-", row_group_size=100, url=[f"https://example.com/{i}/{j}.jpg" for j in range(300)])
+    return tmp_path / "emb"
+
+
+def test_score_s3_to_s3_and_s3_to_local_equal_the_local_job(tmp_path, s3, bucket, embeddings, tiny_weights):
+    options, fs = s3
+    fs.put(str(embeddings), f"{bucket}/emb", recursive=True)
+    common = ["--aesthetic-weights", tiny_weights["safetensors"], "--threshold", "5.4", "--keep-rejected",
+              "--partition-rows", "100", "--storage-options", json.dumps(options)]
+    local = cli("score", embeddings, "-o", tmp_path / "local", *common)
+    to_s3 = cli("score", f"s3://{bucket}/emb", "-o", f"s3://{bucket}/out", *common, env=no_aws_env())
+    to_local = cli("score", f"s3://{bucket}/emb/*.parquet", "-o", tmp_path / "fromS3", *common, env=no_aws_env())
+    assert local.returncode == to_s3.returncode == to_local.returncode == 0, to_s3.stderr + to_local.stderr
+    m_local, m_s3, m_mixed = manifest(str(tmp_path / "local")), manifest(f"s3://{bucket}/out", fs), manifest(str(tmp_path / "fromS3"))
+    assert comparable(m_local) == comparable(m_s3) == comparable(m_mixed)
+    assert all(k.startswith(f"s3://{bucket}/emb/") for k in m_s3["inputs"])  # the protocol is kept
+    for d in ("kept", "rejected"):
+        want = table(str(tmp_path / "local"), d).drop(columns=[])
+        pd.testing.assert_frame_equal(table(f"s3://{bucket}/out", d, options), want)
+        pd.testing.assert_frame_equal(table(str(tmp_path / "fromS3"), d), want)
+    # Read back by pyarrow too, and the secret is nowhere in what the job wrote.
+    import pyarrow.fs as pafs
+
+    s3_pa = pafs.S3FileSystem(access_key="testing", secret_key=SECRET, endpoint_override=options["endpoint_url"],
+                              scheme="http", region="us-east-1")
+    assert pq.ParquetDataset(f"{bucket}/out/kept", filesystem=s3_pa).read().num_rows == m_s3["totals"]["rows_kept"]
+    written = b"".join(fs.cat(p) for p in fs.find(f"{bucket}/out") if p.endswith((".json", ".log", ".html")))
+    assert SECRET.encode() not in written and b"***" in fs.cat(f"{bucket}/out/manifest.json")
+    assert not [p for p in fs.find(f"{bucket}/out") if "_tmp" in p or p.endswith(".tmp")]
+
+
+@pytest.fixture
+def shards(tmp_path):
+    names = ("astronaut", "coffee", "chelsea", "rocket", "cat", "camera")
+    for s in range(3):
+        members = []
+        for i in range(8):
+            members += [(f"{s}{i:03d}.jpg", photo_bytes(names[(s + i) % 6])), (f"{s}{i:03d}.txt", f"caption {s} {i}".encode())]
+        members.append((f"{s}999.jpg", b"not an image"))
+        write_shard(tmp_path / "shards" / f"shard-{s}.tar", members)
+    return tmp_path / "shards"
+
+
+def run_args(tiny_clip, tiny_weights, tmp_path, options):
+    return ["--clip-model-config", tiny_clip["config"], "--clip-pretrained", tiny_clip["checkpoint"],
+            "--aesthetic-weights", tiny_weights["safetensors"], "--model-dir", tmp_path / "models", "--threshold", "5.45",
+            "--keep-rejected", "--storage-options", json.dumps(options)]
+
+
+def test_run_s3_shards_to_s3_equals_the_local_job(tmp_path, s3, bucket, shards, tiny_clip, tiny_weights):
+    options, fs = s3
+    fs.put(str(shards), f"{bucket}/shards", recursive=True)
+    args = run_args(tiny_clip, tiny_weights, tmp_path, options)
+    local = cli("run", shards, "-o", tmp_path / "local", *args, "--write-shards", tmp_path / "ws")
+    remote = cli("run", f"s3://{bucket}/shards", "-o", f"s3://{bucket}/out", *args, "--write-shards", f"s3://{bucket}/ws",
+                 env=no_aws_env())
+    assert local.returncode == remote.returncode == 0, remote.stderr
+    assert comparable(manifest(str(tmp_path / "local"))) == comparable(manifest(f"s3://{bucket}/out", fs))
+    for d in ("kept", "rejected", "errors"):
+        if not (tmp_path / "local" / d).exists():
+            assert not fs.exists(f"{bucket}/out/{d}")
+            continue
+        a = table(str(tmp_path / "local"), d).drop(columns=["source"])
+        b = table(f"s3://{bucket}/out", d, options)
+        assert b["source"].str.startswith(f"s3://{bucket}/shards/").all()
+        pd.testing.assert_frame_equal(b.drop(columns=["source"]), a)
+    stems = lambda names: sorted(n.rsplit("-", 1)[0] for n in names)  # noqa: E731  (the digest is of the path)
+    assert stems(p.rsplit("/", 1)[-1] for p in fs.find(f"{bucket}/ws")) == stems(p.name for p in (tmp_path / "ws").iterdir())
+    assert fs.exists(f"{bucket}/out/report.html") and fs.exists(f"{bucket}/out/job.log")
+
+
+def test_sigkill_on_s3_then_rerun_equals_a_clean_run(tmp_path, s3, bucket, tiny_clip, tiny_weights):
+    options, fs = s3
+    for s in range(10):
+        write_shard(tmp_path / "many" / f"{s:03d}.tar", [(f"{s}{i}.jpg", photo_bytes(("coffee", "rocket")[i % 2])) for i in range(12)])
+    fs.put(str(tmp_path / "many"), f"{bucket}/many", recursive=True)
+    args = run_args(tiny_clip, tiny_weights, tmp_path, options)
+    clean = cli("run", f"s3://{bucket}/many", "-o", f"s3://{bucket}/clean", *args)
+    assert clean.returncode == 0, clean.stderr
+    argv = [sys.executable, "-m", "aesthetic_dask", "run", f"s3://{bucket}/many", "-o", f"s3://{bucket}/killed", *map(str, args),
+            "--threads-per-worker", "1"]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(fs.glob(f"{bucket}/killed/_parts/*.json", refresh=True)) < 2 and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    done_before = {p: fs.info(p)["LastModified"] for p in fs.find(f"{bucket}/killed/kept", refresh=True)}
+    assert len(fs.glob(f"{bucket}/killed/_parts/*.json", refresh=True)) < 10, "the job finished before it could be killed"
+    for p in fs.find(f"{bucket}/killed/kept"):  # whatever is there reads whole
+        pd.read_parquet(f"s3://{p}", storage_options=options)
+    rerun = cli("run", f"s3://{bucket}/many", "-o", f"s3://{bucket}/killed", *args)
+    assert rerun.returncode == 0, rerun.stderr
+    assert comparable(manifest(f"s3://{bucket}/killed", fs)) == comparable(manifest(f"s3://{bucket}/clean", fs))
+    pd.testing.assert_frame_equal(table(f"s3://{bucket}/killed", "kept", options), table(f"s3://{bucket}/clean", "kept", options))
+    m = manifest(f"s3://{bucket}/killed", fs)
+    finished_before = [p for p in done_before if p.rsplit("/", 1)[-1][:-8] in
+                       {q.rsplit("/", 1)[-1][:-5] for q in fs.find(f"{bucket}/killed/_parts")}]
+    for p in finished_before:  # finished partitions untouched
+        if m["this_run"]["partitions_skipped"] and fs.exists(p):
+            assert fs.info(p, refresh=True)["LastModified"] == done_before[p]
+    assert m["this_run"]["partitions_skipped"] >= 2
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=options["endpoint_url"], aws_access_key_id="testing",
+                          aws_secret_access_key=SECRET, region_name="us-east-1")
+    assert not client.list_multipart_uploads(Bucket=bucket).get("Uploads")  # no temporary objects left
+    assert not [p for p in fs.find(f"{bucket}/killed") if "_tmp" in p]
+
+
+def test_a_loopback_cluster_reads_and_writes_s3_with_the_options(tmp_path, s3, bucket, embeddings, tiny_weights):
+    """`dask scheduler` + `dask worker` processes without AWS credentials in their environment."""
+    options, fs = s3
+    fs.put(str(embeddings), f"{bucket}/emb", recursive=True)
+    scheduler_file = tmp_path / "scheduler.json"
+    env = no_aws_env() | {"DASK_DISTRIBUTED__WORKER__DAEMON": "False"}
+    bindir = Path(sys.executable).parent
+    procs = [subprocess.Popen([bindir / "dask", "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+                               "--scheduler-file", scheduler_file], env=env, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        deadline = time.time() + 60
+        while not scheduler_file.exists() and time.time() < deadline:
+            time.sleep(0.1)
+        procs.append(subprocess.Popen([bindir / "dask", "worker", "--scheduler-file", scheduler_file, "--nthreads", "2",
+                                       "--no-dashboard", "--host", "127.0.0.1"], env=env, start_new_session=True,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        proc = cli("score", f"s3://{bucket}/emb", "-o", f"s3://{bucket}/out", "--aesthetic-weights", tiny_weights["safetensors"],
+                   "--scheduler-file", scheduler_file, "--storage-options", json.dumps(options), "--partition-rows", "100",
+                   env=no_aws_env())
+    finally:
+        for p in reversed(procs):
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.wait(timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    m = manifest(f"s3://{bucket}/out", fs)
+    assert m["totals"]["rows_in"] == 900 and m["cluster"]["scheduler_address"].startswith("tcp://127.0.0.1")
+
+
+def test_wrong_endpoint_missing_bucket_and_missing_filesystem_are_one_line_exit_2(tmp_path, s3, bucket, embeddings, tiny_weights):
+    options, fs = s3
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    dead = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    closed.close()
+    w = ["--aesthetic-weights", str(tiny_weights["safetensors"])]
+    t0 = time.time()
+    proc = run_cli_process(["score", f"s3://{bucket}/emb", "-o", str(tmp_path / "o"), *w, "--storage-options",
+                            json.dumps(options | {"endpoint_url": dead})])
+    assert_one_clear_line(proc, 2, f"input s3://{bucket}/emb: cannot reach the storage endpoint {dead}")
+    proc = run_cli_process(["score", str(embeddings), "-o", "s3://no-such-bucket-here/out", *w, "--storage-options", json.dumps(options)])
+    assert_one_clear_line(proc, 2, "-o s3://no-such-bucket-here/out: the bucket 'no-such-bucket-here' does not exist")
+    proc = run_cli_process(["score", "s3://no-such-bucket-here/emb", "-o", str(tmp_path / "o"), *w, "--storage-options", json.dumps(options)])
+    assert_one_clear_line(proc, 2, "input s3://no-such-bucket-here/emb: no such file or directory")
+    assert time.time() - t0 < 60
+    import importlib.util
+
+    if importlib.util.find_spec("gcsfs") is None:
+        proc = run_cli_process(["score", "gs://bucket/emb", "-o", str(tmp_path / "o"), *w])
+        assert_one_clear_line(proc, 2, "gs://bucket/emb: no filesystem for gs:// is installed (pip install 'aesthetic-dask[gcs]')")
