@@ -99,6 +99,13 @@ def connect(address: str | None, scheduler_file: str | None) -> Any:
     return client
 
 
+def wants_dashboard(config: Config) -> bool:
+    """Whether a local cluster starts its dashboard: ``auto`` means when the job runs in a terminal."""
+    import sys
+
+    return config.dashboard == "true" or (config.dashboard == "auto" and sys.stderr.isatty())
+
+
 @contextmanager
 def dask_client(config: Config, model_work: bool = False) -> Iterator[tuple[Any, str]]:
     """Yield ``(client, device)``; a local cluster started here is closed on exit."""
@@ -116,7 +123,7 @@ def dask_client(config: Config, model_work: bool = False) -> Iterator[tuple[Any,
     device = pick_device()
     # A dashboard on a free local port (never "port 8787 is in use"); distributed's own INFO lines
     # stay out of the job's output, -v or not: the job logs what it does itself.
-    common = dict(dashboard_address=":0", silence_logs=logging.WARNING)
+    common = dict(dashboard_address=":0" if wants_dashboard(config) else None, silence_logs=logging.WARNING)
     if device == "cuda":
         from dask_cuda import LocalCUDACluster
 

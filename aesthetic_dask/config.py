@@ -52,7 +52,9 @@ class Config:
     clip_precision: str
     extra_scores: dict[str, str]
     report: bool
+    report_samples: bool
     storage_options: dict[str, Any]
+    dashboard: str
 
     @property
     def resolved_model_dir(self) -> Path:
@@ -88,7 +90,7 @@ OUTPUT_OPTIONS: dict[str, tuple[str, ...]] = {
 RUNTIME_OPTIONS = (
     "model_inference_batch_size", "num_gpus_per_worker", "model_dir", "verbose", "aesthetic_weights",
     "scheduler", "scheduler_file", "n_workers", "threads_per_worker", "decode_threads", "report",
-    "storage_options",
+    "report_samples", "storage_options", "dashboard",
 )
 # aesthetic_weights is listed as runtime because the fingerprint holds the weights' sha256 instead:
 # the same file under another name or path writes the same output.
@@ -126,6 +128,8 @@ def _read_yaml(text: str, origin: str) -> dict[str, Any]:
 def _coerce(name: str, value: Any, origin: str) -> Any:
     """Check one value against the field's declared type (int accepted where float is declared)."""
     declared = {f.name: f.type for f in fields(Config)}[name]
+    if name == "dashboard" and isinstance(value, bool):  # YAML reads `dashboard: true` as a bool
+        value = "true" if value else "false"
     if value is None:
         if "None" in declared:
             return None
@@ -219,5 +223,7 @@ def _validate(config: Config) -> None:
         raise ConfigError("max_image_pixels (--max-image-pixels) must be >= 1")
     if config.max_sidecar_bytes < 0:
         raise ConfigError("max_sidecar_bytes (--max-sidecar-bytes) must be >= 0")
+    if config.dashboard not in ("auto", "true", "false"):
+        raise ConfigError("dashboard must be auto, true or false")
     if config.scheduler and config.scheduler_file:
         raise ConfigError("give either scheduler or scheduler_file, not both")

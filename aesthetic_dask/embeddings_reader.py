@@ -355,7 +355,8 @@ def read_parquet_rows(url: str, start: int, stop: int, row_groups: tuple[int, ..
             offset += n
         if not row_groups:
             return fragment.physical_schema.empty_table()
-    table = fragment.subset(row_group_ids=list(row_groups)).to_table()
+    # One thread per partition: Dask already runs partitions in parallel (threads would contend).
+    table = fragment.subset(row_group_ids=list(row_groups)).to_table(use_threads=False)
     return table.slice(start - first, stop - start) if (start - first or table.num_rows != stop - start) else table
 
 

@@ -162,7 +162,7 @@ def run_job(inputs: list[str], out: str | Path, config: Config, overwrite: bool 
     clip_spec, clip_weights = prepare_clip_weights(clip_spec)  # present or fetchable, before any task
     check_extra_score_names(extras, shard_schema(fields).names + (pq_plan.schema.names if pq_plan else []))
     opts = WriteOptions(config.score_threshold, "embedding", config.keep_embeddings, config.keep_rejected,
-                        predictor.embed_dim, tuple(extras))
+                        predictor.embed_dim, tuple(extras), samples=config.report_samples)
     embed = EmbedOptions.from_config(config)
     failed_inputs = dict(pq_plan.failed) if pq_plan else {}
     work = []

@@ -64,6 +64,7 @@ def score_job(inputs: list[str], out: str | Path, config: Config, overwrite: boo
         keep_rejected=config.keep_rejected,
         embed_dim=predictor.embed_dim,
         extra_score_columns=tuple(extras),
+        samples=config.report_samples,
     )
     sources = sorted({p.source for p in plan.parts} | set(plan.failed))
     job = Job(

@@ -123,7 +123,10 @@ def test_the_score_job_never_imports_torch(tmp_path, inp, tiny_weights):
 
 
 def test_a_fully_skipped_rerun_reports_truthful_numbers_and_the_dashboard(tmp_path, inp, tiny_weights, capsys):
-    argv = ["score", str(inp), "-o", str(tmp_path / "out"), "--aesthetic-weights", str(tiny_weights["safetensors"])]
+    conf = tmp_path / "dash.yaml"
+    conf.write_text("dashboard: 'true'\n")  # (auto starts it only in a terminal)
+    argv = ["score", str(inp), "-o", str(tmp_path / "out"), "--aesthetic-weights", str(tiny_weights["safetensors"]),
+            "--config", str(conf)]
     busy = socket.socket()
     try:
         busy.bind(("127.0.0.1", 8787))  # Dask's default dashboard port, taken: no warning may leak
