@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import glob
 import logging
 import os
 from contextlib import contextmanager
@@ -24,11 +23,14 @@ GPU_RESOURCE = "GPU"
 
 
 def visible_gpu_count() -> int:
-    """GPUs this process can see, without importing torch or CUDA libraries."""
-    devices = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if devices is not None:
-        return len([d for d in devices.split(",") if d.strip() and d.strip() != "-1"])
-    return len(glob.glob("/dev/nvidia[0-9]*"))
+    """GPUs this process can see, counted as dask-cuda counts them (NVML, honouring
+    CUDA_VISIBLE_DEVICES: MIG ids, ``NoDevFiles``, containers without /dev/nvidia*)."""
+    try:
+        from dask_cuda.utils import get_n_gpus
+
+        return int(get_n_gpus())
+    except Exception:  # noqa: BLE001 - no dask-cuda, no NVML, no driver: no GPU for a CUDA cluster
+        return 0
 
 
 def _has_dask_cuda() -> bool:
@@ -37,6 +39,28 @@ def _has_dask_cuda() -> bool:
     except ImportError:
         return False
     return True
+
+
+_ARRAY_MODULE: Any = None
+
+
+def array_module() -> Any:
+    """The array module this process computes with: cupy when it has cupy and a CUDA device,
+    else numpy. Decided where the work runs (a worker), by what that process really has, never
+    from a resource name; both give the same result."""
+    global _ARRAY_MODULE
+    if _ARRAY_MODULE is None:
+        import numpy
+
+        _ARRAY_MODULE = numpy
+        try:
+            import cupy
+
+            if cupy.cuda.runtime.getDeviceCount() > 0:
+                _ARRAY_MODULE = cupy
+        except Exception:  # noqa: BLE001 - no cupy, no driver, no device: numpy
+            pass
+    return _ARRAY_MODULE
 
 
 def pick_device() -> str:

@@ -103,7 +103,7 @@ def _charts(counts: list[int], threshold: float, title: str) -> tuple[str, str]:
     lo, hi = max(0.0, min(lo, threshold) - 0.5), min(10.0, max(hi, threshold) + 0.5)  # the threshold always shows
     fig = Figure(figsize=(8, 3.2))
     ax = fig.subplots()
-    ax.bar(edges[:-1], inner, width=0.05, align="edge", color="#4c72b0")
+    ax.stairs(inner, edges, fill=True, color="#4c72b0")  # one path, not 200 bars: small SVG, fast
     ax.axvline(threshold, color="#c44e52", linewidth=2, label=f"threshold {_t(threshold)}")
     ax.set_xlim(lo, hi)
     ax.set_xlabel(f"{title} (bins of 0.05)")

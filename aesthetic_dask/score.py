@@ -52,19 +52,28 @@ def merge_errors(earlier: pa.Array | pa.ChunkedArray | None, new: pa.Array) -> p
 
 
 def score_arrow(
-    chunks: list[pa.Array], predictor: AestheticPredictor, extras: dict[str, AestheticPredictor] | None = None
+    chunks: list[pa.Array], predictor: AestheticPredictor, extras: dict[str, AestheticPredictor] | None = None,
+    xp: Any = None,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     """(float32 scores, error reasons, extra heads' scores) of an Arrow embedding column, chunk by chunk.
 
     Chunks are scored where they lie: combining them would copy the whole matrix. Every head
-    reads the same matrix in the same pass.
+    reads the same matrix in the same pass. The table stays in Arrow on the host; only the
+    embedding matrix goes to the array module ``xp`` (by default the one this process has:
+    cupy on a worker with a CUDA device, else numpy), and only the scores come back.
     """
+    if xp is None:
+        from .cluster import array_module
+
+        xp = array_module()
     heads = [predictor, *(extras or {}).values()]
     per_head: list[list[np.ndarray]] = [[] for _ in heads]
     reasons = []
     for chunk in chunks:
         matrix, candidates, why = arrow_embedding_matrix(chunk, predictor.embed_dim)
-        for out, scores in zip(per_head, classify_and_score(np, heads, matrix, candidates, why)):
+        if xp is not np:
+            matrix = xp.asarray(matrix)  # host -> device: the matrix alone
+        for out, scores in zip(per_head, classify_and_score(xp, heads, matrix, candidates, why)):
             out.append(scores)
         reasons.append(why)
     if not reasons:

@@ -16,32 +16,29 @@ import pyarrow as pa
 from .config import Config, output_settings
 from .embeddings_reader import EmbeddingPart, plan_embeddings
 from .job import Job, Work, package_versions, run_parts
-from .output import OutputLayout, WriteOptions, frame_to_table
+from .output import OutputLayout, WriteOptions
 from .partition import process_parquet_part
 from .predictor import AestheticPredictor, load_extra_heads, load_job_predictor
-from .score import check_extra_score_names, score_partition, score_table
+from .score import check_extra_score_names, score_table
 
 VERSIONED_PACKAGES = ("aesthetic-dask", "dask", "distributed", "pandas", "pyarrow", "numpy", "safetensors", "huggingface_hub")
 
 
-def score_embedding_table(table: pa.Table, predictor: AestheticPredictor, column: str, backend: str,
+def score_embedding_table(table: pa.Table, predictor: AestheticPredictor, column: str,
                           extras: dict[str, AestheticPredictor] | None = None) -> tuple[pa.Table, None]:
-    """A read partition with ``aesthetic_score``, extra heads and ``error``: Arrow on CPU, cudf on a
-    GPU worker (no thumbnails: embeddings have no images)."""
-    if backend == "cudf":
-        import cudf
-
-        return frame_to_table(score_partition(cudf.DataFrame.from_arrow(table), predictor, column, extras)), None
+    """A read partition with ``aesthetic_score``, extra heads and ``error`` (no thumbnails:
+    embeddings have no images). The table stays in Arrow; on a GPU worker only the matrix goes
+    to the device (:func:`score.score_arrow`)."""
     return score_table(table, predictor, column, extras), None
 
 
 def process_embedding_part(
     part: EmbeddingPart, schema: pa.Schema, column: str, predictor: AestheticPredictor, out: str,
-    opts: WriteOptions, backend: str = "pandas", extras: dict[str, AestheticPredictor] | None = None,
+    opts: WriteOptions, extras: dict[str, AestheticPredictor] | None = None,
     storage_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Read, score and write one partition; return its record."""
-    scorer = partial(score_embedding_table, predictor=predictor, column=column, backend=backend, extras=extras)
+    scorer = partial(score_embedding_table, predictor=predictor, column=column, extras=extras)
     return process_parquet_part(part, schema, column, out, opts, scorer, storage_options)
 
 
@@ -93,7 +90,6 @@ def score_job(inputs: list[str], out: str | Path, config: Config, overwrite: boo
             out=layout.url(),
             storage_options=config.storage_options,
             opts=opts,
-            backend="cudf" if device == "cuda" else "pandas",
             extras=extras,
         )
         return run_parts(

@@ -147,3 +147,56 @@ def assert_one_clear_line(proc, code: int, message: str) -> None:
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().count("\n") == 0, proc.stderr
+
+
+class loopback_dask:
+    """A real `dask scheduler` and `dask worker` processes on 127.0.0.1; always torn down.
+
+    ``with loopback_dask(tmp_path, workers=2) as (scheduler_file, address, worker_procs): ...``
+    """
+
+    def __init__(self, tmp_path: Path, workers: int = 1, nthreads: int = 1, env: dict | None = None,
+                 cwd: Path | None = None, worker_args: tuple = ()) -> None:
+        import os
+
+        self.file = tmp_path / f"scheduler-{id(self)}.json"
+        self.workers, self.nthreads, self.cwd, self.worker_args = workers, nthreads, cwd, worker_args
+        self.env = dict(env if env is not None else os.environ, DASK_DISTRIBUTED__WORKER__DAEMON="False")
+        self.procs: list = []
+
+    def _start(self, *argv) -> "subprocess.Popen":
+        import subprocess
+        import sys
+
+        proc = subprocess.Popen([Path(sys.executable).parent / "dask", *map(str, argv)], env=self.env, cwd=self.cwd,
+                                start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.procs.append(proc)
+        return proc
+
+    def __enter__(self):
+        import json
+        import time
+
+        from distributed import Client
+
+        self._start("scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard", "--scheduler-file", self.file)
+        deadline = time.time() + 60
+        while not self.file.exists() and time.time() < deadline:
+            time.sleep(0.1)
+        workers = [self._start("worker", "--scheduler-file", self.file, "--nthreads", self.nthreads, "--no-dashboard",
+                               "--name", f"w{i}", "--host", "127.0.0.1", "--death-timeout", "60", *self.worker_args)
+                   for i in range(self.workers)]
+        with Client(scheduler_file=str(self.file), timeout="60s") as client:
+            client.wait_for_workers(self.workers, timeout=60)
+        return self.file, json.loads(self.file.read_text())["address"], workers
+
+    def __exit__(self, *exc) -> None:
+        import os
+        import signal
+
+        for p in reversed(self.procs):
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.wait(timeout=30)

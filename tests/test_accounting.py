@@ -20,7 +20,7 @@ import aesthetic_dask as ad
 from aesthetic_dask.cli import main
 from aesthetic_dask.config import OUTPUT_OPTIONS, RUNTIME_OPTIONS, Config
 from aesthetic_dask.errors import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, DataError, job_outcome
-from conftest import photo_bytes, write_embeddings, write_shard
+from conftest import loopback_dask, photo_bytes, write_embeddings, write_shard
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
 
@@ -259,7 +259,7 @@ def test_relative_inputs_reach_workers_in_another_directory(tmp_path, tiny_weigh
         write_embeddings(demo / f"part-{i:05d}.parquet", rng.standard_normal((30, 768)).astype(np.float32), f"f{i}-")
     workers_cwd = tmp_path / "elsewhere"
     workers_cwd.mkdir()
-    with _cluster(tmp_path, workers_cwd) as address:
+    with loopback_dask(tmp_path, cwd=workers_cwd) as (_, address, _):
         proc = subprocess.run([sys.executable, "-m", "aesthetic_dask", "score", "demo/embeddings", "-o", "demo/out",
                                "--aesthetic-weights", str(tiny_weights["safetensors"]), "--scheduler", address, "--threshold", "0"],
                               cwd=tmp_path, capture_output=True, text=True, timeout=120)
@@ -267,41 +267,6 @@ def test_relative_inputs_reach_workers_in_another_directory(tmp_path, tiny_weigh
     m = manifest(tmp_path / "demo" / "out")
     assert m["totals"]["rows_in"] == 60 and len(m["inputs"]) == 2 and m["cluster"]["workers"] == 1
     assert all(Path(k).is_absolute() for k in m["inputs"])
-
-
-class _cluster:
-    """A `dask scheduler` and one `dask worker` whose working directory is ``cwd``."""
-
-    def __init__(self, tmp_path: Path, cwd: Path) -> None:
-        self.file, self.cwd, self.procs = tmp_path / "scheduler.json", cwd, []
-
-    def __enter__(self) -> str:
-        bindir = Path(sys.executable).parent
-        env = dict(os.environ, DASK_DISTRIBUTED__WORKER__DAEMON="False")
-        self.procs.append(subprocess.Popen([bindir / "dask", "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
-                                            "--scheduler-file", self.file], cwd=self.cwd, env=env, start_new_session=True,
-                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        deadline = time.time() + 60
-        while not self.file.exists() and time.time() < deadline:
-            time.sleep(0.1)
-        self.procs.append(subprocess.Popen([bindir / "dask", "worker", "--scheduler-file", self.file, "--nthreads", "1",
-                                            "--no-dashboard", "--host", "127.0.0.1"], cwd=self.cwd, env=env,
-                                           start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        from distributed import Client
-
-        with Client(scheduler_file=str(self.file), timeout="60s") as client:
-            client.wait_for_workers(1, timeout=60)
-        return json.loads(self.file.read_text())["address"]
-
-    def __exit__(self, *exc) -> None:
-        import signal
-
-        for p in reversed(self.procs):
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            p.wait(timeout=30)
 
 
 # --- One implementation of each stage; the runner ------------------------------------------------

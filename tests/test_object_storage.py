@@ -195,29 +195,12 @@ def test_a_loopback_cluster_reads_and_writes_s3_with_the_options(tmp_path, s3, b
     """`dask scheduler` + `dask worker` processes without AWS credentials in their environment."""
     options, fs = s3
     fs.put(str(embeddings), f"{bucket}/emb", recursive=True)
-    scheduler_file = tmp_path / "scheduler.json"
-    env = no_aws_env() | {"DASK_DISTRIBUTED__WORKER__DAEMON": "False"}
-    bindir = Path(sys.executable).parent
-    procs = [subprocess.Popen([bindir / "dask", "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
-                               "--scheduler-file", scheduler_file], env=env, start_new_session=True,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
-    try:
-        deadline = time.time() + 60
-        while not scheduler_file.exists() and time.time() < deadline:
-            time.sleep(0.1)
-        procs.append(subprocess.Popen([bindir / "dask", "worker", "--scheduler-file", scheduler_file, "--nthreads", "2",
-                                       "--no-dashboard", "--host", "127.0.0.1"], env=env, start_new_session=True,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    from conftest import loopback_dask
+
+    with loopback_dask(tmp_path, nthreads=2, env=no_aws_env()) as (scheduler_file, _, _):
         proc = cli("score", f"s3://{bucket}/emb", "-o", f"s3://{bucket}/out", "--aesthetic-weights", tiny_weights["safetensors"],
                    "--scheduler-file", scheduler_file, "--storage-options", json.dumps(options), "--partition-rows", "100",
                    env=no_aws_env())
-    finally:
-        for p in reversed(procs):
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            p.wait(timeout=30)
     assert proc.returncode == 0, proc.stderr
     m = manifest(f"s3://{bucket}/out", fs)
     assert m["totals"]["rows_in"] == 900 and m["cluster"]["scheduler_address"].startswith("tcp://127.0.0.1")

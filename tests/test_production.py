@@ -91,36 +91,10 @@ def test_sigkill_mid_run_then_rerun_gives_the_clean_output(tmp_path, many_shards
 @pytest.fixture
 def loopback_cluster(tmp_path):
     """A real `dask scheduler` and two `dask worker` processes on 127.0.0.1; always torn down."""
-    scheduler_file = tmp_path / "scheduler.json"
-    procs = []
-    env = dict(os.environ, DASK_DISTRIBUTED__WORKER__DAEMON="False")
-    bindir = Path(sys.executable).parent
-    try:
-        procs.append(subprocess.Popen([bindir / "dask", "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
-                                       "--scheduler-file", scheduler_file], env=env, start_new_session=True,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        deadline = time.time() + 60
-        while not scheduler_file.exists() and time.time() < deadline:
-            time.sleep(0.1)
-        workers = []
-        for i in range(2):
-            w = subprocess.Popen([bindir / "dask", "worker", "--scheduler-file", scheduler_file, "--nthreads", "1",
-                                  "--no-dashboard", "--name", f"w{i}", "--host", "127.0.0.1", "--death-timeout", "60"],
-                                 env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            procs.append(w)
-            workers.append(w)
-        from distributed import Client
+    from conftest import loopback_dask
 
-        with Client(scheduler_file=str(scheduler_file), timeout="60s") as client:
-            client.wait_for_workers(2, timeout=60)
+    with loopback_dask(tmp_path, workers=2) as (scheduler_file, _, workers):
         yield scheduler_file, workers
-    finally:
-        for p in reversed(procs):
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            p.wait(timeout=30)
 
 
 def test_job_on_a_real_cluster_survives_a_killed_worker(tmp_path, many_shards, tiny_clip, tiny_weights, loopback_cluster):

@@ -1,0 +1,66 @@
+"""The array backend is decided on the worker by what it has (issue 11, the CPU-testable part)."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+
+from aesthetic_dask.cluster import array_module
+from aesthetic_dask.predictor import AestheticPredictor
+from aesthetic_dask.score import score_arrow
+from aesthetic_dask.weights import LAYOUTS
+from conftest import embedding_array, loopback_dask, random_state_dict, write_embeddings
+
+
+class DeviceArrays:
+    """numpy dressed as a device array module: arrays come back only through ``.get()``, as cupy's
+    do, so the device code path (copy in, compute, copy scores out) runs on CPU."""
+
+    __name__ = "fakecupy"
+
+    class Array(np.ndarray):
+        def get(self) -> np.ndarray:
+            return np.asarray(self)
+
+    def __getattr__(self, name):
+        return getattr(np, name)
+
+    def asarray(self, a, dtype=None):
+        return np.asarray(a, dtype=dtype).view(DeviceArrays.Array)
+
+
+def test_the_device_code_path_gives_the_numpy_result(rng):
+    rows = [r.tolist() for r in rng.standard_normal((50, 768)).astype(np.float32)]
+    rows[3], rows[7] = None, [0.0] * 768
+    chunks = [embedding_array(rows[:20]), embedding_array(rows[20:])]
+    for spec in (LAYOUTS["improved-linear"], LAYOUTS["improved-relu"]):
+        predictor = AestheticPredictor.from_state_dict(random_state_dict(keys=spec.layer_keys), spec)
+        extra = {"other": AestheticPredictor.from_state_dict(random_state_dict(seed=4, keys=spec.layer_keys), spec)}
+        on_cpu = score_arrow(chunks, predictor, extra, xp=np)
+        on_device = score_arrow(chunks, predictor, extra, xp=DeviceArrays())
+        np.testing.assert_allclose(on_device[0], on_cpu[0], rtol=1e-6)
+        np.testing.assert_allclose(on_device[2]["other"], on_cpu[2]["other"], rtol=1e-6)
+        assert list(on_device[1]) == list(on_cpu[1]) and on_cpu[1][3] == "null embedding"
+
+
+def test_a_process_without_a_cuda_device_computes_on_numpy():
+    assert array_module() is np
+
+
+def test_workers_advertising_gpu_without_one_give_the_cpu_result(tmp_path, rng, tiny_weights):
+    """`dask worker --resources GPU=1` on a machine with no GPU: every partition runs, on numpy."""
+    for i in range(2):
+        write_embeddings(tmp_path / "in" / f"{i}.parquet", rng.standard_normal((60, 768)).astype(np.float32), f"f{i}-")
+    local = subprocess.run([sys.executable, "-m", "aesthetic_dask", "score", str(tmp_path / "in"), "-o", str(tmp_path / "local"),
+                            "--aesthetic-weights", str(tiny_weights["safetensors"]), "--threshold", "5.4"],
+                           capture_output=True, text=True, timeout=120)
+    with loopback_dask(tmp_path, nthreads=2, worker_args=("--resources", "GPU=1")) as (scheduler_file, _, _):
+        remote = subprocess.run([sys.executable, "-m", "aesthetic_dask", "score", str(tmp_path / "in"), "-o", str(tmp_path / "gpu"),
+                                 "--aesthetic-weights", str(tiny_weights["safetensors"]), "--threshold", "5.4",
+                                 "--scheduler-file", str(scheduler_file)], capture_output=True, text=True, timeout=120)
+    assert local.returncode == 0 and remote.returncode == 0, remote.stderr
+    a = json.loads((tmp_path / "local" / "manifest.json").read_text())
+    b = json.loads((tmp_path / "gpu" / "manifest.json").read_text())
+    assert a["totals"] == b["totals"] and a["score_histogram"] == b["score_histogram"]
