@@ -100,7 +100,7 @@ def tiny_part(work: Path, data: Path, per_shard: int) -> None:
     t0 = time.perf_counter()
     out = list(ImageEmbedder(clip, 32, 10**9).embed(images))
     t_wall = time.perf_counter() - t0
-    assert all(e is not None for e, _ in out)
+    assert all(e is not None for e, _, _ in out)
 
     # One core each: torch on one thread, one decode thread. Overlap now shows plainly.
     torch.set_num_threads(1)
@@ -116,7 +116,17 @@ def tiny_part(work: Path, data: Path, per_shard: int) -> None:
     ours = [sys.executable, "-m", "aesthetic_dask", "run", *map(str, shards), "-o", str(work / "out-tiny"), "--overwrite",
             "--clip-model-config", str(config), "--clip-pretrained", str(ckpt), "--threshold", "0",
             "--aesthetic-weights", str(random_predictor(work)), "--model-dir", str(work / "models")]
-    t_cmd = timed(ours)
+    (work / "no-report.yaml").write_text("report: false\n")
+    (work / "nothing.yaml").write_text("report: false\nreport_samples: false\n")
+    with_samples = ours + ["--config", str(work / "no-report.yaml")]
+    without = ours + ["--config", str(work / "nothing.yaml")]
+    timed(with_samples), timed(without)
+    cmd_t, samples_t, bare_t = [], [], []
+    for _ in range(3):  # alternated, best of 3
+        cmd_t.append(timed(ours))
+        samples_t.append(timed(with_samples))
+        bare_t.append(timed(without))
+    t_cmd = min(cmd_t)
     n = len(images)
     print(f"tiny CLIP (224px, 4 layers, width 256), {n} photos in 4 shards, {cores} cores:")
     print(f"  decode+preprocess, 1 thread          {t_decode1:6.2f}s  ({n / t_decode1:7.1f} img/s per core)")
@@ -128,7 +138,10 @@ def tiny_part(work: Path, data: Path, per_shard: int) -> None:
           "(> 1: decoding overlaps the model)")
     print(f"  1 torch thread + 1 decode thread: decode {t_decode1:.2f}s + model {t_model1:.2f}s one after the other, "
           f"embedder {t_wall1:.2f}s: OVERLAP {(t_decode1 + t_model1) / t_wall1:.2f}  (ideal {(t_decode1 + t_model1) / max(t_decode1, t_model1):.2f})")
-    print(f"  whole `run` command                 {t_cmd:6.2f}s  ({n / t_cmd:7.1f} img/s incl. start-up)")
+    print(f"  whole `run` command                 {t_cmd:6.2f}s  ({n / t_cmd:7.1f} img/s incl. start-up; best of 3)")
+    print(f"  samples and thumbnails cost {(min(samples_t) - min(bare_t)) / min(samples_t) * 100:+.1f}% of the job "
+          f"({min(samples_t):.2f}s vs {min(bare_t):.2f}s without; target < 3%); the report page "
+          f"{(t_cmd - min(samples_t)) / t_cmd * 100:+.1f}% (fixed per job)")
 
 
 def main() -> None:
