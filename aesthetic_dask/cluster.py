@@ -68,6 +68,26 @@ def pick_device() -> str:
     return "cuda" if visible_gpu_count() > 0 and _has_dask_cuda() else "cpu"
 
 
+def tasks_per_gpu(share: float) -> int:
+    """How many tasks asking ``share`` of a GPU fit on one at once (0.35 -> 2, not round(2.86) = 3:
+    a third thread could never get its share)."""
+    return max(1, int(1 / share + 1e-9))
+
+
+def decode_threads(share: float | None = None) -> int:
+    """Threads one task decodes images with: the cores this process may use, shared among the tasks
+    that run at once on a GPU worker (GPUs x tasks per GPU), all of them on a CPU worker (where one
+    task runs the model at a time)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    if share is None or array_module().__name__ == "numpy":
+        return max(1, cores)
+    concurrent = max(1, visible_gpu_count()) * tasks_per_gpu(share)
+    return max(1, cores // concurrent)
+
+
 def task_resources(config: Config, device: str) -> dict[str, float] | None:
     """Dask resources each partition task asks for."""
     return {GPU_RESOURCE: config.num_gpus_per_worker} if device == "cuda" else None
@@ -151,7 +171,7 @@ def dask_client(config: Config, model_work: bool = False) -> Iterator[tuple[Any,
     if device == "cuda":
         from dask_cuda import LocalCUDACluster
 
-        threads = config.threads_per_worker or max(1, round(1 / config.num_gpus_per_worker))
+        threads = config.threads_per_worker or tasks_per_gpu(config.num_gpus_per_worker)
         cluster = LocalCUDACluster(n_workers=config.n_workers, threads_per_worker=threads, resources={GPU_RESOURCE: 1}, **common)
     else:
         from distributed import LocalCluster

@@ -186,6 +186,8 @@ class ClipModel:
         import torch
 
         with torch.inference_mode():
+            if self.device == "cuda":
+                batch = batch.pin_memory()  # page-locked: the copy below is really asynchronous
             x = batch.to(self.device, non_blocking=True)
             if self.autocast_dtype is not None:
                 with torch.autocast("cuda", dtype=self.autocast_dtype):
@@ -328,11 +330,16 @@ def _over_limit(size: tuple[int, int], max_pixels: int) -> str | None:
 class ImageEmbedder:
     """Batches images through the model while a thread pool decodes the next batch."""
 
-    def __init__(self, clip: ClipModel, batch_size: int, max_pixels: int, decode_threads: int | None = None) -> None:
+    def __init__(self, clip: ClipModel, batch_size: int, max_pixels: int, decode_threads: int | None = None,
+                 gpu_share: float | None = None) -> None:
         self.clip = clip
         self.batch_size = batch_size
         self.max_pixels = max_pixels
-        self.decode_threads = decode_threads or os.cpu_count() or 1
+        if decode_threads is None:
+            from .cluster import decode_threads as budget
+
+            decode_threads = budget(gpu_share)
+        self.decode_threads = decode_threads
 
     def embed(self, images: Iterable[bytes | None], thumbnail_for: Callable[[int], bool] | None = None
               ) -> Iterator[tuple[np.ndarray | None, str | None, bytes | None]]:
@@ -399,10 +406,12 @@ class EmbedOptions:
     batch_size: int
     max_pixels: int
     decode_threads: int | None = None
+    gpu_share: float | None = None  # num_gpus_per_worker: budgets decode threads on GPU workers
 
     @classmethod
     def from_config(cls, config: Config) -> EmbedOptions:
-        return cls(config.model_inference_batch_size, config.max_image_pixels, config.decode_threads)
+        return cls(config.model_inference_batch_size, config.max_image_pixels, config.decode_threads,
+                   config.num_gpus_per_worker)
 
 
 def embed_stream(images: Iterable[bytes | None], spec: ClipSpec, opts: EmbedOptions,
@@ -420,7 +429,7 @@ def embed_stream(images: Iterable[bytes | None], spec: ClipSpec, opts: EmbedOpti
     if expected_dim is not None and clip.embed_dim != expected_dim:
         raise InputError(f"CLIP model {spec.model} gives {clip.embed_dim}-d embeddings; the predictor expects {expected_dim}")
     rows, reasons, thumbnails = [], [], {}
-    embedder = ImageEmbedder(clip, opts.batch_size, opts.max_pixels, opts.decode_threads)
+    embedder = ImageEmbedder(clip, opts.batch_size, opts.max_pixels, opts.decode_threads, opts.gpu_share)
     for i, (emb, reason, thumb) in enumerate(embedder.embed(images, thumbnail_for)):
         rows.append(emb)
         reasons.append(reason)

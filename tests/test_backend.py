@@ -64,3 +64,16 @@ def test_workers_advertising_gpu_without_one_give_the_cpu_result(tmp_path, rng, 
     a = json.loads((tmp_path / "local" / "manifest.json").read_text())
     b = json.loads((tmp_path / "gpu" / "manifest.json").read_text())
     assert a["totals"] == b["totals"] and a["score_histogram"] == b["score_histogram"]
+
+
+def test_gpu_shares_and_decode_threads_are_budgeted(monkeypatch):
+    from aesthetic_dask import cluster
+
+    assert [cluster.tasks_per_gpu(s) for s in (1.0, 0.5, 0.35, 0.25, 0.2)] == [1, 2, 2, 4, 5]
+    monkeypatch.setattr(cluster.os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert cluster.decode_threads(0.25) == 16  # a CPU worker: the model runs one task at a time
+    monkeypatch.setattr(cluster, "array_module", lambda: DeviceArrays())
+    monkeypatch.setattr(cluster, "visible_gpu_count", lambda: 1)
+    assert cluster.decode_threads(0.25) == 4  # 4 tasks share the GPU and the 16 cores
+    monkeypatch.setattr(cluster, "visible_gpu_count", lambda: 8)
+    assert cluster.decode_threads(0.25) == 1
