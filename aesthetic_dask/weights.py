@@ -149,6 +149,13 @@ def _v1(dim: int) -> PredictorSpec:
     return dataclasses.replace(LAYOUTS["linear"], dims=(dim, 1))
 
 
+def _github_head(repo_at_commit: str, name: str, sha256: str, spec: PredictorSpec, clip: ClipRef, license: str,
+                 description: str) -> RegisteredWeights:
+    """A head published as ``NAME.pth`` in a GitHub repository, pinned to a commit and its sha256."""
+    return RegisteredWeights(name=name, sources=(UrlFile(f"{repo_at_commit}/{name}.pth", sha256),), spec=spec, clip=clip,
+                             license=license, description=description)
+
+
 REGISTRY: dict[str, RegisteredWeights] = {
     entry.name: entry
     for entry in (
@@ -164,41 +171,16 @@ REGISTRY: dict[str, RegisteredWeights] = {
             spec=LAYOUTS["improved-linear"], clip=_OPENAI_L14, license="Apache-2.0",
             description="improved aesthetic predictor, SAC + LOGOS + AVA1, linear MLP (the default; NeMo Curator's)",
         ),
-        RegisteredWeights(
-            name="ava+logos-l14-linearMSE",
-            sources=(UrlFile(f"{_IMPROVED}/ava+logos-l14-linearMSE.pth",
-                             "390a3aafaf3b37d57148f9b22f30556de38343064b7d915acfa80d3812b4c9ff"),),
-            spec=LAYOUTS["improved-linear"], clip=_OPENAI_L14, license="Apache-2.0",
-            description="improved aesthetic predictor, AVA + LOGOS, linear MLP",
-        ),
-        RegisteredWeights(
-            name="ava+logos-l14-reluMSE",
-            sources=(UrlFile(f"{_IMPROVED}/ava+logos-l14-reluMSE.pth",
-                             "0af3254c651d55b7ea851429c20f26ec880bb0169805a4df85b814bd7966f3e4"),),
-            spec=LAYOUTS["improved-relu"], clip=_OPENAI_L14, license="Apache-2.0",
-            description="improved aesthetic predictor, AVA + LOGOS, ReLU MLP",
-        ),
-        RegisteredWeights(
-            name="sa_0_4_vit_l_14_linear",
-            sources=(UrlFile(f"{_LAION_V1}/sa_0_4_vit_l_14_linear.pth",
-                             "2cd4e60f4f24ae3bcd57b847b13c1f3ba27edc28cc1a7f9ce74ee9f421243cba"),),
-            spec=_v1(768), clip=_OPENAI_L14, license="MIT",
-            description="LAION-Aesthetics V1 (one linear layer), ViT-L/14",
-        ),
-        RegisteredWeights(
-            name="sa_0_4_vit_b_16_linear",
-            sources=(UrlFile(f"{_LAION_V1}/sa_0_4_vit_b_16_linear.pth",
-                             "8ad3923d7ecf019df20ecd2ab5542a3075fbba0278d239c0371345f3d7fcbde0"),),
-            spec=_v1(512), clip=ClipRef("ViT-B-16", "openai"), license="MIT",
-            description="LAION-Aesthetics V1 (one linear layer), ViT-B/16",
-        ),
-        RegisteredWeights(
-            name="sa_0_4_vit_b_32_linear",
-            sources=(UrlFile(f"{_LAION_V1}/sa_0_4_vit_b_32_linear.pth",
-                             "c7b14cead230694acc7b9447974d3cad78003c72da032e402a303b6c2429e85f"),),
-            spec=_v1(512), clip=ClipRef("ViT-B-32-quickgelu", "openai"), license="MIT",
-            description="LAION-Aesthetics V1 (one linear layer), ViT-B/32",
-        ),
+        _github_head(_IMPROVED, "ava+logos-l14-linearMSE", "390a3aafaf3b37d57148f9b22f30556de38343064b7d915acfa80d3812b4c9ff",
+                     LAYOUTS["improved-linear"], _OPENAI_L14, "Apache-2.0", "improved aesthetic predictor, AVA + LOGOS, linear MLP"),
+        _github_head(_IMPROVED, "ava+logos-l14-reluMSE", "0af3254c651d55b7ea851429c20f26ec880bb0169805a4df85b814bd7966f3e4",
+                     LAYOUTS["improved-relu"], _OPENAI_L14, "Apache-2.0", "improved aesthetic predictor, AVA + LOGOS, ReLU MLP"),
+        _github_head(_LAION_V1, "sa_0_4_vit_l_14_linear", "2cd4e60f4f24ae3bcd57b847b13c1f3ba27edc28cc1a7f9ce74ee9f421243cba",
+                     _v1(768), _OPENAI_L14, "MIT", "LAION-Aesthetics V1 (one linear layer), ViT-L/14"),
+        _github_head(_LAION_V1, "sa_0_4_vit_b_16_linear", "8ad3923d7ecf019df20ecd2ab5542a3075fbba0278d239c0371345f3d7fcbde0",
+                     _v1(512), ClipRef("ViT-B-16", "openai"), "MIT", "LAION-Aesthetics V1 (one linear layer), ViT-B/16"),
+        _github_head(_LAION_V1, "sa_0_4_vit_b_32_linear", "c7b14cead230694acc7b9447974d3cad78003c72da032e402a303b6c2429e85f",
+                     _v1(512), ClipRef("ViT-B-32-quickgelu", "openai"), "MIT", "LAION-Aesthetics V1 (one linear layer), ViT-B/32"),
     )
 }
 DEFAULT_WEIGHTS = "sac+logos+ava1-l14-linearMSE"
