@@ -320,15 +320,15 @@ def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     """``table`` with exactly ``schema``'s columns: cast where types differ, nulls where absent,
     renamed input columns read from their input name."""
     columns = []
-    for field in schema:
-        source = (field.metadata or {}).get(_SOURCE_NAME, b"").decode() or field.name
+    for target in schema:
+        source = (target.metadata or {}).get(_SOURCE_NAME, b"").decode() or target.name
         if source in table.column_names:
             col = table.column(source)
-            if pa.types.is_struct(col.type) and pa.types.is_binary(field.type):
+            if pa.types.is_struct(col.type) and pa.types.is_binary(target.type):
                 col = pc.struct_field(col, "bytes")  # Hugging Face-style image struct<bytes, path>
-            columns.append(col if col.type == field.type else col.cast(field.type))
+            columns.append(col if col.type == target.type else col.cast(target.type))
         else:
-            columns.append(pa.nulls(table.num_rows, field.type))
+            columns.append(pa.nulls(table.num_rows, target.type))
     return pa.Table.from_arrays(columns, schema=pa.schema([f.remove_metadata() for f in schema]))
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import posixpath
 import tarfile
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -165,7 +166,7 @@ class ShardReader:
                     if not stream.complete():
                         n = 0 if current is None else current.index + 1
                         self.failure = f"archive truncated: no end-of-archive marker after {n} samples"
-        except (tarfile.TarError, EOFError, OSError, ValueError, zlib_error()) as exc:
+        except (tarfile.TarError, EOFError, OSError, ValueError, zlib.error) as exc:
             complete = 0 if current is None else current.index + (not self._in_member)
             self.failure = _describe_tar_error(exc, complete)
             if current is not None and self._in_member:
@@ -198,12 +199,6 @@ class ShardReader:
             sample.caption = data.decode("utf-8", errors="replace")
         elif ext == "json":
             sample.json_text = data.decode("utf-8", errors="replace")
-
-
-def zlib_error() -> type:
-    import zlib
-
-    return zlib.error
 
 
 def _finish(sample: Sample) -> Sample:

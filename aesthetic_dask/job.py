@@ -120,11 +120,12 @@ class Job:
         if layout.local:
             os.makedirs(layout.root, exist_ok=True)
         self.planned = list(planned)
-        removed = remove_unplanned(layout, set(planned), existing)
+        planned_set = set(planned)
+        removed = remove_unplanned(layout, planned_set, existing)
         if removed:
             log.info("removed the output of %d partitions this job no longer plans", len(removed))
             existing = layout.existing()
-        self.records = {k: v for k, v in read_records(layout, existing).items() if k in set(planned)}
+        self.records = {k: v for k, v in read_records(layout, existing).items() if k in planned_set}
         todo = {name for name in planned if name not in self.records}
         remove_partition_files(layout, todo, existing)
         self.skipped = len(planned) - len(todo)
@@ -144,12 +145,10 @@ class Job:
         return job_outcome(len(self.planned), len(self.records), kinds, len(self.failed_inputs))
 
     def manifest(self, status: str) -> dict[str, Any]:
+        counted = [r for r in (self.records.get(n) or self.failures.get(n) for n in self.planned) if r is not None]
         per_input: dict[str, dict[str, Any]] = {}
         unknown = 0
-        for name in self.planned:
-            rec = self.records.get(name) or self.failures.get(name)
-            if rec is None:
-                continue
+        for rec in counted:
             entry = per_input.setdefault(
                 rec["source"], {k: 0 for k in COUNT_KEYS} | {"partitions_done": 0, "partitions_failed": 0}
             )
@@ -165,8 +164,6 @@ class Job:
             if rec.get("note"):
                 entry.setdefault("notes", []).append(rec["note"])
         totals = {k: sum(e[k] for e in per_input.values()) for k in COUNT_KEYS} | {"rows_unknown_partitions": unknown}
-        counted = [self.records.get(n) or self.failures.get(n) for n in self.planned]
-        counted = [r for r in counted if r is not None]
         scores = histogram.summary(histogram.merge([r.get("histogram") for r in counted]))
         extra_columns = sorted({c for r in counted for c in r.get("extra_histograms", {})})
         processed = [r for r in (*self.records.values(), *self.failures.values()) if r.get("run_id") == self.run_id]
@@ -309,7 +306,7 @@ def run_parts(
     job.write_manifest("running")
     threads = max(1, job.cluster.get("threads") or 1)
     t0 = time.perf_counter()
-    bar = _progress_bar(len(tasks), progress, unit)
+    bar = _Progress(len(tasks), progress, unit)
     for part, record, exc in submit_parts(client, tasks, job.run_id, job.kind, retries, resources, max(8, 4 * threads)):
         collect(job, part, record, exc)
         bar.update(job.records.get(part.name) or job.failures.get(part.name))
@@ -383,10 +380,6 @@ class _Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-
-
-def _progress_bar(total: int, enabled: bool, unit: str) -> _Progress:
-    return _Progress(total, enabled, unit)
 
 
 def summary(manifest: dict[str, Any], out: Path, unit: str = "rows") -> str:

@@ -111,16 +111,6 @@ def _write_parquet(table: pa.Table, layout: OutputLayout, path: str) -> None:
         pq.write_table(table, f)
 
 
-def frame_to_table(df: Any) -> pa.Table:
-    """A pandas (pyarrow-backed) or cudf partition as an Arrow table, without its index."""
-    if type(df).__module__.startswith("cudf"):
-        table = df.reset_index(drop=True).to_arrow()
-    else:
-        table = pa.Table.from_pandas(df, preserve_index=False)
-    # Plain Parquet: pandas metadata would make readers rebuild pyarrow-backed dtypes by name.
-    return table.replace_schema_metadata(None)
-
-
 def _fixed_size(table: pa.Table, column: str, dim: int) -> pa.Table:
     """Valid embeddings as fixed_size_list<float32>[dim] (every kept row has exactly dim values)."""
     idx = table.schema.get_field_index(column)

@@ -164,7 +164,7 @@ class loopback_dask:
         self.env = dict(env if env is not None else os.environ, DASK_DISTRIBUTED__WORKER__DAEMON="False")
         self.procs: list = []
 
-    def _start(self, *argv) -> "subprocess.Popen":
+    def _start(self, *argv):
         import subprocess
         import sys
 

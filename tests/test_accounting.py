@@ -2,7 +2,6 @@
 outputs that cannot corrupt each other, one implementation of each stage."""
 
 import json
-import os
 import subprocess
 import sys
 import threading

@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pyarrow as pa
 
 from aesthetic_dask.cluster import array_module
 from aesthetic_dask.predictor import AestheticPredictor
