@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-image-pixels", type=int, help="larger images are errors, never decoded")
     run.add_argument("--max-sidecar-bytes", type=int, help="larger .txt/.json sidecars make an error row (default 65536)")
     run.add_argument("--decode-threads", type=int, help="image decoding threads (default: CPU count)")
+    run.add_argument("--image-decoder", choices=("auto", "pil", "torch"),
+                     help="pil (Pillow), torch (torchvision; nvJPEG on GPU) or auto (default: torch on GPU workers)")
     run.add_argument("--write-shards", metavar="DIR", help="also write kept samples as WebDataset tars into DIR")
     run.set_defaults(handler=_cmd_run)
 
@@ -150,7 +152,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     config = _config_from_args(args, _JOB_KEYS + (
         "batch_size", "clip_model", "clip_pretrained", "clip_model_config", "json_fields", "image_column",
-        "max_image_pixels", "max_sidecar_bytes", "decode_threads", "write_shards",
+        "max_image_pixels", "max_sidecar_bytes", "decode_threads", "write_shards", "image_decoder",
     ))
     _setup_logging(config.verbose, _check_output(args.output, config.storage_options), config.resolved_model_dir)
     try:

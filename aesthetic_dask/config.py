@@ -50,6 +50,7 @@ class Config:
     max_sidecar_bytes: int
     decode_threads: int | None
     clip_precision: str
+    image_decoder: str
     extra_scores: dict[str, str]
     report: bool
     report_samples: bool
@@ -90,10 +91,11 @@ OUTPUT_OPTIONS: dict[str, tuple[str, ...]] = {
 RUNTIME_OPTIONS = (
     "model_inference_batch_size", "num_gpus_per_worker", "model_dir", "verbose", "aesthetic_weights",
     "scheduler", "scheduler_file", "n_workers", "threads_per_worker", "decode_threads", "report",
-    "report_samples", "storage_options", "dashboard",
+    "report_samples", "storage_options", "dashboard", "image_decoder",
 )
 # aesthetic_weights is listed as runtime because the fingerprint holds the weights' sha256 instead:
-# the same file under another name or path writes the same output.
+# the same file under another name or path writes the same output. Likewise image_decoder: the
+# fingerprint holds the decoder it resolves to (`auto` is torch on CUDA), not the name given.
 
 
 def output_settings(config: Config, job: str, **derived: Any) -> dict[str, Any]:
@@ -219,6 +221,8 @@ def _validate(config: Config) -> None:
         raise ConfigError("partition_rows (--partition-rows) must be >= 1")
     if config.clip_precision not in ("auto", "fp32", "fp16"):
         raise ConfigError("clip_precision must be auto, fp32 or fp16")
+    if config.image_decoder not in ("auto", "pil", "torch"):
+        raise ConfigError(f"image_decoder (--image-decoder) must be auto, pil or torch, got {config.image_decoder!r}")
     if config.max_image_pixels < 1:
         raise ConfigError("max_image_pixels (--max-image-pixels) must be >= 1")
     if config.max_sidecar_bytes < 0:

@@ -1,19 +1,21 @@
 """Embed: image bytes -> L2-normalised CLIP image embeddings with open_clip.
 
 The model loads once per worker process (:func:`load_clip` caches it) and is reused by every
-partition there. Images are decoded and preprocessed with the model's own open_clip
-``preprocess`` (exact parity) in a thread pool that works on the next batch while the model runs
+partition there. Images are decoded (:mod:`decode`: Pillow with open_clip's own preprocess, or
+torchvision, nvJPEG on a GPU) in a thread pool that works on the next batch while the model runs
 on the current one. Images over ``max_image_pixels`` are refused from their header, never decoded.
+Given the predictor heads, each batch is scored where its features are, and only the scores (and
+the embeddings that are written) come back to the host.
 """
 
 from __future__ import annotations
 
-import io
 import os
 import threading
 import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -23,6 +25,7 @@ import pandas as pd
 import pyarrow as pa
 
 from .config import Config
+from .decode import Decoded, TensorPreprocess, make_decoder
 
 _MODELS: dict["ClipSpec", "ClipModel"] = {}
 _MODELS_LOCK = threading.Lock()
@@ -177,26 +180,29 @@ class ClipModel:
             )
         self.model = model.eval()
         self.preprocess = preprocess
+        self.tensor_preprocess = TensorPreprocess.of(model)  # the torch decoder's preprocess, or None
         self.embed_dim = int(model.visual.output_dim)
         self.compute = compute_precision(spec.precision, self.device)
         self.autocast_dtype = torch.float16 if self.compute.endswith("fp16") else None
 
-    def encode(self, batch: Any) -> np.ndarray:
-        """L2-normalised float32 embeddings of a preprocessed image batch (N x 3 x H x W)."""
+    def encode(self, tensors: list[Any]) -> Any:
+        """L2-normalised float32 features, left on the model's device, of preprocessed images
+        (each 3 x H x W, on the host or already on the device)."""
         import torch
 
         with torch.inference_mode():
-            if self.device == "cuda":
-                batch = batch.pin_memory()  # page-locked: the copy below is really asynchronous
-            x = batch.to(self.device, non_blocking=True)
+            if self.device == "cuda" and all(t.device.type == "cpu" for t in tensors):
+                # Page-locked: the copy is really asynchronous.
+                x = torch.stack(tensors).pin_memory().to(self.device, non_blocking=True)
+            else:
+                x = torch.stack([t.to(self.device, non_blocking=True) for t in tensors])
             if self.autocast_dtype is not None:
                 with torch.autocast("cuda", dtype=self.autocast_dtype):
                     features = self.model.encode_image(x)
             else:
                 features = self.model.encode_image(x)
             features = features.float()
-            features = features / features.norm(dim=-1, keepdim=True)
-        return features.cpu().numpy()
+            return features / features.norm(dim=-1, keepdim=True)
 
 
 def clip_cache_status(spec: ClipSpec) -> str:
@@ -276,86 +282,35 @@ def load_clip(spec: ClipSpec) -> ClipModel:
         return model
 
 
-def decode_image(data: bytes | None, preprocess: Any, max_pixels: int,
-                 thumbnail: bool = False) -> tuple[Any, str | None, bytes | None]:
-    """(preprocessed tensor, None, thumbnail) or (None, reason, None). Never decodes an image over
-    ``max_pixels``. With ``thumbnail``, also a 128-px JPEG of the decoded image for the report."""
-    from .samples import make_thumbnail
-
-    from PIL import Image, UnidentifiedImageError
-
-    if data is None:
-        return None, "no image", None
-    if len(data) == 0:
-        return None, "empty image file", None
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            try:
-                # Only the declared formats: a member named .jpg holding EPS must never reach Ghostscript.
-                image = Image.open(io.BytesIO(data), formats=DECODED_FORMATS)
-            except UnidentifiedImageError:
-                # Not even identified through other plugins: their header parsers are attack surface too.
-                return None, NOT_DECODED, None
-            too_big = _over_limit(image.size, max_pixels)
-            if too_big:
-                return None, too_big, None
-            image.load()  # first frame of an animation
-            too_big = _over_limit(image.size, max_pixels)  # the decoded size, whatever the header said
-            if too_big:
-                return None, too_big, None
-            return preprocess(image), None, make_thumbnail(image) if thumbnail else None
-    except Image.DecompressionBombError as exc:
-        return None, f"image over the pixel limit: {exc}", None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        return None, f"corrupt or truncated image: {exc}", None
-    except Exception as exc:  # noqa: BLE001 - whatever a hostile file does, it is this sample's error
-        return None, f"corrupt image: {type(exc).__name__}: {exc}", None
-
-
-# The formats the job decodes (Pillow format names); anything else is an error row, never decoded.
-DECODED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF")
-NOT_DECODED = "not a JPEG, PNG, WebP or GIF image (no other format is decoded)"
-
-
-def _over_limit(size: tuple[int, int], max_pixels: int) -> str | None:
-    width, height = size
-    if width * height > max_pixels:
-        return f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels} (max_image_pixels)"
-    return None
-
-
-
-
 class ImageEmbedder:
     """Batches images through the model while a thread pool decodes the next batch."""
 
     def __init__(self, clip: ClipModel, batch_size: int, max_pixels: int, decode_threads: int | None = None,
-                 gpu_share: float | None = None) -> None:
+                 gpu_share: float | None = None, decoder: str = "auto") -> None:
         self.clip = clip
         self.batch_size = batch_size
-        self.max_pixels = max_pixels
         if decode_threads is None:
             from .cluster import decode_threads as budget
 
             decode_threads = budget(gpu_share)
         self.decode_threads = decode_threads
+        self.decoder = make_decoder(decoder, clip.preprocess, max_pixels, clip.tensor_preprocess, clip.device)
 
-    def embed(self, images: Iterable[bytes | None], thumbnail_for: Callable[[int], bool] | None = None
-              ) -> Iterator[tuple[np.ndarray | None, str | None, bytes | None]]:
-        """For each image in order: (embedding, None, thumbnail) or (None, reason, None).
+    def batches(self, images: Iterable[bytes | None], thumbnail_for: Callable[[int], bool] | None = None
+                ) -> Iterator[tuple[list[Decoded], Any]]:
+        """Per batch, in order: each image's :class:`Decoded`, and the features (on the model's
+        device, one row per decoded image) or None when no image of the batch decoded.
 
         ``thumbnail_for(i)``, asked when image ``i`` is taken from ``images``, says whether the
-        decoder also makes its thumbnail.
+        decoder also makes its thumbnail. On a GPU, each task's batches run on their own CUDA
+        stream, so the tasks sharing the GPU overlap instead of queueing on one stream.
         """
-        import torch
-
         source = iter(images)
         pending: deque = deque()
         lookahead = 2 * self.batch_size  # the batch the model runs on and the next one
         taken = 0
 
-        with ThreadPoolExecutor(self.decode_threads, thread_name_prefix="decode") as pool:
+        with ThreadPoolExecutor(self.decode_threads, thread_name_prefix="decode") as pool, _task_stream(self.clip.device):
             def fill() -> None:
                 nonlocal taken
                 while len(pending) < lookahead:
@@ -365,32 +320,56 @@ class ImageEmbedder:
                         return
                     thumb = bool(thumbnail_for and data is not None and thumbnail_for(taken))
                     taken += 1
-                    pending.append(pool.submit(decode_image, data, self.clip.preprocess, self.max_pixels, thumb))
+                    pending.append(pool.submit(self.decoder.decode, data, thumb))
 
             fill()
             while pending:
                 batch = [pending.popleft() for _ in range(min(self.batch_size, len(pending)))]
-                decoded = [f.result() for f in batch]
+                decoded = self.decoder.finish([f.result() for f in batch])
                 fill()  # decoding of the next batch overlaps the model below
-                tensors = [t for t, _, _ in decoded if t is not None]
-                embeddings = self.clip.encode(torch.stack(tensors)) if tensors else None
-                j = 0
-                for tensor, reason, thumb in decoded:
-                    if tensor is None:
-                        yield None, reason, None
-                    else:
-                        yield embeddings[j], None, thumb
-                        j += 1
+                tensors = [d.tensor for d in decoded if d.tensor is not None]
+                features = self.clip.encode(tensors) if tensors else None
+                for d in decoded:
+                    d.tensor = None  # let the pixels go
+                yield decoded, features
 
 
-def embedding_column(rows: list[np.ndarray | None], dim: int) -> pa.Array:
-    """fixed_size_list<float32>[dim] with nulls where no embedding was made."""
-    valid = np.array([r is not None for r in rows], dtype=bool)
-    matrix = np.zeros((len(rows), dim), dtype=np.float32)
-    for i in np.flatnonzero(valid):
-        matrix[i] = rows[i]
-    values = pa.array(matrix.reshape(-1))
-    return pa.FixedSizeListArray.from_arrays(values, dim, mask=pa.array(~valid))
+@contextmanager
+def _task_stream(device: str) -> Iterator[None]:
+    """A CUDA stream of this task's own (torch's and cupy's work both go to it), or nothing on CPU."""
+    if device != "cuda":
+        yield
+        return
+    import torch
+
+    with torch.cuda.stream(torch.cuda.Stream()):
+        yield
+
+
+@contextmanager
+def on_device(features: Any) -> Iterator[tuple[Any, Any]]:
+    """``(xp, matrix)``: torch ``features`` as an array of the module that computes where they lie,
+    without a copy: cupy (on torch's current stream) for CUDA features when cupy is installed,
+    else numpy on the host."""
+    from .cluster import array_module
+
+    xp = array_module() if features.is_cuda else np
+    if xp is np:
+        yield np, features.cpu().numpy()
+        return
+    import torch
+
+    with xp.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream):
+        yield xp, xp.from_dlpack(features)
+
+
+def embedding_column(matrix: np.ndarray, valid: np.ndarray) -> pa.Array:
+    """fixed_size_list<float32>[dim] of ``matrix`` (the valid rows' embeddings, in order) with
+    nulls where ``valid`` is false."""
+    dim = matrix.shape[1]
+    full = np.zeros((len(valid), dim), dtype=np.float32)
+    full[valid] = matrix
+    return pa.FixedSizeListArray.from_arrays(pa.array(full.reshape(-1)), dim, mask=pa.array(~valid))
 
 
 def compute_precision(precision: str, device: str) -> str:
@@ -401,59 +380,96 @@ def compute_precision(precision: str, device: str) -> str:
 
 @dataclass(frozen=True)
 class EmbedOptions:
-    """How images go through the model: batch size, the pixel limit, decode threads."""
+    """How images go through the model: batch size, the pixel limit, decode threads and decoder."""
 
     batch_size: int
     max_pixels: int
     decode_threads: int | None = None
     gpu_share: float | None = None  # num_gpus_per_worker: budgets decode threads on GPU workers
+    decoder: str = "auto"  # image_decoder: auto, pil or torch
 
     @classmethod
     def from_config(cls, config: Config) -> EmbedOptions:
         return cls(config.model_inference_batch_size, config.max_image_pixels, config.decode_threads,
-                   config.num_gpus_per_worker)
+                   config.num_gpus_per_worker, config.image_decoder)
 
 
-def embed_stream(images: Iterable[bytes | None], spec: ClipSpec, opts: EmbedOptions,
-                 expected_dim: int | None = None, thumbnail_for: Callable[[int], bool] | None = None,
-                 ) -> tuple[pa.Array, pa.Array, str, dict[int, bytes]]:
-    """The embed stage: (embedding column, reasons, compute precision, thumbnails by row) for a
-    stream of image bytes.
+@dataclass
+class Embedded:
+    """The embed stage's output for a stream of images, one entry per image."""
 
-    The embedding is ``fixed_size_list<float32>[dim]``, null where the image could not be embedded;
-    the reason says why. Both jobs and :func:`embed_images` go through here.
+    embeddings: pa.Array | None  # fixed_size_list<float32>[dim], null where none; None when not asked for
+    reasons: pa.Array  # why an image has no embedding (or no score), else null
+    scores: list[np.ndarray] | None  # per head, float32, NaN where not scored; None without heads
+    compute: str  # what the model computed in, e.g. cuda-fp16
+    decoder: str  # the decoder that ran: pil or torch
+    thumbnails: dict[int, bytes]  # the report's thumbnails, by image index
+
+
+def embed_stream(images: Iterable[bytes | None], spec: ClipSpec, opts: EmbedOptions, expected_dim: int | None = None,
+                 thumbnail_for: Callable[[int], bool] | None = None, heads: list[Any] | None = None,
+                 keep_embeddings: bool = True) -> Embedded:
+    """The embed stage (and, given ``heads``, the score stage where the features are) for a
+    stream of image bytes. Both jobs and :func:`embed_images` go through here.
+
+    With ``heads`` each batch is scored on the model's device (cupy on a GPU: one matrix-vector
+    product per head) and only the scores come back; the embeddings come back to the host only
+    with ``keep_embeddings``. Invalid features (NaN, zero norm) get the score stage's reasons.
     """
     from .errors import InputError
+    from .score import classify_and_score
 
     clip = load_clip(spec)
     if expected_dim is not None and clip.embed_dim != expected_dim:
         raise InputError(f"CLIP model {spec.model} gives {clip.embed_dim}-d embeddings; the predictor expects {expected_dim}")
-    rows, reasons, thumbnails = [], [], {}
-    embedder = ImageEmbedder(clip, opts.batch_size, opts.max_pixels, opts.decode_threads, opts.gpu_share)
-    for i, (emb, reason, thumb) in enumerate(embedder.embed(images, thumbnail_for)):
-        rows.append(emb)
-        reasons.append(reason)
-        if thumb is not None:
-            thumbnails[i] = thumb
-    return embedding_column(rows, clip.embed_dim), pa.array(reasons, pa.string()), clip.compute, thumbnails
+    embedder = ImageEmbedder(clip, opts.batch_size, opts.max_pixels, opts.decode_threads, opts.gpu_share, opts.decoder)
+    valid, reasons, host, thumbnails = [], [], [], {}
+    per_head: list[list[np.ndarray]] = [[] for _ in heads or ()]
+    for decoded, features in embedder.batches(images, thumbnail_for):
+        ok = np.array([d.reason is None for d in decoded], dtype=bool)
+        why = np.array([d.reason for d in decoded], dtype=object)
+        thumbnails |= {len(reasons) + i: d.thumbnail for i, d in enumerate(decoded) if d.thumbnail is not None}
+        empty = np.empty((0, clip.embed_dim), np.float32)
+        with (nullcontext((np, empty)) if features is None else on_device(features)) as (xp, matrix):
+            if heads:
+                for out, scores in zip(per_head, classify_and_score(xp, list(heads), matrix, ok, why)):
+                    out.append(scores)
+            if keep_embeddings or not heads:
+                host.append(matrix if xp is np else xp.asnumpy(matrix))
+        valid.append(ok)
+        reasons.extend(why.tolist())  # with the score stage's reasons for invalid features
+    ok_all = np.concatenate(valid) if valid else np.zeros(0, bool)
+    embeddings = None
+    if keep_embeddings or not heads:
+        matrix = np.concatenate(host) if host else np.empty((0, clip.embed_dim), np.float32)
+        embeddings = embedding_column(matrix, ok_all)
+    scores = None
+    if heads:
+        scores = [np.concatenate(parts) if parts else np.empty(0, np.float32) for parts in per_head]
+    return Embedded(embeddings, pa.array(reasons, pa.string()), scores, clip.compute, embedder.decoder.name, thumbnails)
 
 
-def attach_embeddings(table: pa.Table, embeddings: pa.Array, reasons: pa.Array) -> pa.Table:
-    """``table`` (one row per image, in order) plus ``embedding``, with ``reasons`` merged into
-    ``error`` (an earlier reason, e.g. "no image", wins)."""
-    from .score import ERROR_COLUMN, merge_errors
+def attach_embedded(table: pa.Table, result: Embedded, extra_names: Iterable[str] = ()) -> pa.Table:
+    """``table`` (one row per image, in order) plus the embed stage's columns: ``embedding`` (when
+    made), the scores (when scored: ``aesthetic_score`` then ``extra_names``), and ``error`` (an
+    earlier reason, e.g. "no image", wins)."""
+    from .score import ERROR_COLUMN, attach_scores, merge_errors
 
     earlier = table.column(ERROR_COLUMN) if ERROR_COLUMN in table.column_names else None
     out = table.drop_columns([c for c in (ERROR_COLUMN, "embedding") if c in table.column_names])
-    return out.append_column("embedding", embeddings).append_column(ERROR_COLUMN, merge_errors(earlier, reasons))
+    if result.embeddings is not None:
+        out = out.append_column("embedding", result.embeddings)
+    error = merge_errors(earlier, result.reasons)
+    if result.scores is None:
+        return out.append_column(ERROR_COLUMN, error)
+    return attach_scores(out, result.scores[0], error, dict(zip(extra_names, result.scores[1:])))
 
 
 def with_embeddings(table: pa.Table, images: Iterable[bytes | None], spec: ClipSpec, opts: EmbedOptions,
                     expected_dim: int | None = None) -> pa.Table:
     """``table`` plus the embeddings of ``images`` (one per row): :func:`embed_stream` then
-    :func:`attach_embeddings`."""
-    embeddings, reasons, _, _ = embed_stream(images, spec, opts, expected_dim)
-    return attach_embeddings(table, embeddings, reasons)
+    :func:`attach_embedded`."""
+    return attach_embedded(table, embed_stream(images, spec, opts, expected_dim))
 
 
 def embed_partition(df: pd.DataFrame, spec: ClipSpec, image_column: str, opts: EmbedOptions, keep_images: bool) -> pd.DataFrame:

@@ -1,8 +1,8 @@
 """The ``run`` job: WebDataset shards or image Parquet -> CLIP embeddings -> scores -> filtered Parquet.
 
-Per partition (a shard, or a row range of an image Parquet file): stream the samples, embed them
-(:func:`embed.with_embeddings`; image bytes are let go as soon as they are embedded, so memory per
-task does not grow with image sizes), score (:func:`score.score_table`), and write
+Per partition (a shard, or a row range of an image Parquet file): stream the samples, embed and
+score them where the model runs (:func:`embed.embed_stream`; image bytes are let go as soon as they
+are embedded, so memory per task does not grow with image sizes), and write
 kept/rejected/errors, plus WebDataset tars of the kept samples with ``--write-shards``. The
 notebook API runs the same stage functions.
 """
@@ -22,7 +22,8 @@ import pyarrow as pa
 
 from . import storage
 from .config import Config, output_settings
-from .embed import ClipSpec, EmbedOptions, attach_embeddings, compute_precision, embed_stream, prepare_clip_weights
+from .embed import ClipSpec, EmbedOptions, attach_embedded, compute_precision, embed_stream, prepare_clip_weights
+from .decode import resolve_decoder
 from .embeddings_reader import EmbeddingPart, plan_parquet
 from .errors import InputError
 from .image_reader import (SHARD_SUFFIXES, ShardPart, ShardReader, check_image_type, image_values, iter_members,
@@ -32,7 +33,7 @@ from .output import OutputLayout, WriteOptions, split_and_write
 from .partition import finish_record, new_record, process_parquet_part
 from .predictor import AestheticPredictor, load_extra_heads, load_job_predictor
 from .samples import wants_thumbnail
-from .score import SCORE_COLUMN, check_extra_score_names, score_table, table_keep_mask
+from .score import SCORE_COLUMN, check_extra_score_names, table_keep_mask
 from .sources import list_inputs
 from .weights import REGISTRY
 
@@ -59,12 +60,13 @@ def process_shard(part: ShardPart, fields: dict, clip_spec: ClipSpec, predictor:
             yield None if sample.error else data
 
     thumbnail_for = report_thumbnails(lambda i: samples[i].key) if opts.samples else None
-    embeddings, reasons, compute, thumbnails = embed_stream(images(), clip_spec, embed, predictor.embed_dim, thumbnail_for)
+    embedded = embed_stream(images(), clip_spec, embed, predictor.embed_dim, thumbnail_for,
+                            heads=[predictor, *(extras or {}).values()], keep_embeddings=opts.keep_embeddings)
     base = samples_table(samples, part.source, fields, with_images=False).drop_columns(["image", "image_ext"])
-    table = score_table(attach_embeddings(base, embeddings, reasons), predictor, extras=extras)
-    record = new_record(part) | {"clip_compute": compute}
+    table = attach_embedded(base, embedded, extras or {})
+    record = new_record(part) | {"clip_compute": embedded.compute, "image_decoder": embedded.decoder}
     rows = np.array([s.index for s in samples], dtype=np.int64)
-    record |= split_and_write(table, rows, part.name, part.source, layout, opts, thumbnails)
+    record |= split_and_write(table, rows, part.name, part.source, layout, opts, embedded.thumbnails)
     if reader.failure:
         record["failure"] = f"{part.source}: {reader.failure}"
     elif not samples:
@@ -112,15 +114,15 @@ def report_thumbnails(key_of: Any) -> Any:
 
 def score_image_table(table: pa.Table, column: str, clip_spec: ClipSpec, predictor: AestheticPredictor,
                       embed: EmbedOptions, extras: dict[str, AestheticPredictor] | None = None,
-                      thumbnails: bool = True) -> tuple[pa.Table, dict[int, bytes] | None]:
+                      thumbnails: bool = True, keep_embeddings: bool = True) -> tuple[pa.Table, dict[int, bytes] | None]:
     """Rows of an image Parquet file, with the image column replaced by embedding, score and error;
     and the report's thumbnails by row."""
     keys = table.column("key").cast(pa.string()).to_pylist() if "key" in table.column_names else None
     thumbnail_for = report_thumbnails(lambda i: keys[i] if keys else None) if thumbnails else None
-    embeddings, reasons, _, made = embed_stream(image_values(table.column(column)), clip_spec, embed,
-                                                predictor.embed_dim, thumbnail_for)
-    embedded = attach_embeddings(table.drop_columns([column]), embeddings, reasons)
-    return score_table(embedded, predictor, extras=extras), made if thumbnails else None
+    embedded = embed_stream(image_values(table.column(column)), clip_spec, embed, predictor.embed_dim, thumbnail_for,
+                            heads=[predictor, *(extras or {}).values()], keep_embeddings=keep_embeddings)
+    scored = attach_embedded(table.drop_columns([column]), embedded, extras or {})
+    return scored, embedded.thumbnails if thumbnails else None
 
 
 def process_image_parquet_part(part: EmbeddingPart, schema: pa.Schema, column: str, clip_spec: ClipSpec,
@@ -129,7 +131,7 @@ def process_image_parquet_part(part: EmbeddingPart, schema: pa.Schema, column: s
                                storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Read, embed, score and write rows of an image Parquet file; return its record."""
     scorer = partial(score_image_table, column=column, clip_spec=clip_spec, predictor=predictor, embed=embed, extras=extras,
-                     thumbnails=opts.samples)
+                     thumbnails=opts.samples, keep_embeddings=opts.keep_embeddings)
     return process_parquet_part(part, schema, column, out, opts, scorer, storage_options)
 
 
@@ -186,6 +188,7 @@ def run_job(inputs: list[str], out: str | Path, config: Config, overwrite: bool 
             write_shards=shards_dir,
             clip_model_config_sha256=_file_digest(clip_spec.model_config),
             clip_compute=compute_precision(config.clip_precision, device),
+            image_decoder=resolve_decoder(config.image_decoder, device),
         )
         job = Job(
             kind="run",

@@ -204,6 +204,11 @@ def score_table(
         raise MissingColumnError("input", embedding_column, table.column_names)
     earlier = table.column(ERROR_COLUMN) if ERROR_COLUMN in table.column_names else None
     scores, error, extra = score_columns(table.column(embedding_column).chunks, earlier, predictor, extras)
+    return attach_scores(table, scores, error, extra)
+
+
+def attach_scores(table: pa.Table, scores: np.ndarray, error: pa.Array, extra: dict[str, np.ndarray]) -> pa.Table:
+    """``table`` with ``aesthetic_score``, the extra heads' columns (float32) and ``error`` set."""
     added = {SCORE_COLUMN: scores, **extra}
     out = table.drop_columns([c for c in (*added, ERROR_COLUMN) if c in table.column_names])
     for name, values in added.items():

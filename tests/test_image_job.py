@@ -45,6 +45,13 @@ def reference(tiny_clip, images: list[bytes]) -> np.ndarray:
     return (f / f.norm(dim=-1, keepdim=True)).numpy()
 
 
+def min_cosine(got: np.ndarray, ref: np.ndarray) -> float:
+    """The lowest cosine similarity between matching rows (the default decoder is within 1e-4 of
+    open_clip's PIL preprocess; the PIL decoder is exact)."""
+    got, ref = got.astype(np.float64), ref.astype(np.float64)
+    return float(((got * ref).sum(axis=1) / np.linalg.norm(got, axis=1) / np.linalg.norm(ref, axis=1)).min())
+
+
 @pytest.fixture
 def shards(tmp_path):
     paths = []
@@ -71,9 +78,7 @@ def test_run_matches_the_open_clip_reference_and_keeps_metadata(tmp_path, shards
     assert list(rows["name"]) == list(PHOTOS) * 2 and rows["missing"].isna().all()
     assert rows["source"].str.endswith(".tar").all()
     ref = reference(tiny_clip, [photo_bytes(n) for n in PHOTOS] * 2)
-    got = np.stack(rows["embedding"].to_numpy()).astype(np.float32)
-    cosine = (got * ref).sum(axis=1) / np.linalg.norm(got, axis=1) / np.linalg.norm(ref, axis=1)
-    assert cosine.min() >= 0.9999
+    assert min_cosine(np.stack(rows["embedding"].to_numpy()), ref) >= 0.9999
     predictor = ad.load_predictor(str(tiny_weights["safetensors"]), tmp_path / "models")
     np.testing.assert_allclose(rows["aesthetic_score"].to_numpy(), predictor.score_unit(ref), atol=1e-4)
     schema = pq.read_schema(next((tmp_path / "out" / "kept").glob("*.parquet")))
@@ -104,8 +109,7 @@ def test_odd_pil_modes_and_extensions_all_embed(tmp_path, tiny_clip, tiny_weight
     assert code == 0 and m["totals"] == {"rows_in": 8, "rows_kept": 8, "rows_below_threshold": 0, "rows_error": 0, "rows_unknown_partitions": 0}
     kept = pd.read_parquet(tmp_path / "out" / "kept").set_index("key")
     ref = reference(tiny_clip, [b for _, b in members])
-    got = np.stack(kept.loc[[n.split(".")[0] for n, _ in members], "embedding"].to_numpy())
-    assert ((got * ref).sum(axis=1)).min() >= 0.9999
+    assert min_cosine(np.stack(kept.loc[[n.split(".")[0] for n, _ in members], "embedding"].to_numpy()), ref) >= 0.9999
 
 
 def png_bomb(width: int, height: int) -> bytes:
@@ -203,7 +207,7 @@ def test_image_parquet_input_binary_and_struct(tmp_path, tiny_clip, tiny_weights
     assert code == 0 and m["totals"] == {"rows_in": 7, "rows_kept": 6, "rows_below_threshold": 0, "rows_error": 1, "rows_unknown_partitions": 0}
     kept = pd.read_parquet(tmp_path / "out" / "kept").set_index("key")
     ref = reference(tiny_clip, imgs)
-    np.testing.assert_allclose(np.stack(kept.loc[["p0", "p1", "p2", "p3"], "embedding"].to_numpy()), ref, atol=1e-5)
+    assert min_cosine(np.stack(kept.loc[["p0", "p1", "p2", "p3"], "embedding"].to_numpy()), ref) >= 0.9999
     assert pd.read_parquet(tmp_path / "out" / "errors")["error"].tolist() == ["empty image file"]
 
 
@@ -218,7 +222,7 @@ def test_lazy_api_read_embed_score_filter(tmp_path, shards, tiny_clip, tiny_weig
     df = ad.filter_by_score(scored, 0.0).compute(scheduler="sync")
     assert len(df) == 8 and df["error"].isna().all()
     ref = reference(tiny_clip, [photo_bytes(n) for n in PHOTOS])
-    np.testing.assert_allclose(np.stack(df["embedding"].iloc[:4].to_numpy()), ref, atol=1e-5)
+    assert min_cosine(np.stack(df["embedding"].iloc[:4].to_numpy()), ref) >= 0.9999
 
 
 @pytest.mark.parametrize(
