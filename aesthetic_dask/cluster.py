@@ -167,7 +167,11 @@ def dask_client(config: Config, model_work: bool = False) -> Iterator[tuple[Any,
     device = pick_device()
     # A dashboard on a free local port (never "port 8787 is in use"); distributed's own INFO lines
     # stay out of the job's output, -v or not: the job logs what it does itself.
-    common = dict(dashboard_address=":0" if wants_dashboard(config) else None, silence_logs=logging.WARNING)
+    # Without a dashboard the scheduler still serves health and metrics over HTTP: on a free port
+    # too, and no dashboard link is reported for it.
+    dashboard = wants_dashboard(config)
+    common = dict(dashboard_address=":0" if dashboard else None, silence_logs=logging.WARNING,
+                  scheduler_kwargs=None if dashboard else {"dashboard_address": ":0"})
     if device == "cuda":
         from dask_cuda import LocalCUDACluster
 

@@ -158,8 +158,9 @@ class TensorPreprocess:
 class TorchDecoder(PilDecoder):
     """torchvision decoding and tensor preprocessing; Pillow for whatever it does not handle alike.
 
-    On a CUDA device, JPEGs are decoded in batches by nvJPEG in :meth:`finish` and resized there;
-    the decode threads only read headers (and decode PNGs). On CPU the decode threads do it all.
+    On a CUDA device, JPEGs are decoded in batches by nvJPEG in :meth:`finish` (the task's thread,
+    on its CUDA stream) and resized there; the decode threads only read headers (and decode PNGs,
+    on the host). On CPU the decode threads do it all.
     """
 
     name = "torch"
@@ -184,8 +185,8 @@ class TorchDecoder(PilDecoder):
         decoded = _decode_on_cpu(kind, raw)
         if decoded is None or _over_limit((decoded.shape[2], decoded.shape[1]), self.max_pixels):
             return self._pil(image, thumbnail)  # Pillow decides: the same embedding or the same reason
-        on = decoded if self.device == "cpu" else decoded.to(self.device)
-        return Decoded(self.tensors.normalize(self.tensors.resize_crop(on)))
+        # On the host, also on a GPU worker: a decode thread has no CUDA stream of the task's.
+        return Decoded(self.tensors.normalize(self.tensors.resize_crop(decoded)))
 
     def finish(self, batch: list[Decoded]) -> list[Decoded]:
         pending = [d for d in batch if d.jpeg is not None]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -295,6 +296,8 @@ class ImageEmbedder:
             decode_threads = budget(gpu_share)
         self.decode_threads = decode_threads
         self.decoder = make_decoder(decoder, clip.preprocess, max_pixels, clip.tensor_preprocess, clip.device)
+        # Where the model's thread spends its time: reading the input, waiting for decoded images.
+        self.timings = {"read_s": 0.0, "decode_wait_s": 0.0}
 
     def batches(self, images: Iterable[bytes | None], thumbnail_for: Callable[[int], bool] | None = None
                 ) -> Iterator[tuple[list[Decoded], Any]]:
@@ -322,11 +325,18 @@ class ImageEmbedder:
                     taken += 1
                     pending.append(pool.submit(self.decoder.decode, data, thumb))
 
+            clock = time.perf_counter
+            t = clock()
             fill()
+            self.timings["read_s"] += clock() - t
             while pending:
+                t = clock()
                 batch = [pending.popleft() for _ in range(min(self.batch_size, len(pending)))]
                 decoded = self.decoder.finish([f.result() for f in batch])
+                t1 = clock()
                 fill()  # decoding of the next batch overlaps the model below
+                self.timings["decode_wait_s"] += t1 - t
+                self.timings["read_s"] += clock() - t1
                 tensors = [d.tensor for d in decoded if d.tensor is not None]
                 features = self.clip.encode(tensors) if tensors else None
                 for d in decoded:
@@ -404,6 +414,7 @@ class Embedded:
     compute: str  # what the model computed in, e.g. cuda-fp16
     decoder: str  # the decoder that ran: pil or torch
     thumbnails: dict[int, bytes]  # the report's thumbnails, by image index
+    timings: dict[str, float]  # seconds reading, waiting for decodes, and in the model (see ImageEmbedder)
 
 
 def embed_stream(images: Iterable[bytes | None], spec: ClipSpec, opts: EmbedOptions, expected_dim: int | None = None,
@@ -425,6 +436,7 @@ def embed_stream(images: Iterable[bytes | None], spec: ClipSpec, opts: EmbedOpti
     embedder = ImageEmbedder(clip, opts.batch_size, opts.max_pixels, opts.decode_threads, opts.gpu_share, opts.decoder)
     valid, reasons, host, thumbnails = [], [], [], {}
     per_head: list[list[np.ndarray]] = [[] for _ in heads or ()]
+    started = time.perf_counter()
     for decoded, features in embedder.batches(images, thumbnail_for):
         ok = np.array([d.reason is None for d in decoded], dtype=bool)
         why = np.array([d.reason for d in decoded], dtype=object)
@@ -438,6 +450,9 @@ def embed_stream(images: Iterable[bytes | None], spec: ClipSpec, opts: EmbedOpti
                 host.append(matrix if xp is np else xp.asnumpy(matrix))
         valid.append(ok)
         reasons.extend(why.tolist())  # with the score stage's reasons for invalid features
+    timings = {k: round(v, 4) for k, v in embedder.timings.items()}
+    # The rest of the loop: host->device copies, the model, scoring, and copies back.
+    timings["model_s"] = round(time.perf_counter() - started - sum(embedder.timings.values()), 4)
     ok_all = np.concatenate(valid) if valid else np.zeros(0, bool)
     embeddings = None
     if keep_embeddings or not heads:
@@ -446,7 +461,8 @@ def embed_stream(images: Iterable[bytes | None], spec: ClipSpec, opts: EmbedOpti
     scores = None
     if heads:
         scores = [np.concatenate(parts) if parts else np.empty(0, np.float32) for parts in per_head]
-    return Embedded(embeddings, pa.array(reasons, pa.string()), scores, clip.compute, embedder.decoder.name, thumbnails)
+    return Embedded(embeddings, pa.array(reasons, pa.string()), scores, clip.compute, embedder.decoder.name, thumbnails,
+                    timings)
 
 
 def attach_embedded(table: pa.Table, result: Embedded, extra_names: Iterable[str] = ()) -> pa.Table:

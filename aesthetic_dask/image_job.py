@@ -66,7 +66,9 @@ def process_shard(part: ShardPart, fields: dict, clip_spec: ClipSpec, predictor:
     table = attach_embedded(base, embedded, extras or {})
     record = new_record(part) | {"clip_compute": embedded.compute, "image_decoder": embedded.decoder}
     rows = np.array([s.index for s in samples], dtype=np.int64)
+    t_write = time.perf_counter()
     record |= split_and_write(table, rows, part.name, part.source, layout, opts, embedded.thumbnails)
+    record["stage_s"] = embedded.timings | {"write_s": round(time.perf_counter() - t_write, 4)}
     if reader.failure:
         record["failure"] = f"{part.source}: {reader.failure}"
     elif not samples:

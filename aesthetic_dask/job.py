@@ -351,6 +351,11 @@ def cluster_info(client: Any) -> dict[str, Any]:
 
 
 def _dashboard_link(client: Any) -> str | None:
+    """The dashboard's link, or None where the scheduler serves none (a local cluster started
+    without one still answers HTTP, on a port that has no dashboard)."""
+    spec = getattr(getattr(client, "cluster", None), "scheduler_spec", None) or {}
+    if spec.get("options", {}).get("dashboard") is False:
+        return None
     try:
         return client.dashboard_link if client.scheduler_info().get("services", {}).get("dashboard") else None
     except Exception:  # noqa: BLE001

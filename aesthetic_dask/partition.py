@@ -44,6 +44,9 @@ def failed_record(part: Any, reason: str, kind: str = FAILURE_ERROR) -> dict[str
 def finish_record(layout: OutputLayout, record: dict[str, Any], started: float) -> dict[str, Any]:
     """Time the record and, if the partition is complete, write its completion marker (last)."""
     record["seconds"] = round(time.perf_counter() - started, 4)
+    # Wall-clock end (epoch seconds): with ``seconds``, when the partition ran, e.g. to see how
+    # many tasks shared a GPU at once.
+    record["finished_at"] = round(time.time(), 4)
     if record.get("failure"):
         record.setdefault("failure_kind", FAILURE_DATA)
     else:

@@ -149,6 +149,21 @@ def test_a_fully_skipped_rerun_reports_truthful_numbers_and_the_dashboard(tmp_pa
     assert f"dashboard: {m['cluster']['dashboard_link']}" in err  # printed when the job starts
 
 
+def test_without_a_dashboard_no_link_is_reported_and_port_8787_is_left_alone(tmp_path, inp, tiny_weights, capsys):
+    busy = socket.socket()
+    try:
+        busy.bind(("127.0.0.1", 8787))
+    except OSError:
+        pass
+    try:
+        assert main(["score", str(inp), "-o", str(tmp_path / "out"), "--aesthetic-weights", str(tiny_weights["safetensors"])]) == 0
+    finally:
+        busy.close()
+    err = capsys.readouterr().err
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert m["cluster"]["dashboard_link"] is None and "dashboard: none" in err and "already in use" not in err
+
+
 def test_verbose_shows_the_jobs_lines_not_distributeds(tmp_path, inp, tiny_weights):
     proc = cli("score", inp, "-o", tmp_path / "out", "--aesthetic-weights", tiny_weights["safetensors"], "-v")
     assert proc.returncode == 0
