@@ -467,7 +467,8 @@ def run_job(check: Check, work: Path, shards: list[Path], spec, heads: list[Path
     if heads:
         cmd += ["--aesthetic-weights", str(heads[0])]
     t, started = time.perf_counter(), time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    # In the work directory: the repository's own aesthetic_dask/ must not shadow the installed package.
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=work)
     wall = time.perf_counter() - t
     check.log(f"run {label}: exit {proc.returncode} in {wall:.1f}s\n{proc.stderr[-3000:]}")
     manifest = json.loads((out / "manifest.json").read_text())
