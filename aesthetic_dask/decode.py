@@ -3,8 +3,8 @@
 Two decoders, chosen by ``image_decoder`` (``--image-decoder``):
 
 - ``pil``: Pillow and open_clip's own ``preprocess``: the reference.
-- ``torch``: torchvision decodes (JPEG in batches on the CUDA device with nvJPEG; JPEG and PNG
-  with libjpeg-turbo / libpng on CPU) and resizes, crops and normalises tensors with the model's
+- ``torch``: torchvision decodes (baseline colour JPEGs in batches on the CUDA device with nvJPEG;
+  other JPEGs and PNGs with libjpeg-turbo / libpng on the host) and resizes, crops and normalises tensors with the model's
   own preprocess settings (open_clip's ``preprocess_cfg``: size, resize mode, interpolation,
   mean, std). An image the tensor path does not handle exactly like Pillow (CMYK, 16-bit,
   palette, alpha, animations, other formats, a JPEG the decoder rejects) goes through the PIL
@@ -180,7 +180,7 @@ class TorchDecoder(PilDecoder):
         if kind is None:
             return self._pil(image, thumbnail)
         raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-        if kind == "JPEG" and self.batched:
+        if kind == "JPEG" and self.batched and _batch_decodable(image):
             return Decoded(jpeg=raw, image=image)
         decoded = _decode_on_cpu(kind, raw)
         if decoded is None or _over_limit((decoded.shape[2], decoded.shape[1]), self.max_pixels):
@@ -251,6 +251,14 @@ def _tensor_kind(image: Any, data: bytes) -> str | None:
     if image.format == "PNG" and not image.info.get("interlace"):
         return "PNG"
     return None
+
+
+def _batch_decodable(image: Any) -> bool:
+    """Whether a JPEG goes to the device's batch decode: baseline colour only. nvJPEG decodes
+    progressive JPEGs one at a time with its Huffman stage on the host, under torchvision's one
+    decoder lock (every task on the GPU would queue behind it), and a greyscale JPEG asked for as
+    RGB is not reliably expanded; libjpeg-turbo in the decode threads does both, in parallel."""
+    return image.mode == "RGB" and not image.info.get("progressive") and not image.info.get("progression")
 
 
 def _decode_on_cpu(kind: str, raw: Any) -> Any:

@@ -184,7 +184,11 @@ class ClipModel:
         self.tensor_preprocess = TensorPreprocess.of(model)  # the torch decoder's preprocess, or None
         self.embed_dim = int(model.visual.output_dim)
         self.compute = compute_precision(spec.precision, self.device)
-        self.autocast_dtype = torch.float16 if self.compute.endswith("fp16") else None
+        # fp16 weights (as OpenAI's CLIP was released), not autocast: ~1.35x the images/s of
+        # ViT-L/14 on an H100, and half the bytes per batch over PCIe (benchmarks/gpu_check.py).
+        self.dtype = torch.float16 if self.compute.endswith("fp16") else torch.float32
+        if self.dtype == torch.float16:
+            self.model = self.model.half()
 
     def encode(self, tensors: list[Any]) -> Any:
         """L2-normalised float32 features, left on the model's device, of preprocessed images
@@ -194,15 +198,10 @@ class ClipModel:
         with torch.inference_mode():
             if self.device == "cuda" and all(t.device.type == "cpu" for t in tensors):
                 # Page-locked: the copy is really asynchronous.
-                x = torch.stack(tensors).pin_memory().to(self.device, non_blocking=True)
+                x = torch.stack(tensors).to(self.dtype).pin_memory().to(self.device, non_blocking=True)
             else:
-                x = torch.stack([t.to(self.device, non_blocking=True) for t in tensors])
-            if self.autocast_dtype is not None:
-                with torch.autocast("cuda", dtype=self.autocast_dtype):
-                    features = self.model.encode_image(x)
-            else:
-                features = self.model.encode_image(x)
-            features = features.float()
+                x = torch.stack([t.to(self.device, self.dtype, non_blocking=True) for t in tensors])
+            features = self.model.encode_image(x).float()
             return features / features.norm(dim=-1, keepdim=True)
 
 

@@ -130,6 +130,13 @@ def test_torch_decoder_matches_pil_on_every_image_type(clip224, batched):
         assert float((a - b).abs().mean()) < 0.01, name
 
 
+def test_only_baseline_colour_jpegs_wait_for_the_device_batch(clip224):
+    decoder = TorchDecoder(clip224.preprocess, 10**8, clip224.tensor_preprocess)
+    decoder.batched = True
+    waiting = {name for name, (make, _) in IMAGE_TYPES.items() if decoder.decode(make()).jpeg is not None}
+    assert waiting == {"jpeg_420_q75", "jpeg_444_q95", "jpeg_exif_rotated", "jpeg_large", "jpeg_tiny", "jpeg_wide"}
+
+
 def test_the_tensor_preprocess_is_read_from_the_model_config(clip224):
     tp = clip224.tensor_preprocess
     cfg = clip224.model.visual.preprocess_cfg
