@@ -259,6 +259,9 @@ def main() -> int:
     parser.add_argument("--deadline", type=float, default=420, help="seconds after which optional steps skip")
     parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument("--work", type=Path, default=Path("/tmp/gpu-check"))
+    parser.add_argument("--steps", default="all",
+                        help="comma-separated steps to run (default all): cosines,ceiling,decode,scores,run,run_pil")
+    parser.add_argument("--tag", default="", help="suffix of the result files' names (a partial re-check)")
     args = parser.parse_args()
     if args.fetch:
         fetch()
@@ -272,7 +275,8 @@ def main() -> int:
 
     cuda = torch.cuda.is_available()
     device = torch.cuda.get_device_name(0) if cuda else "cpu"
-    check.name(device if not args.quick else f"{device}-quick")
+    check.name(device + ("-quick" if args.quick else "") + (f"-{args.tag}" if args.tag else ""))
+    wanted = set(args.steps.split(",")) if args.steps != "all" else {"cosines", "ceiling", "decode", "scores", "run", "run_pil"}
     r = check.results
     r["device"] = device
     r["command"] = " ".join(["python3", "benchmarks/gpu_check.py", *sys.argv[1:]])
@@ -320,129 +324,137 @@ def main() -> int:
     from aesthetic_dask.embed import ClipModel, ClipSpec
 
     spec = ClipSpec(model_name, str(ckpt), str(model_config) if model_config else None, str(work / "cache"))
-    clip = None
-    with check.step("load"):
-        clip = ClipModel(spec)
-        r["model"]["compute"] = clip.compute
+    clip, pil = None, np.empty((0, 0), np.float32)
+    if wanted & {"cosines", "ceiling", "decode"}:
+        with check.step("load"):
+            clip = ClipModel(spec)
+            r["model"]["compute"] = clip.compute
 
     cos = r["embedding_cosine_min"] = {}
     sample = photos[:64]
-    with check.step("cosine_cuda_fp16_vs_cpu_fp32"):
-        preprocess = clip.preprocess
-        from PIL import Image
+    if "cosines" in wanted:
+        with check.step("cosine_cuda_fp16_vs_cpu_fp32"):
+            preprocess = clip.preprocess
+            from PIL import Image
 
-        torch.set_num_threads(r["cpu_cores"])
-        with torch.inference_mode():
-            x = torch.stack([preprocess(Image.open(io.BytesIO(b))) for b in sample])
-            ref = torch.cat([cpu_model.encode_image(x[i:i + 16]) for i in range(0, len(x), 16)])
-            ref = (ref / ref.norm(dim=-1, keepdim=True)).numpy()
-        got = embed_with(clip, sample, "pil")
-        cos[f"{clip.compute}_vs_cpu_fp32"] = round(cosine_min(got, ref), 6)
-        if clip.device == "cuda":
-            cos["cuda_fp16_vs_cpu_fp32"] = cos[f"{clip.compute}_vs_cpu_fp32"]
+            torch.set_num_threads(r["cpu_cores"])
+            with torch.inference_mode():
+                x = torch.stack([preprocess(Image.open(io.BytesIO(b))) for b in sample])
+                ref = torch.cat([cpu_model.encode_image(x[i:i + 16]) for i in range(0, len(x), 16)])
+                ref = (ref / ref.norm(dim=-1, keepdim=True)).numpy()
+            got = embed_with(clip, sample, "pil")
+            cos[f"{clip.compute}_vs_cpu_fp32"] = round(cosine_min(got, ref), 6)
+            if clip.device == "cuda":
+                cos["cuda_fp16_vs_cpu_fp32"] = cos[f"{clip.compute}_vs_cpu_fp32"]
     del cpu_model
 
-    with check.step("cosine_decoders"):
-        pil = embed_with(clip, photos, "pil")
-        torch_dec = embed_with(clip, photos, "torch")
-        name = "nvjpeg_vs_pil" if clip.device == "cuda" else "torch_vs_pil"
-        cos[name] = round(cosine_min(torch_dec, pil), 6)
-        # By kind of JPEG (make_photo's pattern), so a failing kind shows itself.
-        kinds = {"greyscale": lambda i: i % 16 == 7, "progressive": lambda i: i % 8 == 3 and i % 16 != 7,
-                 "baseline_colour": lambda i: i % 8 != 3 and i % 16 != 7}
-        r["embedding_cosine_min_by_kind"] = {
-            f"{name}_{kind}": round(cosine_min(torch_dec[rows], pil[rows]), 6)
-            for kind, test in kinds.items() if (rows := [i for i in range(len(photos)) if test(i)])}
-        if clip.device == "cuda":
-            cos["torch_cpu_vs_pil"] = round(cosine_min(embed_with(clip, photos, "torch", cpu_decode=True), pil), 6)
-        check.log(f"cosines {cos}")
+    if "cosines" in wanted:
+        with check.step("cosine_decoders"):
+            pil = embed_with(clip, photos, "pil")
+            torch_dec = embed_with(clip, photos, "torch")
+            name = "nvjpeg_vs_pil" if clip.device == "cuda" else "torch_vs_pil"
+            cos[name] = round(cosine_min(torch_dec, pil), 6)
+            # By kind of JPEG (make_photo's pattern), so a failing kind shows itself.
+            kinds = {"greyscale": lambda i: i % 16 == 7, "progressive": lambda i: i % 8 == 3 and i % 16 != 7,
+                     "baseline_colour": lambda i: i % 8 != 3 and i % 16 != 7}
+            r["embedding_cosine_min_by_kind"] = {
+                f"{name}_{kind}": round(cosine_min(torch_dec[rows], pil[rows]), 6)
+                for kind, test in kinds.items() if (rows := [i for i in range(len(photos)) if test(i)])}
+            if clip.device == "cuda":
+                cos["torch_cpu_vs_pil"] = round(cosine_min(embed_with(clip, photos, "torch", cpu_decode=True), pil), 6)
+            check.log(f"cosines {cos}")
 
     if cuda:
-        with check.step("model_ceiling"):
-            # The job's own model object: fp16 weights on the GPU, as the run computes.
-            ceiling = r["model_ceiling"] = {"weights": str(clip.dtype)}
-            for batch in (32, 256):
-                x = torch.randn(batch, 3, 224, 224, device="cuda", dtype=clip.dtype)
-                n = max(8, 4096 // batch)
-                with torch.inference_mode():
-                    for _ in range(3):
-                        clip.model.encode_image(x)
-                    torch.cuda.synchronize()
-
-                    def run_batches(x=x, n=n):
-                        for _ in range(n):
+        if "ceiling" in wanted:
+            with check.step("model_ceiling"):
+                # The job's own model object: fp16 weights on the GPU, as the run computes.
+                ceiling = r["model_ceiling"] = {"weights": str(clip.dtype)}
+                for batch in (32, 256):
+                    x = torch.randn(batch, 3, 224, 224, device="cuda", dtype=clip.dtype)
+                    n = max(8, 4096 // batch)
+                    with torch.inference_mode():
+                        for _ in range(3):
                             clip.model.encode_image(x)
                         torch.cuda.synchronize()
 
-                    ceiling[f"batch{batch}"] = images_per_s(batch * n, run_batches)
-            r["model_ceiling_images_per_s"] = ceiling["batch256"]
-            check.log(f"ceiling {ceiling}")
+                        def run_batches(x=x, n=n):
+                            for _ in range(n):
+                                clip.model.encode_image(x)
+                            torch.cuda.synchronize()
 
-    with check.step("decode"):
-        from concurrent.futures import ThreadPoolExecutor
+                        ceiling[f"batch{batch}"] = images_per_s(batch * n, run_batches)
+                r["model_ceiling_images_per_s"] = ceiling["batch256"]
+                check.log(f"ceiling {ceiling}")
 
-        from aesthetic_dask.decode import PilDecoder, TorchDecoder
+    if "decode" in wanted:
+        with check.step("decode"):
+            from concurrent.futures import ThreadPoolExecutor
 
-        threads = r["cpu_cores"]
-        dec = r["decode_images_per_s"] = {"threads": threads}
-        pil_dec = PilDecoder(clip.preprocess, 10**9)
-        cpu_dec = TorchDecoder(clip.preprocess, 10**9, clip.tensor_preprocess, "cpu")
-        with ThreadPoolExecutor(threads) as pool:
-            dec["pil"] = images_per_s(len(photos), lambda: list(pool.map(pil_dec.decode, photos)), repeat=2)
-            dec["torch_cpu"] = images_per_s(len(photos), lambda: list(pool.map(cpu_dec.decode, photos)), repeat=2)
-            if cuda:
-                gpu_dec = TorchDecoder(clip.preprocess, 10**9, clip.tensor_preprocess, "cuda")
-                for batch in (32, 256):
-                    def nvjpeg(batch=batch):
-                        headers = list(pool.map(gpu_dec.decode, photos))
-                        for i in range(0, len(headers), batch):
-                            gpu_dec.finish(headers[i:i + batch])
-                        torch.cuda.synchronize()
+            from aesthetic_dask.decode import PilDecoder, TorchDecoder
 
-                    dec[f"torch_nvjpeg_batch{batch}"] = images_per_s(len(photos), nvjpeg, repeat=2)
-        check.log(f"decode {dec}")
+            threads = r["cpu_cores"]
+            dec = r["decode_images_per_s"] = {"threads": threads}
+            pil_dec = PilDecoder(clip.preprocess, 10**9)
+            cpu_dec = TorchDecoder(clip.preprocess, 10**9, clip.tensor_preprocess, "cpu")
+            with ThreadPoolExecutor(threads) as pool:
+                dec["pil"] = images_per_s(len(photos), lambda: list(pool.map(pil_dec.decode, photos)), repeat=2)
+                dec["torch_cpu"] = images_per_s(len(photos), lambda: list(pool.map(cpu_dec.decode, photos)), repeat=2)
+                if cuda:
+                    gpu_dec = TorchDecoder(clip.preprocess, 10**9, clip.tensor_preprocess, "cuda")
+                    for batch in (32, 256):
+                        def nvjpeg(batch=batch):
+                            headers = list(pool.map(gpu_dec.decode, photos))
+                            for i in range(0, len(headers), batch):
+                                gpu_dec.finish(headers[i:i + batch])
+                            torch.cuda.synchronize()
+
+                        dec[f"torch_nvjpeg_batch{batch}"] = images_per_s(len(photos), nvjpeg, repeat=2)
+            check.log(f"decode {dec}")
 
     heads = [HEADS_DIR / h for h in HEADS if (HEADS_DIR / h).exists()] or [SHARED / h for h in HEADS if (SHARED / h).exists()]
     r["heads"] = [h.name for h in heads]
-    with check.step("scores_cupy_vs_numpy"):
-        import cupy
-        import pyarrow as pa
+    if "scores" in wanted:
+        with check.step("scores_cupy_vs_numpy"):
+            import cupy
+            import pyarrow as pa
 
-        from aesthetic_dask.predictor import load_predictor
-        from aesthetic_dask.score import score_arrow
+            from aesthetic_dask.predictor import load_predictor
+            from aesthetic_dask.score import score_arrow
 
-        emb = np.random.default_rng(0).standard_normal((200_000, 768)).astype(np.float32)
-        emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-        emb = np.concatenate([pil[np.isfinite(pil).all(1)], emb]) if pil.shape[1] == 768 else emb
-        chunks = [pa.FixedSizeListArray.from_arrays(pa.array(emb[i:i + 65536].reshape(-1)), 768)
-                  for i in range(0, len(emb), 65536)]
-        diffs = {}
-        for h in heads:
-            predictor = load_predictor(str(h), work / "models")
-            on_cpu = score_arrow(chunks, predictor, xp=np)[0]
-            on_gpu = score_arrow(chunks, predictor, xp=cupy)[0]
-            diffs[h.name] = float(np.abs(on_cpu - on_gpu).max())
-        r["score_max_abs_diff_cupy_vs_numpy"] = max(diffs.values())
-        r["score_max_abs_diff_by_head"] = diffs
-        check.log(f"score diffs {diffs}")
+            emb = np.random.default_rng(0).standard_normal((200_000, 768)).astype(np.float32)
+            emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+            emb = np.concatenate([pil[np.isfinite(pil).all(1)], emb]) if pil.shape[1] == 768 else emb
+            chunks = [pa.FixedSizeListArray.from_arrays(pa.array(emb[i:i + 65536].reshape(-1)), 768)
+                      for i in range(0, len(emb), 65536)]
+            diffs = {}
+            for h in heads:
+                predictor = load_predictor(str(h), work / "models")
+                on_cpu = score_arrow(chunks, predictor, xp=np)[0]
+                on_gpu = score_arrow(chunks, predictor, xp=cupy)[0]
+                diffs[h.name] = float(np.abs(on_cpu - on_gpu).max())
+            r["score_max_abs_diff_cupy_vs_numpy"] = max(diffs.values())
+            r["score_max_abs_diff_by_head"] = diffs
+            check.log(f"score diffs {diffs}")
 
-    del clip
+    clip = None  # the run's worker loads its own model
     import gc
 
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
-    with check.step("run"):
-        r["run"] = run_job(check, work, shards, spec, heads, "default", [])
-        r["run_images_per_s"] = r["run"]["images_per_s"]
-        r["tasks_per_gpu_observed"] = r["run"]["tasks_at_once_max"]
-        if "model_ceiling_images_per_s" in r:
-            r["run_vs_ceiling"] = round(r["run_images_per_s"] / r["model_ceiling_images_per_s"], 3)
-            r["run_steady_vs_ceiling"] = round(r["run"]["steady_images_per_s"] / r["model_ceiling_images_per_s"], 3)
+    if "run" in wanted:
+        with check.step("run"):
+            r["run"] = run_job(check, work, shards, spec, heads, "default", [])
+            r["run_images_per_s"] = r["run"]["images_per_s"]
+            r["tasks_per_gpu_observed"] = r["run"]["tasks_at_once_max"]
+            if "model_ceiling_images_per_s" in r:
+                r["run_vs_ceiling"] = round(r["run_images_per_s"] / r["model_ceiling_images_per_s"], 3)
+                r["run_steady_vs_ceiling"] = round(r["run"]["steady_images_per_s"] / r["model_ceiling_images_per_s"], 3)
     n_pil = max(1, len(shards) // 4)
-    with check.step("run_pil_decoder", optional_s=90) as go:
-        if go:
-            r["run_pil"] = run_job(check, work, shards[:n_pil], spec, heads, "pil", ["--image-decoder", "pil"])
+    if "run_pil" in wanted:
+        with check.step("run_pil_decoder", optional_s=90) as go:
+            if go:
+                r["run_pil"] = run_job(check, work, shards[:n_pil], spec, heads, "pil", ["--image-decoder", "pil"])
     check.log(f"done: {json.dumps({k: r.get(k) for k in ('model_ceiling_images_per_s', 'run_images_per_s', 'tasks_per_gpu_observed')})}")
     check.save()
     return 0
