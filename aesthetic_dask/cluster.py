@@ -224,21 +224,15 @@ def configure_model_process() -> None:
 def torch_threads() -> int:
     """Threads torch uses for its CPU operations in a worker process.
 
-    On CPU, the model: Dask's nanny sets OMP_NUM_THREADS=1 in the workers it starts, which would
-    leave torch on one core; a worker running the model should use the cores it was given.
-    With a CUDA device, 1: the model runs on the GPU, and torch's CPU work (stacking a batch,
-    host-side decodes) runs in the task and decode threads, which are the parallelism already;
-    an OpenMP team of every core per operation in each of them would oversubscribe the cores
-    many times over (measured on an H100 worker: see benchmarks/results).
+    Dask's nanny sets OMP_NUM_THREADS=1 in the workers it starts, which would leave torch on one
+    core; a worker running the model should use the cores it was given. On GPU workers too: one
+    thread there made the run slower on an H100 (264 against 364 images/s, see
+    benchmarks/results/*-torch-threads-1.json): batches are stacked and converted on the host.
     AESTHETIC_DASK_TORCH_THREADS overrides (e.g. several model workers on one node).
     """
     forced = os.environ.get("AESTHETIC_DASK_TORCH_THREADS")
     if forced:
         return max(1, int(forced))
-    import torch
-
-    if torch.cuda.is_available():
-        return 1
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:
