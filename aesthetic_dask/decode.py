@@ -45,6 +45,7 @@ class Decoded:
     thumbnail: bytes | None = None
     jpeg: Any = None  # uint8 tensor of the file, decoded with its batch on the device
     image: Any = None  # the opened (header-only) Pillow image, for the fallback
+    wants_thumbnail: bool = False  # make the thumbnail when the batch decode gives the pixels
 
 
 def _over_limit(size: tuple[int, int], max_pixels: int) -> str | None:
@@ -176,17 +177,18 @@ class TorchDecoder(PilDecoder):
     def _decode(self, data: bytes, image: Any, thumbnail: bool) -> Decoded:
         import torch
 
-        kind = None if thumbnail else _tensor_kind(image, data)
+        kind = _tensor_kind(image, data)
         if kind is None:
             return self._pil(image, thumbnail)
         raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         if kind == "JPEG" and self.batched and _batch_decodable(image):
-            return Decoded(jpeg=raw, image=image)
+            return Decoded(jpeg=raw, image=image, wants_thumbnail=thumbnail)
         decoded = _decode_on_cpu(kind, raw)
         if decoded is None or _over_limit((decoded.shape[2], decoded.shape[1]), self.max_pixels):
             return self._pil(image, thumbnail)  # Pillow decides: the same embedding or the same reason
         # On the host, also on a GPU worker: a decode thread has no CUDA stream of the task's.
-        return Decoded(self.tensors.normalize(self.tensors.resize_crop(decoded)))
+        return Decoded(self.tensors.normalize(self.tensors.resize_crop(decoded)),
+                       thumbnail=_thumbnail_of(decoded) if thumbnail else None)
 
     def finish(self, batch: list[Decoded]) -> list[Decoded]:
         pending = [d for d in batch if d.jpeg is not None]
@@ -194,10 +196,11 @@ class TorchDecoder(PilDecoder):
             return batch
         for d, decoded in zip(pending, self._device_jpegs([d.jpeg for d in pending])):
             if decoded is None or _over_limit((decoded.shape[2], decoded.shape[1]), self.max_pixels):
-                fallback = self._pil_fallback(d.image)
-                d.tensor, d.reason = fallback.tensor, fallback.reason
+                fallback = self._pil_fallback(d.image, d.wants_thumbnail)
+                d.tensor, d.reason, d.thumbnail = fallback.tensor, fallback.reason, fallback.thumbnail
             else:
                 d.tensor = self.tensors.normalize(self.tensors.resize_crop(decoded))
+                d.thumbnail = _thumbnail_of(decoded) if d.wants_thumbnail else None
             d.jpeg = d.image = None
         return batch
 
@@ -217,16 +220,31 @@ class TorchDecoder(PilDecoder):
                     out.append(None)
             return out
 
-    def _pil_fallback(self, image: Any) -> Decoded:
+    def _pil_fallback(self, image: Any, thumbnail: bool) -> Decoded:
         """A JPEG the device refused, through Pillow: the PIL decoder's embedding or reason."""
         from PIL import Image
 
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                return self._pil(image, False)
+                return self._pil(image, thumbnail)
         except Exception as exc:  # noqa: BLE001 - as in decode()
             return Decoded(reason=_reason(exc))
+
+
+def _thumbnail_of(pixels: Any) -> bytes:
+    """The report's thumbnail from the decoded uint8 (3, H, W) pixels the embedding was made from,
+    on whatever device they are: shrunk there, encoded on the host."""
+    from PIL import Image
+    from torchvision.transforms.v2 import functional as F
+
+    from .samples import THUMBNAIL_PX, make_thumbnail
+
+    height, width = pixels.shape[1:]
+    scale = THUMBNAIL_PX / max(height, width)
+    if scale < 1:
+        pixels = F.resize(pixels, [max(1, round(height * scale)), max(1, round(width * scale))], antialias=True)
+    return make_thumbnail(Image.fromarray(pixels.permute(1, 2, 0).contiguous().cpu().numpy()))
 
 
 def _reason(exc: Exception) -> str:

@@ -166,14 +166,16 @@ def _cudf_embedding_matrix(series: Any, dim: int) -> tuple[Any, Any, np.ndarray]
     for i in np.flatnonzero(host_valid & (host_len != dim)):
         reasons[i] = f"embedding has {host_len[i]} values, expected {dim}"
     leaves = series[candidates].list.leaves
-    null_rows = leaves.isna().values.reshape(-1, dim).any(axis=1)
-    if bool(null_rows.any()):
-        cand_idx = np.flatnonzero(cp.asnumpy(candidates))
-        host_null = cp.asnumpy(null_rows)
-        reasons[cand_idx[host_null]] = "embedding contains null values"
-        candidates[cp.asarray(cand_idx[host_null])] = False
-    matrix = leaves.fillna(0).values.astype(cp.float32).reshape(-1, dim)[~null_rows]
-    return matrix, candidates, reasons
+    if not leaves.null_count:  # nulls only: NaN is a value here, classified as on CPU ("NaN or inf")
+        return leaves.values.astype(cp.float32).reshape(-1, dim), candidates, reasons
+    # Rare: nulls inside embeddings. cudf's isna()/fillna() would take NaN for null, so through Arrow.
+    values = leaves.to_arrow()
+    host_null = values.is_null().to_numpy(zero_copy_only=False).reshape(-1, dim).any(axis=1)
+    cand_idx = np.flatnonzero(cp.asnumpy(candidates))
+    reasons[cand_idx[host_null]] = "embedding contains null values"
+    candidates[cp.asarray(cand_idx[host_null])] = False
+    matrix = values.fill_null(0).to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, dim)[~host_null]
+    return cp.asarray(matrix), candidates, reasons
 
 
 def score_columns(

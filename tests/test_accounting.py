@@ -281,8 +281,8 @@ def test_the_notebook_api_and_the_job_give_the_same_rows(tmp_path, shard_dir, ti
     api = lazy.compute(scheduler="sync").sort_values("key").reset_index(drop=True)
     job = pd.read_parquet(out / "kept").sort_values("key").reset_index(drop=True)
     assert list(api["key"]) == list(job["key"]) and len(job) > 0
-    np.testing.assert_array_equal(api["aesthetic_score"].to_numpy(np.float32), job["aesthetic_score"].to_numpy(np.float32))
     np.testing.assert_array_equal(np.stack(api["embedding"].to_numpy()), np.stack(job["embedding"].to_numpy()))
+    np.testing.assert_array_equal(api["aesthetic_score"].to_numpy(np.float32), job["aesthetic_score"].to_numpy(np.float32))
 
 
 def test_the_lazy_shard_reader_raises_on_a_broken_shard_instead_of_hiding_it(tmp_path, shard_dir):

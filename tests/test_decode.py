@@ -130,6 +130,21 @@ def test_torch_decoder_matches_pil_on_every_image_type(clip224, batched):
         assert float((a - b).abs().mean()) < 0.01, name
 
 
+@pytest.mark.parametrize("batched", [False, True], ids=["per-image", "batched"])
+def test_a_thumbnail_never_changes_the_embedding(clip224, batched):
+    """The report's thumbnails come from the pixels the embedding was made from, so a job (which
+    makes them) and the notebook API (which does not) give the same embedding."""
+    decoder = TorchDecoder(clip224.preprocess, 10**8, clip224.tensor_preprocess)
+    decoder.batched = batched
+    for name in ("jpeg_large", "jpeg_progressive", "png_rgb", "png_palette"):
+        data = IMAGE_TYPES[name][0]()
+        plain, with_thumb = decoder.finish([decoder.decode(data), decoder.decode(data, thumbnail=True)])
+        assert plain.thumbnail is None and with_thumb.thumbnail is not None, name
+        assert bool((plain.tensor == with_thumb.tensor).all()), name
+        thumb = Image.open(io.BytesIO(with_thumb.thumbnail))
+        assert thumb.format == "JPEG" and max(thumb.size) <= 128, name
+
+
 def test_only_baseline_colour_jpegs_wait_for_the_device_batch(clip224):
     decoder = TorchDecoder(clip224.preprocess, 10**8, clip224.tensor_preprocess)
     decoder.batched = True
