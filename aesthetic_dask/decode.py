@@ -66,19 +66,15 @@ class PilDecoder:
 
     def decode(self, data: bytes | None, thumbnail: bool = False) -> Decoded:
         """Never raises: whatever a hostile file does is this image's reason."""
-        from PIL import Image
-
         if data is None:
             return Decoded(reason="no image")
         if len(data) == 0:
             return Decoded(reason="empty image file")
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                image, refused = self._open(data)
-                return refused or self._decode(data, image, thumbnail)
-        except Exception as exc:  # noqa: BLE001 - whatever a hostile file does, it is this sample's error
-            return Decoded(reason=_reason(exc))
+        return _guarded(self._open_and_decode, data, thumbnail)
+
+    def _open_and_decode(self, data: bytes, thumbnail: bool) -> Decoded:
+        image, refused = self._open(data)
+        return refused or self._decode(data, image, thumbnail)
 
     def finish(self, batch: list[Decoded]) -> list[Decoded]:
         """Complete a batch in the model's thread (the device decoder decodes its JPEGs here)."""
@@ -183,26 +179,24 @@ class TorchDecoder(PilDecoder):
         raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         if kind == "JPEG" and self.batched and _batch_decodable(image):
             return Decoded(jpeg=raw, image=image, wants_thumbnail=thumbnail)
-        decoded = _decode_on_cpu(kind, raw)
-        if decoded is None or _over_limit((decoded.shape[2], decoded.shape[1]), self.max_pixels):
-            return self._pil(image, thumbnail)  # Pillow decides: the same embedding or the same reason
         # On the host, also on a GPU worker: a decode thread has no CUDA stream of the task's.
-        return Decoded(self.tensors.normalize(self.tensors.resize_crop(decoded)),
-                       thumbnail=_thumbnail_of(decoded) if thumbnail else None)
+        return self._from_pixels(_decode_on_cpu(kind, raw), image, thumbnail)
 
     def finish(self, batch: list[Decoded]) -> list[Decoded]:
-        pending = [d for d in batch if d.jpeg is not None]
-        if not pending:
-            return batch
-        for d, decoded in zip(pending, self._device_jpegs([d.jpeg for d in pending])):
-            if decoded is None or _over_limit((decoded.shape[2], decoded.shape[1]), self.max_pixels):
-                fallback = self._pil_fallback(d.image, d.wants_thumbnail)
-                d.tensor, d.reason, d.thumbnail = fallback.tensor, fallback.reason, fallback.thumbnail
-            else:
-                d.tensor = self.tensors.normalize(self.tensors.resize_crop(decoded))
-                d.thumbnail = _thumbnail_of(decoded) if d.wants_thumbnail else None
-            d.jpeg = d.image = None
+        pending = [i for i, d in enumerate(batch) if d.jpeg is not None]
+        if pending:
+            for i, pixels in zip(pending, self._device_jpegs([batch[i].jpeg for i in pending])):
+                batch[i] = _guarded(self._from_pixels, pixels, batch[i].image, batch[i].wants_thumbnail)
         return batch
+
+    def _from_pixels(self, pixels: Any, image: Any, thumbnail: bool) -> Decoded:
+        """The model input (and thumbnail) from decoded uint8 (3, H, W) pixels. Where the tensor
+        decoder refused the file (None) or gave more pixels than the limit, Pillow decides: the
+        same embedding or the same reason as the PIL decoder."""
+        if pixels is None or _over_limit((pixels.shape[2], pixels.shape[1]), self.max_pixels):
+            return self._pil(image, thumbnail)
+        return Decoded(self.tensors.normalize(self.tensors.resize_crop(pixels)),
+                       thumbnail=_thumbnail_of(pixels) if thumbnail else None)
 
     def _device_jpegs(self, raws: list[Any]) -> list[Any]:
         """nvJPEG decodes of ``raws`` in one batch call; one by one if the batch is refused (None
@@ -220,17 +214,6 @@ class TorchDecoder(PilDecoder):
                     out.append(None)
             return out
 
-    def _pil_fallback(self, image: Any, thumbnail: bool) -> Decoded:
-        """A JPEG the device refused, through Pillow: the PIL decoder's embedding or reason."""
-        from PIL import Image
-
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                return self._pil(image, thumbnail)
-        except Exception as exc:  # noqa: BLE001 - as in decode()
-            return Decoded(reason=_reason(exc))
-
 
 def _thumbnail_of(pixels: Any) -> bytes:
     """The report's thumbnail from the decoded uint8 (3, H, W) pixels the embedding was made from,
@@ -245,6 +228,18 @@ def _thumbnail_of(pixels: Any) -> bytes:
     if scale < 1:
         pixels = F.resize(pixels, [max(1, round(height * scale)), max(1, round(width * scale))], antialias=True)
     return make_thumbnail(Image.fromarray(pixels.permute(1, 2, 0).contiguous().cpu().numpy()))
+
+
+def _guarded(decode: Any, *args: Any) -> Decoded:
+    """``decode(*args)``, with whatever a hostile file raises as the image's reason, never raised."""
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return decode(*args)
+    except Exception as exc:  # noqa: BLE001 - whatever a hostile file does, it is this sample's error
+        return Decoded(reason=_reason(exc))
 
 
 def _reason(exc: Exception) -> str:

@@ -435,13 +435,13 @@ def embed_stream(images: Iterable[bytes | None], spec: ClipSpec, opts: EmbedOpti
     embedder = ImageEmbedder(clip, opts.batch_size, opts.max_pixels, opts.decode_threads, opts.gpu_share, opts.decoder)
     valid, reasons, host, thumbnails = [], [], [], {}
     per_head: list[list[np.ndarray]] = [[] for _ in heads or ()]
+    no_rows = np.empty((0, clip.embed_dim), np.float32)
     started = time.perf_counter()
     for decoded, features in embedder.batches(images, thumbnail_for):
         ok = np.array([d.reason is None for d in decoded], dtype=bool)
         why = np.array([d.reason for d in decoded], dtype=object)
         thumbnails |= {len(reasons) + i: d.thumbnail for i, d in enumerate(decoded) if d.thumbnail is not None}
-        empty = np.empty((0, clip.embed_dim), np.float32)
-        with (nullcontext((np, empty)) if features is None else on_device(features)) as (xp, matrix):
+        with (nullcontext((np, no_rows)) if features is None else on_device(features)) as (xp, matrix):
             if heads:
                 for out, scores in zip(per_head, classify_and_score(xp, list(heads), matrix, ok, why)):
                     out.append(scores)
@@ -455,7 +455,7 @@ def embed_stream(images: Iterable[bytes | None], spec: ClipSpec, opts: EmbedOpti
     ok_all = np.concatenate(valid) if valid else np.zeros(0, bool)
     embeddings = None
     if keep_embeddings or not heads:
-        matrix = np.concatenate(host) if host else np.empty((0, clip.embed_dim), np.float32)
+        matrix = np.concatenate(host) if host else no_rows
         embeddings = embedding_column(matrix, ok_all)
     scores = None
     if heads:
