@@ -69,9 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--image-column", metavar="NAME", help="image bytes column of Parquet inputs (default image)")
     run.add_argument("--max-image-pixels", type=int, help="larger images are errors, never decoded")
     run.add_argument("--max-sidecar-bytes", type=int, help="larger .txt/.json sidecars make an error row (default 65536)")
-    run.add_argument("--decode-threads", type=int, help="image decoding threads (default: CPU count)")
+    run.add_argument("--decode-processes", "--decode-threads", dest="decode_processes", type=int,
+                     help="host processes decoding images per model worker (default: from the cores)")
     run.add_argument("--image-decoder", choices=("auto", "pil", "torch"),
-                     help="pil (Pillow), torch (torchvision; nvJPEG on GPU) or auto (default: torch on GPU workers)")
+                     help="pil (Pillow), torch (torchvision) or auto (default: torch)")
     run.add_argument("--write-shards", metavar="DIR", help="also write kept samples as WebDataset tars into DIR")
     run.set_defaults(handler=_cmd_run)
 
@@ -152,7 +153,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     config = _config_from_args(args, _JOB_KEYS + (
         "batch_size", "clip_model", "clip_pretrained", "clip_model_config", "json_fields", "image_column",
-        "max_image_pixels", "max_sidecar_bytes", "decode_threads", "write_shards", "image_decoder",
+        "max_image_pixels", "max_sidecar_bytes", "decode_processes", "write_shards", "image_decoder",
     ))
     _setup_logging(config.verbose, _check_output(args.output, config.storage_options), config.resolved_model_dir)
     try:
@@ -188,7 +189,7 @@ def _cmd_download(args: argparse.Namespace) -> int:
     for w in download_all(model_dir, names):
         print(f"{w.name}: {w.source} -> {w.path} (sha256 {w.sha256})")
     if not args.skip_clip:
-        from .embed import download_clip
+        from .models.clip import download_clip
 
         print(f"open_clip {config.clip_model} {config.clip_pretrained} -> {download_clip(config)}")
     return EXIT_OK

@@ -68,29 +68,38 @@ def pick_device() -> str:
     return "cuda" if visible_gpu_count() > 0 and _has_dask_cuda() else "cpu"
 
 
-def tasks_per_gpu(share: float) -> int:
-    """How many tasks asking ``share`` of a GPU fit on one at once (0.35 -> 2, not round(2.86) = 3:
-    a third thread could never get its share)."""
-    return max(1, int(1 / share + 1e-9))
-
-
-def decode_threads(share: float | None = None) -> int:
-    """Threads one task decodes images with: the cores this process may use, shared among the tasks
-    that run at once on a GPU worker (GPUs x tasks per GPU), all of them on a CPU worker (where one
-    task runs the model at a time)."""
+def _cores() -> int:
     try:
-        cores = len(os.sched_getaffinity(0))
+        return len(os.sched_getaffinity(0))
     except AttributeError:
-        cores = os.cpu_count() or 1
-    if share is None or array_module().__name__ == "numpy":
-        return max(1, cores)
-    concurrent = max(1, visible_gpu_count()) * tasks_per_gpu(share)
-    return max(1, cores // concurrent)
+        return os.cpu_count() or 1
 
 
-def task_resources(config: Config, device: str) -> dict[str, float] | None:
-    """Dask resources each partition task asks for."""
-    return {GPU_RESOURCE: config.num_gpus_per_worker} if device == "cuda" else None
+def decode_processes(configured: int | None, device: str) -> int:
+    """Host processes of one model worker's decode pool: ``decode_processes`` when set; else, on a
+    GPU worker, the cores per GPU (dask-cuda pins each worker to its GPU's cores) less one for the
+    model's own process; on a CPU worker all its cores (the pool and the model share them, and the
+    decoders wait when the model is the bound)."""
+    if configured:
+        return configured
+    if device != "cuda":
+        return max(1, _cores())
+    per_gpu = min(_cores(), (os.cpu_count() or 1) // max(1, visible_gpu_count()))
+    return max(1, per_gpu - 1)
+
+
+def partitions_per_worker(config: Config, device: str) -> int:
+    """Partition tasks one model worker runs at once: one per host process of its pool, so every
+    process has a shard to read (a partition's thread mostly waits on the pool and the model)."""
+    return config.threads_per_worker or decode_processes(config.decode_processes, device)
+
+
+def task_resources(config: Config, device: str, local: bool) -> dict[str, float] | None:
+    """Dask resources each partition task asks for: on a connected cluster with GPUs, a
+    ``num_gpus_per_worker`` share of a ``GPU`` resource, so partitions go to GPU workers only.
+    The job's own local GPU cluster has nothing else to route to, and its threads bound the
+    partitions per GPU."""
+    return {GPU_RESOURCE: config.num_gpus_per_worker} if device == "cuda" and not local else None
 
 
 # How long to wait for a scheduler to answer, and for a connected cluster to have a worker.
@@ -173,14 +182,17 @@ def dask_client(config: Config, model_work: bool = False) -> Iterator[tuple[Any,
     common = dict(dashboard_address=":0" if dashboard else None, silence_logs=logging.WARNING,
                   scheduler_kwargs=None if dashboard else {"dashboard_address": ":0"})
     if device == "cuda":
+        import dask
         from dask_cuda import LocalCUDACluster
 
-        threads = config.threads_per_worker or tasks_per_gpu(config.num_gpus_per_worker)
+        # Worker processes that may have children: each starts its decode pool (pipeline.pool).
+        dask.config.set({"distributed.worker.daemon": False})
+        threads = partitions_per_worker(config, device)
         cluster = LocalCUDACluster(n_workers=config.n_workers, threads_per_worker=threads, resources={GPU_RESOURCE: 1}, **common)
     else:
         from distributed import LocalCluster
 
-        threads = config.threads_per_worker or (1 if model_work else os.cpu_count() or 1)
+        threads = partitions_per_worker(config, device) if model_work else config.threads_per_worker or _cores()
         cluster = LocalCluster(n_workers=config.n_workers or 1, threads_per_worker=threads, processes=False, **common)
     client = Client(cluster)
     try:
@@ -188,6 +200,28 @@ def dask_client(config: Config, model_work: bool = False) -> Iterator[tuple[Any,
     finally:
         client.close()
         cluster.close()
+
+
+def check_workers_may_have_children(client: Any) -> None:
+    """One clear :class:`InputError` if a connected cluster's workers are daemonic processes, which
+    Python forbids to start the decode pool's processes."""
+    from .errors import InputError
+
+    try:
+        daemonic = [w for w, d in client.run(_is_daemon).items() if d]
+    except Exception:  # noqa: BLE001 - informational: the tasks report it as their own error
+        return
+    if daemonic:
+        raise InputError(
+            f"{len(daemonic)} Dask worker(s) run as daemonic processes (e.g. {daemonic[0]}), which may not start the "
+            "decode pool: start them with DASK_DISTRIBUTED__WORKER__DAEMON=False (dask worker / dask cuda worker)"
+        )
+
+
+def _is_daemon() -> bool:
+    import multiprocessing
+
+    return multiprocessing.current_process().daemon
 
 
 def _cluster_device(client: Any) -> str:

@@ -17,6 +17,8 @@ from .errors import ConfigError
 ALIASES = {
     "threshold": "score_threshold",
     "batch_size": "model_inference_batch_size",
+    # Before the decode pool, images were decoded by threads; the knob is now the pool's size.
+    "decode_threads": "decode_processes",
 }
 
 
@@ -48,7 +50,8 @@ class Config:
     write_shards: str | None
     max_image_pixels: int
     max_sidecar_bytes: int
-    decode_threads: int | None
+    decode_processes: int | None
+    clip_compile: str
     clip_precision: str
     image_decoder: str
     extra_scores: dict[str, str]
@@ -90,8 +93,8 @@ OUTPUT_OPTIONS: dict[str, tuple[str, ...]] = {
 # in OUTPUT_OPTIONS of a job or here, so a new option needs a decision).
 RUNTIME_OPTIONS = (
     "model_inference_batch_size", "num_gpus_per_worker", "model_dir", "verbose", "aesthetic_weights",
-    "scheduler", "scheduler_file", "n_workers", "threads_per_worker", "decode_threads", "report",
-    "report_samples", "storage_options", "dashboard", "image_decoder",
+    "scheduler", "scheduler_file", "n_workers", "threads_per_worker", "decode_processes", "report",
+    "report_samples", "storage_options", "dashboard", "image_decoder", "clip_compile",
 )
 # aesthetic_weights is listed as runtime because the fingerprint holds the weights' sha256 instead:
 # the same file under another name or path writes the same output. Likewise image_decoder: the
@@ -130,7 +133,7 @@ def _read_yaml(text: str, origin: str) -> dict[str, Any]:
 def _coerce(name: str, value: Any, origin: str) -> Any:
     """Check one value against the field's declared type (int accepted where float is declared)."""
     declared = {f.name: f.type for f in fields(Config)}[name]
-    if name == "dashboard" and isinstance(value, bool):  # YAML reads `dashboard: true` as a bool
+    if name in ("dashboard", "clip_compile") and isinstance(value, bool):  # YAML reads `true` as a bool
         value = "true" if value else "false"
     if value is None:
         if "None" in declared:
@@ -209,7 +212,7 @@ def _validate(config: Config) -> None:
     if not math.isfinite(config.score_threshold):
         raise ConfigError(f"score_threshold (--threshold) must be a finite number, got {config.score_threshold}")
     for name, flag in (("n_workers", "--n-workers"), ("threads_per_worker", "--threads-per-worker"),
-                       ("decode_threads", "--decode-threads")):
+                       ("decode_processes", "--decode-processes")):
         value = getattr(config, name)
         if value is not None and value < 1:
             raise ConfigError(f"{name} ({flag}) must be >= 1, got {value}")
@@ -221,6 +224,8 @@ def _validate(config: Config) -> None:
         raise ConfigError("partition_rows (--partition-rows) must be >= 1")
     if config.clip_precision not in ("auto", "fp32", "fp16"):
         raise ConfigError("clip_precision must be auto, fp32 or fp16")
+    if config.clip_compile not in ("auto", "true", "false"):
+        raise ConfigError(f"clip_compile must be auto, true or false, got {config.clip_compile!r}")
     if config.image_decoder not in ("auto", "pil", "torch"):
         raise ConfigError(f"image_decoder (--image-decoder) must be auto, pil or torch, got {config.image_decoder!r}")
     if config.max_image_pixels < 1:

@@ -333,9 +333,9 @@ def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
 
 
 def read_parquet_rows(url: str, start: int, stop: int, row_groups: tuple[int, ...] | None = None,
-                      storage_options: dict[str, Any] | None = None) -> pa.Table:
+                      storage_options: dict[str, Any] | None = None, columns: list[str] | None = None) -> pa.Table:
     """Rows ``[start, stop)`` of a Parquet file (local or remote), reading only the row groups
-    that hold them.
+    that hold them (and only ``columns`` of them that exist, when given).
 
     Uses a dataset fragment: measured here about 2x faster than ``ParquetFile.read_row_groups``.
     """
@@ -355,17 +355,22 @@ def read_parquet_rows(url: str, start: int, stop: int, row_groups: tuple[int, ..
             offset += n
         if not row_groups:
             return fragment.physical_schema.empty_table()
+    if columns is not None:
+        present = set(fragment.physical_schema.names)
+        columns = [c for c in columns if c in present]
     # One thread per partition: Dask already runs partitions in parallel (threads would contend).
-    table = fragment.subset(row_group_ids=list(row_groups)).to_table(use_threads=False)
+    table = fragment.subset(row_group_ids=list(row_groups)).to_table(columns=columns, use_threads=False)
     return table.slice(start - first, stop - start) if (start - first or table.num_rows != stop - start) else table
 
 
 def read_embedding_table(part: EmbeddingPart, schema: pa.Schema, column: str,
                          storage_options: dict[str, Any] | None = None) -> pa.Table:
     """The Arrow table of one partition, conformed to ``schema``. Raises DataError if unreadable."""
+    # Only the columns the schema reads (under their input names): a projection, not every column.
+    columns = [(f.metadata or {}).get(_SOURCE_NAME, b"").decode() or f.name for f in schema]
     try:
         if part.metadata is None:
-            table = read_parquet_rows(part.source, part.start, part.stop, part.row_groups, storage_options)
+            table = read_parquet_rows(part.source, part.start, part.stop, part.row_groups, storage_options, columns)
         else:
             table = read_parquet_rows(part.metadata, part.start, part.stop, None, storage_options)
             matrix = np.ascontiguousarray(read_npy_rows(part.source, part.start, part.stop, storage_options))

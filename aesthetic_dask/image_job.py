@@ -22,17 +22,19 @@ import pyarrow as pa
 
 from . import storage
 from .config import Config, output_settings
-from .embed import ClipSpec, EmbedOptions, attach_embedded, compute_precision, embed_stream, prepare_clip_weights
-from .decode import resolve_decoder
+from .embed import attach_embedded
 from .embeddings_reader import EmbeddingPart, plan_parquet
-from .errors import InputError
-from .image_reader import (SHARD_SUFFIXES, ShardPart, ShardReader, check_image_type, image_values, iter_members,
-                           parse_json_fields, samples_table, shard_schema)
+from .models.clip import ClipSpec, compute_precision, prepare_clip_weights
+from .pipeline.decode import resolve_decoder
+from .pipeline.host import ParquetJob, ShardJob
+from .pipeline.stage import EmbedOptions, ModelPlugin, embed_source
+from .errors import FAILURE_DATA, DataError, InputError
+from .image_reader import (SHARD_SUFFIXES, ShardPart, _TailStream, check_image_type, iter_members, parse_json_fields,
+                           samples_table, shard_schema)
 from .job import Job, Work, package_versions, run_parts
 from .output import OutputLayout, WriteOptions, split_and_write
-from .partition import finish_record, new_record, process_parquet_part
+from .partition import failed_record, finish_record, new_record, process_parquet_part
 from .predictor import AestheticPredictor, load_extra_heads, load_job_predictor
-from .samples import wants_thumbnail
 from .score import SCORE_COLUMN, check_extra_score_names, table_keep_mask
 from .sources import list_inputs
 from .weights import REGISTRY
@@ -47,21 +49,16 @@ def process_shard(part: ShardPart, fields: dict, clip_spec: ClipSpec, predictor:
                   opts: WriteOptions, embed: EmbedOptions, write_shards: str | None,
                   extras: dict[str, AestheticPredictor] | None = None, max_sidecar_bytes: int = 65536,
                   storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Read, embed, score and write one WebDataset shard; return its record."""
+    """Read (in a host process of the worker's pool), embed, score and write one WebDataset shard;
+    return its record."""
     t0 = time.perf_counter()
     layout = OutputLayout(out, storage_options)
-    reader = ShardReader(part.source, max_sidecar_bytes=max_sidecar_bytes, storage_options=storage_options)
-    samples = []
-
-    def images():
-        for sample in reader:
-            samples.append(sample)
-            data, sample.image = sample.image, None  # bytes live only until embedded
-            yield None if sample.error else data
-
-    thumbnail_for = report_thumbnails(lambda i: samples[i].key) if opts.samples else None
-    embedded = embed_stream(images(), clip_spec, embed, predictor.embed_dim, thumbnail_for,
-                            heads=[predictor, *(extras or {}).values()], keep_embeddings=opts.keep_embeddings)
+    embedded = embed_source(ShardJob(part.source, max_sidecar_bytes, storage_options), clip_spec, embed,
+                            predictor.embed_dim, opts.samples, heads=[predictor, *(extras or {}).values()],
+                            keep_embeddings=opts.keep_embeddings)
+    if not embedded.rows_known:  # e.g. deleted after planning: its size is unknown, never a silent 0
+        return finish_record(layout, failed_record(part, embedded.failure, FAILURE_DATA), t0)
+    samples = embedded.metas
     base = samples_table(samples, part.source, fields, with_images=False).drop_columns(["image", "image_ext"])
     table = attach_embedded(base, embedded, extras or {})
     record = new_record(part) | {"clip_compute": embedded.compute, "image_decoder": embedded.decoder}
@@ -69,8 +66,9 @@ def process_shard(part: ShardPart, fields: dict, clip_spec: ClipSpec, predictor:
     t_write = time.perf_counter()
     record |= split_and_write(table, rows, part.name, part.source, layout, opts, embedded.thumbnails)
     record["stage_s"] = embedded.timings | {"write_s": round(time.perf_counter() - t_write, 4)}
-    if reader.failure:
-        record["failure"] = f"{part.source}: {reader.failure}"
+    record["worker"] = embedded.worker
+    if embedded.failure:
+        record["failure"] = embedded.failure
     elif not samples:
         record["note"] = f"{part.source}: empty shard: no samples"
     if write_shards and record["rows_kept"]:
@@ -87,8 +85,6 @@ def write_kept_shard(source: str, kept: set[int], target: str, tmp_dir: str | No
     """Copy the regular-file members of the kept samples (by sample index: a key may repeat
     non-consecutively in a tar) with their original bytes and names into a new tar, streamed and
     written whole or not at all (:func:`storage.atomic_open`)."""
-    from .image_reader import _TailStream
-
     src_fs, src_path = storage.split(source, storage_options)
     dst_fs, dst_path = storage.split(target, storage_options)
     with src_fs.open(src_path, "rb") as raw, tarfile.open(fileobj=_TailStream(raw), mode="r|") as src, \
@@ -101,46 +97,29 @@ def write_kept_shard(source: str, kept: set[int], target: str, tmp_dir: str | No
             pass  # a truncated source: its readable part was what got scored
 
 
-def report_thumbnails(key_of: Any) -> Any:
-    """``thumbnail_for(i)`` of :func:`embed.embed_stream`: which samples of a partition get a thumbnail."""
-    made = 0
-
-    def thumbnail_for(i: int) -> bool:
-        nonlocal made
-        wanted = wants_thumbnail(i, key_of(i), made)
-        made += wanted
-        return wanted
-
-    return thumbnail_for
-
-
-def score_image_table(table: pa.Table, column: str, clip_spec: ClipSpec, predictor: AestheticPredictor,
-                      embed: EmbedOptions, extras: dict[str, AestheticPredictor] | None = None,
-                      thumbnails: bool = True, keep_embeddings: bool = True) -> tuple[pa.Table, dict[int, bytes] | None]:
-    """Rows of an image Parquet file, with the image column replaced by embedding, score and error;
-    and the report's thumbnails by row."""
-    keys = table.column("key").cast(pa.string()).to_pylist() if "key" in table.column_names else None
-    thumbnail_for = report_thumbnails(lambda i: keys[i] if keys else None) if thumbnails else None
-    embedded = embed_stream(image_values(table.column(column)), clip_spec, embed, predictor.embed_dim, thumbnail_for,
-                            heads=[predictor, *(extras or {}).values()], keep_embeddings=keep_embeddings)
-    scored = attach_embedded(table.drop_columns([column]), embedded, extras or {})
-    return scored, embedded.thumbnails if thumbnails else None
-
-
 def process_image_parquet_part(part: EmbeddingPart, schema: pa.Schema, column: str, clip_spec: ClipSpec,
                                predictor: AestheticPredictor, out: str, opts: WriteOptions, embed: EmbedOptions,
                                extras: dict[str, AestheticPredictor] | None = None,
                                storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Read, embed, score and write rows of an image Parquet file; return its record."""
-    scorer = partial(score_image_table, column=column, clip_spec=clip_spec, predictor=predictor, embed=embed, extras=extras,
-                     thumbnails=opts.samples, keep_embeddings=opts.keep_embeddings)
-    return process_parquet_part(part, schema, column, out, opts, scorer, storage_options)
+    """Read, embed, score and write rows of an image Parquet file; return its record. This process
+    reads the other columns; a host process of the pool reads the image column itself."""
+    source = ParquetJob(part.source, part.start, part.stop, part.row_groups, column, storage_options)
+
+    def score(table: pa.Table) -> tuple[pa.Table, dict[int, bytes] | None]:
+        embedded = embed_source(source, clip_spec, embed, predictor.embed_dim, opts.samples,
+                                heads=[predictor, *(extras or {}).values()], keep_embeddings=opts.keep_embeddings)
+        if embedded.failure:
+            raise DataError(f"{part.source}: cannot read rows {part.start}-{part.stop}: {embedded.failure}")
+        return attach_embedded(table, embedded, extras or {}), embedded.thumbnails if opts.samples else None
+
+    others = pa.schema([f for f in schema if f.name != column])
+    return process_parquet_part(part, others, column, out, opts, score, storage_options)
 
 
 def run_job(inputs: list[str], out: str | Path, config: Config, overwrite: bool = False, progress: bool = True,
            started: float | None = None) -> tuple[dict[str, Any], int]:
     """Run the image job over shards and image Parquet; return (manifest, exit code)."""
-    from .cluster import dask_client, task_resources
+    from .cluster import check_workers_may_have_children, dask_client, task_resources
 
     started, t0 = started or time.time(), time.perf_counter()
     require_clip_extra()
@@ -190,7 +169,7 @@ def run_job(inputs: list[str], out: str | Path, config: Config, overwrite: bool 
             write_shards=shards_dir,
             clip_model_config_sha256=_file_digest(clip_spec.model_config),
             clip_compute=compute_precision(config.clip_precision, device),
-            image_decoder=resolve_decoder(config.image_decoder, device),
+            image_decoder=resolve_decoder(config.image_decoder),
         )
         job = Job(
             kind="run",
@@ -209,9 +188,14 @@ def run_job(inputs: list[str], out: str | Path, config: Config, overwrite: bool 
             started=started,
             report=config.report,
         )
+        local = client.cluster is not None
+        if not local:
+            check_workers_may_have_children(client)
+        # Each worker starts its model and decode pool now, before (and while) the job prepares OUT.
+        client.register_plugin(ModelPlugin(clip_spec, embed))
         job.timings["plan_s"] = plan_s
         job.timings["cluster_s"] = round(time.perf_counter() - t0 - plan_s, 3)
-        return run_parts(job, client, work, overwrite=overwrite, resources=task_resources(config, device),
+        return run_parts(job, client, work, overwrite=overwrite, resources=task_resources(config, device, local),
                          progress=progress and not config.verbose, unit="images")
 
 

@@ -143,6 +143,7 @@ class ShardReader:
     max_sidecar_bytes: int = MAX_SIDECAR_BYTES
     storage_options: dict[str, Any] | None = None
     failure: str | None = field(default=None, init=False)
+    opened: bool = field(default=False, init=False)  # False: the failure came before any byte was read
 
     def __iter__(self) -> Iterator[Sample]:
         current: Sample | None = None
@@ -152,6 +153,7 @@ class ShardReader:
 
             fs, path = split(self.path, self.storage_options)
             with fs.open(path, "rb") as raw:
+                self.opened = True
                 stream = _TailStream(raw)
                 with tarfile.open(fileobj=stream, mode="r|") as tar:
                     for index, key, ext, member in iter_members(tar):

@@ -74,6 +74,9 @@ def process_parquet_part(
         return finish_record(layout, failed_record(part, str(exc), FAILURE_DATA), t0)
     record = new_record(part) | {"start": part.start, "stop": part.stop}
     rows = np.arange(part.start, part.stop, dtype=np.int64)
-    scored, thumbnails = score_table(table)
+    try:
+        scored, thumbnails = score_table(table)
+    except DataError as exc:  # e.g. the image column, read by a host process of the pool
+        return finish_record(layout, failed_record(part, str(exc), FAILURE_DATA), t0)
     record |= split_and_write(scored, rows, part.name, part.source, layout, opts, thumbnails)
     return finish_record(layout, record, t0)

@@ -97,6 +97,6 @@ def score_job(inputs: list[str], out: str | Path, config: Config, overwrite: boo
             client,
             [Work(plan.parts, process_embedding_part, kwargs)],
             overwrite=overwrite,
-            resources=task_resources(config, device),
+            resources=task_resources(config, device, client.cluster is not None),
             progress=progress and not config.verbose,
         )

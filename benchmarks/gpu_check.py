@@ -1,4 +1,4 @@
-"""GPU check (issue 11): the GPU path measured on a real GPU, in one command.
+"""GPU check (issues 11, 17): the GPU path measured on a real GPU, in one command.
 
     python benchmarks/gpu_check.py --fetch          # where the package index is reachable: wheels into
                                                     # .whl/, the real predictor heads into .gpu/
@@ -13,16 +13,20 @@ some greyscale) in WebDataset shards, a randomly initialised ViT-L/14 (the compu
 one), and the real predictor heads copied from ../shared. It then measures, each step timed and
 the JSON rewritten after each (a step that fails records its error, the rest still run):
 
-- ``model_ceiling_images_per_s``: bare fp16 open_clip ``encode_image`` on ready tensors, batch 256
-  (and batch 32, the job's default);
-- ``decode_images_per_s``: each decoder alone (pil, torch on CPU, torch with nvJPEG on the GPU);
-- ``embedding_cosine_min``: CUDA fp16 against CPU fp32 (same images, PIL), nvJPEG against PIL
-  (same model), torch-on-CPU against PIL;
+- ``model_ceiling_images_per_s``: the bare fp16 image tower on ready tensors, batch 256 (and 32,
+  the job's default), eager; ``model_ceiling_compiled_images_per_s`` with ``torch.compile``, and
+  the compiled tower's embeddings against eager (cosine);
+- ``decode_images_per_s``: each host decoder alone (pil, torch), one process per core;
+- ``embedding_cosine_min``: CUDA fp16 through the pool and encoder against open_clip's own CPU
+  fp32 (same images), torch against pil (both through the pool);
 - ``score_max_abs_diff_cupy_vs_numpy``: the score stage on cupy against numpy, the linear (folded)
   and ReLU (layered) heads;
-- ``run_images_per_s``: the whole ``aesthetic-dask run`` over the shards through LocalCUDACluster
-  with the defaults, model load included (and steady-state, from the partition records), with
-  ``tasks_per_gpu_observed`` (partitions that ran at once on the GPU) and where the time went.
+- ``run_images_per_s``: the whole ``aesthetic-dask run`` over >= 200,000 images (the distinct
+  shards hard-linked under more names) through LocalCUDACluster with the defaults (compile auto),
+  fixed costs included; ``steady_images_per_s`` from the partition records; ``fixed_s`` (command
+  start to first batch, and after the last partition); GPU utilisation sampled through NVML
+  (``nvidia-smi``) and the host pool's processes and CPU use sampled during the run; the same
+  run eager (``clip_compile: false``) where time is left.
 
 Writes benchmarks/results/gpu-<yyyymmdd>-<device>.json and .log.
 """
@@ -55,6 +59,7 @@ SITE = Path("/tmp/site")
 PINNED_WHEELS = (
     "dask==2026.7.1", "distributed==2026.7.1", "dask-cuda==26.10.0", "open_clip_torch==3.3.0", "ftfy==6.3.1",
     "wcwidth==0.9.4", "partd==1.4.2", "locket==1.0.0", "tblib==3.2.2", "zict==3.0.0", "tornado==6.6.1",
+    "psutil==7.1.3",
 )
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "cat", "immunohistochemistry", "hubble_deep_field", "retina",
           "camera", "brick", "grass", "gravel", "horse", "moon", "page")
@@ -233,21 +238,31 @@ def cosine_min(a, b) -> float:
     return float(((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min())
 
 
-def embed_with(clip, images: list[bytes], decoder: str, cpu_decode: bool = False):
-    """Embeddings (host, in order) of ``images`` through the job's own embedder; None where refused."""
+def embed_with(spec, images: list[bytes], decoder: str, compile_mode: str = "false"):
+    """Embeddings (host, in order) of ``images`` through the job's own pool and encoder; NaN where refused."""
     import numpy as np
 
-    from aesthetic_dask.decode import TorchDecoder
-    from aesthetic_dask.embed import ImageEmbedder
+    from aesthetic_dask.pipeline.host import BytesJob
+    from aesthetic_dask.pipeline.stage import EmbedOptions, embed_source
 
-    embedder = ImageEmbedder(clip, 32, 10**9, decoder=decoder)
-    if cpu_decode:
-        embedder.decoder = TorchDecoder(clip.preprocess, 10**9, clip.tensor_preprocess, "cpu")
-    rows = []
-    for decoded, features in embedder.batches(images):
-        feats = iter(features.float().cpu().numpy()) if features is not None else iter(())
-        rows += [next(feats) if d.reason is None else np.full(clip.embed_dim, np.nan, np.float32) for d in decoded]
-    return np.stack(rows)
+    result = embed_source(BytesJob(images), spec, EmbedOptions(32, 10**9, decoder, compile=compile_mode))
+    matrix = result.embeddings.values.to_numpy(zero_copy_only=False).reshape(len(images), -1).copy()
+    matrix[[r is not None for r in result.reasons.to_pylist()]] = np.nan
+    return matrix
+
+
+def decode_rate(args: tuple) -> int:
+    """One process's share of the decode-alone measurement: decode ``photos`` with ``decoder``."""
+    decoder_name, spec, photos = args
+    import torch
+
+    from aesthetic_dask.pipeline.decode import make_decoder
+
+    torch.set_num_threads(1)
+    decoder = make_decoder(decoder_name, spec, 10**9)
+    for data in photos:
+        decoder.decode(data)
+    return len(photos)
 
 
 def main() -> int:
@@ -255,12 +270,14 @@ def main() -> int:
     parser.add_argument("--fetch", action="store_true", help="download the wheels and copy the heads, then exit")
     parser.add_argument("--quick", action="store_true", help="small inputs and a tiny model: a dry run of every step")
     parser.add_argument("--distinct", type=int, default=2048, help="distinct photos (default 2048)")
-    parser.add_argument("--images", type=int, default=32000, help="images in the shards of the run (default 32000)")
-    parser.add_argument("--deadline", type=float, default=420, help="seconds after which optional steps skip")
+    parser.add_argument("--images", type=int, default=200_000, help="images in the run (default 200,000)")
+    parser.add_argument("--distinct-images", type=int, default=32_000,
+                        help="images in distinct shards; the rest are hard links under other names (default 32,000)")
+    parser.add_argument("--deadline", type=float, default=480, help="seconds after which optional steps skip")
     parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument("--work", type=Path, default=Path("/tmp/gpu-check"))
     parser.add_argument("--steps", default="all",
-                        help="comma-separated steps to run (default all): cosines,ceiling,decode,scores,run,run_pil")
+                        help="comma-separated steps to run (default all): cosines,ceiling,decode,scores,run,run_eager")
     parser.add_argument("--tag", default="", help="suffix of the result files' names (a partial re-check)")
     args = parser.parse_args()
     if args.fetch:
@@ -268,7 +285,7 @@ def main() -> int:
         return 0
     ensure_packages()
     if args.quick:
-        args.distinct, args.images = min(args.distinct, 64), min(args.images, 256)
+        args.distinct, args.images, args.distinct_images = min(args.distinct, 64), min(args.images, 512), 256
     check = Check(args.results, args.deadline)
     import numpy as np
     import torch
@@ -276,7 +293,7 @@ def main() -> int:
     cuda = torch.cuda.is_available()
     device = torch.cuda.get_device_name(0) if cuda else "cpu"
     check.name(device + ("-quick" if args.quick else "") + (f"-{args.tag}" if args.tag else ""))
-    wanted = set(args.steps.split(",")) if args.steps != "all" else {"cosines", "ceiling", "decode", "scores", "run", "run_pil"}
+    wanted = set(args.steps.split(",")) if args.steps != "all" else {"cosines", "ceiling", "decode", "scores", "run", "run_eager"}
     r = check.results
     r["device"] = device
     r["command"] = " ".join(["python3", "benchmarks/gpu_check.py", *sys.argv[1:]])
@@ -300,9 +317,16 @@ def main() -> int:
         available_photos()
         with Pool(min(16, os.cpu_count() or 1)) as pool:
             photos = pool.map(make_photo, range(args.distinct), chunksize=16)
-        shards = write_shards(work / "shards", photos, args.images, 1000 if not args.quick else 128)
-        r["inputs"] = {"distinct_photos": len(photos), "sample_photos": list(PHOTOS), "images_in_shards": args.images,
-                       "shards": len(shards), "mean_jpeg_kib": round(sum(map(len, photos)) / len(photos) / 1024, 1)}
+        per_shard = 1000 if not args.quick else 128
+        distinct = write_shards(work / "shards", photos, min(args.images, args.distinct_images), per_shard)
+        shards = list(distinct)
+        while len(shards) * per_shard < args.images:  # more names for the same bytes: no 20 GB of tars
+            link = work / "shards" / f"link-{len(shards):05d}.tar"
+            os.link(distinct[len(shards) % len(distinct)], link)
+            shards.append(link)
+        r["inputs"] = {"distinct_photos": len(photos), "sample_photos": list(PHOTOS), "images_in_shards": len(shards) * per_shard,
+                       "shards": len(shards), "distinct_shards": len(distinct),
+                       "mean_jpeg_kib": round(sum(map(len, photos)) / len(photos) / 1024, 1)}
         check.log(f"{len(photos)} photos, {args.images} images in {len(shards)} shards")
 
     import open_clip
@@ -321,94 +345,89 @@ def main() -> int:
         torch.save(cpu_model.state_dict(), ckpt)
         r["model"] = {"name": model_name, "weights": "random (seed 0): the compute is the real model's"}
 
-    from aesthetic_dask.embed import ClipModel, ClipSpec
+    from aesthetic_dask.models.clip import ClipSpec
+    from aesthetic_dask.pipeline.encoder import ClipEncoder, input_spec
 
     spec = ClipSpec(model_name, str(ckpt), str(model_config) if model_config else None, str(work / "cache"))
-    clip, pil = None, np.empty((0, 0), np.float32)
-    if wanted & {"cosines", "ceiling", "decode"}:
+    encoder, pil = None, np.empty((0, 0), np.float32)
+    if wanted & {"cosines", "ceiling"}:
         with check.step("load"):
-            clip = ClipModel(spec)
-            r["model"]["compute"] = clip.compute
+            encoder = ClipEncoder(spec, 32, "false")
+            r["model"] |= {"compute": encoder.compute, "load_s": encoder.load_s}
+            check.log(f"model loaded in {encoder.load_s}s (meta device, open_clip's load_checkpoint)")
 
     cos = r["embedding_cosine_min"] = {}
     sample = photos[:64]
     if "cosines" in wanted:
-        with check.step("cosine_cuda_fp16_vs_cpu_fp32"):
-            preprocess = clip.preprocess
+        with check.step("cosine_device_vs_cpu_fp32"):
+            from open_clip import image_transform_v2
+            from open_clip.transform import PreprocessCfg
             from PIL import Image
 
+            preprocess = image_transform_v2(PreprocessCfg(**cpu_model.visual.preprocess_cfg), is_train=False)
             torch.set_num_threads(r["cpu_cores"])
             with torch.inference_mode():
                 x = torch.stack([preprocess(Image.open(io.BytesIO(b))) for b in sample])
                 ref = torch.cat([cpu_model.encode_image(x[i:i + 16]) for i in range(0, len(x), 16)])
                 ref = (ref / ref.norm(dim=-1, keepdim=True)).numpy()
-            got = embed_with(clip, sample, "pil")
-            cos[f"{clip.compute}_vs_cpu_fp32"] = round(cosine_min(got, ref), 6)
-            if clip.device == "cuda":
-                cos["cuda_fp16_vs_cpu_fp32"] = cos[f"{clip.compute}_vs_cpu_fp32"]
-    del cpu_model
-
-    if "cosines" in wanted:
+            got = embed_with(spec, sample, "pil")
+            cos[f"{encoder.compute}_pool_vs_open_clip_cpu_fp32"] = round(cosine_min(got, ref), 6)
         with check.step("cosine_decoders"):
-            pil = embed_with(clip, photos, "pil")
-            torch_dec = embed_with(clip, photos, "torch")
-            name = "nvjpeg_vs_pil" if clip.device == "cuda" else "torch_vs_pil"
-            cos[name] = round(cosine_min(torch_dec, pil), 6)
-            # By kind of JPEG (make_photo's pattern), so a failing kind shows itself.
+            pil = embed_with(spec, photos, "pil")
+            torch_dec = embed_with(spec, photos, "torch")
+            cos["torch_vs_pil"] = round(cosine_min(torch_dec, pil), 6)
             kinds = {"greyscale": lambda i: i % 16 == 7, "progressive": lambda i: i % 8 == 3 and i % 16 != 7,
                      "baseline_colour": lambda i: i % 8 != 3 and i % 16 != 7}
             r["embedding_cosine_min_by_kind"] = {
-                f"{name}_{kind}": round(cosine_min(torch_dec[rows], pil[rows]), 6)
+                f"torch_vs_pil_{kind}": round(cosine_min(torch_dec[rows], pil[rows]), 6)
                 for kind, test in kinds.items() if (rows := [i for i in range(len(photos)) if test(i)])}
-            if clip.device == "cuda":
-                cos["torch_cpu_vs_pil"] = round(cosine_min(embed_with(clip, photos, "torch", cpu_decode=True), pil), 6)
             check.log(f"cosines {cos}")
+    del cpu_model
 
-    if cuda:
-        if "ceiling" in wanted:
-            with check.step("model_ceiling"):
-                # The job's own model object: fp16 weights on the GPU, as the run computes.
-                ceiling = r["model_ceiling"] = {"weights": str(clip.dtype)}
-                for batch in (32, 256):
-                    x = torch.randn(batch, 3, 224, 224, device="cuda", dtype=clip.dtype)
-                    n = max(8, 4096 // batch)
+    if "ceiling" in wanted:
+        with check.step("model_ceiling"):
+            # The job's own image tower: fp16 weights on the GPU, as the run computes.
+            dev, dtype = encoder.device, encoder.dtype
+            ceiling = r["model_ceiling"] = {"weights": str(dtype)}
+            sync = torch.cuda.synchronize if cuda else (lambda: None)
+            compiled = torch.compile(encoder.visual, dynamic=False) if cuda else None
+            for batch in (32, 256) if cuda else (8,):
+                x = torch.randn(batch, 3, *encoder.input.size, device=dev, dtype=dtype)
+                n = max(8, 4096 // batch) if cuda else 2
+                for label, fn in (("eager", encoder.visual), ("compiled", compiled)):
+                    if fn is None:
+                        continue
                     with torch.inference_mode():
                         for _ in range(3):
-                            clip.model.encode_image(x)
-                        torch.cuda.synchronize()
+                            fn(x)
+                        sync()
 
-                        def run_batches(x=x, n=n):
+                        def run_batches(fn=fn, x=x, n=n):
                             for _ in range(n):
-                                clip.model.encode_image(x)
-                            torch.cuda.synchronize()
+                                fn(x)
+                            sync()
 
-                        ceiling[f"batch{batch}"] = images_per_s(batch * n, run_batches)
-                r["model_ceiling_images_per_s"] = ceiling["batch256"]
-                check.log(f"ceiling {ceiling}")
+                        ceiling[f"{label}_batch{batch}"] = images_per_s(batch * n, run_batches)
+            r["model_ceiling_images_per_s"] = ceiling.get("eager_batch256", ceiling.get("eager_batch8"))
+            if compiled is not None:
+                r["model_ceiling_compiled_images_per_s"] = ceiling["compiled_batch256"]
+                with torch.inference_mode():
+                    x = torch.randn(64, 3, *encoder.input.size, device=dev, dtype=dtype)
+                    a, b = encoder.visual(x).float(), compiled(x).float()
+                r["compiled_vs_eager_cosine_min"] = round(cosine_min(a.cpu().numpy(), b.cpu().numpy()), 6)
+            check.log(f"ceiling {ceiling}")
+    encoder = None
 
     if "decode" in wanted:
         with check.step("decode"):
-            from concurrent.futures import ThreadPoolExecutor
-
-            from aesthetic_dask.decode import PilDecoder, TorchDecoder
-
-            threads = r["cpu_cores"]
-            dec = r["decode_images_per_s"] = {"threads": threads}
-            pil_dec = PilDecoder(clip.preprocess, 10**9)
-            cpu_dec = TorchDecoder(clip.preprocess, 10**9, clip.tensor_preprocess, "cpu")
-            with ThreadPoolExecutor(threads) as pool:
-                dec["pil"] = images_per_s(len(photos), lambda: list(pool.map(pil_dec.decode, photos)), repeat=2)
-                dec["torch_cpu"] = images_per_s(len(photos), lambda: list(pool.map(cpu_dec.decode, photos)), repeat=2)
-                if cuda:
-                    gpu_dec = TorchDecoder(clip.preprocess, 10**9, clip.tensor_preprocess, "cuda")
-                    for batch in (32, 256):
-                        def nvjpeg(batch=batch):
-                            headers = list(pool.map(gpu_dec.decode, photos))
-                            for i in range(0, len(headers), batch):
-                                gpu_dec.finish(headers[i:i + batch])
-                            torch.cuda.synchronize()
-
-                        dec[f"torch_nvjpeg_batch{batch}"] = images_per_s(len(photos), nvjpeg, repeat=2)
+            procs = r["cpu_cores"]
+            dec = r["decode_images_per_s"] = {"processes": procs}
+            in_spec = input_spec(spec)
+            for name in ("pil", "torch"):
+                share = [(name, in_spec, photos[i::procs]) for i in range(procs)]
+                with Pool(procs) as pool:
+                    pool.map(decode_rate, [(name, in_spec, photos[:2])] * procs)  # imports, once
+                    dec[name] = images_per_s(len(photos), lambda: pool.map(decode_rate, share), repeat=2)
             check.log(f"decode {dec}")
 
     heads = [HEADS_DIR / h for h in HEADS if (HEADS_DIR / h).exists()] or [SHARED / h for h in HEADS if (SHARED / h).exists()]
@@ -436,7 +455,6 @@ def main() -> int:
             r["score_max_abs_diff_by_head"] = diffs
             check.log(f"score diffs {diffs}")
 
-    clip = None  # the run's worker loads its own model
     import gc
 
     gc.collect()
@@ -445,19 +463,69 @@ def main() -> int:
     if "run" in wanted:
         with check.step("run"):
             r["run"] = run_job(check, work, shards, spec, heads, "default", [])
+            for key in ("images", "steady_images_per_s", "fixed_s"):
+                r[key] = r["run"][key]
             r["run_images_per_s"] = r["run"]["images_per_s"]
-            r["tasks_per_gpu_observed"] = r["run"]["tasks_at_once_max"]
             if "model_ceiling_images_per_s" in r:
                 r["run_vs_ceiling"] = round(r["run_images_per_s"] / r["model_ceiling_images_per_s"], 3)
-                r["run_steady_vs_ceiling"] = round(r["run"]["steady_images_per_s"] / r["model_ceiling_images_per_s"], 3)
-    n_pil = max(1, len(shards) // 4)
-    if "run_pil" in wanted:
-        with check.step("run_pil_decoder", optional_s=90) as go:
+                r["run_steady_vs_ceiling"] = round(r["steady_images_per_s"] / r["model_ceiling_images_per_s"], 3)
+    if "run_eager" in wanted:
+        with check.step("run_eager", optional_s=150) as go:
             if go:
-                r["run_pil"] = run_job(check, work, shards[:n_pil], spec, heads, "pil", ["--image-decoder", "pil"])
-    check.log(f"done: {json.dumps({k: r.get(k) for k in ('model_ceiling_images_per_s', 'run_images_per_s', 'tasks_per_gpu_observed')})}")
+                eager = work / "eager.yaml"
+                eager.write_text("clip_compile: false\n")
+                r["run_eager"] = run_job(check, work, shards, spec, heads, "eager", ["--config", str(eager)])
+    check.log(f"done: {json.dumps({k: r.get(k) for k in ('model_ceiling_images_per_s', 'model_ceiling_compiled_images_per_s', 'run_images_per_s', 'steady_images_per_s', 'fixed_s')})}")
     check.save()
     return 0
+
+
+class Sampler:
+    """GPU utilisation (nvidia-smi, i.e. NVML) and the job's process tree (CPU use, processes) every 0.5 s."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.gpu: list[float] = []
+        self.cpu: list[float] = []
+        self.processes: list[int] = []
+        self.root: int | None = None
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        try:
+            import psutil
+        except ImportError:
+            psutil = None
+        smi = shutil.which("nvidia-smi")
+        tree = []
+        while not self.stop.wait(0.5):
+            if smi:
+                out = subprocess.run([smi, "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"],
+                                     capture_output=True, text=True).stdout.split()
+                if out:
+                    self.gpu.append(float(out[0]))
+            if psutil and self.root:
+                try:
+                    root = psutil.Process(self.root)
+                    now = [root, *root.children(recursive=True)]
+                    if {p.pid for p in now} != {p.pid for p in tree}:
+                        tree = now
+                        for p in tree:
+                            p.cpu_percent(None)  # the first reading of a process is a baseline
+                        continue
+                    self.cpu.append(sum(p.cpu_percent(None) for p in tree) / 100)
+                    self.processes.append(len(tree))
+                except psutil.Error:
+                    pass
+
+    def summary(self) -> dict:
+        def stats(xs):
+            return {"mean": round(sum(xs) / len(xs), 1), "max": round(max(xs), 1), "samples": len(xs)} if xs else None
+
+        return {"gpu_utilisation_percent": stats(self.gpu), "job_cores_busy": stats(self.cpu),
+                "job_processes": stats(self.processes)}
 
 
 def run_job(check: Check, work: Path, shards: list[Path], spec, heads: list[Path], label: str, extra: list[str]) -> dict:
@@ -470,36 +538,47 @@ def run_job(check: Check, work: Path, shards: list[Path], spec, heads: list[Path
     if heads:
         cmd += ["--aesthetic-weights", str(heads[0])]
     t, started = time.perf_counter(), time.time()
+    sampler = Sampler()
+    sampler.thread.start()
     # In the work directory: the repository's own aesthetic_dask/ must not shadow the installed package.
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=work)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=work)
+    sampler.root = proc.pid
+    _, stderr = proc.communicate()
     wall = time.perf_counter() - t
-    check.log(f"run {label}: exit {proc.returncode} in {wall:.1f}s\n{proc.stderr[-3000:]}")
+    sampler.stop.set()
+    check.log(f"run {label}: exit {proc.returncode} in {wall:.1f}s\n{stderr[-3000:]}")
     manifest = json.loads((out / "manifest.json").read_text())
     records = [json.loads(p.read_text()) for p in sorted((out / "_parts").glob("*.json"))]
     spans = sorted((rec["finished_at"] - rec["seconds"], rec["finished_at"]) for rec in records)
-    events = sorted([(a, 1) for a, _ in spans] + [(b, -1) for _, b in spans], key=lambda e: (e[0], e[1]))
-    at_once = most = 0
-    for _, delta in events:
-        at_once += delta
-        most = max(most, at_once)
     rows = manifest["totals"]["rows_in"]
-    steady = (spans[-1][1] - spans[0][0]) if spans else float("nan")
+    # Steady: between the end of the first tenth of the partitions and the last one's end.
+    ends = sorted(b for _, b in spans)
+    cut = ends[len(ends) // 10] if ends else None
+    steady_rows = sum(rec["rows_in"] for rec in records if rec["finished_at"] > cut) if cut else 0
+    steady = steady_rows / (ends[-1] - cut) if ends and ends[-1] > cut else float("nan")
+    first_batch = min((rec.get("worker") or {}).get("first_batch_at") or float("inf") for rec in records) if records else None
     stages = {}
     for rec in records:
         for k, v in rec.get("stage_s", {}).items():
             stages[k] = round(stages.get(k, 0) + v, 2)
+    worker = next((rec["worker"] for rec in records if rec.get("worker")), {})
+    busy = (ends[-1] - spans[0][0]) if spans else 0
     return {
         "exit_code": proc.returncode,
         "images": rows,
         "wall_s": round(wall, 1),
         "images_per_s": round(rows / wall, 1),
-        "steady_images_per_s": round(rows / steady, 1),
-        "first_partition_started_after_s": round(spans[0][0] - started, 1) if spans else None,
-        "tasks_at_once_max": most,
+        "steady_images_per_s": round(steady, 1),
+        "fixed_s": round(wall - busy, 1) if spans else None,
+        "first_batch_after_s": round(first_batch - started, 1) if first_batch not in (None, float("inf")) else None,
+        "model_load_s": worker.get("model_load_s"),
+        "compiled": worker.get("compiled"),
+        "decode_processes": worker.get("decode_processes"),
+        "decode_processes_replaced": max(((rec.get("worker") or {}).get("decode_processes_replaced") or 0 for rec in records), default=0),
+        "sampled": sampler.summary(),
         "stage_s_summed_over_partitions": stages,
         "partition_seconds_summed": round(sum(rec["seconds"] for rec in records), 1),
         "settings": {k: manifest["settings"].get(k) for k in ("clip_compute", "image_decoder")},
-        "decoders_used": sorted({rec.get("image_decoder") for rec in records}),
         "manifest_timings": manifest.get("timings"),
         "cluster": manifest.get("cluster"),
         "totals": manifest["totals"],

@@ -65,14 +65,22 @@ def test_workers_advertising_gpu_without_one_give_the_cpu_result(tmp_path, rng, 
     assert a["totals"] == b["totals"] and a["score_histogram"] == b["score_histogram"]
 
 
-def test_gpu_shares_and_decode_threads_are_budgeted(monkeypatch):
+def test_the_decode_pool_and_the_partitions_per_worker_are_sized_from_the_cores(monkeypatch):
     from aesthetic_dask import cluster
+    from aesthetic_dask.config import load_config
 
-    assert [cluster.tasks_per_gpu(s) for s in (1.0, 0.5, 0.35, 0.25, 0.2)] == [1, 2, 2, 4, 5]
     monkeypatch.setattr(cluster.os, "sched_getaffinity", lambda pid: set(range(16)))
-    assert cluster.decode_threads(0.25) == 16  # a CPU worker: the model runs one task at a time
-    monkeypatch.setattr(cluster, "array_module", lambda: DeviceArrays())
+    monkeypatch.setattr(cluster.os, "cpu_count", lambda: 16)
+    assert cluster.decode_processes(None, "cpu") == 16  # the pool and the model share a CPU worker's cores
     monkeypatch.setattr(cluster, "visible_gpu_count", lambda: 1)
-    assert cluster.decode_threads(0.25) == 4  # 4 tasks share the GPU and the 16 cores
+    assert cluster.decode_processes(None, "cuda") == 15  # one core for the model's own process
     monkeypatch.setattr(cluster, "visible_gpu_count", lambda: 8)
-    assert cluster.decode_threads(0.25) == 1
+    assert cluster.decode_processes(None, "cuda") == 1
+    assert cluster.decode_processes(6, "cuda") == 6
+    config = load_config(decode_processes=5)
+    assert cluster.partitions_per_worker(config, "cuda") == 5  # one shard per host process
+    assert load_config(decode_threads=3).decode_processes == 3  # the former name still works
+    # Tasks ask a GPU share only where there is something to route: a connected cluster.
+    assert cluster.task_resources(config, "cuda", local=False) == {"GPU": 0.25}
+    assert cluster.task_resources(config, "cuda", local=True) is None
+    assert cluster.task_resources(config, "cpu", local=False) is None

@@ -1,6 +1,6 @@
-"""The torch decoder against the PIL reference (issue 11): the same embedding within tolerance for
-every image type, the same accounting and reasons for hostile members, on CPU. The batched path
-(nvJPEG on a GPU) runs here with torchvision's CPU decoder."""
+"""The decoders in the host pool against the references (issues 11, 17): `pil` through the pool is
+open_clip's own preprocess and model; `torch` gives the same embedding within tolerance for every
+image type, and the same accounting and reasons for hostile members."""
 
 import io
 import json
@@ -11,8 +11,12 @@ import pytest
 from PIL import Image
 
 from aesthetic_dask.cli import main
-from aesthetic_dask.decode import PilDecoder, TensorPreprocess, TorchDecoder, _tensor_kind, make_decoder, resolve_decoder
-from aesthetic_dask.embed import ClipModel, ClipSpec, ImageEmbedder
+from aesthetic_dask.models.clip import ClipSpec
+from aesthetic_dask.pipeline.decode import PilDecoder, TorchDecoder, _tensor_kind, make_decoder, resolve_decoder
+from aesthetic_dask.pipeline.encoder import input_spec
+from aesthetic_dask.pipeline.host import BytesJob
+from aesthetic_dask.pipeline.preprocess import InputSpec
+from aesthetic_dask.pipeline.stage import EmbedOptions, embed_source
 from conftest import photo_bytes, write_shard
 
 
@@ -38,6 +42,22 @@ def exif_rotated() -> bytes:
 def with_transparency() -> bytes:
     image = photo("coffee")
     return save(image, "PNG", transparency=(255, 255, 255))
+
+
+def png_16bit_rgb(image: Image.Image) -> bytes:
+    """A PNG of bit depth 16, colour type 2 (Pillow cannot write one)."""
+    import struct
+    import zlib
+
+    pixels = np.asarray(image, dtype=np.uint16) * 257 + 3  # 0..65535, low byte not a copy of the high one
+    height, width, _ = pixels.shape
+    raw = b"".join(b"\0" + row.astype(">u2").tobytes() for row in pixels)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
 
 
 def animated() -> bytes:
@@ -66,6 +86,8 @@ IMAGE_TYPES = {
     "png_palette": (lambda: photo_bytes("astronaut", "PNG", "P"), None),
     "png_16bit": (lambda: save(Image.fromarray((np.arange(96 * 128).reshape(96, 128) * 7).astype(np.uint16)), "PNG"), None),
     "png_transparency_key": (with_transparency, None),
+    # Pillow opens 16-bit RGB as "RGB" and torchvision decodes it to uint16: Pillow must decide.
+    "png_16bit_rgb": (lambda: png_16bit_rgb(photo("coffee", (160, 120))), "PNG"),
     "webp_rgb": (lambda: photo_bytes("coffee", "WEBP"), None),
     "webp_rgba": (lambda: photo_bytes("astronaut", "WEBP", "RGBA"), None),
     "gif_animated": (animated, None),
@@ -81,6 +103,7 @@ PARITY_CLIP = {
 
 @pytest.fixture(scope="module")
 def clip224(tmp_path_factory):
+    """(spec, open_clip's own model and preprocess): the reference the pipeline is checked against."""
     import open_clip
     import torch
 
@@ -90,20 +113,31 @@ def clip224(tmp_path_factory):
     torch.manual_seed(0)
     torch.save(open_clip.create_model("parity-clip").state_dict(), d / "parity-clip.pt")
     spec = ClipSpec("parity-clip", str(d / "parity-clip.pt"), str(d / "parity-clip.json"), str(d / "cache"))
-    return ClipModel(spec)
+    model, _, preprocess = open_clip.create_model_and_transforms("parity-clip", pretrained=str(d / "parity-clip.pt"))
+    return spec, model.eval(), preprocess
 
 
-def embed_all(clip, images: list[bytes], decoder: str, batched: bool = False):
-    embedder = ImageEmbedder(clip, batch_size=4, max_pixels=10**8, decode_threads=2, decoder=decoder)
-    if batched:
-        embedder.decoder.batched = True
-    rows, reasons = [], []
-    for decoded, features in embedder.batches(images):
-        feats = iter(features.numpy()) if features is not None else iter(())
-        for d in decoded:
-            rows.append(next(feats) if d.reason is None else None)
-            reasons.append(d.reason)
-    return rows, reasons
+def embed_all(clip224, images: list[bytes], decoder: str):
+    """Embeddings (None where refused) and reasons of ``images`` through the pool and the encoder."""
+    spec = clip224[0]
+    result = embed_source(BytesJob(images), spec, EmbedOptions(4, 10**8, decoder, processes=2))
+    matrix = result.embeddings.values.to_numpy(zero_copy_only=False).reshape(len(images), -1)
+    reasons = result.reasons.to_pylist()
+    return [None if r else row for row, r in zip(matrix, reasons)], reasons
+
+
+def reference(clip224, data: bytes) -> np.ndarray:
+    """open_clip's own preprocess and encode_image, in float32."""
+    import torch
+
+    _, model, preprocess = clip224
+    with torch.no_grad():
+        f = model.encode_image(preprocess(Image.open(io.BytesIO(data)))[None]).float()
+    return (f / f.norm(dim=-1, keepdim=True))[0].numpy()
+
+
+def cosine(a, b) -> float:
+    return float(np.dot(a, b) / np.linalg.norm(a) / np.linalg.norm(b))
 
 
 def test_each_image_type_takes_the_declared_path():
@@ -112,61 +146,56 @@ def test_each_image_type_takes_the_declared_path():
         assert _tensor_kind(Image.open(io.BytesIO(data)), data) == kind, name
 
 
-@pytest.mark.parametrize("batched", [False, True], ids=["per-image", "batched"])
-def test_torch_decoder_matches_pil_on_every_image_type(clip224, batched):
+def test_the_pool_with_pil_is_open_clip_itself(clip224):
+    """uint8 crops from open_clip's own transforms, normalised on the model's side, give open_clip's embedding."""
     names = list(IMAGE_TYPES)
     images = [IMAGE_TYPES[n][0]() for n in names]
-    assert type(make_decoder("torch", clip224.preprocess, 10**8, clip224.tensor_preprocess, "cpu")) is TorchDecoder
+    got, reasons = embed_all(clip224, images, "pil")
+    assert reasons == [None] * len(names)
+    cosines = {n: cosine(a, reference(clip224, data)) for n, a, data in zip(names, got, images)}
+    assert min(cosines.values()) >= 0.99999, cosines
+
+
+def test_torch_decoder_matches_pil_on_every_image_type(clip224):
+    names = list(IMAGE_TYPES)
+    images = [IMAGE_TYPES[n][0]() for n in names]
     ref, ref_reasons = embed_all(clip224, images, "pil")
-    got, reasons = embed_all(clip224, images, "torch", batched)
+    got, reasons = embed_all(clip224, images, "torch")
     assert reasons == ref_reasons == [None] * len(names)
-    cosines = {n: float(np.dot(a, b) / np.linalg.norm(a) / np.linalg.norm(b)) for n, a, b in zip(names, got, ref)}
+    cosines = {n: cosine(a, b) for n, a, b in zip(names, got, ref)}
     assert min(cosines.values()) >= 0.999, cosines
-    # The preprocessed pixels themselves: within two 8-bit levels, normalised (1/255/std ~ 0.015 each).
-    pil, torch_dec = PilDecoder(clip224.preprocess, 10**8), TorchDecoder(clip224.preprocess, 10**8, clip224.tensor_preprocess)
+    # The crops themselves: within two 8-bit levels on average.
+    spec = input_spec(clip224[0])
+    pil, torch_dec = PilDecoder(spec, 10**8), TorchDecoder(spec, 10**8)
     for name, data in zip(names, images):
-        a, b = pil.decode(data).tensor, torch_dec.decode(data).tensor
-        assert a.shape == b.shape == (3, 224, 224), name
-        assert float((a - b).abs().mean()) < 0.01, name
+        a, b = pil.decode(data).crop, torch_dec.decode(data).crop
+        assert a.shape == b.shape == (3, 224, 224) and a.dtype == b.dtype == np.uint8, name
+        assert float(np.abs(a.astype(float) - b.astype(float)).mean()) < 2, name
 
 
-@pytest.mark.parametrize("batched", [False, True], ids=["per-image", "batched"])
-def test_a_thumbnail_never_changes_the_embedding(clip224, batched):
+def test_a_thumbnail_never_changes_the_embedding(clip224):
     """The report's thumbnails come from the pixels the embedding was made from, so a job (which
     makes them) and the notebook API (which does not) give the same embedding."""
-    decoder = TorchDecoder(clip224.preprocess, 10**8, clip224.tensor_preprocess)
-    decoder.batched = batched
+    decoder = TorchDecoder(input_spec(clip224[0]), 10**8)
     for name in ("jpeg_large", "jpeg_progressive", "png_rgb", "png_palette"):
         data = IMAGE_TYPES[name][0]()
-        plain, with_thumb = decoder.finish([decoder.decode(data), decoder.decode(data, thumbnail=True)])
+        plain, with_thumb = decoder.decode(data), decoder.decode(data, thumbnail=True)
         assert plain.thumbnail is None and with_thumb.thumbnail is not None, name
-        assert bool((plain.tensor == with_thumb.tensor).all()), name
+        assert bool((plain.crop == with_thumb.crop).all()), name
         thumb = Image.open(io.BytesIO(with_thumb.thumbnail))
         assert thumb.format == "JPEG" and max(thumb.size) <= 128, name
 
 
-def test_only_baseline_colour_jpegs_wait_for_the_device_batch(clip224):
-    decoder = TorchDecoder(clip224.preprocess, 10**8, clip224.tensor_preprocess)
-    decoder.batched = True
-    waiting = {name for name, (make, _) in IMAGE_TYPES.items() if decoder.decode(make()).jpeg is not None}
-    assert waiting == {"jpeg_420_q75", "jpeg_444_q95", "jpeg_exif_rotated", "jpeg_large", "jpeg_tiny", "jpeg_wide"}
-
-
-def test_the_tensor_preprocess_is_read_from_the_model_config(clip224):
-    tp = clip224.tensor_preprocess
-    cfg = clip224.model.visual.preprocess_cfg
-    assert tp == TensorPreprocess(tuple(cfg["size"]), "shortest", "bicubic", tuple(cfg["mean"]), tuple(cfg["std"]))
-
-    class Visual:
-        preprocess_cfg = dict(cfg, resize_mode="longest")
-
-    class Model:
-        visual = Visual()
-
+def test_the_model_input_is_read_from_open_clips_preprocess_cfg(clip224):
+    spec, model, _ = clip224
+    cfg = model.visual.preprocess_cfg
+    got = input_spec(spec)
+    assert got == InputSpec(tuple(cfg["size"]), "RGB", tuple(cfg["mean"]), tuple(cfg["std"]), "bicubic", "shortest", 0)
+    assert got.tensor_ops
     # A preprocess the tensor path cannot express: every image goes through Pillow.
-    assert TensorPreprocess.of(Model()) is None
-    assert type(make_decoder("torch", clip224.preprocess, 10**8, None, "cpu")) is PilDecoder
-    assert resolve_decoder("auto", "cuda") == "torch" and resolve_decoder("pil", "cuda") == "pil"
+    longest = InputSpec.of(dict(cfg, resize_mode="longest"))
+    assert not longest.tensor_ops and type(make_decoder("torch", longest, 10**8)) is PilDecoder
+    assert resolve_decoder("auto") == "torch" and resolve_decoder("pil") == "pil"
 
 
 def hostile_members() -> list[tuple[str, bytes]]:
@@ -191,12 +220,11 @@ def hostile_members() -> list[tuple[str, bytes]]:
     ]
 
 
-def test_hostile_members_get_the_same_reasons_from_both_decoders_batched_or_not(clip224):
+def test_hostile_members_get_the_same_reasons_from_both_decoders(clip224):
     images = [data for _, data in hostile_members()]
     _, pil = embed_all(clip224, images, "pil")
-    _, torch_each = embed_all(clip224, images, "torch")
-    _, torch_batched = embed_all(clip224, images, "torch", batched=True)
-    assert torch_each == pil and torch_batched == pil
+    _, torch_reasons = embed_all(clip224, images, "torch")
+    assert torch_reasons == pil
     assert pil[0] is None and pil[1] is not None and pil[-1] is None
 
 

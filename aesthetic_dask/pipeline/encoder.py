@@ -1,0 +1,254 @@
+"""The CLIP image tower, once per worker process, fed uint8 crops in batches across partitions.
+
+- **Load.** The model is built on the meta device (no random initialisation: ~12 s for ViT-L/14
+  on a CPU), given uninitialised memory and loaded with open_clip's own ``load_checkpoint`` (its
+  key conversions, strict). Only the image tower is kept. Architectures whose image tower has
+  buffers outside the checkpoint, and hub or local-dir models, load the ordinary way.
+- **One stream of batches.** Every partition of the process hands its crops to one
+  :class:`ClipEncoder`; its thread fills batches of ``batch_size`` from whatever partitions
+  have crops ready (never waiting for more when none are), copies them into a pinned staging
+  buffer (releasing the shared-memory slots at once), normalises the whole batch on the device,
+  runs the model, and launches the next batch before collecting the previous one.
+- **torch.compile** (``clip_compile``: ``auto`` compiles on CUDA, with one log line and eager
+  on failure). Compiled batches are padded to ``batch_size``: one graph, no recompiles.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import warnings
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..models.clip import ClipSpec, compute_precision
+from .preprocess import InputSpec, Normalizer
+
+log = logging.getLogger("aesthetic_dask")
+
+
+def _prepare(spec: ClipSpec) -> None:
+    import open_clip
+
+    if spec.hub_offline:
+        # Cached weights, no network: load them without huggingface_hub's retries (~23 s a file).
+        import huggingface_hub.constants
+
+        huggingface_hub.constants.HF_HUB_OFFLINE = True
+    if spec.model_config:
+        open_clip.add_model_config(spec.model_config)
+
+
+def _meta_model(spec: ClipSpec) -> Any:
+    """The model on the meta device (no memory, no initialisation), through open_clip's own
+    resolution: a pretrained tag still resolves (cached by the client), so its preprocess_cfg is
+    the tag's; ``load_weights=False`` leaves the weights for :func:`load_image_tower`."""
+    import open_clip
+
+    _prepare(spec)
+    root = logging.getLogger()
+    root.addFilter(_no_weights_note)  # open_clip logs that this model has no weights: it is meant not to
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return open_clip.create_model(spec.model, pretrained=spec.pretrained, load_weights=False, device="meta",
+                                          cache_dir=spec.cache_dir)
+    finally:
+        root.removeFilter(_no_weights_note)
+
+
+def _no_weights_note(record: logging.LogRecord) -> bool:
+    return "No pretrained weights loaded" not in record.getMessage()
+
+
+_INPUTS: dict[ClipSpec, InputSpec] = {}
+
+
+def input_spec(spec: ClipSpec) -> InputSpec:
+    """The model's input (its preprocess_cfg), known without loading any weights."""
+    if spec not in _INPUTS:
+        _INPUTS[spec] = InputSpec.of(dict(_meta_model(spec).visual.preprocess_cfg))
+    return _INPUTS[spec]
+
+
+def load_image_tower(spec: ClipSpec, device: str) -> tuple[Any, dict[str, Any]]:
+    """(the image tower on ``device``, its preprocess_cfg), with the pretrained weights loaded."""
+    import open_clip
+    from open_clip.factory import load_checkpoint, parse_model_name
+
+    _prepare(spec)
+    model = None
+    if parse_model_name(spec.model)[0] is None and spec.pretrained:
+        meta = _meta_model(spec)
+        persistent = set(meta.state_dict())
+        if all(f"visual.{name}" in persistent for name, _ in meta.visual.named_buffers()):
+            checkpoint = spec.pretrained
+            if not Path(checkpoint).is_file():
+                cfg = open_clip.get_pretrained_cfg(spec.model, spec.pretrained)
+                checkpoint = open_clip.download_pretrained(cfg, cache_dir=spec.cache_dir)
+            model = meta.to_empty(device="cpu")
+            load_checkpoint(model, checkpoint, strict=True)
+    if model is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            # require_pretrained: open_clip refuses to hand back randomly initialised weights.
+            model = open_clip.create_model(spec.model, pretrained=spec.pretrained, cache_dir=spec.cache_dir,
+                                           require_pretrained=True)
+    visual = model.visual.eval().requires_grad_(False)
+    cfg = dict(visual.preprocess_cfg)
+    del model  # the text tower is never used
+    return visual.to(device), cfg
+
+
+@dataclass
+class _Request:
+    crops: np.ndarray  # (n, 3, H, W) uint8, in shared memory until released
+    release: Any
+    future: Future
+
+
+class ClipEncoder:
+    """The model of one process: :meth:`encode` queues crops, its thread runs them in batches."""
+
+    def __init__(self, spec: ClipSpec, batch_size: int, compile_mode: str = "auto") -> None:
+        import torch
+
+        from ..cluster import configure_model_process
+
+        configure_model_process()
+        t0 = time.perf_counter()
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.compute = compute_precision(spec.precision, self.device)
+        # fp16 weights (as OpenAI's CLIP was released), not autocast: ~1.35x the images/s of
+        # ViT-L/14 on an H100, and half the bytes per batch (benchmarks/gpu_check.py).
+        self.dtype = torch.float16 if self.compute.endswith("fp16") else torch.float32
+        visual, cfg = load_image_tower(spec, self.device)
+        self.visual = visual.to(self.dtype)
+        self.input = InputSpec.of(cfg)
+        self.embed_dim = int(visual.output_dim)
+        self.batch_size = batch_size
+        self.normalize = Normalizer(self.input, self.device, self.dtype)
+        self.load_s = round(time.perf_counter() - t0, 3)
+        self.forward, self.compiled = self.visual, False
+        if compile_mode == "true" or (compile_mode == "auto" and self.device == "cuda"):
+            self._compile(compile_mode)
+        self.queue: queue.Queue = queue.Queue()
+        self.busy_s = 0.0  # time the thread spent on batches (not waiting for crops)
+        self.images = 0
+        self.first_batch_at: float | None = None  # epoch seconds the first batch was launched
+        self.thread = threading.Thread(target=self._loop, name="clip-encoder", daemon=True)
+        self.thread.start()
+
+    def _compile(self, mode: str) -> None:
+        import torch
+
+        t0 = time.perf_counter()
+        try:
+            forward = torch.compile(self.visual, dynamic=False)
+            with torch.inference_mode():
+                forward(self.normalize(torch.zeros((self.batch_size, *self.input.crop_shape), dtype=torch.uint8,
+                                                   device=self.device)))
+        except Exception as exc:  # noqa: BLE001 - `auto` falls back to eager
+            if mode == "true":
+                raise
+            log.warning("torch.compile of the image tower failed (%s: %s); running eager", type(exc).__name__,
+                        str(exc).splitlines()[0] if str(exc) else "")
+            return
+        self.forward, self.compiled = forward, True
+        log.info("image tower compiled in %.1fs", time.perf_counter() - t0)
+
+    def encode(self, crops: np.ndarray, release: Any = None) -> Future:
+        """Features of ``crops`` (n, 3, H, W uint8): a future of a float32 (n, dim) tensor, L2-normalised,
+        on the model's device. ``release`` is called once the crops are copied out."""
+        future: Future = Future()
+        self.queue.put(_Request(crops, release, future))
+        return future
+
+    def _loop(self) -> None:
+        import torch
+
+        cuda = self.device == "cuda"
+        stream = torch.cuda.Stream() if cuda else None
+        # Two pinned staging buffers: one being filled while the other's copy may be in flight.
+        staging = [torch.empty((self.batch_size, *self.input.crop_shape), dtype=torch.uint8, pin_memory=cuda)
+                   for _ in range(2)]
+        in_flight = None  # (requests, features, event) of the batch launched last
+        carry: _Request | None = None
+        turn = 0
+        while True:
+            if carry is None and in_flight is not None and self.queue.empty():
+                in_flight = self._collect(in_flight)  # nothing more to batch now: finish what runs
+            first = carry or self.queue.get()
+            t0 = time.perf_counter()
+            requests, n, carry = [first], len(first.crops), None
+            while n < self.batch_size:
+                try:
+                    request = self.queue.get_nowait()
+                except queue.Empty:
+                    break
+                if n + len(request.crops) > self.batch_size:
+                    carry = request  # the next batch starts with it
+                    break
+                requests.append(request)
+                n += len(request.crops)
+            # This buffer's last batch was collected (synchronised) before the one in flight launched.
+            buffer, turn = staging[turn], 1 - turn
+            offset = 0
+            for request in requests:
+                k = len(request.crops)
+                buffer[offset:offset + k].numpy()[...] = request.crops
+                offset += k
+                if request.release:
+                    request.release()
+            if self.first_batch_at is None:
+                self.first_batch_at = round(time.time(), 3)
+            try:
+                launched = self._launch(buffer, n, stream)
+            except Exception as exc:  # noqa: BLE001 - the partitions of this batch fail with the reason
+                for request in requests:
+                    request.future.set_exception(exc)
+                continue
+            if in_flight is not None:
+                self._collect(in_flight)
+            in_flight = (requests, *launched)
+            self.busy_s += time.perf_counter() - t0
+            self.images += n
+
+    def _launch(self, buffer: Any, n: int, stream: Any) -> tuple[Any, Any]:
+        import torch
+
+        rows = self.batch_size if self.compiled else n  # compiled: one static shape
+        with torch.inference_mode(), (torch.cuda.stream(stream) if stream is not None else _null()):
+            x = self.normalize(buffer[:rows].to(self.device, non_blocking=True))
+            features = self.forward(x)[:n].float()
+            features = features / features.norm(dim=-1, keepdim=True)
+            event = None
+            if stream is not None:
+                event = torch.cuda.Event()
+                event.record(stream)
+        return features, event
+
+    def _collect(self, in_flight: tuple) -> None:
+        requests, features, event = in_flight
+        if event is not None:
+            event.synchronize()
+        offset = 0
+        for request in requests:
+            k = len(request.crops)
+            request.future.set_result(features[offset:offset + k])
+            offset += k
+        return None
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None

@@ -1,0 +1,222 @@
+"""A host process of the decode pool: it reads its inputs itself, decodes, and hands back crops.
+
+Each process serves one job at a time (a shard, a Parquet row range, or a list of image bytes
+from the notebook API). It reads the samples (paths, not bytes, cross the process boundary for
+shards and Parquet), and per chunk of up to ``chunk`` samples:
+
+1. sends ``("hold", job, metas)``: the chunk's samples without their bytes (so if this process
+   dies while decoding, the parent knows which samples it held and gives them a reason);
+2. decodes each image (:mod:`.decode`: formats, pixel limit, reasons, thumbnails);
+3. copies the uint8 crops into a free slot of its shared buffer and sends
+   ``("chunk", job, generation, slot, reasons, thumbnails)``; the parent sends
+   ``("release", generation, slot)`` once the model's side has copied them out.
+
+Then ``("done", job, failure, kind)``: ``kind`` is None (the rows read are all there were, or
+the samples before the damage), ``"unread"`` (nothing could be read: rows unknown) or
+``"crash"`` (an exception of the job itself, which the partition's task raises). Imported by the forkserver ahead of time, so a new or replacement
+process starts with torch, torchvision, Pillow and open_clip already imported.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import signal
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+
+from .decode import make_decoder
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    """How a job's images are decoded: the decoder, the model's input, the pixel limit, thumbnails."""
+
+    decoder: str
+    spec: Any  # InputSpec
+    max_pixels: int
+    thumbnails: bool = False
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """A WebDataset shard, streamed by the host process."""
+
+    source: str
+    max_sidecar_bytes: int
+    storage_options: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class ParquetJob:
+    """The image column of rows ``[start, stop)`` of a Parquet file (with ``key`` for thumbnails)."""
+
+    source: str
+    start: int
+    stop: int
+    row_groups: tuple[int, ...] | None
+    column: str
+    storage_options: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class BytesJob:
+    """Image bytes already in the caller's memory (the notebook API), with their keys."""
+
+    images: list[bytes | None]
+    keys: list[str | None] | None = None
+
+
+@dataclass(frozen=True)
+class Job:
+    """One unit of the pool's work; ``skip`` samples (delivered before a process died) are passed over."""
+
+    id: int
+    source: Any  # ShardJob | ParquetJob | BytesJob
+    decode: DecodeSettings
+    skip: int = 0
+    thumbnails_made: int = 0
+
+
+@dataclass
+class Item:
+    """One sample as the host process reads it: its metadata (what ``hold`` sends) and its image bytes."""
+
+    meta: Any  # image_reader.Sample without bytes (shards), else None
+    key: str | None
+    image: bytes | None
+
+
+def items(source: Any, failure: list[str]) -> Iterator[Item]:
+    """The samples of a job's source, in order; a reason the source stopped early goes in ``failure``."""
+    if isinstance(source, ShardJob):
+        from ..image_reader import ShardReader
+
+        reader = ShardReader(source.source, max_sidecar_bytes=source.max_sidecar_bytes,
+                             storage_options=source.storage_options)
+        for sample in reader:
+            data, sample.image = sample.image, None
+            yield Item(sample, sample.key, None if sample.error else data)
+        if reader.failure:
+            failure.append(f"{source.source}: {reader.failure}")
+            if not reader.opened:
+                failure.append("unread")
+    elif isinstance(source, ParquetJob):
+        from ..embeddings_reader import read_parquet_rows
+        from ..image_reader import image_values
+
+        table = read_parquet_rows(source.source, source.start, source.stop, source.row_groups,
+                                  source.storage_options, columns=[source.column, "key"])
+        keys = table.column("key").cast("string").to_pylist() if "key" in table.column_names else None
+        for i, data in enumerate(image_values(table.column(source.column))):
+            yield Item(None, keys[i] if keys else None, data)
+    else:
+        for i, data in enumerate(source.images):
+            yield Item(None, source.keys[i] if source.keys else None, data)
+
+
+class SlotBuffer:
+    """``slots`` x ``chunk`` crops of ``shape`` uint8 in one shared mapping (the parent's fd)."""
+
+    def __init__(self, fd: int, slots: int, chunk: int, shape: tuple[int, ...]) -> None:
+        self.map = mmap.mmap(fd, slots * chunk * int(np.prod(shape)))
+        os.close(fd)
+        self.array = np.frombuffer(self.map, dtype=np.uint8).reshape(slots, chunk, *shape)
+
+
+def serve(to_child: Any, from_child: Any, generation: int, slots: int, chunk: int, shape: tuple[int, ...]) -> None:
+    """The host process's main loop (the target of ``multiprocessing.Process``)."""
+    from multiprocessing import reduction
+
+    _die_with_parent()
+    import torch
+
+    torch.set_num_threads(1)  # one core per host process: the pool is the parallelism
+    buffer = SlotBuffer(reduction.recv_handle(to_child), slots, chunk, shape)
+    free = list(range(slots))
+    decoders: dict[DecodeSettings, Any] = {}
+    from_child.send(("ready", os.getpid()))
+
+    def wait_for(kind: str) -> Any:
+        """Read messages until one of ``kind`` (``release``: until a slot is free); releases free
+        their slot on the way."""
+        while True:
+            try:
+                message = to_child.recv()
+            except EOFError:  # the parent is gone
+                os._exit(0)
+            if message[0] == "release":
+                if message[1] == generation:
+                    free.append(message[2])
+                    if kind == "release":
+                        return message
+            elif message[0] == "stop":
+                os._exit(0)
+            elif message[0] == kind:
+                return message
+
+    while True:
+        job: Job = wait_for("job")[1]
+        settings = job.decode
+        decoder = decoders.get(settings)
+        if decoder is None:
+            decoder = decoders[settings] = make_decoder(settings.decoder, settings.spec, settings.max_pixels)
+        failure: list[str] = []  # the reason, then how many rows are known: "unread" (none) or "crash"
+        try:
+            _run(job, decoder, items(job.source, failure), buffer, free, wait_for, from_child, chunk)
+        except Exception as exc:  # noqa: BLE001 - an exception of this job: the partition's, as in a task
+            failure[:] = [f"{type(exc).__name__}: {exc}", "crash"]
+        from_child.send(("done", job.id, failure[0] if failure else None, failure[1] if len(failure) > 1 else None))
+
+
+def _run(job: Job, decoder: Any, stream: Iterator[Item], buffer: SlotBuffer, free: list[int], wait_for: Any,
+         send: Any, chunk: int) -> None:
+    from ..samples import wants_thumbnail
+
+    made, index, batch = job.thumbnails_made, 0, []
+
+    def flush() -> None:
+        nonlocal made
+        if not batch:
+            return
+        send.send(("hold", job.id, [item.meta for item in batch] if batch[0].meta is not None else len(batch)))
+        results = []
+        for i, item in enumerate(batch, start=index - len(batch)):
+            thumb = job.decode.thumbnails and item.image is not None and wants_thumbnail(i, item.key, made)
+            made += bool(thumb)
+            results.append(decoder.decode(item.image, thumb) if item.image is not None else None)
+        crops = [r.crop for r in results if r is not None and r.reason is None]
+        slot = None
+        if crops:
+            while not free:
+                wait_for("release")
+            slot = free.pop()
+            for i, crop in enumerate(crops):
+                buffer.array[slot, i] = crop
+        # No bytes: "no image" (a shard sample's own reason, in its metadata, wins in the parent).
+        reasons = ["no image" if r is None else r.reason for r in results]
+        thumbs = {i: r.thumbnail for i, r in enumerate(results) if r is not None and r.thumbnail is not None}
+        send.send(("chunk", job.id, slot, reasons, thumbs))
+        batch.clear()
+
+    for item in stream:
+        index += 1
+        if index <= job.skip:
+            continue
+        batch.append(item)
+        if len(batch) == chunk:
+            flush()
+    flush()
+
+
+def _die_with_parent() -> None:
+    """Linux: this process gets SIGKILL when its parent (the Dask worker) dies, even by SIGKILL."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle

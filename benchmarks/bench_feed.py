@@ -1,0 +1,183 @@
+"""Benchmark: does the decode pool feed the model at the host's full speed? (issue 17)
+
+    python benchmarks/bench_feed.py [--shards 16] [--per-shard 150] [--repeat 3]
+
+A near-free 224-px open_clip model (so decoding is the bound), WebDataset shards of real photos
+(scikit-image's samples, 300 KB-2 MP), all cores. Side by side, best of ``--repeat``:
+
+- **the job**: ``run_job`` in this process (the local cluster's worker runs the model, the pool
+  decodes), run once to warm up (pool start, model load, imports: the fixed costs), then timed;
+- **the bare loop**: one process per core, each over its share of the same shards: tarfile,
+  torchvision decode, resize/crop, normalise, the same model, batches of 32. Timed from a barrier
+  after every process has imported and built its model.
+
+Prints job/bare throughput (goal >= 0.85) and the CPU ms per image spent in the model's own
+process (goal <= 1.0; the rest is in the pool), and the per-stage CPU ms per image of one core,
+from which a many-core figure follows: images/s ~= min(pool processes / pool ms, 1000 / model-process ms,
+the model's ceiling).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import multiprocessing
+import os
+import resource
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+from _common import make_shards, random_predictor, tiny_clip
+
+BATCH = 32
+
+
+def bare_worker(args: tuple) -> None:
+    """One core's bare loop over its shards; waits at the barrier, then reports (images, seconds)."""
+    config, ckpt, shards, barrier, results = args
+    import numpy as np
+    import open_clip
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    from aesthetic_dask.pipeline.preprocess import InputSpec, Normalizer
+
+    torch.set_num_threads(1)
+    open_clip.add_model_config(config)
+    model = open_clip.create_model("tiny-clip", pretrained=ckpt).eval()
+    spec = InputSpec.of(model.visual.preprocess_cfg)
+    normalize = Normalizer(spec, "cpu", torch.float32)
+    barrier.wait()
+    t0, n = time.perf_counter(), 0
+    with torch.inference_mode():
+        batch = []
+        for shard in shards:
+            with tarfile.open(shard, "r|") as tar:
+                for member in tar:
+                    if not member.name.endswith(".jpg"):
+                        continue
+                    raw = torch.frombuffer(bytearray(tar.extractfile(member).read()), dtype=torch.uint8)
+                    batch.append(spec.resize_crop(decode_jpeg(raw, mode=ImageReadMode.RGB)))
+                    if len(batch) == BATCH:
+                        f = model.encode_image(normalize(torch.stack(batch)))
+                        np.asarray(f / f.norm(dim=-1, keepdim=True))
+                        n, batch = n + len(batch), []
+        if batch:
+            model.encode_image(normalize(torch.stack(batch)))
+            n += len(batch)
+    results.put((n, time.perf_counter() - t0))
+
+
+def bare(config: Path, ckpt: Path, shards: list[Path], cores: int) -> float:
+    """Images/s of ``cores`` bare processes over ``shards``."""
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(cores), ctx.Queue()
+    procs = [ctx.Process(target=bare_worker, args=((str(config), str(ckpt), shards[i::cores], barrier, results),))
+             for i in range(cores)]
+    for p in procs:
+        p.start()
+    done = [results.get() for _ in procs]
+    for p in procs:
+        p.join()
+    return sum(n for n, _ in done) / max(s for _, s in done)
+
+
+def stages(config: Path, ckpt: Path, shard: Path) -> dict[str, float]:
+    """CPU ms per image of each host stage on one core, with the project's own functions."""
+    import torch
+
+    from aesthetic_dask.image_reader import ShardReader
+    from aesthetic_dask.models.clip import ClipSpec
+    from aesthetic_dask.pipeline.decode import PilDecoder, TorchDecoder
+    from aesthetic_dask.pipeline.encoder import input_spec
+
+    torch.set_num_threads(1)
+    spec = input_spec(ClipSpec("tiny-clip", str(ckpt), str(config), tempfile.mkdtemp()))
+    cpu = time.process_time
+    t = cpu()
+    images = [s.image for s in ShardReader(str(shard))]
+    read = (cpu() - t) / len(images)
+    out = {"read tar (ShardReader)": read}
+    for decoder in (TorchDecoder(spec, 10**9), PilDecoder(spec, 10**9)):
+        t = cpu()
+        for data in images:
+            decoder.decode(data)
+        out[f"header + decode + crop ({decoder.name})"] = (cpu() - t) / len(images)
+    return {k: round(v * 1000, 3) for k, v in out.items()}
+
+
+def job_once(shards_dir: Path, out: Path, config_path: Path, ckpt: Path, weights: Path, cores: int) -> dict:
+    """One timed run_job into a fresh OUT: images/s over the partitions' time, and CPU ms per
+    image in this (the model's) process and in the pool's processes."""
+    import psutil
+
+    from aesthetic_dask.config import load_config
+    from aesthetic_dask.image_job import run_job
+    from aesthetic_dask.pipeline import pool as pool_module
+
+    config = load_config(clip_model_config=str(config_path), clip_pretrained=str(ckpt), aesthetic_weights=str(weights),
+                         threshold=0.0, model_dir=str(out.parent / "models"), decode_processes=cores, report=False,
+                         dashboard="false")
+    pool = pool_module._POOL
+    children = [psutil.Process(p) for p in pool.pids] if pool else []
+    self_before = resource.getrusage(resource.RUSAGE_SELF)
+    pool_before = sum(sum(c.cpu_times()[:2]) for c in children)
+    manifest, code = run_job([str(shards_dir)], out, config, progress=False)
+    self_after = resource.getrusage(resource.RUSAGE_SELF)
+    pool_after = sum(sum(c.cpu_times()[:2]) for c in children)
+    assert code == 0, manifest
+    images = manifest["this_run"]["rows_processed"]
+    self_cpu = (self_after.ru_utime + self_after.ru_stime) - (self_before.ru_utime + self_before.ru_stime)
+    return {"images": images, "images_per_s": images / manifest["this_run"]["compute_s"],
+            "model_process_cpu_ms": 1000 * self_cpu / images,
+            "pool_cpu_ms": 1000 * (pool_after - pool_before) / images if children else None}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shards", type=int, default=16)
+    parser.add_argument("--per-shard", type=int, default=150)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "aesthetic-dask-bench-feed")
+    args = parser.parse_args()
+    cores = len(os.sched_getaffinity(0))
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    shards = make_shards(work / f"shards-{args.shards}x{args.per_shard}", args.shards, args.per_shard)
+    config, ckpt = tiny_clip(work, image_size=224, layers=1, width=64, patch=32)  # near-free at 224 px
+    weights = random_predictor(work)
+    images = args.shards * args.per_shard
+    print(f"{images} photos in {args.shards} shards, {cores} cores, near-free 224-px model", file=sys.stderr)
+
+    runs = []
+    job_once(shards[0].parent, work / "out-warmup", config, ckpt, weights, cores)  # the fixed costs, once
+    for i in range(args.repeat):
+        runs.append(job_once(shards[0].parent, work / f"out-{i}", config, ckpt, weights, cores))
+        bare_rate = bare(config, ckpt, [str(s) for s in shards], cores)
+        runs[-1]["bare_images_per_s"] = bare_rate
+        print(f"  run {i + 1}: job {runs[-1]['images_per_s']:,.0f} images/s, bare {bare_rate:,.0f} images/s",
+              file=sys.stderr)
+        import shutil
+
+        shutil.rmtree(work / f"out-{i}", ignore_errors=True)
+    best_job = max(r["images_per_s"] for r in runs)
+    best_bare = max(r["bare_images_per_s"] for r in runs)
+    model_ms = min(r["model_process_cpu_ms"] for r in runs)
+    pool_ms = min(r["pool_cpu_ms"] for r in runs if r["pool_cpu_ms"] is not None)
+    per_stage = stages(config, ckpt, shards[0])
+    print(f"job / bare throughput, best of {args.repeat}: {best_job / best_bare:.2f} "
+          f"({best_job:,.0f} vs {best_bare:,.0f} images/s)   goal >= 0.85")
+    print(f"CPU ms per image in the model's process (fixed costs excluded): {model_ms:.2f}   goal <= 1.0")
+    print(f"CPU ms per image in the pool's processes: {pool_ms:.2f}")
+    print("per-stage CPU ms per image, one core: " + ", ".join(f"{k} {v}" for k, v in per_stage.items()))
+    for n in (16,):
+        pool_n = n - 1
+        predicted = min(pool_n * 1000 / pool_ms, 1000 / model_ms)
+        print(f"predicted feed on {n} cores ({pool_n} pool processes + the model's): {predicted:,.0f} images/s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""The decode pool (issue 17): host processes read shards themselves, hand crops back through shared
+memory, and lose nothing when one dies; they never outlive their parent."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+from aesthetic_dask.pipeline import pool as pool_module
+from aesthetic_dask.pipeline.host import BytesJob, DecodeSettings, ShardJob
+from aesthetic_dask.pipeline.pool import HostPool, PoolError
+from aesthetic_dask.pipeline.preprocess import InputSpec
+from conftest import photo_bytes, write_shard
+
+SPEC = InputSpec((32, 32), "RGB", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "bicubic", "shortest", 0)
+SETTINGS = DecodeSettings("torch", SPEC, 10**8)
+
+
+@pytest.fixture
+def pool():
+    p = HostPool(1, chunk=2, shape=SPEC.crop_shape)
+    yield p
+    p.close()
+
+
+def test_a_shard_comes_back_whole_and_in_order(tmp_path, pool):
+    photos = [photo_bytes(n) for n in ("astronaut", "coffee", "chelsea")]
+    members = [(f"s{i:02d}.jpg", photos[i % 3]) for i in range(7)] + [("s07.jpg", b"not an image"), ("s08.txt", b"no image")]
+    write_shard(tmp_path / "a.tar", members)
+    handle = pool.submit(ShardJob(str(tmp_path / "a.tar"), 65536), SETTINGS)
+    keys, reasons, crops = [], [], 0
+    for chunk in handle:
+        keys += [m.key for m in chunk.metas]
+        reasons += chunk.reasons
+        if chunk.crops is not None:
+            assert chunk.crops.shape[1:] == SPEC.crop_shape and chunk.crops.dtype == np.uint8
+            crops += len(chunk.crops)
+        chunk.release()
+    assert handle.failure is None
+    assert keys == [f"s{i:02d}" for i in range(9)]
+    assert reasons[:7] == [None] * 7 and reasons[7].startswith("not a JPEG") and reasons[8] == "no image"
+    assert crops == 7
+
+
+def test_a_killed_decode_process_is_replaced_and_its_samples_get_a_reason(tmp_path, pool):
+    """With crops not released, the process fills its slots, then holds one more chunk: killed
+    there, exactly that chunk gets the reason, and the job goes on in the replacement."""
+    photo = photo_bytes("coffee")
+    write_shard(tmp_path / "b.tar", [(f"k{i:02d}.jpg", photo) for i in range(14)])
+    handle = pool.submit(ShardJob(str(tmp_path / "b.tar"), 65536), SETTINGS)
+    events = iter(handle)
+    first = [next(events) for _ in range(pool_module.SLOTS)]  # every slot filled, none released
+    state = pool.seats[0].state
+    deadline = time.time() + 60
+    while state.held is None and time.time() < deadline:  # the next chunk, read and being decoded
+        time.sleep(0.01)
+    victim = pool.pids[0]
+    os.kill(victim, signal.SIGKILL)
+    rest = list(events)
+    for chunk in first + rest:
+        chunk.release()
+    reasons = [r for chunk in first + rest for r in chunk.reasons]
+    keys = [m.key for chunk in first + rest for m in chunk.metas]
+    assert keys == [f"k{i:02d}" for i in range(14)]  # every sample accounted for, in order
+    died = [k for k, r in zip(keys, reasons) if r]
+    assert died == ["k06", "k07"], reasons
+    assert reasons[6] == "decode process died (signal SIGKILL) while decoding this sample"
+    assert handle.failure is None and pool.deaths == 1 and pool.pids[0] != victim
+
+
+def test_bytes_from_memory_and_a_pool_that_is_reused(pool):
+    images = [photo_bytes("rocket"), None, b"", photo_bytes("camera", "PNG")]
+    for _ in range(2):
+        handle = pool.submit(BytesJob(images), SETTINGS)
+        chunks = list(handle)
+        reasons = [r for c in chunks for r in c.reasons]
+        assert reasons == [None, "no image", "empty image file", None]
+        for c in chunks:
+            c.release()
+
+
+def test_no_shared_memory_is_one_clear_line(monkeypatch):
+    def no_space(fd, offset, length):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pool_module.os, "posix_fallocate", no_space)
+    with pytest.raises(PoolError) as info:
+        HostPool(1, chunk=32, shape=(3, 224, 224))
+    message = str(info.value)
+    assert "\n" not in message and "No space left on device" in message and "--shm-size" in message
+
+
+def test_a_daemonic_worker_is_told_how_to_start(monkeypatch):
+    class Daemonic:
+        daemon = True
+
+    monkeypatch.setattr(pool_module.multiprocessing, "current_process", lambda: Daemonic())
+    with pytest.raises(PoolError, match="DASK_DISTRIBUTED__WORKER__DAEMON=False"):
+        HostPool(1, chunk=2, shape=SPEC.crop_shape)
+
+
+def test_pool_processes_never_outlive_their_parent(tmp_path):
+    script = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(tmp_path)!r})
+        from aesthetic_dask.pipeline.pool import HostPool
+        pool = HostPool(2, chunk=2, shape=(3, 32, 32))
+        time.sleep(1)
+        print(*pool.pids, flush=True)
+        time.sleep(600)
+    """)
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    pids = [int(p) for p in parent.stdout.readline().split()]
+    assert len(pids) == 2 and all(_alive(p) for p in pids)
+    parent.kill()  # SIGKILL: no atexit, no cleanup
+    parent.wait()
+    deadline = time.time() + 30
+    while any(_alive(p) for p in pids) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(p) for p in pids)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
