@@ -89,9 +89,11 @@ def decode_processes(configured: int | None, device: str) -> int:
 
 
 def partitions_per_worker(config: Config, device: str) -> int:
-    """Partition tasks one model worker runs at once: one per host process of its pool, so every
-    process has a shard to read (a partition's thread mostly waits on the pool and the model)."""
-    return config.threads_per_worker or decode_processes(config.decode_processes, device)
+    """Partition tasks one model worker runs at once: one per host process of its pool and one
+    more, so every process has a shard to read, and the next shard is waiting in the pool's queue
+    while a finished partition writes its output (a partition's thread mostly waits on the pool
+    and the model)."""
+    return config.threads_per_worker or decode_processes(config.decode_processes, device) + 1
 
 
 def task_resources(config: Config, device: str, local: bool) -> dict[str, float] | None:

@@ -140,6 +140,8 @@ class ClipEncoder:
             self._compile(compile_mode)
         self.queue: queue.Queue = queue.Queue()
         self.busy_s = 0.0  # time the thread spent on batches (not waiting for crops)
+        self.launch_s = 0.0  # of it, normalising and the forward (device kernels on a GPU, CPU work here on CPU)
+        self.launch_cpu_s = 0.0  # the same, in this thread's CPU time
         self.images = 0
         self.first_batch_at: float | None = None  # epoch seconds the first batch was launched
         self.thread = threading.Thread(target=self._loop, name="clip-encoder", daemon=True)
@@ -208,8 +210,11 @@ class ClipEncoder:
                     request.release()
             if self.first_batch_at is None:
                 self.first_batch_at = round(time.time(), 3)
+            t_launch, cpu_launch = time.perf_counter(), time.thread_time()
             try:
                 launched = self._launch(buffer, n, stream)
+                self.launch_s += time.perf_counter() - t_launch
+                self.launch_cpu_s += time.thread_time() - cpu_launch
             except Exception as exc:  # noqa: BLE001 - the partitions of this batch fail with the reason
                 for request in requests:
                     request.future.set_exception(exc)

@@ -158,6 +158,9 @@ class HostPool:
         self.ids = itertools.count()
         self.closed = False
         self.deaths = 0  # processes replaced so far
+        self.started_ok = False  # some process has ever said it is ready
+        self.failed_starts = 0
+        self.broken: str | None = None  # why processes cannot start here: every job fails with it
         self._wake_r, self._wake_w = self.ctx.Pipe(duplex=False)
         for seat in self.seats:
             self._start(seat)
@@ -191,6 +194,8 @@ class HostPool:
 
     def submit(self, source: Any, decode: DecodeSettings) -> JobHandle:
         """Queue a job (:class:`host.ShardJob`, :class:`host.ParquetJob` or :class:`host.BytesJob`)."""
+        if self.broken:
+            raise PoolError(self.broken)
         if self.closed:
             raise PoolError("the decode pool is closed")
         state = _JobState(Job(next(self.ids), source, decode), JobHandle())
@@ -234,7 +239,7 @@ class HostPool:
         with self.lock:
             state = seat.state
             if kind == "ready":
-                seat.ready = True
+                seat.ready = self.started_ok = True
             elif kind == "hold":
                 state.held = message[2]
             elif kind == "chunk":
@@ -266,6 +271,12 @@ class HostPool:
         code = seat.process.exitcode
         how = f"signal {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
         reason = f"decode process died ({how}) while decoding this sample"
+        if not seat.ready and not self.started_ok:
+            self.failed_starts += 1
+            if self.failed_starts >= 2 * self.processes:  # never once started: they never will here
+                self._break(f"the decode pool's processes cannot start ({how}); a script that runs a job must guard "
+                            "its entry point with `if __name__ == \"__main__\":` (they import the main module)")
+                return
         self.deaths += 1
         log.warning("decode process %s died (%s); replacing it", seat.process.pid, how)
         with self.lock:
@@ -288,12 +299,27 @@ class HostPool:
                     self.pending.appendleft(state)
             self._dispatch()
 
+    def _break(self, reason: str) -> None:
+        """Processes cannot start here: every waiting and running job fails with ``reason``."""
+        log.error("%s", reason)
+        self.broken = reason
+        with self.lock:
+            for state in [s.state for s in self.seats if s.state] + list(self.pending):
+                state.handle.events.put(Done(reason, "crash"))
+            self.pending.clear()
+            for seat in self.seats:
+                seat.state = None
+        self.close()
+
     def close(self) -> None:
         """Stop every process (they also stop by themselves if this process dies)."""
         if self.closed:
             return
         self.closed = True
-        self._wake_w.send(None)
+        try:
+            self._wake_w.send(None)
+        except OSError:
+            pass
         for seat in self.seats:
             seat.send(("stop",))
         for seat in self.seats:

@@ -73,16 +73,25 @@ class InputSpec:
 
 
 class Normalizer:
-    """uint8 (N, 3, H, W) crops on the model's device -> the model's input: /255, then
-    (x - mean) / std in float32, as ``ToTensor`` and ``Normalize`` compute it, for a whole batch.
-    mean and std are put on the device once, not per batch (each copy would be a sync)."""
+    """uint8 (N, 3, H, W) crops on the model's device -> the model's input: ``ToTensor`` and
+    ``Normalize``, (x / 255 - mean) / std, for a whole batch, as one multiply-add per element
+    (x * (1 / (255 std)) - mean / std, in place: two passes over the batch instead of four; within
+    float32 rounding of the two steps). mean and std go to the device once, not per batch."""
 
     def __init__(self, spec: InputSpec, device: str, dtype: Any) -> None:
         import torch
 
-        self.mean = torch.tensor(spec.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(spec.std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        mean = torch.tensor(spec.mean, dtype=torch.float64).view(1, 3, 1, 1)
+        std = torch.tensor(spec.std, dtype=torch.float64).view(1, 3, 1, 1)
+        self.scale = (1 / (255 * std)).to(device=device, dtype=torch.float32)
+        self.shift = (-mean / std).to(device=device, dtype=torch.float32)
         self.dtype = dtype
 
     def __call__(self, crops: Any) -> Any:
-        return ((crops.float() / 255 - self.mean) / self.std).to(self.dtype)
+        return crops.to(torch_float32()).mul_(self.scale).add_(self.shift).to(self.dtype)
+
+
+def torch_float32() -> Any:
+    import torch
+
+    return torch.float32
