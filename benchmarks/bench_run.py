@@ -4,8 +4,8 @@
     python benchmarks/bench_run.py --skip-vit      # only the tiny-model part
 
 Part 1 (decode-bound): a tiny open_clip model over many photos. Prints images/s per core for
-each decoder (pil, torch), and the time spent decoding and in the model beside the wall time,
-which shows the overlap.
+each decoder (pil, torch), the whole command, and what the report's samples and thumbnails cost.
+(How well the decode pool feeds the model is `benchmarks/bench_feed.py`.)
 
 Part 2 (model-bound): 2 WebDataset shards of real photos (scikit-image samples). The whole `run`
 command, with each decoder, is timed against a bare loop, all in fresh processes with the model
@@ -23,7 +23,6 @@ import sys
 import tarfile
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from _common import REAL_WEIGHTS, make_shards, random_predictor, tiny_clip
@@ -83,7 +82,9 @@ def vit_part(work: Path, data: Path, per_shard: int, repeat: int) -> None:
 def tiny_part(work: Path, data: Path, per_shard: int) -> None:
     import torch
 
-    from aesthetic_dask.embed import ClipModel, ClipSpec, ImageEmbedder
+    from aesthetic_dask.models.clip import ClipSpec
+    from aesthetic_dask.pipeline.decode import PilDecoder, TorchDecoder
+    from aesthetic_dask.pipeline.encoder import input_spec
 
     config, ckpt = tiny_clip(work, image_size=224, layers=4, width=256, patch=16)
     shards = make_shards(data / f"photos-4x{per_shard}", 4, per_shard)
@@ -91,43 +92,18 @@ def tiny_part(work: Path, data: Path, per_shard: int) -> None:
     for shard in shards:
         with tarfile.open(shard) as tar:
             images += [tar.extractfile(m).read() for m in tar if m.name.endswith(".jpg")]
-    clip = ClipModel(ClipSpec("tiny-clip", str(ckpt), str(config), str(work / "models")))
+    spec = input_spec(ClipSpec("tiny-clip", str(ckpt), str(config), str(work / "models")))
     cores = os.cpu_count() or 1
     n = len(images)
-
-    def embed_all(decoder: str, threads: int | None = None) -> float:
-        t0 = time.perf_counter()
-        for decoded, _ in ImageEmbedder(clip, 32, 10**9, decode_threads=threads, decoder=decoder).batches(images):
-            assert all(d.reason is None for d in decoded)
-        return time.perf_counter() - t0
-
+    torch.set_num_threads(1)  # as in a host process of the decode pool
     print(f"tiny CLIP (224px, 4 layers, width 256), {n} photos in 4 shards, {cores} cores:")
-    decode = {}
-    for name in ("pil", "torch"):
-        decoder = ImageEmbedder(clip, 32, 10**9, decoder=name).decoder
-        t0 = time.perf_counter()
-        tensors = [decoder.decode(b).tensor for b in images]
-        t_one = time.perf_counter() - t0
-        with ThreadPoolExecutor(cores) as pool:
-            t0 = time.perf_counter()
-            list(pool.map(decoder.decode, images))
-            decode[name] = time.perf_counter() - t0
-        print(f"  {name:5s} decode+preprocess, 1 thread {t_one:6.2f}s ({n / t_one:6.1f} img/s per core); "
-              f"{cores}-thread pool {decode[name]:6.2f}s ({n / decode[name]:6.1f} img/s)")
-    t0 = time.perf_counter()
-    for start in range(0, len(tensors), 32):
-        clip.encode(tensors[start:start + 32])
-    t_model = time.perf_counter() - t0
-    print(f"  model alone (batch 32)              {t_model:6.2f}s")
-    for name in ("pil", "torch"):
-        t_wall = embed_all(name)
-        print(f"  embedder, {name:5s} decoder (decode next batch while the model runs) {t_wall:6.2f}s "
-              f"({n / t_wall:7.1f} img/s); OVERLAP (pool decode + model, one after the other) / embedder = "
-              f"{(decode[name] + t_model) / t_wall:.2f}")
-    torch.set_num_threads(1)  # one core each: torch on one thread, one decode thread
-    t_wall1 = embed_all("torch", threads=1)
+    for decoder in (PilDecoder(spec, 10**9), TorchDecoder(spec, 10**9)):
+        t0 = time.process_time()
+        for data_ in images:
+            assert decoder.decode(data_).reason is None
+        t_one = time.process_time() - t0
+        print(f"  {decoder.name:5s} header + decode + crop, one core: {n / t_one:6.1f} img/s ({1000 * t_one / n:.2f} CPU ms each)")
     torch.set_num_threads(cores)
-    print(f"  1 torch thread + 1 decode thread, torch decoder: embedder {t_wall1:.2f}s ({n / t_wall1:.1f} img/s)")
 
     ours = [sys.executable, "-m", "aesthetic_dask", "run", *map(str, shards), "-o", str(work / "out-tiny"), "--overwrite",
             "--clip-model-config", str(config), "--clip-pretrained", str(ckpt), "--threshold", "0",

@@ -360,8 +360,7 @@ def main() -> int:
     sample = photos[:64]
     if "cosines" in wanted:
         with check.step("cosine_device_vs_cpu_fp32"):
-            from open_clip import image_transform_v2
-            from open_clip.transform import PreprocessCfg
+            from open_clip.transform import PreprocessCfg, image_transform_v2
             from PIL import Image
 
             preprocess = image_transform_v2(PreprocessCfg(**cpu_model.visual.preprocess_cfg), is_train=False)
@@ -432,7 +431,9 @@ def main() -> int:
 
     heads = [HEADS_DIR / h for h in HEADS if (HEADS_DIR / h).exists()] or [SHARED / h for h in HEADS if (SHARED / h).exists()]
     r["heads"] = [h.name for h in heads]
-    if "scores" in wanted:
+    if "scores" in wanted and not cuda:
+        r["errors"]["scores_cupy_vs_numpy"] = "skipped: no CUDA device (cupy computes on one)"
+    elif "scores" in wanted:
         with check.step("scores_cupy_vs_numpy"):
             import cupy
             import pyarrow as pa

@@ -131,3 +131,43 @@ def _alive(pid: int) -> bool:
             return f.read().split()[2] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_a_decode_process_killed_mid_job_loses_no_sample(tmp_path, tiny_clip, tiny_weights):
+    """The whole job, with a decode process SIGKILLed while it holds a shard: exit 0, every sample
+    counted (kept, or an error row saying why), and a re-run redoes nothing."""
+    import json
+    import threading
+
+    from aesthetic_dask.cli import main
+
+    photos = [photo_bytes(n) for n in ("astronaut", "coffee", "chelsea", "rocket")]
+    for s in range(4):
+        write_shard(tmp_path / "in" / f"s{s}.tar", [(f"s{s}_{i:03d}.jpg", photos[i % 4]) for i in range(40)])
+    killed = []
+
+    def killer():
+        deadline = time.time() + 120
+        while time.time() < deadline and not killed:
+            p = pool_module._POOL
+            busy = [seat for seat in (p.seats if p and not p.closed else []) if seat.state and seat.state.delivered]
+            if busy:
+                os.kill(busy[0].process.pid, signal.SIGKILL)
+                killed.append(busy[0].process.pid)
+            time.sleep(0.005)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    out = tmp_path / "out"
+    args = ["run", str(tmp_path / "in"), "-o", str(out), "--clip-model-config", str(tiny_clip["config"]),
+            "--clip-pretrained", str(tiny_clip["checkpoint"]), "--aesthetic-weights", str(tiny_weights["safetensors"]),
+            "--model-dir", str(tmp_path / "models"), "--threshold", "0", "--batch-size", "4", "--no-report"]
+    assert main(args) == 0
+    thread.join()
+    assert killed, "no decode process was busy to kill"
+    m = json.loads((out / "manifest.json").read_text())
+    t = m["totals"]
+    assert t["rows_in"] == 160 and t["rows_kept"] + t["rows_error"] == 160 and t["rows_unknown_partitions"] == 0
+    assert set(m["error_reasons"]) <= {"decode process died (signal SIGKILL) while decoding this sample"}
+    assert main(args) == 0
+    assert json.loads((out / "manifest.json").read_text())["this_run"]["partitions_processed"] == 0

@@ -1,0 +1,109 @@
+"""The encoder (issue 17): the image tower loaded on the meta device is open_clip's own model, batches
+mix partitions, torch.compile keeps the embeddings, and the notebook API declares the real width."""
+
+import json
+import logging
+import threading
+from concurrent.futures import Future
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+import torch
+
+import aesthetic_dask as ad
+from aesthetic_dask.models.clip import ClipSpec
+from aesthetic_dask.pipeline import encoder as encoder_module
+from aesthetic_dask.pipeline.encoder import ClipEncoder
+from conftest import TINY_CLIP_CONFIG, photo_bytes, write_shard
+
+
+@pytest.fixture(scope="module")
+def spec(tiny_clip, tmp_path_factory):
+    return ClipSpec("tiny-clip", str(tiny_clip["checkpoint"]), str(tiny_clip["config"]),
+                    str(tmp_path_factory.mktemp("cache")))
+
+
+def crops(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)
+
+
+def test_the_meta_device_load_is_open_clips_own_model(spec, tiny_clip):
+    import open_clip
+
+    enc = ClipEncoder(spec, 8, "false")
+    model = open_clip.create_model("tiny-clip", pretrained=str(tiny_clip["checkpoint"])).eval()
+    x = crops(5)
+    got = enc.encode(x).result()
+    with torch.no_grad():
+        # open_clip's ToTensor + Normalize, then its encode_image.
+        mean = torch.tensor(model.visual.preprocess_cfg["mean"]).view(1, 3, 1, 1)
+        std = torch.tensor(model.visual.preprocess_cfg["std"]).view(1, 3, 1, 1)
+        want = model.encode_image((torch.from_numpy(x).float() / 255 - mean) / std)
+        want = want / want.norm(dim=-1, keepdim=True)
+    assert torch.nn.functional.cosine_similarity(got, want).min() >= 0.99999
+    assert not hasattr(enc, "model") and enc.embed_dim == 768 and enc.load_s < 30
+
+
+def test_batches_are_filled_from_several_partitions_and_each_gets_its_own_rows(spec):
+    enc = ClipEncoder(spec, 16, "false")
+    parts = [crops(3, seed) for seed in range(6)]
+    alone = [enc.encode(p).result() for p in parts]
+    before = enc.images
+    launched = []
+    real_launch = enc._launch
+    enc._launch = lambda buffer, n, stream: launched.append(n) or real_launch(buffer, n, stream)
+    gate = threading.Event()
+    enc.queue.put(encoder_module._Request(crops(1, 99), gate.wait, Future()))
+    futures = [enc.encode(p) for p in parts]  # queued while the first request's release blocks the thread
+    gate.set()
+    together = [f.result() for f in futures]
+    for a, b in zip(alone, together):
+        assert torch.allclose(a, b, atol=1e-5)
+    assert enc.images - before == 19 and max(launched) > 3  # one batch held several partitions' crops
+
+
+def test_compile_keeps_the_embeddings_and_pads_to_one_shape(spec):
+    eager = ClipEncoder(spec, 8, "false")
+    compiled = ClipEncoder(spec, 8, "true")
+    assert compiled.compiled
+    for n in (5, 8, 1):  # partial batches are padded to the compiled shape
+        x = crops(n, n)
+        a, b = eager.encode(x).result(), compiled.encode(x).result()
+        assert a.shape == b.shape == (n, 768)
+        assert torch.nn.functional.cosine_similarity(a, b).min() >= 0.9999
+
+
+def test_compile_auto_is_eager_on_cpu_and_a_failed_compile_falls_back_in_one_line(spec, monkeypatch, caplog):
+    assert not ClipEncoder(spec, 8, "auto").compiled  # auto compiles on CUDA only
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("inductor is not available\nmore detail")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    enc = ClipEncoder(spec, 8, "false")
+    with caplog.at_level(logging.WARNING, logger="aesthetic_dask"):
+        enc._compile("auto")
+    assert not enc.compiled and enc.forward is enc.visual
+    assert [r.getMessage() for r in caplog.records] == [
+        "torch.compile of the image tower failed (RuntimeError: inductor is not available); running eager"]
+    with pytest.raises(RuntimeError):
+        enc._compile("true")
+
+
+def test_embed_images_declares_the_width_the_model_gives(tmp_path):
+    """A 512-d CLIP (as the registered ViT-B heads expect): the lazy frame's meta says [512], as its partitions hold."""
+    import open_clip
+
+    config = tmp_path / "tiny512.json"
+    config.write_text(json.dumps(dict(TINY_CLIP_CONFIG, embed_dim=512)))
+    open_clip.add_model_config(str(config))
+    torch.save(open_clip.create_model("tiny512").state_dict(), tmp_path / "tiny512.pt")
+    write_shard(tmp_path / "s" / "a.tar", [("a.jpg", photo_bytes("coffee")), ("b.jpg", photo_bytes("rocket"))])
+    cfg = ad.load_config(clip_model_config=str(config), clip_pretrained=str(tmp_path / "tiny512.pt"),
+                         model_dir=str(tmp_path / "models"))
+    embedded = ad.embed_images(ad.read_webdataset(str(tmp_path / "s")), cfg)
+    assert embedded.dtypes["embedding"] == pd.ArrowDtype(pa.list_(pa.float32(), 512))
+    frame = embedded.compute(scheduler="sync")
+    assert frame["embedding"].dtype == pd.ArrowDtype(pa.list_(pa.float32(), 512)) and len(frame) == 2
