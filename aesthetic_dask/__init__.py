@@ -30,9 +30,9 @@ _EXPORTS = {
     "read_webdataset": "image_reader",
     "read_image_parquet": "image_reader",
     "embed_images": "embed",
-    "AestheticPredictor": "predictor",
-    "load_predictor": "predictor",
-    "REGISTRY": "weights",
+    "AestheticPredictor": "models.heads",
+    "load_predictor": "models.load",
+    "REGISTRY": "models.registry",
     "score_histogram": "histogram",
     "write_report": "report",
 }

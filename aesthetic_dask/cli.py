@@ -173,7 +173,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_download(args: argparse.Namespace) -> int:
-    from .weights import REGISTRY, cached_weights, download_all
+    from .models.fetch import cached_weights, download_all
+    from .models.registry import REGISTRY
 
     config = _config_from_args(args, ("model_dir", "aesthetic_weights", "extra_scores"))
     model_dir = config.resolved_model_dir

@@ -34,10 +34,11 @@ from .image_reader import (SHARD_SUFFIXES, ShardPart, _TailStream, check_image_t
 from .job import Job, Work, package_versions, run_parts
 from .output import OutputLayout, WriteOptions, split_and_write
 from .partition import failed_record, finish_record, new_record, process_parquet_part
-from .predictor import AestheticPredictor, load_extra_heads, load_job_predictor
+from .models.heads import AestheticPredictor
+from .models.load import load_extra_heads, load_head
+from .models.registry import REGISTRY
 from .score import SCORE_COLUMN, check_extra_score_names, table_keep_mask
 from .sources import list_inputs
-from .weights import REGISTRY
 
 # Rows per partition of image Parquet: all their image bytes are in memory at once.
 IMAGE_PARQUET_ROWS = 4096
@@ -139,8 +140,8 @@ def run_job(inputs: list[str], out: str | Path, config: Config, overwrite: bool 
     # Compatibility first: a head trained on another CLIP is refused before anything is downloaded.
     heads = {SCORE_COLUMN: config.aesthetic_weights, **config.extra_scores}
     compatibility = clip_spec.check(heads={column: REGISTRY.get(w) for column, w in heads.items()})
-    predictor, weights = load_job_predictor(config)
-    extras, extra_info = load_extra_heads(config, predictor.embed_dim)
+    predictor, weights = load_head(config.aesthetic_weights, config.resolved_model_dir)
+    extras, extra_info = load_extra_heads(config.extra_scores, config.resolved_model_dir, predictor.embed_dim)
     clip_spec.check(predictor.embed_dim)
     clip_spec, clip_weights = prepare_clip_weights(clip_spec)  # present or fetchable, before any task
     check_extra_score_names(extras, shard_schema(fields).names + (pq_plan.schema.names if pq_plan else []))

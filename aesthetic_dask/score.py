@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .errors import InputError, MissingColumnError
-from .predictor import AestheticPredictor
+from .models.heads import AestheticPredictor
 
 SCORE_COLUMN = "aesthetic_score"
 ERROR_COLUMN = "error"
@@ -294,12 +294,12 @@ def score_embeddings(ddf, config=None, predictor: AestheticPredictor | None = No
     travel to the workers; a folded head is one 768-vector and a bias.
     """
     from .config import load_config
-    from .predictor import load_extra_heads, load_predictor
+    from .models.load import load_extra_heads, load_predictor
 
     config = config or load_config()
     if predictor is None:
         predictor = load_predictor(config.aesthetic_weights, config.resolved_model_dir)
-    extras, _ = load_extra_heads(config, predictor.embed_dim)
+    extras, _ = load_extra_heads(config.extra_scores, config.resolved_model_dir, predictor.embed_dim)
     column = config.embedding_column
     if column not in ddf.columns:
         raise MissingColumnError("input", column, list(ddf.columns))

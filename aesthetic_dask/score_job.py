@@ -18,7 +18,8 @@ from .embeddings_reader import EmbeddingPart, plan_embeddings
 from .job import Job, Work, package_versions, run_parts
 from .output import OutputLayout, WriteOptions
 from .partition import process_parquet_part
-from .predictor import AestheticPredictor, load_extra_heads, load_job_predictor
+from .models.heads import AestheticPredictor
+from .models.load import load_extra_heads, load_head
 from .score import check_extra_score_names, score_table
 
 VERSIONED_PACKAGES = ("aesthetic-dask", "dask", "distributed", "pandas", "pyarrow", "numpy", "safetensors", "huggingface_hub")
@@ -51,8 +52,8 @@ def score_job(inputs: list[str], out: str | Path, config: Config, overwrite: boo
     layout = OutputLayout(out, config.storage_options)
     plan = plan_embeddings(inputs, config.embedding_column, config.partition_rows, exclude=(layout.url(),),
                            storage_options=config.storage_options)
-    predictor, weights = load_job_predictor(config)
-    extras, extra_info = load_extra_heads(config, predictor.embed_dim)
+    predictor, weights = load_head(config.aesthetic_weights, config.resolved_model_dir)
+    extras, extra_info = load_extra_heads(config.extra_scores, config.resolved_model_dir, predictor.embed_dim)
     check_extra_score_names(extras, plan.schema.names)
     opts = WriteOptions(
         threshold=config.score_threshold,

@@ -66,9 +66,11 @@ def nemo_style_throughput(paths: list[Path], weights: Path, batch: int, rows: in
     """Embeddings/s of a torch MLP loop like NeMo Curator's AestheticScorer (CPU, objects built)."""
     import torch
 
-    from aesthetic_dask.weights import load_state_dict, resolve_weights
+    from aesthetic_dask.models.checkpoint import load_state_dict
+    from aesthetic_dask.models.fetch import resolve_weights
 
-    state = load_state_dict(resolve_weights(str(weights), Path(tempfile.gettempdir())), None)
+    resolved = resolve_weights(str(weights), Path(tempfile.gettempdir()))
+    state = load_state_dict(resolved.path, resolved.sha256, resolved.spec, None)
     mlp = torch.nn.Sequential(
         torch.nn.Linear(768, 1024), torch.nn.Dropout(0.2), torch.nn.Linear(1024, 128), torch.nn.Dropout(0.2),
         torch.nn.Linear(128, 64), torch.nn.Dropout(0.1), torch.nn.Linear(64, 16), torch.nn.Linear(16, 1),

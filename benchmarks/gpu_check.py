@@ -438,7 +438,7 @@ def main() -> int:
             import cupy
             import pyarrow as pa
 
-            from aesthetic_dask.predictor import load_predictor
+            from aesthetic_dask.models.load import load_predictor
             from aesthetic_dask.score import score_arrow
 
             emb = np.random.default_rng(0).standard_normal((200_000, 768)).astype(np.float32)

@@ -105,6 +105,12 @@ def tiny_clip(tmp_path_factory) -> dict[str, Path]:
     return {"config": config, "checkpoint": d / "tiny-clip.pt"}
 
 
+def unit_scores(predictor, unit: np.ndarray) -> np.ndarray:
+    """A head's scores of already L2-normalised embeddings (norms of one)."""
+    unit = np.asarray(unit, dtype=np.float32)
+    return predictor.score_raw(unit, np.einsum("ij,ij->i", unit, unit))
+
+
 def photo_bytes(name: str, fmt: str = "JPEG", mode: str | None = None) -> bytes:
     """A scikit-image sample photo encoded as ``fmt`` (optionally converted to a PIL mode)."""
     import io

@@ -7,9 +7,9 @@ import sys
 import numpy as np
 
 from aesthetic_dask.cluster import array_module
-from aesthetic_dask.predictor import AestheticPredictor
+from aesthetic_dask.models.heads import AestheticPredictor
 from aesthetic_dask.score import score_arrow
-from aesthetic_dask.weights import LAYOUTS
+from aesthetic_dask.models.heads import LAYOUTS
 from conftest import embedding_array, loopback_dask, random_state_dict, write_embeddings
 
 

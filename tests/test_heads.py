@@ -13,12 +13,16 @@ import pandas as pd
 import pytest
 import torch
 
-from aesthetic_dask import weights as W
+from aesthetic_dask.config import load_config
+from aesthetic_dask.errors import WeightsError
+from aesthetic_dask.models import checkpoint, fetch, heads, registry
 from aesthetic_dask.cli import main
 from aesthetic_dask.embed import ClipSpec
 from aesthetic_dask.errors import InputError
-from aesthetic_dask.predictor import load_predictor
-from conftest import assert_one_clear_line, photo_bytes, run_cli_process, write_embeddings, write_shard
+from aesthetic_dask.models.load import load_predictor
+from conftest import assert_one_clear_line, photo_bytes, run_cli_process, write_embeddings, write_shard, unit_scores
+
+DEFAULT_HEAD = load_config().aesthetic_weights  # conf/default.yaml: the one default
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "models"
 SHARED_FILES = {
@@ -40,7 +44,7 @@ def shared_file(name: str) -> Path:
 
 def seed_cache(name: str, model_dir: Path) -> Path:
     """Put the shared copy of a registered head where its pinned URL source would download it."""
-    src = next(s for s in W.REGISTRY[name].sources if isinstance(s, W.UrlFile))
+    src = next(s for s in registry.REGISTRY[name].sources if isinstance(s, registry.UrlFile))
     target = src.local_copy(model_dir)
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(shared_file(name), target)
@@ -49,7 +53,7 @@ def seed_cache(name: str, model_dir: Path) -> Path:
 
 def published_reference(name: str, state: dict) -> torch.nn.Module:
     """Each head's architecture as its upstream repository builds it, in float64."""
-    layout = W.REGISTRY[name].spec.layout
+    layout = registry.REGISTRY[name].spec.layout
     if layout == "linear":
         model = torch.nn.Linear(state["weight"].shape[1], 1)
     else:
@@ -83,16 +87,16 @@ def test_each_real_head_matches_a_float64_reference_of_its_published_architectur
     for predictor in (by_name, by_file):
         got = predictor.score_raw(emb, np.einsum("ij,ij->i", emb, emb))
         np.testing.assert_allclose(got, ref, rtol=0, atol=1e-4)
-    assert by_name.folded == (W.REGISTRY[name].spec.activation is None) == by_file.folded
-    assert 1 < float(np.median(ref)) < 10 or W.REGISTRY[name].spec.layout == "linear"
+    assert by_name.folded == (registry.REGISTRY[name].spec.activation is None) == by_file.folded
+    assert 1 < float(np.median(ref)) < 10 or registry.REGISTRY[name].spec.layout == "linear"
 
 
 def test_registry_declares_layout_license_and_clip_for_every_head():
-    for name, entry in W.REGISTRY.items():
+    for name, entry in registry.REGISTRY.items():
         assert entry.clip.pretrained == "openai" and entry.license in ("Apache-2.0", "MIT")
-        assert all(s.sha256 for s in entry.sources if isinstance(s, W.UrlFile))
-        assert entry.spec.layout in W.LAYOUTS
-    assert W.REGISTRY["ava+logos-l14-reluMSE"].spec.activation == "relu"
+        assert all(s.sha256 for s in entry.sources if isinstance(s, registry.UrlFile))
+        assert entry.spec.layout in heads.LAYOUTS
+    assert registry.REGISTRY["ava+logos-l14-reluMSE"].spec.activation == "relu"
 
 
 def test_a_head_downloads_from_its_pinned_url_and_is_verified(tmp_path, monkeypatch, tiny_weights):
@@ -100,16 +104,16 @@ def test_a_head_downloads_from_its_pinned_url_and_is_verified(tmp_path, monkeypa
     served.parent.mkdir()
     shutil.copyfile(tiny_weights["pth"], served)
     digest = hashlib.sha256(served.read_bytes()).hexdigest()
-    entry = dataclasses.replace(W.REGISTRY["ava+logos-l14-linearMSE"], sources=(W.UrlFile(served.as_uri(), digest),))
-    monkeypatch.setitem(W.REGISTRY, entry.name, entry)
+    entry = dataclasses.replace(registry.REGISTRY["ava+logos-l14-linearMSE"], sources=(registry.UrlFile(served.as_uri(), digest),))
+    monkeypatch.setitem(registry.REGISTRY, entry.name, entry)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    got = W.resolve_weights(entry.name, tmp_path / "models")
+    got = fetch.resolve_weights(entry.name, tmp_path / "models")
     assert got.path.is_file() and got.sha256 == digest and got.path.is_relative_to(tmp_path / "models")
-    assert W.cached_weights(entry.name, tmp_path / "models").path == got.path
-    bad = dataclasses.replace(entry, sources=(W.UrlFile(served.as_uri(), "0" * 64),))
-    monkeypatch.setitem(W.REGISTRY, entry.name, bad)
-    with pytest.raises(W.WeightsError, match="does not match the pinned"):
-        W.resolve_weights(entry.name, tmp_path / "other")
+    assert fetch.cached_weights(entry.name, tmp_path / "models").path == got.path
+    bad = dataclasses.replace(entry, sources=(registry.UrlFile(served.as_uri(), "0" * 64),))
+    monkeypatch.setitem(registry.REGISTRY, entry.name, bad)
+    with pytest.raises(WeightsError, match="does not match the pinned"):
+        fetch.resolve_weights(entry.name, tmp_path / "other")
 
 
 # --- CLIP compatibility: checked in the client, before any download ---------------------------------
@@ -120,7 +124,7 @@ def spec(model: str, pretrained: str | None) -> ClipSpec:
 
 
 def test_open_clips_own_resolution_decides_compatibility():
-    default = {"aesthetic_score": W.REGISTRY[W.DEFAULT_WEIGHTS]}
+    default = {"aesthetic_score": registry.REGISTRY[DEFAULT_HEAD]}
     assert spec("ViT-L-14-quickgelu", "openai").check(768, default)["aesthetic_score"].startswith("matches")
     assert spec("ViT-L-14", "openai").check(768, default)["aesthetic_score"].startswith("matches")  # same weights
     # open_clip accepts hf-hub: names; the OpenAI ViT-L/14 on the hub is the same embedding space.
@@ -130,7 +134,7 @@ def test_open_clips_own_resolution_decides_compatibility():
     with pytest.raises(InputError, match="another embedding space"):
         spec("hf-hub:laion/CLIP-ViT-L-14-laion2B-s32B-b82K", None).check(None, default)
     with pytest.raises(InputError, match="--extra-scores v1b32=sa_0_4_vit_b_32_linear was trained"):
-        spec("ViT-L-14-quickgelu", "openai").check(None, default | {"v1b32": W.REGISTRY["sa_0_4_vit_b_32_linear"]})
+        spec("ViT-L-14-quickgelu", "openai").check(None, default | {"v1b32": registry.REGISTRY["sa_0_4_vit_b_32_linear"]})
     assert spec("ViT-L-14", "openai").check(768, {"aesthetic_score": None})["aesthetic_score"].startswith("vouched")
 
 
@@ -158,14 +162,14 @@ def test_incompatible_or_random_clip_is_refused_before_any_download(tmp_path, ex
 def test_a_local_clip_checkpoint_is_vouched_for_and_recorded(tmp_path, tiny_clip, real_weights, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     models = tmp_path / "models"
-    seed_cache(W.DEFAULT_WEIGHTS, models)
+    seed_cache(DEFAULT_HEAD, models)
     write_shard(tmp_path / "s.tar", [("a.jpg", photo_bytes("coffee")), ("b.jpg", photo_bytes("astronaut"))])
     out = tmp_path / "out"
     assert main(["run", str(tmp_path / "s.tar"), "-o", str(out), "--model-dir", str(models), "--threshold", "0",
                  "--clip-model-config", str(tiny_clip["config"]), "--clip-pretrained", str(tiny_clip["checkpoint"])]) == 0
     m = json.loads((out / "manifest.json").read_text())
     assert m["clip"]["compatibility"]["aesthetic_score"].startswith("vouched: a local CLIP checkpoint")
-    assert m["weights"]["name"] == W.DEFAULT_WEIGHTS and m["weights"]["sha256"].startswith("21dd590f")
+    assert m["weights"]["name"] == DEFAULT_HEAD and m["weights"]["sha256"].startswith("21dd590f")
     assert m["weights"]["expected_clip"] == {"model": "ViT-L-14-quickgelu", "pretrained": "openai"}
 
 
@@ -195,7 +199,7 @@ def test_extra_scores_are_columns_from_the_same_embedding(tmp_path, two_heads, r
     assert list(rows.columns[-3:]) == ["aesthetic_score", "other", "again"] and str(rows["other"].dtype) == "float32"
     unit = matrix[[int(k[1:]) for k in rows["key"]]]
     unit = unit / np.linalg.norm(unit, axis=1, keepdims=True)
-    np.testing.assert_allclose(rows["other"], load_predictor(str(other)).score_unit(unit), atol=1e-5)
+    np.testing.assert_allclose(rows["other"], unit_scores(load_predictor(str(other)), unit), atol=1e-5)
     np.testing.assert_array_equal(rows["again"], rows["aesthetic_score"])
     assert (pd.read_parquet(out / "kept")["aesthetic_score"] >= 5.4).all()  # filtering stays on aesthetic_score
     errors = pd.read_parquet(out / "errors")

@@ -13,7 +13,7 @@ from PIL import Image
 
 import aesthetic_dask as ad
 from aesthetic_dask.cli import main
-from conftest import assert_one_clear_line, photo_bytes, run_cli_process, write_shard
+from conftest import assert_one_clear_line, photo_bytes, run_cli_process, write_shard, unit_scores
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
 
@@ -80,7 +80,7 @@ def test_run_matches_the_open_clip_reference_and_keeps_metadata(tmp_path, shards
     ref = reference(tiny_clip, [photo_bytes(n) for n in PHOTOS] * 2)
     assert min_cosine(np.stack(rows["embedding"].to_numpy()), ref) >= 0.9999
     predictor = ad.load_predictor(str(tiny_weights["safetensors"]), tmp_path / "models")
-    np.testing.assert_allclose(rows["aesthetic_score"].to_numpy(), predictor.score_unit(ref), atol=1e-4)
+    np.testing.assert_allclose(rows["aesthetic_score"].to_numpy(), unit_scores(predictor, ref), atol=1e-4)
     schema = pq.read_schema(next((tmp_path / "out" / "kept").glob("*.parquet")))
     assert schema.field("embedding").type == pa.list_(pa.float32(), 768)
     assert schema.field("aesthetic_score").type == pa.float32()
@@ -182,7 +182,7 @@ def test_member_names_are_never_paths_and_nothing_is_written_outside_out(tmp_pat
 
 def test_write_shards_copies_the_kept_samples(tmp_path, shards, tiny_clip, tiny_weights):
     predictor = ad.load_predictor(str(tiny_weights["safetensors"]), tmp_path / "models")
-    scores = predictor.score_unit(reference(tiny_clip, [photo_bytes(n) for n in PHOTOS]))
+    scores = unit_scores(predictor, reference(tiny_clip, [photo_bytes(n) for n in PHOTOS]))
     threshold = float(np.sort(scores)[2])  # keeps the best two
     code, m = run(tmp_path, [shards[0]], tiny_clip, tiny_weights, "--threshold", threshold, "--write-shards", tmp_path / "kept-shards")
     assert code == 0

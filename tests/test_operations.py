@@ -15,9 +15,13 @@ import numpy as np
 import pytest
 
 from aesthetic_dask import __version__
-from aesthetic_dask import weights as W
+from aesthetic_dask.config import load_config
+from aesthetic_dask.errors import WeightsError
+from aesthetic_dask.models import checkpoint, fetch, heads, registry
 from aesthetic_dask.cli import main
 from conftest import assert_one_clear_line, photo_bytes, write_embeddings, write_shard
+
+DEFAULT_HEAD = load_config().aesthetic_weights  # conf/default.yaml: the one default
 
 
 def cli(*argv, env=None, timeout=60):
@@ -76,11 +80,11 @@ def test_version(capsys):
 def test_a_cached_verified_head_is_used_offline_without_any_network_wait(tmp_path, inp, tiny_weights, monkeypatch, capsys):
     """Only the safetensors conversion of the pinned sha256 is in model_dir: no download is tried."""
     digest = hashlib.sha256(tiny_weights["pth"].read_bytes()).hexdigest()
-    entry = W.REGISTRY[W.DEFAULT_WEIGHTS]
+    entry = registry.REGISTRY[DEFAULT_HEAD]
     pinned = tuple(dataclasses.replace(s, sha256=digest) if s.sha256 else s for s in entry.sources)
-    monkeypatch.setitem(W.REGISTRY, W.DEFAULT_WEIGHTS, dataclasses.replace(entry, sources=pinned))
+    monkeypatch.setitem(registry.REGISTRY, DEFAULT_HEAD, dataclasses.replace(entry, sources=pinned))
     models = tmp_path / "models"
-    W._write_converted(tiny_weights["state"], W._converted_path(models, digest))
+    checkpoint._write_converted(tiny_weights["state"], checkpoint.converted_path(models, digest))
 
     def no_network(*args, **kwargs):
         raise AssertionError("the network was tried although a verified copy is cached")
@@ -93,7 +97,7 @@ def test_a_cached_verified_head_is_used_offline_without_any_network_wait(tmp_pat
     assert time.time() - t0 < 20
     assert main(["download", "--model-dir", str(models), "--list"]) == 0
     listing = capsys.readouterr().out
-    assert f"{W.DEFAULT_WEIGHTS}  [cached: " in listing and "ava+logos-l14-reluMSE  [not cached]" in listing
+    assert f"{DEFAULT_HEAD}  [cached: " in listing and "ava+logos-l14-reluMSE  [not cached]" in listing
 
 
 def test_an_unreachable_hub_fails_in_seconds_before_any_task(tmp_path, private_cache):

@@ -1,10 +1,11 @@
 import numpy as np
 import torch
 
-from aesthetic_dask.predictor import AestheticPredictor, fold_affine, load_predictor
-from aesthetic_dask.weights import PredictorSpec
+from aesthetic_dask.models.heads import AestheticPredictor, fold_affine
+from aesthetic_dask.models.load import load_predictor
+from aesthetic_dask.models.heads import PredictorSpec
 
-from conftest import random_state_dict
+from conftest import random_state_dict, unit_scores
 
 
 def torch_reference(state, activation=None) -> torch.nn.Module:
@@ -77,12 +78,12 @@ def test_real_weights_parity_with_the_layered_float64_reference(real_weights, rn
         got = pred.score_raw(batch, np.einsum("ij,ij->i", batch, batch))
         assert np.abs(got - expected).max() <= 1e-4
     unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
-    assert np.abs(pred.score_unit(unit) - reference_scores(model, emb)).max() <= 1e-4
+    assert np.abs(unit_scores(pred, unit) - reference_scores(model, emb)).max() <= 1e-4
 
 
 def test_predictor_pickles_small(rng):
     import pickle
 
     pred = AestheticPredictor.from_state_dict(random_state_dict(), PredictorSpec())
-    pred.score_unit(rng.standard_normal((4, 768)).astype(np.float32))
+    unit_scores(pred, rng.standard_normal((4, 768)).astype(np.float32))
     assert len(pickle.dumps(pred)) < 10_000

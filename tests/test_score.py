@@ -4,10 +4,10 @@ import pyarrow as pa
 import pytest
 
 import aesthetic_dask as ad
-from aesthetic_dask.predictor import AestheticPredictor
+from aesthetic_dask.models.heads import AestheticPredictor
 from aesthetic_dask.embeddings_reader import table_to_frame
 from aesthetic_dask.score import score_partition
-from aesthetic_dask.weights import PredictorSpec
+from aesthetic_dask.models.heads import PredictorSpec
 from conftest import embedding_array, random_state_dict
 
 

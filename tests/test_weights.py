@@ -6,13 +6,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aesthetic_dask import weights as W
-from aesthetic_dask.weights import WeightsError, load_state_dict, resolve_weights
+from aesthetic_dask.config import load_config
+from aesthetic_dask.errors import WeightsError
+from aesthetic_dask.models import checkpoint, fetch, heads, registry
+
+DEFAULT_HEAD = load_config().aesthetic_weights  # conf/default.yaml: the one default
 
 
 def test_registry_pins_the_default_sources():
-    entry = W.REGISTRY[W.DEFAULT_WEIGHTS]
-    hub = {s.repo_id: s for s in entry.sources if isinstance(s, W.HubFile)}
+    entry = registry.REGISTRY[DEFAULT_HEAD]
+    hub = {s.repo_id: s for s in entry.sources if isinstance(s, registry.HubFile)}
     ttj = hub["ttj/sac-logos-ava1-l14-linearMSE"]
     assert ttj.filename == "model.safetensors" and ttj.revision.startswith("1e77fa0") and len(ttj.revision) == 40
     cam = hub["camenduru/improved-aesthetic-predictor"]
@@ -22,27 +25,27 @@ def test_registry_pins_the_default_sources():
 
 
 def test_local_files_load_the_same_from_pth_and_safetensors(tiny_weights, tmp_path):
-    a = load_state_dict(resolve_weights(str(tiny_weights["pth"]), tmp_path), tmp_path)
-    b = load_state_dict(resolve_weights(str(tiny_weights["safetensors"]), tmp_path), tmp_path)
+    a = state_of(fetch.resolve_weights(str(tiny_weights["pth"]), tmp_path), tmp_path)
+    b = state_of(fetch.resolve_weights(str(tiny_weights["safetensors"]), tmp_path), tmp_path)
     for k, v in tiny_weights["state"].items():
         np.testing.assert_array_equal(a[k], v)
         np.testing.assert_array_equal(b[k], v)
 
 
 def test_pth_is_converted_once_and_the_copy_is_used_after(tiny_weights, tmp_path, monkeypatch):
-    resolved = resolve_weights(str(tiny_weights["pth"]), tmp_path)
-    load_state_dict(resolved, tmp_path)
+    resolved = fetch.resolve_weights(str(tiny_weights["pth"]), tmp_path)
+    state_of(resolved, tmp_path)
     converted = tmp_path / "converted" / f"{resolved.sha256}.safetensors"
     assert converted.is_file()
-    monkeypatch.setattr(W, "_load_pth", lambda p: pytest.fail("torch.load called despite the converted copy"))
-    state = load_state_dict(resolved, tmp_path)
+    monkeypatch.setattr(checkpoint, "_load_pth", lambda p: pytest.fail("torch.load called despite the converted copy"))
+    state = state_of(resolved, tmp_path)
     np.testing.assert_array_equal(state["layers.0.weight"], tiny_weights["state"]["layers.0.weight"])
 
 
 def test_real_weights_match_their_published_sha256(real_weights, tmp_path):
-    resolved = resolve_weights(str(real_weights), tmp_path)
+    resolved = fetch.resolve_weights(str(real_weights), tmp_path)
     assert resolved.sha256 == "21dd590f3ccdc646f0d53120778b296013b096a035a2718c9cb0d511bff0f1e0"
-    state = load_state_dict(resolved, None)
+    state = state_of(resolved, None)
     assert state["layers.0.weight"].shape == (1024, 768)
 
 
@@ -59,7 +62,7 @@ def test_pickled_code_in_a_pth_never_runs(tmp_path):
     evil = tmp_path / "evil.pth"
     torch.save({"layers.0.weight": _Exploit()}, evil, pickle_protocol=2)
     with pytest.raises(WeightsError, match="cannot load as a PyTorch state dict"):
-        load_state_dict(resolve_weights(str(evil), tmp_path), None)
+        state_of(fetch.resolve_weights(str(evil), tmp_path), None)
     assert not marker.exists()
 
 
@@ -73,7 +76,7 @@ def test_wrong_keys_and_shapes_are_named(tmp_path, tiny_weights):
     bad = tmp_path / "bad.safetensors"
     save_file(state, str(bad))
     with pytest.raises(WeightsError) as err:
-        load_state_dict(resolve_weights(str(bad), tmp_path), None)
+        state_of(fetch.resolve_weights(str(bad), tmp_path), None)
     msg = str(err.value)
     assert "missing keys layers.7.bias" in msg and "unexpected keys head.weight" in msg
     assert "layers.2.weight has shape (64, 1024), expected (128, 1024)" in msg
@@ -85,16 +88,16 @@ def test_unreadable_files_fail_clearly(tmp_path, content):
         f = tmp_path / f"broken{suffix}"
         f.write_bytes(content)
         with pytest.raises(WeightsError, match=str(f)):
-            load_state_dict(resolve_weights(str(f), tmp_path), None)
+            state_of(fetch.resolve_weights(str(f), tmp_path), None)
 
 
 def test_unknown_name_and_wrong_suffix(tmp_path):
     with pytest.raises(WeightsError, match="no such file, and not a registered name"):
-        resolve_weights("no-such-weights", tmp_path)
+        fetch.resolve_weights("no-such-weights", tmp_path)
     f = tmp_path / "weights.txt"
     f.write_text("x")
     with pytest.raises(WeightsError, match="expected a .pth or .safetensors"):
-        resolve_weights(str(f), tmp_path)
+        fetch.resolve_weights(str(f), tmp_path)
 
 
 @pytest.fixture
@@ -123,11 +126,11 @@ def fake_hub(monkeypatch, tiny_weights):
 def test_download_uses_the_pinned_revision_and_reuses_the_cache(fake_hub, tiny_weights, tmp_path):
     files, calls = fake_hub
     files[("ttj/sac-logos-ava1-l14-linearMSE", "model.safetensors")] = tiny_weights["safetensors"]
-    first = resolve_weights(W.DEFAULT_WEIGHTS, tmp_path)
+    first = fetch.resolve_weights(DEFAULT_HEAD, tmp_path)
     assert calls == [("ttj/sac-logos-ava1-l14-linearMSE", "model.safetensors", "1e77fa05081323d99725fc40a9bf9f88180490e7")]
     assert first.path == tmp_path / "ttj/sac-logos-ava1-l14-linearMSE/model.safetensors"
     assert first.source.startswith("hf://ttj/sac-logos-ava1-l14-linearMSE@1e77fa0")
-    second = resolve_weights(W.DEFAULT_WEIGHTS, tmp_path)
+    second = fetch.resolve_weights(DEFAULT_HEAD, tmp_path)
     assert len(calls) == 1 and second.path == first.path
 
 
@@ -136,15 +139,15 @@ def test_download_falls_back_and_verifies_sha256(fake_hub, tiny_weights, tmp_pat
     # The second source serves a file whose sha256 is not the pinned one: refused.
     files[("camenduru/improved-aesthetic-predictor", "sac+logos+ava1-l14-linearMSE.pth")] = tiny_weights["pth"]
     with pytest.raises(WeightsError) as err:
-        resolve_weights(W.DEFAULT_WEIGHTS, tmp_path)
+        fetch.resolve_weights(DEFAULT_HEAD, tmp_path)
     assert "not on the hub" in str(err.value) and "does not match the pinned" in str(err.value)
     # With the pinned digest equal to the served file, the fallback is accepted.
     digest = hashlib.sha256(tiny_weights["pth"].read_bytes()).hexdigest()
-    entry = W.REGISTRY[W.DEFAULT_WEIGHTS]
+    entry = registry.REGISTRY[DEFAULT_HEAD]
     pinned = dataclasses.replace(entry.sources[1], sha256=digest)
     patched = dataclasses.replace(entry, sources=(entry.sources[0], pinned))
-    monkeypatch.setitem(W.REGISTRY, W.DEFAULT_WEIGHTS, patched)
-    got = resolve_weights(W.DEFAULT_WEIGHTS, tmp_path)
+    monkeypatch.setitem(registry.REGISTRY, DEFAULT_HEAD, patched)
+    got = fetch.resolve_weights(DEFAULT_HEAD, tmp_path)
     assert got.sha256 == digest and got.path.name == "sac+logos+ava1-l14-linearMSE.pth"
 
 
@@ -152,12 +155,12 @@ def test_offline_mode_uses_the_cache_or_says_what_to_do(fake_hub, tiny_weights, 
     files, calls = fake_hub
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(WeightsError, match="aesthetic-dask download.*HF_HUB_OFFLINE is set"):
-        resolve_weights(W.DEFAULT_WEIGHTS, tmp_path)
+        fetch.resolve_weights(DEFAULT_HEAD, tmp_path)
     assert calls == []
     cached = tmp_path / "ttj/sac-logos-ava1-l14-linearMSE/model.safetensors"
     cached.parent.mkdir(parents=True)
     shutil.copyfile(tiny_weights["safetensors"], cached)
-    assert resolve_weights(W.DEFAULT_WEIGHTS, tmp_path).path == cached
+    assert fetch.resolve_weights(DEFAULT_HEAD, tmp_path).path == cached
     assert calls == []
 
 
@@ -169,3 +172,8 @@ def test_download_command_prefetches_every_default_weight(fake_hub, tiny_weights
     assert main(["download", "--model-dir", str(tmp_path), "--skip-clip"]) == 0
     assert (tmp_path / "ttj/sac-logos-ava1-l14-linearMSE/model.safetensors").is_file()
     assert "model.safetensors" in capsys.readouterr().out
+
+
+def state_of(resolved, model_dir):
+    """The checked state dict of a resolved head (models.checkpoint.load_state_dict)."""
+    return checkpoint.load_state_dict(resolved.path, resolved.sha256, resolved.spec, model_dir)

@@ -1,22 +1,81 @@
-"""The improved aesthetic predictor as array math: score = MLP(e / ||e||_2).
+"""The aesthetic heads' architectures and their math: score = MLP(e / ||e||_2).
 
-The linearMSE weights have no activations, so the MLP is one affine map; it is folded exactly (in
-float64) to a 768-vector and a bias, and scoring is one matrix-vector product. Weights with
-activations keep the layered path. All math takes an array module ``xp`` (numpy or cupy), so the
-CPU and GPU paths share it.
+The published layouts are data (:data:`LAYOUTS`), told apart by their state-dict keys. Heads
+without activations (linearMSE, LAION-Aesthetics V1) are one affine map, folded exactly (in
+float64) to a vector and a bias, so scoring is one matrix-vector product; heads with activations
+keep the layered path. All math takes an array module ``xp`` (numpy or cupy), so the CPU and GPU
+paths share it.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+import dataclasses
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from .weights import PredictorSpec, ResolvedWeights, infer_spec, load_state_dict, param_key, resolve_weights
-
 # Rows per matmul on the layered path: bounds the (rows x 1024) hidden activations.
 _LAYER_CHUNK = 65536
+
+
+@dataclass(frozen=True)
+class PredictorSpec:
+    """Architecture of an aesthetic head: linear layers stored under ``layer_keys``.
+
+    ``activation`` is applied between linear layers; ``None`` (the linearMSE and LAION V1 heads)
+    makes the whole head one affine map, which :class:`AestheticPredictor` folds. A layer key
+    ``""`` means the bare ``weight``/``bias`` of a single ``nn.Linear``.
+    """
+
+    dims: tuple[int, ...] = (768, 1024, 128, 64, 16, 1)
+    layer_keys: tuple[str, ...] = ("layers.0", "layers.2", "layers.4", "layers.6", "layers.7")
+    activation: str | None = None
+    layout: str = "improved-linear"
+
+    @property
+    def embed_dim(self) -> int:
+        return self.dims[0]
+
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        shapes: dict[str, tuple[int, ...]] = {}
+        for key, n_in, n_out in zip(self.layer_keys, self.dims[:-1], self.dims[1:]):
+            shapes[param_key(key, "weight")] = (n_out, n_in)
+            shapes[param_key(key, "bias")] = (n_out,)
+        return shapes
+
+
+def param_key(layer: str, kind: str) -> str:
+    """State-dict key of a layer's ``weight`` or ``bias``."""
+    return f"{layer}.{kind}" if layer else kind
+
+
+# The published head architectures, told apart by their state-dict keys (config as data).
+# improved-aesthetic-predictor's linear MLP is nn.Sequential(Linear, Dropout, Linear, Dropout,
+# Linear, Dropout, Linear, Linear); its ReLU MLP puts a ReLU after every hidden Linear, which moves
+# the layer indices; LAION-Aesthetics V1 is one nn.Linear(dim, 1).
+LAYOUTS: dict[str, PredictorSpec] = {
+    "improved-linear": PredictorSpec(),
+    "improved-relu": PredictorSpec(
+        layer_keys=("layers.0", "layers.3", "layers.6", "layers.9", "layers.11"), activation="relu", layout="improved-relu"
+    ),
+    "linear": PredictorSpec(dims=(768, 1), layer_keys=("",), layout="linear"),
+}
+
+
+def infer_spec(state: dict[str, np.ndarray]) -> PredictorSpec:
+    """The layout whose keys ``state`` has, with the dims its shapes give; if none matches
+    exactly, the closest layout (whose check then names the offending keys)."""
+    keys = set(state)
+    best = max(LAYOUTS.values(), key=lambda spec: len(keys & set(spec.expected_shapes())))
+    for spec in LAYOUTS.values():
+        if keys == set(spec.expected_shapes()):
+            first = np.shape(state[param_key(spec.layer_keys[0], "weight")])
+            outs = [np.shape(state[param_key(k, "weight")])[0] for k in spec.layer_keys]
+            if len(first) == 2:
+                return dataclasses.replace(spec, dims=(int(first[1]), *map(int, outs)))
+            return spec
+    return best
 
 
 def fold_affine(layers: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, float]:
@@ -88,12 +147,6 @@ class AestheticPredictor:
                 self._device_cache[key] = [(xp.asarray(w.T), xp.asarray(b)) for w, b in self.layers]
         return self._device_cache[key]
 
-    def score_unit(self, unit: Any, xp: Any = np) -> Any:
-        """Scores (float32) of already L2-normalised embeddings ``unit`` (rows x embed_dim)."""
-        if self.folded:
-            return (unit @ self._on(xp) + np.float32(self.bias)).astype(xp.float32)
-        return self._layered(unit, xp)
-
     def score_raw(self, emb: Any, sq_norm: Any, xp: Any = np) -> Any:
         """Scores of raw embeddings given their squared norms (all rows finite, non-zero).
 
@@ -115,58 +168,3 @@ class AestheticPredictor:
                     h = xp.maximum(h, 0)
             out[start : start + h.shape[0]] = h[:, 0]
         return out
-
-
-def load_predictor(
-    weights: str | ResolvedWeights, model_dir: str | Path | None = None
-) -> AestheticPredictor:
-    """The predictor for a registry name or local file (downloading into ``model_dir`` if needed)."""
-    from .config import load_config
-
-    directory = Path(model_dir) if model_dir is not None else load_config().resolved_model_dir
-    resolved = weights if isinstance(weights, ResolvedWeights) else resolve_weights(weights, directory)
-    state = load_state_dict(resolved, directory)
-    return AestheticPredictor.from_state_dict(state, resolved.spec or infer_spec(state), resolved.source, resolved.sha256)
-
-
-def load_job_predictor(config: Any) -> tuple[AestheticPredictor, dict[str, Any]]:
-    """The predictor of ``config.aesthetic_weights`` and its manifest entry (loaded in the client)."""
-    return load_head(config.aesthetic_weights, config.resolved_model_dir)
-
-
-def load_head(name_or_path: str, model_dir: Path) -> tuple[AestheticPredictor, dict[str, Any]]:
-    """A head by registry name or local file, and what the manifest records of it."""
-    weights = resolve_weights(name_or_path, model_dir)
-    predictor = load_predictor(weights, model_dir)
-    entry = weights.entry
-    info = {
-        "name": weights.name,
-        "source": weights.source,
-        "path": str(weights.path),
-        "sha256": weights.sha256,
-        "folded": predictor.folded,
-        "activation": predictor.activation,
-        "embed_dim": predictor.embed_dim,
-        "license": entry.license if entry else None,
-        "expected_clip": {"model": entry.clip.model, "pretrained": entry.clip.pretrained} if entry else None,
-    }
-    return predictor, info
-
-
-def load_extra_heads(config: Any, embed_dim: int) -> tuple[dict[str, AestheticPredictor], dict[str, dict[str, Any]]]:
-    """The ``extra_scores`` heads (column name -> predictor) and their manifest entries.
-
-    Every extra head must read the same embedding as the main one (same width).
-    """
-    from .errors import InputError
-
-    heads, infos = {}, {}
-    for column, weights in config.extra_scores.items():
-        predictor, info = load_head(weights, config.resolved_model_dir)
-        if predictor.embed_dim != embed_dim:
-            raise InputError(
-                f"--extra-scores {column}={weights}: the head reads {predictor.embed_dim}-d embeddings, "
-                f"the main head {embed_dim}-d"
-            )
-        heads[column], infos[column] = predictor, info
-    return heads, infos
