@@ -1,4 +1,4 @@
-"""Command line: ``aesthetic-dask score|download``. A thin wrapper over the Python API.
+"""Command line: ``aesthetic-dask run|score|report|download``. A thin wrapper over the Python API.
 
 Exit codes: 0 done; 3 done, but some inputs could not be read whole; 1 failed; 2 bad usage or input.
 """
@@ -13,34 +13,39 @@ import traceback
 from pathlib import Path
 from typing import Callable
 
+from .config import CHOICES, cli_options
 from .errors import EXIT_FAILED, EXIT_OK
+from .storage import is_url
 
 log = logging.getLogger("aesthetic_dask")
 _STARTED = time.time()  # when the command started: the summary's elapsed time covers all of it
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
-    """Options shared by the jobs; defaults come from the config (None = not given)."""
+def _add_job_options(p: argparse.ArgumentParser, job: str) -> None:
+    """The job's arguments: inputs and OUT, then one flag per option of the schema
+    (:func:`config.cli_options`); defaults come from the config (None = not given)."""
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="files, directories or globs")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="output directory")
-    p.add_argument("--threshold", type=float, help="keep rows with aesthetic_score >= T (default 0.5)")
-    p.add_argument("--aesthetic-weights", metavar="W", help="registry name or local .pth/.safetensors")
-    p.add_argument("--extra-scores", metavar="NAME=W[,NAME=W...]",
-                   help="more heads scored from the same embedding, one float32 column NAME each")
-    p.add_argument("--model-dir", metavar="D", help="weights download/cache directory")
-    p.add_argument("--storage-options", metavar="JSON", help="fsspec options for URLs, e.g. '{\"anon\": true}'")
-    p.add_argument("--keep-embeddings", action="store_const", const=True, help="write the embedding column")
-    p.add_argument("--keep-rejected", action="store_const", const=True, help="write below-threshold rows to OUT/rejected/")
-    p.add_argument("--scheduler", metavar="ADDRESS", help="existing Dask scheduler, e.g. tcp://host:8786")
-    p.add_argument("--scheduler-file", metavar="FILE", help="existing Dask cluster's scheduler file")
-    p.add_argument("--n-workers", type=int, help="local cluster: worker count")
-    p.add_argument("--threads-per-worker", type=int, help="local cluster: threads per worker")
-    p.add_argument("--partition-rows", type=int, help="rows per partition (Parquet row groups are not split)")
+    for f in cli_options(job):
+        meta, kind = f.metadata, f.type
+        names = [meta["flag"], *(f"--{a.replace('_', '-')}" for a in meta["aliases"])]
+        if f.name == "verbose":
+            names.insert(0, "-v")
+        kwargs: dict = {"dest": f.name, "help": meta["help"]}
+        if kind.startswith("bool"):
+            # --report defaults on, so it has its --no- form; the others are off unless given.
+            kwargs["action"] = argparse.BooleanOptionalAction if f.name == "report" else "store_const"
+            if f.name != "report":
+                kwargs["const"] = True
+        else:
+            kwargs["metavar"] = meta["metavar"]
+            if kind.startswith(("int", "float")):
+                kwargs["type"] = int if kind.startswith("int") else float
+            if f.name in CHOICES:
+                kwargs["choices"], kwargs["metavar"] = CHOICES[f.name], None
+        p.add_argument(*names, **kwargs)
     p.add_argument("--config", metavar="FILE", help="YAML config (see conf/default.yaml)")
     p.add_argument("--overwrite", action="store_true", help="replace an OUT written by a different job")
-    p.add_argument("--report", action=argparse.BooleanOptionalAction, default=None,
-                   help="write OUT/report.html at the end (default: on)")
-    p.add_argument("-v", "--verbose", action="store_const", const=True, help="log per-partition progress")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,25 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     score = sub.add_parser("score", help="precomputed CLIP embeddings -> aesthetic scores -> filtered Parquet")
-    _add_common(score)
-    score.add_argument("--embedding-column", metavar="NAME", help="embedding column (default: embedding)")
+    _add_job_options(score, "score")
     score.set_defaults(handler=_cmd_score)
 
     run = sub.add_parser("run", help="WebDataset shards / image Parquet -> CLIP embeddings -> scores -> filtered Parquet")
-    _add_common(run)
-    run.add_argument("--batch-size", type=int, help="images per model call (default 32)")
-    run.add_argument("--clip-model", metavar="NAME", help="open_clip model name (default ViT-L-14-quickgelu)")
-    run.add_argument("--clip-pretrained", metavar="TAG_OR_PATH", help="open_clip pretrained tag or local checkpoint (default openai)")
-    run.add_argument("--clip-model-config", metavar="JSON", help="open_clip model-config JSON; its file stem is the model name")
-    run.add_argument("--json-fields", metavar="A,B:int64", help="sidecar .json fields to add as typed columns")
-    run.add_argument("--image-column", metavar="NAME", help="image bytes column of Parquet inputs (default image)")
-    run.add_argument("--max-image-pixels", type=int, help="larger images are errors, never decoded")
-    run.add_argument("--max-sidecar-bytes", type=int, help="larger .txt/.json sidecars make an error row (default 65536)")
-    run.add_argument("--decode-processes", "--decode-threads", dest="decode_processes", type=int,
-                     help="host processes decoding images per model worker (default: from the cores)")
-    run.add_argument("--image-decoder", choices=("auto", "pil", "torch"),
-                     help="pil (Pillow), torch (torchvision) or auto (default: torch)")
-    run.add_argument("--write-shards", metavar="DIR", help="also write kept samples as WebDataset tars into DIR")
+    _add_job_options(run, "run")
     run.set_defaults(handler=_cmd_run)
 
     report = sub.add_parser("report", help="write the HTML report of a job's OUT (histogram, thresholds, samples)")
@@ -95,18 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _config_from_args(args: argparse.Namespace, keys: tuple[str, ...]):
+def _config_from_args(args: argparse.Namespace, keys: tuple[str, ...] | None = None):
+    """The config: defaults, ``--config``, then the flags given (``keys``: those of the command,
+    by default every option of the schema it took)."""
     from .config import load_config
 
-    overrides = {k: getattr(args, k, None) for k in keys}
-    return load_config(args.config, **overrides)
-
-
-_JOB_KEYS = (
-    "threshold", "aesthetic_weights", "model_dir", "keep_embeddings", "keep_rejected", "scheduler",
-    "scheduler_file", "n_workers", "threads_per_worker", "partition_rows", "verbose", "extra_scores", "report",
-    "storage_options",
-)
+    keys = keys if keys is not None else tuple(f.name for f in cli_options(args.command))
+    return load_config(args.config, **{k: getattr(args, k, None) for k in keys})
 
 
 def _check_output(output: str, storage_options: dict) -> Path | None:
@@ -115,12 +101,12 @@ def _check_output(output: str, storage_options: dict) -> Path | None:
     from .storage import check_output
 
     check_output(output, storage_options)
-    return None if "://" in output and not output.startswith("file://") else Path(output.removeprefix("file://"))
+    return None if is_url(output) else Path(output.removeprefix("file://"))
 
 
 def _upload_log(output: str, storage_options: dict) -> None:
     """A remote OUT's job.log: the per-run log, copied there at the end."""
-    if _job_log is None or "://" not in output or output.startswith("file://"):
+    if _job_log is None or not is_url(output):
         return
     from .storage import join, split
 
@@ -134,10 +120,10 @@ def _upload_log(output: str, storage_options: dict) -> None:
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
-    from .job import summary
+    from .summary import summary
     from .score_job import score_job
 
-    config = _config_from_args(args, _JOB_KEYS + ("embedding_column",))
+    config = _config_from_args(args)
     _setup_logging(config.verbose, _check_output(args.output, config.storage_options), config.resolved_model_dir)
     try:
         manifest, code = score_job(args.inputs, args.output, config, overwrite=args.overwrite, started=_STARTED)
@@ -149,12 +135,9 @@ def _cmd_score(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from .image_job import run_job
-    from .job import summary
+    from .summary import summary
 
-    config = _config_from_args(args, _JOB_KEYS + (
-        "batch_size", "clip_model", "clip_pretrained", "clip_model_config", "json_fields", "image_column",
-        "max_image_pixels", "max_sidecar_bytes", "decode_processes", "write_shards", "image_decoder",
-    ))
+    config = _config_from_args(args)
     _setup_logging(config.verbose, _check_output(args.output, config.storage_options), config.resolved_model_dir)
     try:
         manifest, code = run_job(args.inputs, args.output, config, overwrite=args.overwrite, started=_STARTED)

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 from .config import Config
+from .errors import InputError
 
 log = logging.getLogger("aesthetic_dask")
 
@@ -50,17 +51,22 @@ def array_module() -> Any:
     from a resource name; both give the same result."""
     global _ARRAY_MODULE
     if _ARRAY_MODULE is None:
-        import numpy
-
-        _ARRAY_MODULE = numpy
+        cupy, devices = None, 0
         try:
             import cupy
 
-            if cupy.cuda.runtime.getDeviceCount() > 0:
-                _ARRAY_MODULE = cupy
+            devices = cupy.cuda.runtime.getDeviceCount()
         except Exception:  # noqa: BLE001 - no cupy, no driver, no device: numpy
             pass
+        _ARRAY_MODULE = choose_array_module(cupy, devices)
     return _ARRAY_MODULE
+
+
+def choose_array_module(cupy: Any, devices: int) -> Any:
+    """cupy when it is installed and there is a CUDA device, else numpy."""
+    import numpy
+
+    return cupy if cupy is not None and devices > 0 else numpy
 
 
 def pick_device() -> str:
@@ -125,8 +131,6 @@ def cluster_address(config: Config) -> tuple[str | None, str | None]:
 def connect(address: str | None, scheduler_file: str | None) -> Any:
     """A client of an existing cluster with at least one worker; one clear :class:`InputError` if not."""
     from distributed import Client
-
-    from .errors import InputError
 
     where = f"--scheduler {address}" if address else f"--scheduler-file {scheduler_file}"
     if scheduler_file and not os.path.isfile(scheduler_file):
@@ -207,8 +211,6 @@ def dask_client(config: Config, model_work: bool = False) -> Iterator[tuple[Any,
 def check_workers_may_have_children(client: Any) -> None:
     """One clear :class:`InputError` if a connected cluster's workers are daemonic processes, which
     Python forbids to start the decode pool's processes."""
-    from .errors import InputError
-
     try:
         daemonic = [w for w, d in client.run(_is_daemon).items() if d]
     except Exception:  # noqa: BLE001 - informational: the tasks report it as their own error

@@ -12,53 +12,83 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .storage import redact
 
-# CLI flag names (snake_case) that differ from the config keys they set.
-ALIASES = {
-    "threshold": "score_threshold",
-    "batch_size": "model_inference_batch_size",
-    # Before the decode pool, images were decoded by threads; the knob is now the pool's size.
-    "decode_threads": "decode_processes",
+# The values an option may take, where they are few (the CLI's choices are these).
+CHOICES: dict[str, tuple[str, ...]] = {
+    "image_decoder": ("auto", "pil", "torch"),
+    "clip_compile": ("auto", "true", "false"),
+    "clip_precision": ("auto", "fp32", "fp16"),
+    "dashboard": ("auto", "true", "false"),
 }
+BOTH = ("score", "run")
 
 
+def option(flag: str | None = None, help: str = "", jobs: tuple[str, ...] = BOTH, output: tuple[str, ...] = (),
+           metavar: str | None = None, aliases: tuple[str, ...] = ()) -> Any:
+    """A :class:`Config` field's schema: its CLI ``flag`` (None: config file and API only) for the
+    ``jobs`` (subcommands) that take it, its ``help``, the jobs whose output it changes (``output``:
+    in their fingerprint, so a re-run with it changed is refused), and former names (``aliases``)."""
+    return dataclasses.field(metadata={"flag": flag, "help": help, "jobs": jobs, "output": output, "metavar": metavar,
+                                       "aliases": aliases})
 
 
 @dataclass(frozen=True)
 class Config:
-    """All options of a job. Build it with :func:`load_config`; the defaults are in conf/default.yaml."""
+    """All options of a job. Build it with :func:`load_config`; the defaults are in conf/default.yaml.
+    Each field's :func:`option` is the one place that says its flag, its help and what it changes."""
 
-    score_threshold: float
-    model_inference_batch_size: int
-    num_gpus_per_worker: float
-    model_dir: str | None
-    verbose: bool
-    aesthetic_weights: str
-    embedding_column: str
-    keep_embeddings: bool
-    keep_rejected: bool
-    partition_rows: int
-    scheduler: str | None
-    scheduler_file: str | None
-    n_workers: int | None
-    threads_per_worker: int | None
-    clip_model: str
-    clip_pretrained: str
-    clip_model_config: str | None
-    image_column: str
-    json_fields: list[str]
-    write_shards: str | None
-    max_image_pixels: int
-    max_sidecar_bytes: int
-    decode_processes: int | None
-    clip_compile: str
-    clip_precision: str
-    image_decoder: str
-    extra_scores: dict[str, str]
-    report: bool
-    report_samples: bool
-    storage_options: dict[str, Any]
-    dashboard: str
+    score_threshold: float = option("--threshold", "keep rows with aesthetic_score >= T (default 0.5)", output=BOTH,
+                                    metavar="T")
+    model_inference_batch_size: int = option("--batch-size", "images per model call (default 32)", jobs=("run",),
+                                             metavar="N")
+    num_gpus_per_worker: float = option()
+    model_dir: str | None = option("--model-dir", "weights download/cache directory", metavar="D")
+    verbose: bool = option("--verbose", "log per-partition progress")
+    aesthetic_weights: str = option("--aesthetic-weights", "registry name or local .pth/.safetensors", metavar="W")
+    embedding_column: str = option("--embedding-column", "embedding column (default: embedding)", jobs=("score",),
+                                   output=("score",), metavar="NAME")
+    keep_embeddings: bool = option("--keep-embeddings", "write the embedding column", output=BOTH)
+    keep_rejected: bool = option("--keep-rejected", "write below-threshold rows to OUT/rejected/", output=BOTH)
+    partition_rows: int = option("--partition-rows", "rows per partition (Parquet row groups are not split)",
+                                 output=BOTH, metavar="N")
+    scheduler: str | None = option("--scheduler", "existing Dask scheduler, e.g. tcp://host:8786", metavar="ADDRESS")
+    scheduler_file: str | None = option("--scheduler-file", "existing Dask cluster's scheduler file", metavar="FILE")
+    n_workers: int | None = option("--n-workers", "local cluster: worker count", metavar="N")
+    threads_per_worker: int | None = option("--threads-per-worker", "local cluster: threads per worker", metavar="N")
+    clip_model: str = option("--clip-model", "open_clip model name (default ViT-L-14-quickgelu)", jobs=("run",),
+                             output=("run",), metavar="NAME")
+    clip_pretrained: str = option("--clip-pretrained", "open_clip pretrained tag or local checkpoint (default openai)",
+                                  jobs=("run",), output=("run",), metavar="TAG_OR_PATH")
+    clip_model_config: str | None = option("--clip-model-config", "open_clip model-config JSON; its file stem is the "
+                                           "model name", jobs=("run",), output=("run",), metavar="JSON")
+    image_column: str = option("--image-column", "image bytes column of Parquet inputs (default image)", jobs=("run",),
+                               output=("run",), metavar="NAME")
+    json_fields: list[str] = option("--json-fields", "sidecar .json fields to add as typed columns", jobs=("run",),
+                                    output=("run",), metavar="A,B:int64")
+    write_shards: str | None = option("--write-shards", "also write kept samples as WebDataset tars into DIR",
+                                      jobs=("run",), output=("run",), metavar="DIR")
+    max_image_pixels: int = option("--max-image-pixels", "larger images are errors, never decoded", jobs=("run",),
+                                   output=("run",), metavar="N")
+    max_sidecar_bytes: int = option("--max-sidecar-bytes", "larger .txt/.json sidecars make an error row "
+                                    "(default 65536)", jobs=("run",), output=("run",), metavar="N")
+    # Before the decode pool, images were decoded by threads; the knob is now the pool's size.
+    decode_processes: int | None = option("--decode-processes", "host processes decoding images per model worker "
+                                          "(default: from the cores)", jobs=("run",), metavar="N",
+                                          aliases=("decode_threads",))
+    clip_compile: str = option()
+    # The fingerprint holds the precision actually used (`auto` is fp16 on CUDA), not the name given.
+    clip_precision: str = option(output=("run",))
+    # Likewise the decoder `auto` resolves to, not the name given.
+    image_decoder: str = option("--image-decoder", "pil (Pillow), torch (torchvision) or auto (default: torch)",
+                                jobs=("run",))
+    extra_scores: dict[str, str] = option("--extra-scores", "more heads scored from the same embedding, one float32 "
+                                          "column NAME each", output=BOTH, metavar="NAME=W[,NAME=W...]")
+    report: bool = option("--report", "write OUT/report.html at the end (default: on)")
+    report_samples: bool = option()
+    storage_options: dict[str, Any] = option("--storage-options", "fsspec options for URLs, e.g. '{\"anon\": true}'",
+                                             metavar="JSON")
+    dashboard: str = option()
 
     @property
     def resolved_model_dir(self) -> Path:
@@ -67,38 +97,28 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         """All options, as the manifest records them (secrets in storage_options masked)."""
-        from .storage import redact
-
         return dataclasses.asdict(self) | {"storage_options": redact(self.storage_options)}
+
+
+def cli_options(job: str) -> list[dataclasses.Field]:
+    """The options that ``aesthetic-dask JOB`` takes as flags, in declaration order."""
+    return [f for f in fields(Config) if f.metadata["flag"] and job in f.metadata["jobs"]]
 
 
 # The options that change what a job writes, per job. They (with the inputs, the weights' sha256 and
 # what the job derives from them) make the job's fingerprint: re-running into the same OUT with any
 # of them changed is refused unless --overwrite is given. Cluster shape, logging and the like are
-# left out on purpose: they change how a job runs, never what it writes.
-OUTPUT_OPTIONS: dict[str, tuple[str, ...]] = {
-    "score": (
-        "score_threshold", "embedding_column", "keep_embeddings", "keep_rejected", "partition_rows",
-        "extra_scores",
-    ),
-    "run": (
-        "score_threshold", "keep_embeddings", "keep_rejected", "partition_rows", "clip_model",
-        "clip_pretrained", "clip_model_config", "clip_precision", "image_column", "json_fields",
-        "max_image_pixels", "max_sidecar_bytes", "write_shards", "extra_scores",
-    ),
-}
-
-
-# Options that change how a job runs, never what it writes (checked by the tests: every option is
-# in OUTPUT_OPTIONS of a job or here, so a new option needs a decision).
-RUNTIME_OPTIONS = (
-    "model_inference_batch_size", "num_gpus_per_worker", "model_dir", "verbose", "aesthetic_weights",
-    "scheduler", "scheduler_file", "n_workers", "threads_per_worker", "decode_processes", "report",
-    "report_samples", "storage_options", "dashboard", "image_decoder", "clip_compile",
-)
-# aesthetic_weights is listed as runtime because the fingerprint holds the weights' sha256 instead:
-# the same file under another name or path writes the same output. Likewise image_decoder: the
-# fingerprint holds the decoder it resolves to (`auto` is torch on CUDA), not the name given.
+# left out on purpose: they change how a job runs, never what it writes. aesthetic_weights is not
+# among them because the fingerprint holds the weights' sha256 instead: the same file under another
+# name or path writes the same output.
+OUTPUT_OPTIONS: dict[str, tuple[str, ...]] = {job: tuple(f.name for f in fields(Config) if job in f.metadata["output"])
+                                              for job in BOTH}
+# Options that change how a job runs, never what it writes.
+RUNTIME_OPTIONS = tuple(f.name for f in fields(Config) if not f.metadata["output"])
+# Names load_config also takes for an option: its CLI flag in snake_case (`threshold`) and former names.
+ALIASES = {alias: f.name for f in fields(Config)
+           for alias in ((f.metadata["flag"] or "--").removeprefix("--").replace("-", "_"), *f.metadata["aliases"])
+           if alias and alias != f.name}
 
 
 def output_settings(config: Config, job: str, **derived: Any) -> dict[str, Any]:
@@ -222,17 +242,13 @@ def _validate(config: Config) -> None:
         raise ConfigError("num_gpus_per_worker must be in (0, 1]")
     if config.partition_rows < 1:
         raise ConfigError("partition_rows (--partition-rows) must be >= 1")
-    if config.clip_precision not in ("auto", "fp32", "fp16"):
-        raise ConfigError("clip_precision must be auto, fp32 or fp16")
-    if config.clip_compile not in ("auto", "true", "false"):
-        raise ConfigError(f"clip_compile must be auto, true or false, got {config.clip_compile!r}")
-    if config.image_decoder not in ("auto", "pil", "torch"):
-        raise ConfigError(f"image_decoder (--image-decoder) must be auto, pil or torch, got {config.image_decoder!r}")
+    for name, allowed in CHOICES.items():
+        if getattr(config, name) not in allowed:
+            flag = f" (--{name.replace('_', '-')})" if name == "image_decoder" else ""
+            raise ConfigError(f"{name}{flag} must be {', '.join(allowed[:-1])} or {allowed[-1]}, got {getattr(config, name)!r}")
     if config.max_image_pixels < 1:
         raise ConfigError("max_image_pixels (--max-image-pixels) must be >= 1")
     if config.max_sidecar_bytes < 0:
         raise ConfigError("max_sidecar_bytes (--max-sidecar-bytes) must be >= 0")
-    if config.dashboard not in ("auto", "true", "false"):
-        raise ConfigError("dashboard must be auto, true or false")
     if config.scheduler and config.scheduler_file:
         raise ConfigError("give either scheduler or scheduler_file, not both")

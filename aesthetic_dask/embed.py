@@ -12,16 +12,19 @@ from typing import Iterable
 import pandas as pd
 import pyarrow as pa
 
-from .config import Config
+from .config import Config, load_config
 from .models.clip import ClipSpec
+from .columns import ERROR_COLUMN
+from .image_reader import image_values
+from .pipeline.host import BytesJob
+from .pipeline.stage import EmbedOptions, embed_source
+from .score import attach_scores, merge_errors
 
 
 def attach_embedded(table: pa.Table, result, extra_names: Iterable[str] = ()) -> pa.Table:
     """``table`` (one row per image, in order) plus the embed stage's columns: ``embedding`` (when
     made), the scores (when scored: ``aesthetic_score`` then ``extra_names``), and ``error`` (an
     earlier reason, e.g. "no image", wins)."""
-    from .score import ERROR_COLUMN, attach_scores, merge_errors
-
     earlier = table.column(ERROR_COLUMN) if ERROR_COLUMN in table.column_names else None
     out = table.drop_columns([c for c in (ERROR_COLUMN, "embedding") if c in table.column_names])
     if result.embeddings is not None:
@@ -34,10 +37,6 @@ def attach_embedded(table: pa.Table, result, extra_names: Iterable[str] = ()) ->
 
 def embed_partition(df: pd.DataFrame, spec: ClipSpec, image_column: str, opts, keep_images: bool) -> pd.DataFrame:
     """Partition function of :func:`embed_images`: add ``embedding`` and reasons in ``error``."""
-    from .image_reader import image_values
-    from .pipeline.host import BytesJob
-    from .pipeline.stage import embed_source
-
     table = pa.Table.from_pandas(df, preserve_index=False)
     images = image_values(table.column(image_column))
     drop = [c for c in (image_column, "image_ext") if c in table.column_names and not keep_images]
@@ -51,9 +50,6 @@ def embed_images(ddf, config: Config | None = None):
     """Lazily add ``embedding`` (L2-normalised, ``fixed_size_list<float32>[dim]`` with the width the
     CLIP model gives) to a frame of images. Image bytes are dropped after embedding unless
     ``config.write_shards`` needs them."""
-    from .config import load_config
-    from .pipeline.stage import EmbedOptions
-
     config = config or load_config()
     spec = ClipSpec.from_config(config)
     spec.check()

@@ -50,10 +50,6 @@ class DataError(AestheticDaskError, ValueError):
     exit_code = EXIT_PARTIAL
 
 
-class JobFailed(AestheticDaskError):
-    """The job itself failed (e.g. the cluster stopped answering). Exit code 1."""
-
-
 # How a partition failed: bad data (it would fail the same way again) or an exception (maybe transient).
 FAILURE_DATA = "data"
 FAILURE_ERROR = "error"

@@ -10,10 +10,7 @@ notebook API runs the same stage functions.
 from __future__ import annotations
 
 import hashlib
-import os
-import tarfile
 import time
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,29 +18,30 @@ import numpy as np
 import pyarrow as pa
 
 from . import storage
-from .config import Config, output_settings
+from .config import Config
 from .embed import attach_embedded
-from .embeddings_reader import EmbeddingPart, plan_parquet
+from .columns import written_by
+from .parquet_plan import EmbeddingPart, plan_parquet
 from .models.clip import ClipSpec, compute_precision, prepare_clip_weights
 from .pipeline.decode import resolve_decoder
 from .pipeline.host import ParquetJob, ShardJob
 from .pipeline.stage import EmbedOptions, ModelPlugin, embed_source
 from .errors import FAILURE_DATA, DataError, InputError
-from .image_reader import (SHARD_SUFFIXES, ShardPart, _TailStream, check_image_type, iter_members, parse_json_fields,
-                           samples_table, shard_schema)
-from .job import Job, Work, package_versions, run_parts
-from .output import OutputLayout, WriteOptions, split_and_write
+from .image_reader import SHARD_SUFFIXES, ShardPart, check_image_type, parse_json_fields, samples_table, shard_schema
+from .job import Heads, Work, new_job, run_parts
+from .output import OutputLayout, WriteOptions, split_and_write, write_kept_shard
 from .partition import failed_record, finish_record, new_record, process_parquet_part
 from .models.heads import AestheticPredictor
-from .models.load import load_extra_heads, load_head
 from .models.registry import REGISTRY
-from .score import SCORE_COLUMN, check_extra_score_names, table_keep_mask
+from .columns import SCORE_COLUMN
+from .score import check_extra_score_names, table_keep_mask
 from .sources import list_inputs
 
 # Rows per partition of image Parquet: all their image bytes are in memory at once.
 IMAGE_PARQUET_ROWS = 4096
 PARQUET_SUFFIXES = (".parquet", ".pq")
-VERSIONED_PACKAGES = ("aesthetic-dask", "dask", "distributed", "pandas", "pyarrow", "numpy", "torch", "torchvision", "open_clip_torch", "pillow")
+# What the run job's manifest records besides the packages every job does.
+CLIP_PACKAGES = ("torch", "torchvision", "open_clip_torch", "pillow")
 
 
 def process_shard(part: ShardPart, fields: dict, clip_spec: ClipSpec, predictor: AestheticPredictor, out: str,
@@ -81,23 +79,6 @@ def process_shard(part: ShardPart, fields: dict, clip_spec: ClipSpec, predictor:
     return finish_record(layout, record, t0)
 
 
-def write_kept_shard(source: str, kept: set[int], target: str, tmp_dir: str | None,
-                     storage_options: dict[str, Any] | None = None) -> None:
-    """Copy the regular-file members of the kept samples (by sample index: a key may repeat
-    non-consecutively in a tar) with their original bytes and names into a new tar, streamed and
-    written whole or not at all (:func:`storage.atomic_open`)."""
-    src_fs, src_path = storage.split(source, storage_options)
-    dst_fs, dst_path = storage.split(target, storage_options)
-    with src_fs.open(src_path, "rb") as raw, tarfile.open(fileobj=_TailStream(raw), mode="r|") as src, \
-            storage.atomic_open(dst_fs, dst_path, tmp_dir) as out, tarfile.open(fileobj=out, mode="w|") as dst:
-        try:
-            for index, _, _, member in iter_members(src):
-                if index in kept and member.isfile():
-                    dst.addfile(member, src.extractfile(member))
-        except (tarfile.TarError, EOFError, OSError):
-            pass  # a truncated source: its readable part was what got scored
-
-
 def process_image_parquet_part(part: EmbeddingPart, schema: pa.Schema, column: str, clip_spec: ClipSpec,
                                predictor: AestheticPredictor, out: str, opts: WriteOptions, embed: EmbedOptions,
                                extras: dict[str, AestheticPredictor] | None = None,
@@ -118,7 +99,7 @@ def process_image_parquet_part(part: EmbeddingPart, schema: pa.Schema, column: s
 
 
 def run_job(inputs: list[str], out: str | Path, config: Config, overwrite: bool = False, progress: bool = True,
-           started: float | None = None) -> tuple[dict[str, Any], int]:
+            started: float | None = None) -> tuple[dict[str, Any], int]:
     """Run the image job over shards and image Parquet; return (manifest, exit code)."""
     from .cluster import check_workers_may_have_children, dask_client, task_resources
 
@@ -135,23 +116,21 @@ def run_job(inputs: list[str], out: str | Path, config: Config, overwrite: bool 
     parquets = [f for f in listed.files if f.lower().endswith(PARQUET_SUFFIXES)]
     shard_parts = [ShardPart(t) for t in tars]
     pq_plan = plan_parquet(parquets, config.image_column, check_image_type, min(config.partition_rows, IMAGE_PARQUET_ROWS),
-                           pa.binary(), reserved=("aesthetic_score", "error", "embedding"), storage_options=so) if parquets else None
+                           pa.binary(), reserved=written_by("run"), storage_options=so) if parquets else None
 
     # Compatibility first: a head trained on another CLIP is refused before anything is downloaded.
-    heads = {SCORE_COLUMN: config.aesthetic_weights, **config.extra_scores}
-    compatibility = clip_spec.check(heads={column: REGISTRY.get(w) for column, w in heads.items()})
-    predictor, weights = load_head(config.aesthetic_weights, config.resolved_model_dir)
-    extras, extra_info = load_extra_heads(config.extra_scores, config.resolved_model_dir, predictor.embed_dim)
-    clip_spec.check(predictor.embed_dim)
+    named_heads = {SCORE_COLUMN: config.aesthetic_weights, **config.extra_scores}
+    compatibility = clip_spec.check(heads={column: REGISTRY.get(w) for column, w in named_heads.items()})
+    heads = Heads.load(config)
+    clip_spec.check(heads.predictor.embed_dim)
     clip_spec, clip_weights = prepare_clip_weights(clip_spec)  # present or fetchable, before any task
-    check_extra_score_names(extras, shard_schema(fields).names + (pq_plan.schema.names if pq_plan else []))
-    opts = WriteOptions(config.score_threshold, "embedding", config.keep_embeddings, config.keep_rejected,
-                        predictor.embed_dim, tuple(extras), samples=config.report_samples)
+    check_extra_score_names(heads.extras, shard_schema(fields).names + (pq_plan.schema.names if pq_plan else []))
+    opts = heads.write_options(config, "embedding")
     embed = EmbedOptions.from_config(config)
     failed_inputs = dict(pq_plan.failed) if pq_plan else {}
     work = []
-    common = dict(clip_spec=clip_spec, predictor=predictor, out=layout.url(), opts=opts, embed=embed, extras=extras,
-                  storage_options=so)
+    common = dict(clip_spec=clip_spec, predictor=heads.predictor, out=layout.url(), opts=opts, embed=embed,
+                  extras=heads.extras, storage_options=so)
     if shard_parts:
         work.append(Work(shard_parts, process_shard, dict(fields=fields, write_shards=shards_dir,
                                                           max_sidecar_bytes=config.max_sidecar_bytes, **common)))
@@ -162,33 +141,13 @@ def run_job(inputs: list[str], out: str | Path, config: Config, overwrite: bool 
     plan_s = round(time.perf_counter() - t0, 3)
 
     with dask_client(config, model_work=True) as (client, device):
-        settings = output_settings(
-            config, "run",
-            inputs=sorted(str(f) for f in listed.files),
-            weights_sha256=weights["sha256"],
-            extra_scores_sha256={k: v["sha256"] for k, v in extra_info.items()},
-            write_shards=shards_dir,
-            clip_model_config_sha256=_file_digest(clip_spec.model_config),
-            clip_compute=compute_precision(config.clip_precision, device),
-            image_decoder=resolve_decoder(config.image_decoder),
-        )
-        job = Job(
-            kind="run",
-            layout=layout,
-            settings=settings,
-            info={
-                "config": config.to_dict(),
-                "weights": weights,
-                "extra_scores": extra_info,
-                "clip": {"model": clip_spec.model, "pretrained": clip_spec.pretrained, "model_config": clip_spec.model_config,
-                         "compatibility": compatibility, "weights": clip_weights},
-                "versions": package_versions(VERSIONED_PACKAGES),
-            },
-            failed_inputs=failed_inputs,
-            duplicate_inputs=listed.duplicates,
-            started=started,
-            report=config.report,
-        )
+        derived = dict(write_shards=shards_dir, clip_model_config_sha256=_file_digest(clip_spec.model_config),
+                       clip_compute=compute_precision(config.clip_precision, device),
+                       image_decoder=resolve_decoder(config.image_decoder))
+        clip_info = {"model": clip_spec.model, "pretrained": clip_spec.pretrained, "model_config": clip_spec.model_config,
+                     "compatibility": compatibility, "weights": clip_weights}
+        job = new_job("run", config, layout, heads, sorted(str(f) for f in listed.files), started, failed_inputs,
+                      listed.duplicates, derived, {"clip": clip_info}, versions=CLIP_PACKAGES)
         local = client.cluster is not None
         if not local:
             check_workers_may_have_children(client)
@@ -212,7 +171,7 @@ def require_clip_extra() -> None:
 
 def _absolute(url: str) -> str:
     """A local path made absolute in the client (workers may run elsewhere); URLs as given."""
-    return url if "://" in url else os.path.abspath(url)
+    return url if storage.is_url(url) else storage.local_path(url)
 
 
 def _file_digest(path: str | None) -> str | None:

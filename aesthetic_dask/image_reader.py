@@ -18,16 +18,17 @@ from typing import Any, Iterator
 import pandas as pd
 import pyarrow as pa
 
-from .errors import DataError
-from .sources import expand_inputs
+from .columns import RESERVED_SAMPLE_COLUMNS
+from .errors import DataError, InputError
+from .sources import list_inputs
+from .embeddings_reader import parquet_frame
+from .parquet_plan import plan_parquet, source_name
+from .storage import split
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif")
 JSON_TYPES = {"string": pa.string(), "int64": pa.int64(), "float64": pa.float64(), "bool": pa.bool_()}
 # A member larger than this is never read into memory (its sample becomes an error row).
 MAX_MEMBER_BYTES = 256 * 1024 * 1024
-# Columns of a shard's samples and of the job's output: a --json-fields name may not take one.
-RESERVED_SAMPLE_COLUMNS = ("key", "source", "image", "image_ext", "caption", "json", "error", "aesthetic_score",
-                           "embedding", "row")
 # Default cap of one .txt/.json sidecar (config max_sidecar_bytes): held for the whole shard.
 MAX_SIDECAR_BYTES = 64 * 1024
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tbz", ".tar.xz", ".txz")
@@ -43,8 +44,6 @@ class ShardPart:
     @property
     def name(self) -> str:
         """``stem-digest`` of the shard's path: a pure function of it, same on every machine."""
-        from .embeddings_reader import source_name
-
         return source_name(self.source)
 
 
@@ -81,7 +80,7 @@ def clean_name(name: str) -> tuple[str, bool]:
 _MAGIC = ((b"\x1f\x8b", "gzip"), (b"BZh", "bz2"), (b"\xfd7zXZ\x00", "xz"))
 
 
-class _TailStream:
+class TarStream:
     """The (decompressed) tar byte stream, remembering its size and last 1024 bytes: a streaming
     tar read stops silently at a cut header, so completeness is checked from these."""
 
@@ -149,12 +148,10 @@ class ShardReader:
         current: Sample | None = None
         self._in_member = False
         try:
-            from .storage import split
-
             fs, path = split(self.path, self.storage_options)
             with fs.open(path, "rb") as raw:
                 self.opened = True
-                stream = _TailStream(raw)
+                stream = TarStream(raw)
                 with tarfile.open(fileobj=stream, mode="r|") as tar:
                     for index, key, ext, member in iter_members(tar):
                         if current is not None and index != current.index:
@@ -229,12 +226,8 @@ def parse_json_fields(spec: list[str] | str | None) -> dict[str, pa.DataType]:
         name, _, kind = item.partition(":")
         kind = kind or "string"
         if kind not in JSON_TYPES:
-            from .errors import InputError
-
             raise InputError(f"json field {item!r}: type must be one of {', '.join(JSON_TYPES)}")
         if name in RESERVED_SAMPLE_COLUMNS:
-            from .errors import InputError
-
             raise InputError(f"--json-fields {name}: {name!r} is a column the job writes "
                              f"({', '.join(RESERVED_SAMPLE_COLUMNS)}); choose another field")
         fields[name] = JSON_TYPES[kind]
@@ -324,7 +317,7 @@ def read_shard(part: ShardPart, fields: dict[str, pa.DataType], max_sidecar_byte
 
 def plan_shards(inputs: list[str] | str, storage_options: dict[str, Any] | None = None) -> list[ShardPart]:
     """One part per tar shard found in the inputs (files, directories, globs; local or URLs)."""
-    return [ShardPart(p) for p in expand_inputs(inputs, SHARD_SUFFIXES, storage_options=storage_options)]
+    return [ShardPart(p) for p in list_inputs(inputs, SHARD_SUFFIXES, storage_options=storage_options).files]
 
 
 def read_webdataset(paths: list[str] | str, json_fields: list[str] | str | None = None,
@@ -356,15 +349,11 @@ def check_image_type(dtype: pa.DataType, column: str, where: str) -> None:
     if pa.types.is_struct(dtype):
         ok = dtype.get_field_index("bytes") >= 0
     if not ok:
-        from .errors import InputError
-
         raise InputError(f"{where}: column {column!r} has type {dtype}, expected binary image bytes or struct<bytes, path>")
 
 
 def read_image_parquet(paths: list[str] | str, image_column: str = "image", partition_rows: int = 4096):
     """Lazy Dask frame of Parquet files holding image bytes (binary or ``struct<bytes, path>``)."""
-    from .embeddings_reader import parquet_frame, plan_parquet
-
     plan = plan_parquet(paths, image_column, check_image_type, partition_rows)
     if plan.failed:
         path, reason = next(iter(plan.failed.items()))

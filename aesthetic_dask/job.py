@@ -6,8 +6,8 @@ This module is generic over them:
 
 - :meth:`Job.prepare` checks OUT belongs to this job, removes what no longer belongs to its plan,
   and returns the partitions finished before (their completion markers);
-- :func:`submit_parts` runs the rest with ``client.submit``, keys named after the partitions
-  (visible on the dashboard), a bounded number in flight, and retries;
+- :func:`submit.submit_parts` runs the rest with ``client.submit``, keys named after the
+  partitions (visible on the dashboard), a bounded number in flight, and retries;
 - :func:`collect` turns results and task exceptions into records, logs and progress;
 - :meth:`Job.finish` decides status and exit code from the whole OUT (:func:`errors.job_outcome`)
   and writes the manifest.
@@ -25,32 +25,72 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
-from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from . import histogram, samples
 from .errors import FAILURE_ERROR, InputError, job_outcome
-from .output import COUNT_KEYS, OutputLayout, read_records, remove_partition_files, remove_unplanned, reset_output, write_json
+from .output import COUNT_KEYS, OutputLayout, WriteOptions, read_records, remove_partition_files, remove_unplanned, reset_output, write_json
 from .partition import failed_record
+from .submit import Progress, cluster_info, submit_parts
+from .config import output_settings
+from .models.load import load_extra_heads, load_head
 
 log = logging.getLogger("aesthetic_dask")
-
-# Lines of unreadable inputs and failed partitions the summary shows before "and N more".
-SUMMARY_FAILURES = 5
-
 
 def fingerprint(settings: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def package_versions(names: tuple[str, ...]) -> dict[str, str]:
+# The packages whose versions every manifest records; each job adds the ones its stages use.
+VERSIONED_PACKAGES = ("aesthetic-dask", "dask", "distributed", "pandas", "pyarrow", "numpy", "safetensors", "huggingface_hub")
+
+
+def package_versions(extra: tuple[str, ...] = ()) -> dict[str, str]:
     out = {}
-    for name in names:
+    for name in VERSIONED_PACKAGES + extra:
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             continue
     return out
+
+
+@dataclass
+class Heads:
+    """The job's heads, loaded in the client: the main one, the ``extra_scores`` ones, and what
+    the manifest records of each."""
+
+    predictor: Any
+    weights: dict[str, Any]
+    extras: dict[str, Any]
+    extra_info: dict[str, dict[str, Any]]
+
+    @classmethod
+    def load(cls, config: Any) -> Heads:
+        predictor, weights = load_head(config.aesthetic_weights, config.resolved_model_dir)
+        extras, extra_info = load_extra_heads(config.extra_scores, config.resolved_model_dir, predictor.embed_dim)
+        return cls(predictor, weights, extras, extra_info)
+
+    def write_options(self, config: Any, embedding_column: str) -> Any:
+        """How the job's partitions are split and written."""
+        return WriteOptions(config.score_threshold, embedding_column, config.keep_embeddings, config.keep_rejected,
+                            self.predictor.embed_dim, tuple(self.extras), samples=config.report_samples)
+
+
+def new_job(kind: str, config: Any, layout: OutputLayout, heads: Heads, inputs: list[str], started: float,
+            failed_inputs: dict[str, str], duplicate_inputs: list[str], derived: dict[str, Any] | None = None,
+            info: dict[str, Any] | None = None, versions: tuple[str, ...] = ()) -> Job:
+    """The :class:`Job` of either job kind: its fingerprinted settings (:func:`config.output_settings`
+    with the inputs, the heads' sha256 and ``derived``) and what its manifest records."""
+    settings = output_settings(config, kind, inputs=inputs, weights_sha256=heads.weights["sha256"],
+                               extra_scores_sha256={k: v["sha256"] for k, v in heads.extra_info.items()},
+                               **(derived or {}))
+    return Job(
+        kind=kind, layout=layout, settings=settings,
+        info={"config": config.to_dict(), "weights": heads.weights, "extra_scores": heads.extra_info, **(info or {}),
+              "versions": package_versions(versions)},
+        failed_inputs=failed_inputs, duplicate_inputs=duplicate_inputs, started=started, report=config.report,
+    )
 
 
 @dataclass
@@ -228,59 +268,6 @@ class Job:
         return manifest, code
 
 
-def _call(process: Callable[..., dict[str, Any]], part: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The task: one partition through its process function."""
-    return process(part, **kwargs)
-
-
-def submit_parts(
-    client: Any,
-    tasks: list[tuple[Any, Work]],
-    run_id: str,
-    kind: str,
-    retries: int = 2,
-    resources: dict[str, float] | None = None,
-    max_in_flight: int = 64,
-) -> Iterator[tuple[Any, dict[str, Any] | None, BaseException | None]]:
-    """Run each ``(part, work)`` as one task; yield ``(part, record, None)`` or ``(part, None, exception)``.
-
-    At most ``max_in_flight`` tasks exist at once, so a job over 10^6 shards holds a bounded
-    graph. Keys are ``(aesthetic-KIND-RUNID, partition name)``: grouped and named on the dashboard,
-    and never shared with another job on the same cluster.
-    """
-    from distributed import as_completed
-
-    prefix = f"aesthetic-{kind}-{run_id}"
-    pending = iter(tasks)
-    by_key: dict[Any, Any] = {}
-    running = as_completed()
-
-    def top_up() -> None:
-        while running.count() < max_in_flight:
-            try:
-                part, work = next(pending)
-            except StopIteration:
-                return
-            future = client.submit(_call, work.process, part, work.kwargs, key=(prefix, part.name),
-                                   retries=retries, resources=resources, pure=False)
-            by_key[future.key] = part
-            running.add(future)
-
-    top_up()
-    for future in running:
-        part = by_key.pop(future.key)
-        if future.status == "finished":
-            yield part, future.result(), None
-        else:
-            try:
-                exc = future.exception()
-            except BaseException as cancelled:  # noqa: BLE001 - a cancelled future raises instead
-                exc = cancelled
-            yield part, None, exc
-        future.release()
-        top_up()
-
-
 def run_parts(
     job: Job,
     client: Any,
@@ -306,7 +293,7 @@ def run_parts(
     job.write_manifest("running")
     threads = max(1, job.cluster.get("threads") or 1)
     t0 = time.perf_counter()
-    bar = _Progress(len(tasks), progress, unit)
+    bar = Progress(len(tasks), progress, unit)
     for part, record, exc in submit_parts(client, tasks, job.run_id, job.kind, retries, resources, max(8, 4 * threads)):
         collect(job, part, record, exc)
         bar.update(job.records.get(part.name) or job.failures.get(part.name))
@@ -334,113 +321,3 @@ def collect(job: Job, part: Any, record: dict[str, Any] | None, exc: BaseExcepti
     )
 
 
-def cluster_info(client: Any) -> dict[str, Any]:
-    """Which cluster ran the job (for the manifest and the summary)."""
-    try:
-        info = client.scheduler_info()
-        workers = info.get("workers", {})
-        return {
-            "scheduler_address": info.get("address") or client.scheduler.address,
-            "dashboard_link": _dashboard_link(client),
-            "workers": len(workers),
-            "threads": sum(w.get("nthreads", 0) for w in workers.values()),
-        }
-    except Exception:  # noqa: BLE001 - informational only
-        log.debug("cannot describe the cluster", exc_info=True)
-        return {}
-
-
-def _dashboard_link(client: Any) -> str | None:
-    """The dashboard's link, or None where the scheduler serves none (a local cluster started
-    without one still answers HTTP, on a port that has no dashboard)."""
-    spec = getattr(getattr(client, "cluster", None), "scheduler_spec", None) or {}
-    if spec.get("options", {}).get("dashboard") is False:
-        return None
-    try:
-        return client.dashboard_link if client.scheduler_info().get("services", {}).get("dashboard") else None
-    except Exception:  # noqa: BLE001
-        return None
-
-
-class _Progress:
-    """Partitions done, and rows (or images) processed with their rate, on a terminal."""
-
-    def __init__(self, total: int, enabled: bool, unit: str) -> None:
-        self.bar = None
-        self.rows = 0
-        self.unit = unit
-        self.t0 = time.perf_counter()
-        if enabled and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, unit="part", desc="partitions", file=sys.stderr)
-
-    def update(self, record: dict[str, Any] | None) -> None:
-        self.rows += (record or {}).get("rows_in") or 0
-        if self.bar is not None:
-            rate = self.rows / max(time.perf_counter() - self.t0, 1e-9)
-            self.bar.set_postfix_str(f"{self.rows:,} {self.unit}, {rate:,.0f} {self.unit}/s", refresh=False)
-            self.bar.update(1)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def summary(manifest: dict[str, Any], out: Path, unit: str = "rows") -> str:
-    """The one-screen end-of-job summary."""
-    t = manifest["totals"]
-    parts = manifest["partitions"]
-    run = manifest.get("this_run", {})
-    rows_in = f"{t['rows_in']:,}"
-    if t.get("rows_unknown_partitions"):
-        rows_in += f" (+ rows unknown in {t['rows_unknown_partitions']} failed partitions)"
-    processed, compute_s = run.get("rows_processed", 0), run.get("compute_s") or 0
-    if run.get("partitions_processed"):
-        throughput = f"{processed / max(compute_s, 1e-9):,.0f} {unit}/s ({processed:,} {unit} processed in {compute_s:.1f}s)"
-    else:
-        throughput = "nothing processed in this run"
-    rows = [
-        (f"{unit} in", rows_in),
-        ("kept (>= threshold)", f"{t['rows_kept']:,}"),
-        ("below threshold", f"{t['rows_below_threshold']:,}"),
-        ("errors", f"{t['rows_error']:,}"),
-        ("partitions", f"{parts['planned']:,} planned: {run.get('partitions_processed', 0):,} run now, "
-                       f"{run.get('partitions_skipped', 0):,} skipped (finished before), {parts['failed']:,} failed"),
-        ("throughput", throughput),
-        ("elapsed", f"{manifest['timings'].get('elapsed_s', 0):.1f}s"),
-        ("output", f"{str(out).rstrip('/')}/kept"),
-        ("manifest", f"{str(out).rstrip('/')}/manifest.json"),
-    ]
-    if manifest.get("cluster", {}).get("dashboard_link"):
-        rows.append(("dashboard", manifest["cluster"]["dashboard_link"]))
-    lines = [f"aesthetic-dask {manifest['job']}: {manifest['status']}"] + [f"  {k + ':':<22}{v}" for k, v in rows]
-    if manifest.get("report"):
-        lines.append(f"  {'report:':<22}{manifest['report']}")
-    lines += threshold_warning(manifest)
-    if manifest.get("duplicate_inputs"):
-        lines.append(f"  {'inputs named twice:':<22}{len(manifest['duplicate_inputs'])} (each read once)")
-    problems = [f"unreadable input: {path}: {reason}" for path, reason in manifest.get("failed_inputs", {}).items()]
-    problems += [f"failed partition: {source}: {reason.removeprefix(source + ': ')}"
-                 for source, entry in manifest["inputs"].items() for reason in entry.get("failures", [])]
-    lines += [f"  {p}" for p in problems[:SUMMARY_FAILURES]]
-    if len(problems) > SUMMARY_FAILURES:
-        lines.append(f"  ... and {len(problems) - SUMMARY_FAILURES} more (see manifest failed_inputs and inputs.*.failures)")
-    return "\n".join(lines)
-
-
-def threshold_warning(manifest: dict[str, Any]) -> list[str]:
-    """Lines warning that the threshold kept more than 99% or less than 1% of the scored rows, with
-    what other thresholds would keep (from the exact histogram)."""
-    counts = manifest.get("score_histogram", {}).get("counts")
-    scored = sum(counts) if counts else 0
-    if not scored:
-        return []
-    kept = manifest["totals"]["rows_kept"]
-    if 0.01 <= kept / scored <= 0.99:
-        return []
-    threshold = manifest["config"]["score_threshold"]
-    options = ", ".join(f"{t:.1f} keeps {histogram.kept_at(counts, t):,} ({histogram.kept_at(counts, t) / scored:.1%})"
-                        for t in (5.0, 5.5, 6.0, 6.5))
-    return [f"  warning: threshold {threshold:g} kept {kept / scored:.1%} of the scored rows (scores land roughly in 1..10);",
-            f"           instead {options}"]

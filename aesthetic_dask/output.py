@@ -1,4 +1,5 @@
-"""Writer: the OUT layout (local or object storage), per-partition files, completion markers.
+"""Writers: the OUT layout (local or object storage), per-partition Parquet files, the kept samples
+as WebDataset tars (``--write-shards``), completion markers.
 
 OUT/kept/, OUT/rejected/ and OUT/errors/ are plain Parquet datasets (one file per input
 partition, named after it). Every file appears whole or not at all (:func:`storage.atomic_open`);
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,11 +22,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import histogram, samples, storage
-from .score import ERROR_COLUMN, SCORE_COLUMN, table_keep_mask
+from .columns import ERROR_COLUMN, ROW_COLUMN, SCORE_COLUMN, SOURCE_COLUMN
+from .image_reader import TarStream, iter_members
+from .score import table_keep_mask
 
 COUNT_KEYS = ("rows_in", "rows_kept", "rows_below_threshold", "rows_error")
-SOURCE_COLUMN = "source"
-ROW_COLUMN = "row"
 
 
 class OutputLayout:
@@ -65,7 +67,7 @@ class OutputLayout:
 
     def file(self, listed: str) -> str:
         """A record's file entry (relative to OUT, or absolute/a URL for --write-shards) as a path."""
-        if "://" in listed:
+        if storage.is_url(listed):
             return storage.split(listed, self.storage_options)[1]
         return listed if listed.startswith("/") else self.path(listed)
 
@@ -287,3 +289,20 @@ def remove_partition_files(layout: OutputLayout, names: set[str], existing: set[
     doomed = [p for p in existing if _stem(p) in names and p.rsplit("/", 1)[0] in
               (layout.kept, layout.rejected, layout.errors, layout.samples, layout.records)]
     layout.remove(doomed)
+
+
+def write_kept_shard(source: str, kept: set[int], target: str, tmp_dir: str | None,
+                     storage_options: dict[str, Any] | None = None) -> None:
+    """Copy the regular-file members of the kept samples (by sample index: a key may repeat
+    non-consecutively in a tar) with their original bytes and names into a new tar, streamed and
+    written whole or not at all (:func:`storage.atomic_open`)."""
+    src_fs, src_path = storage.split(source, storage_options)
+    dst_fs, dst_path = storage.split(target, storage_options)
+    with src_fs.open(src_path, "rb") as raw, tarfile.open(fileobj=TarStream(raw), mode="r|") as src, \
+            storage.atomic_open(dst_fs, dst_path, tmp_dir) as out, tarfile.open(fileobj=out, mode="w|") as dst:
+        try:
+            for index, _, _, member in iter_members(src):
+                if index in kept and member.isfile():
+                    dst.addfile(member, src.extractfile(member))
+        except (tarfile.TarError, EOFError, OSError):
+            pass  # a truncated source: its readable part was what got scored

@@ -15,6 +15,7 @@ import numpy as np
 
 from .errors import FAILURE_DATA, FAILURE_ERROR, DataError
 from .output import OutputLayout, WriteOptions, split_and_write, write_record
+from .embeddings_reader import read_embedding_table
 
 
 def new_record(part: Any) -> dict[str, Any]:
@@ -64,8 +65,6 @@ def process_parquet_part(
     report's thumbnails by row (or None). An unreadable row range counts all its rows as errors
     and records why.
     """
-    from .embeddings_reader import read_embedding_table
-
     t0 = time.perf_counter()
     layout = OutputLayout(out, storage_options)
     try:

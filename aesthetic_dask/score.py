@@ -16,13 +16,11 @@ import pyarrow.compute as pc
 from .errors import InputError, MissingColumnError
 from .models.heads import AestheticPredictor
 
-SCORE_COLUMN = "aesthetic_score"
-ERROR_COLUMN = "error"
+from .columns import ERROR_COLUMN, RESERVED_SCORE_NAMES, SCORE_COLUMN
+from .cluster import array_module
+from .config import load_config
+from .models.load import load_extra_heads, load_predictor
 ERROR_DTYPE = pd.ArrowDtype(pa.string())
-
-
-# Columns the jobs write themselves; a user column or an extra head never takes one of these names.
-RESERVED_COLUMNS = ("aesthetic_score", "error", "embedding", "source", "row")
 
 
 def check_extra_score_names(extras: dict[str, Any], input_columns: list[str]) -> None:
@@ -30,7 +28,7 @@ def check_extra_score_names(extras: dict[str, Any], input_columns: list[str]) ->
     for name in extras:
         if not name.isidentifier():
             raise InputError(f"--extra-scores {name}: a column name must be letters, digits and _")
-        if name in RESERVED_COLUMNS:
+        if name in RESERVED_SCORE_NAMES:
             raise InputError(f"--extra-scores {name}: {name!r} is a column the job writes; choose another name")
         if name in input_columns:
             raise InputError(f"--extra-scores {name}: the input already has a column {name!r}; choose another name")
@@ -63,8 +61,6 @@ def score_arrow(
     cupy on a worker with a CUDA device, else numpy), and only the scores come back.
     """
     if xp is None:
-        from .cluster import array_module
-
         xp = array_module()
     heads = [predictor, *(extras or {}).values()]
     per_head: list[list[np.ndarray]] = [[] for _ in heads]
@@ -293,9 +289,6 @@ def score_embeddings(ddf, config=None, predictor: AestheticPredictor | None = No
     The heads are loaded once in the caller from ``config`` (unless ``predictor`` is given) and
     travel to the workers; a folded head is one 768-vector and a bias.
     """
-    from .config import load_config
-    from .models.load import load_extra_heads, load_predictor
-
     config = config or load_config()
     if predictor is None:
         predictor = load_predictor(config.aesthetic_weights, config.resolved_model_dir)

@@ -13,16 +13,13 @@ from typing import Any
 
 import pyarrow as pa
 
-from .config import Config, output_settings
-from .embeddings_reader import EmbeddingPart, plan_embeddings
-from .job import Job, Work, package_versions, run_parts
+from .config import Config
+from .parquet_plan import EmbeddingPart, plan_embeddings
+from .job import Heads, Work, new_job, run_parts
 from .output import OutputLayout, WriteOptions
 from .partition import process_parquet_part
 from .models.heads import AestheticPredictor
-from .models.load import load_extra_heads, load_head
 from .score import check_extra_score_names, score_table
-
-VERSIONED_PACKAGES = ("aesthetic-dask", "dask", "distributed", "pandas", "pyarrow", "numpy", "safetensors", "huggingface_hub")
 
 
 def score_embedding_table(table: pa.Table, predictor: AestheticPredictor, column: str,
@@ -44,7 +41,7 @@ def process_embedding_part(
 
 
 def score_job(inputs: list[str], out: str | Path, config: Config, overwrite: bool = False, progress: bool = True,
-           started: float | None = None) -> tuple[dict[str, Any], int]:
+              started: float | None = None) -> tuple[dict[str, Any], int]:
     """Run the score job; return (manifest, exit code)."""
     from .cluster import dask_client, task_resources
 
@@ -52,52 +49,16 @@ def score_job(inputs: list[str], out: str | Path, config: Config, overwrite: boo
     layout = OutputLayout(out, config.storage_options)
     plan = plan_embeddings(inputs, config.embedding_column, config.partition_rows, exclude=(layout.url(),),
                            storage_options=config.storage_options)
-    predictor, weights = load_head(config.aesthetic_weights, config.resolved_model_dir)
-    extras, extra_info = load_extra_heads(config.extra_scores, config.resolved_model_dir, predictor.embed_dim)
-    check_extra_score_names(extras, plan.schema.names)
-    opts = WriteOptions(
-        threshold=config.score_threshold,
-        embedding_column=config.embedding_column,
-        keep_embeddings=config.keep_embeddings,
-        keep_rejected=config.keep_rejected,
-        embed_dim=predictor.embed_dim,
-        extra_score_columns=tuple(extras),
-        samples=config.report_samples,
-    )
+    heads = Heads.load(config)
+    check_extra_score_names(heads.extras, plan.schema.names)
+    opts = heads.write_options(config, config.embedding_column)
     sources = sorted({p.source for p in plan.parts} | set(plan.failed))
-    job = Job(
-        kind="score",
-        layout=layout,
-        settings=output_settings(config, "score", inputs=sources, weights_sha256=weights["sha256"],
-                                 extra_scores_sha256={k: v["sha256"] for k, v in extra_info.items()}),
-        info={
-            "config": config.to_dict(),
-            "weights": weights,
-            "extra_scores": extra_info,
-            "versions": package_versions(VERSIONED_PACKAGES),
-        },
-        failed_inputs=plan.failed,
-        duplicate_inputs=plan.duplicates,
-        started=started,
-        report=config.report,
-    )
+    job = new_job("score", config, layout, heads, sources, started, plan.failed, plan.duplicates)
     job.timings["plan_s"] = round(time.perf_counter() - t0, 3)
     with dask_client(config) as (client, device):
         job.timings["cluster_s"] = round(time.perf_counter() - t0 - job.timings["plan_s"], 3)
-        kwargs = dict(
-            schema=plan.schema,
-            column=config.embedding_column,
-            predictor=predictor,
-            out=layout.url(),
-            storage_options=config.storage_options,
-            opts=opts,
-            extras=extras,
-        )
-        return run_parts(
-            job,
-            client,
-            [Work(plan.parts, process_embedding_part, kwargs)],
-            overwrite=overwrite,
-            resources=task_resources(config, device, client.cluster is not None),
-            progress=progress and not config.verbose,
-        )
+        kwargs = dict(schema=plan.schema, column=config.embedding_column, predictor=heads.predictor, out=layout.url(),
+                      storage_options=config.storage_options, opts=opts, extras=heads.extras)
+        return run_parts(job, client, [Work(plan.parts, process_embedding_part, kwargs)], overwrite=overwrite,
+                         resources=task_resources(config, device, client.cluster is not None),
+                         progress=progress and not config.verbose)

@@ -48,7 +48,8 @@ def list_inputs(
     files: list[tuple[str, str]] = []  # (identity, url)
     for raw in inputs:
         storage.check_reachable(raw, storage_options, "input")
-        fs, path = storage.split(str(Path(raw).expanduser()) if "://" not in str(raw) else str(raw), storage_options)
+        fs, path = storage.split(str(raw) if storage.is_url(raw) else str(Path(str(raw).removeprefix("file://")).expanduser()),
+                                 storage_options)
         local = storage.is_local(fs)
         excluded = _excluded(exclude, fs, storage_options)
         try:
@@ -78,12 +79,6 @@ def list_inputs(
         seen.add(identity)
         unique.append(url)
     return InputFiles(unique, duplicates)
-
-
-def expand_inputs(inputs: list[str] | str, suffixes: tuple[str, ...], exclude: Iterable[str | Path] = (),
-                  storage_options: dict[str, Any] | None = None) -> list[str]:
-    """The files of :func:`list_inputs`, without the duplicate report."""
-    return list_inputs(inputs, suffixes, exclude, storage_options).files
 
 
 def check_not_inside(raw: str, exclude: Iterable[str | Path], storage_options: dict[str, Any] | None = None) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import uuid
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import InputError
@@ -38,6 +39,20 @@ def split(url: str, storage_options: dict[str, Any] | None = None) -> tuple[Any,
         raise InputError(f"{url}: no filesystem for {protocol}:// is installed ({hint})") from exc
     except ValueError as exc:
         raise InputError(f"{url}: {exc}") from None
+
+
+def is_url(path: str | Path) -> bool:
+    """Whether ``path`` names a remote object (``s3://...``, ``hf://...``) rather than a local file
+    (a plain path or ``file://``)."""
+    text = str(path)
+    return "://" in text and not text.startswith("file://")
+
+
+def local_path(path: str | Path) -> str:
+    """A local path or ``file://`` URL as an absolute path (workers may run elsewhere than the client)."""
+    import os
+
+    return os.path.abspath(os.path.expanduser(str(path).removeprefix("file://")))
 
 
 def is_local(fs: Any) -> bool:

@@ -20,7 +20,6 @@ the model's ceiling).
 from __future__ import annotations
 
 import argparse
-import io
 import multiprocessing
 import os
 import resource

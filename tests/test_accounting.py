@@ -335,7 +335,8 @@ def _tracked_process(part):
 def test_submit_parts_names_keys_after_partitions_and_bounds_tasks_in_flight():
     from distributed import Client, LocalCluster
 
-    from aesthetic_dask.job import Work, submit_parts
+    from aesthetic_dask.job import Work
+    from aesthetic_dask.submit import submit_parts
 
     work = Work([_Part(i) for i in range(20)], _tracked_process, {})
     with LocalCluster(n_workers=1, threads_per_worker=8, processes=False, dashboard_address=None) as cluster, Client(cluster) as client:

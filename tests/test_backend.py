@@ -44,8 +44,14 @@ def test_the_device_code_path_gives_the_numpy_result(rng):
         assert list(on_device[1]) == list(on_cpu[1]) and on_cpu[1][3] == "null embedding"
 
 
-def test_a_process_without_a_cuda_device_computes_on_numpy():
-    assert array_module() is np
+def test_the_array_module_is_cupy_only_with_cupy_and_a_device():
+    from aesthetic_dask.cluster import choose_array_module
+
+    cupy = DeviceArrays()
+    assert choose_array_module(None, 0) is np and choose_array_module(None, 2) is np  # no cupy
+    assert choose_array_module(cupy, 0) is np  # cupy, no device
+    assert choose_array_module(cupy, 1) is cupy
+    assert array_module() is array_module()  # decided once per process, by what it has
 
 
 def test_workers_advertising_gpu_without_one_give_the_cpu_result(tmp_path, rng, tiny_weights):

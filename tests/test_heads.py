@@ -15,7 +15,7 @@ import torch
 
 from aesthetic_dask.config import load_config
 from aesthetic_dask.errors import WeightsError
-from aesthetic_dask.models import checkpoint, fetch, heads, registry
+from aesthetic_dask.models import fetch, heads, registry
 from aesthetic_dask.cli import main
 from aesthetic_dask.embed import ClipSpec
 from aesthetic_dask.errors import InputError

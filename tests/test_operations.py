@@ -16,8 +16,7 @@ import pytest
 
 from aesthetic_dask import __version__
 from aesthetic_dask.config import load_config
-from aesthetic_dask.errors import WeightsError
-from aesthetic_dask.models import checkpoint, fetch, heads, registry
+from aesthetic_dask.models import checkpoint, registry
 from aesthetic_dask.cli import main
 from conftest import assert_one_clear_line, photo_bytes, write_embeddings, write_shard
 

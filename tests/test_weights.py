@@ -8,7 +8,7 @@ import pytest
 
 from aesthetic_dask.config import load_config
 from aesthetic_dask.errors import WeightsError
-from aesthetic_dask.models import checkpoint, fetch, heads, registry
+from aesthetic_dask.models import checkpoint, fetch, registry
 
 DEFAULT_HEAD = load_config().aesthetic_weights  # conf/default.yaml: the one default
 

@@ -14,6 +14,7 @@ import numpy as np
 
 from ..errors import WeightsError
 from .heads import PredictorSpec, infer_spec
+from ..storage import split, write_bytes
 
 
 def converted_path(model_dir: Path, sha256: str) -> Path:
@@ -127,8 +128,6 @@ class _StateDictUnpickler(pickle.Unpickler):
 
 def _write_converted(state: dict[str, np.ndarray], target: Path) -> None:
     from safetensors.numpy import save
-
-    from ..storage import split, write_bytes
 
     try:
         fs, path = split(str(target))

@@ -10,13 +10,12 @@ from ..errors import InputError
 from .checkpoint import load_state_dict
 from .fetch import ResolvedWeights, resolve_weights
 from .heads import AestheticPredictor, infer_spec
+from ..config import default_cache_dir
 
 
 def load_predictor(weights: str | ResolvedWeights, model_dir: str | Path | None = None) -> AestheticPredictor:
     """The predictor for a registry name or local file (fetched into ``model_dir``, by default the
     per-user cache, if needed)."""
-    from ..config import default_cache_dir
-
     directory = Path(model_dir).expanduser() if model_dir is not None else default_cache_dir()
     resolved = weights if isinstance(weights, ResolvedWeights) else resolve_weights(weights, directory)
     state = load_state_dict(resolved.path, resolved.sha256, resolved.spec, directory)

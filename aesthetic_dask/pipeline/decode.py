@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .preprocess import InputSpec
+from ..samples import THUMBNAIL_PX, make_thumbnail
 
-DECODERS = ("auto", "pil", "torch")
 # The formats the job decodes (Pillow format names); anything else is an error row, never decoded.
 DECODED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF")
 NOT_DECODED = "not a JPEG, PNG, WebP or GIF image (no other format is decoded)"
@@ -92,8 +92,6 @@ class PilDecoder:
     def _pil(self, image: Any, thumbnail: bool) -> Decoded:
         import numpy as np
 
-        from ..samples import make_thumbnail
-
         image.load()  # first frame of an animation
         too_big = _over_limit(image.size, self.max_pixels)  # the decoded size, whatever the header said
         if too_big:
@@ -127,8 +125,6 @@ def _thumbnail_of(pixels: Any) -> bytes:
     """The report's thumbnail from the decoded uint8 (3, H, W) pixels the embedding was made from."""
     from PIL import Image
     from torchvision.transforms.v2 import functional as F
-
-    from ..samples import THUMBNAIL_PX, make_thumbnail
 
     height, width = pixels.shape[1:]
     scale = THUMBNAIL_PX / max(height, width)

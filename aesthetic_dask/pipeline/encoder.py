@@ -29,6 +29,7 @@ import numpy as np
 
 from ..models.clip import ClipSpec, compute_precision
 from .preprocess import InputSpec, Normalizer
+from ..cluster import configure_model_process
 
 log = logging.getLogger("aesthetic_dask")
 
@@ -118,8 +119,6 @@ class ClipEncoder:
 
     def __init__(self, spec: ClipSpec, batch_size: int, compile_mode: str = "auto") -> None:
         import torch
-
-        from ..cluster import configure_model_process
 
         configure_model_process()
         t0 = time.perf_counter()

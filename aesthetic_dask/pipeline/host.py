@@ -22,12 +22,15 @@ from __future__ import annotations
 import mmap
 import os
 import signal
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import numpy as np
 
 from .decode import make_decoder
+from ..embeddings_reader import read_parquet_rows
+from ..image_reader import ShardReader, image_values
+from ..samples import wants_thumbnail
 
 
 @dataclass(frozen=True)
@@ -92,8 +95,6 @@ class Item:
 def items(source: Any, failure: list[str]) -> Iterator[Item]:
     """The samples of a job's source, in order; a reason the source stopped early goes in ``failure``."""
     if isinstance(source, ShardJob):
-        from ..image_reader import ShardReader
-
         reader = ShardReader(source.source, max_sidecar_bytes=source.max_sidecar_bytes,
                              storage_options=source.storage_options)
         for sample in reader:
@@ -104,9 +105,6 @@ def items(source: Any, failure: list[str]) -> Iterator[Item]:
             if not reader.opened:
                 failure.append("unread")
     elif isinstance(source, ParquetJob):
-        from ..embeddings_reader import read_parquet_rows
-        from ..image_reader import image_values
-
         table = read_parquet_rows(source.source, source.start, source.stop, source.row_groups,
                                   source.storage_options, columns=[source.column, "key"])
         keys = table.column("key").cast("string").to_pylist() if "key" in table.column_names else None
@@ -173,8 +171,6 @@ def serve(to_child: Any, from_child: Any, generation: int, slots: int, chunk: in
 
 def _run(job: Job, decoder: Any, stream: Iterator[Item], buffer: SlotBuffer, free: list[int], wait_for: Any,
          send: Any, chunk: int) -> None:
-    from ..samples import wants_thumbnail
-
     made, index, batch = job.thumbnails_made, 0, []
 
     def flush() -> None:

@@ -30,7 +30,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .host import DecodeSettings, Job
+from .host import DecodeSettings, Job, serve
 
 log = logging.getLogger("aesthetic_dask")
 
@@ -174,8 +174,6 @@ class HostPool:
 
     def _start(self, seat: _Seat) -> None:
         from multiprocessing import reduction
-
-        from .host import serve
 
         fd = shared_buffer(SLOTS * self.slot_bytes)
         mapping = mmap.mmap(fd, SLOTS * self.slot_bytes)

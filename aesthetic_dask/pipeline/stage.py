@@ -22,6 +22,11 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from ..models.clip import ClipSpec
 from .decode import resolve_decoder
 from .host import BytesJob, DecodeSettings
+from ..cluster import array_module, decode_processes
+from ..errors import InputError
+from ..score import classify_and_score
+from .encoder import ClipEncoder, input_spec
+from .pool import get_pool
 
 
 @dataclass(frozen=True)
@@ -50,10 +55,6 @@ class Runtime:
     the model loads); :attr:`encoder` waits for the model."""
 
     def __init__(self, spec: ClipSpec, opts: EmbedOptions) -> None:
-        from ..cluster import decode_processes
-        from .encoder import input_spec
-        from .pool import get_pool
-
         import torch
 
         self.spec, self.opts = spec, opts
@@ -64,8 +65,6 @@ class Runtime:
         threading.Thread(target=self._load, name="clip-load", daemon=True).start()
 
     def _load(self) -> None:
-        from .encoder import ClipEncoder
-
         try:
             self._encoder.set_result(ClipEncoder(self.spec, self.opts.batch_size, self.opts.compile))
         except BaseException as exc:  # noqa: BLE001 - every task waiting for the model gets it
@@ -144,8 +143,6 @@ def embed_source(source: Any, spec: ClipSpec, opts: EmbedOptions, expected_dim: 
     With ``heads`` each batch's features are scored on the model's device (cupy on a GPU) and only
     the scores come back; the embeddings come back only with ``keep_embeddings``.
     """
-    from ..errors import InputError
-
     rt = runtime(spec, opts)
     settings = DecodeSettings(opts.decoder, rt.input, opts.max_pixels, thumbnails)
     if isinstance(source, BytesJob) and len(source.images) > opts.chunk:
@@ -191,8 +188,6 @@ def embed_source(source: Any, spec: ClipSpec, opts: EmbedOptions, expected_dim: 
 def _collect(pending: list, encoder: Any, timings: dict[str, float], heads: list[Any] | None, keep_embeddings: bool,
              thumbs: dict[int, bytes], metas: list[Any], failure: str | None, decoder: str) -> Embedded:
     """Score each chunk's features where they are, in order; the embeddings back only if kept."""
-    from ..score import classify_and_score
-
     clock = time.perf_counter
     no_rows = np.empty((0, encoder.embed_dim), np.float32)
     valid, reasons, host = [], [], []
@@ -224,8 +219,6 @@ def _collect(pending: list, encoder: Any, timings: dict[str, float], heads: list
 def on_device(features: Any) -> Iterator[tuple[Any, Any]]:
     """``(xp, matrix)``: torch ``features`` as an array of the module that computes where they lie,
     without a copy: cupy for CUDA features when cupy is installed, else numpy on the host."""
-    from ..cluster import array_module
-
     xp = array_module() if features.is_cuda else np
     if xp is np:
         yield np, features.cpu().numpy()

@@ -1,0 +1,70 @@
+"""The one-screen end-of-job summary, and its warning about a threshold that keeps almost all or nothing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from . import histogram
+
+# Lines of unreadable inputs and failed partitions the summary shows before "and N more".
+SUMMARY_FAILURES = 5
+
+
+def summary(manifest: dict[str, Any], out: Path, unit: str = "rows") -> str:
+    """The one-screen end-of-job summary."""
+    t = manifest["totals"]
+    parts = manifest["partitions"]
+    run = manifest.get("this_run", {})
+    rows_in = f"{t['rows_in']:,}"
+    if t.get("rows_unknown_partitions"):
+        rows_in += f" (+ rows unknown in {t['rows_unknown_partitions']} failed partitions)"
+    processed, compute_s = run.get("rows_processed", 0), run.get("compute_s") or 0
+    if run.get("partitions_processed"):
+        throughput = f"{processed / max(compute_s, 1e-9):,.0f} {unit}/s ({processed:,} {unit} processed in {compute_s:.1f}s)"
+    else:
+        throughput = "nothing processed in this run"
+    rows = [
+        (f"{unit} in", rows_in),
+        ("kept (>= threshold)", f"{t['rows_kept']:,}"),
+        ("below threshold", f"{t['rows_below_threshold']:,}"),
+        ("errors", f"{t['rows_error']:,}"),
+        ("partitions", f"{parts['planned']:,} planned: {run.get('partitions_processed', 0):,} run now, "
+                       f"{run.get('partitions_skipped', 0):,} skipped (finished before), {parts['failed']:,} failed"),
+        ("throughput", throughput),
+        ("elapsed", f"{manifest['timings'].get('elapsed_s', 0):.1f}s"),
+        ("output", f"{str(out).rstrip('/')}/kept"),
+        ("manifest", f"{str(out).rstrip('/')}/manifest.json"),
+    ]
+    if manifest.get("cluster", {}).get("dashboard_link"):
+        rows.append(("dashboard", manifest["cluster"]["dashboard_link"]))
+    lines = [f"aesthetic-dask {manifest['job']}: {manifest['status']}"] + [f"  {k + ':':<22}{v}" for k, v in rows]
+    if manifest.get("report"):
+        lines.append(f"  {'report:':<22}{manifest['report']}")
+    lines += threshold_warning(manifest)
+    if manifest.get("duplicate_inputs"):
+        lines.append(f"  {'inputs named twice:':<22}{len(manifest['duplicate_inputs'])} (each read once)")
+    problems = [f"unreadable input: {path}: {reason}" for path, reason in manifest.get("failed_inputs", {}).items()]
+    problems += [f"failed partition: {source}: {reason.removeprefix(source + ': ')}"
+                 for source, entry in manifest["inputs"].items() for reason in entry.get("failures", [])]
+    lines += [f"  {p}" for p in problems[:SUMMARY_FAILURES]]
+    if len(problems) > SUMMARY_FAILURES:
+        lines.append(f"  ... and {len(problems) - SUMMARY_FAILURES} more (see manifest failed_inputs and inputs.*.failures)")
+    return "\n".join(lines)
+
+
+def threshold_warning(manifest: dict[str, Any]) -> list[str]:
+    """Lines warning that the threshold kept more than 99% or less than 1% of the scored rows, with
+    what other thresholds would keep (from the exact histogram)."""
+    counts = manifest.get("score_histogram", {}).get("counts")
+    scored = sum(counts) if counts else 0
+    if not scored:
+        return []
+    kept = manifest["totals"]["rows_kept"]
+    if 0.01 <= kept / scored <= 0.99:
+        return []
+    threshold = manifest["config"]["score_threshold"]
+    options = ", ".join(f"{t:.1f} keeps {histogram.kept_at(counts, t):,} ({histogram.kept_at(counts, t) / scored:.1%})"
+                        for t in (5.0, 5.5, 6.0, 6.5))
+    return [f"  warning: threshold {threshold:g} kept {kept / scored:.1%} of the scored rows (scores land roughly in 1..10);",
+            f"           instead {options}"]
