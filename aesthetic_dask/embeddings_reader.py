@@ -92,10 +92,11 @@ def read_embedding_table(part: EmbeddingPart, schema: pa.Schema, column: str,
         if part.metadata is None:
             table = read_parquet_rows(part.source, part.start, part.stop, part.row_groups, storage_options, columns)
         else:
-            table = read_parquet_rows(part.metadata, part.start, part.stop, None, storage_options)
-            matrix = np.ascontiguousarray(read_npy_rows(part.source, part.start, part.stop, storage_options))
-            values = pa.array(matrix.reshape(-1))
-            table = table.append_column(column, pa.FixedSizeListArray.from_arrays(values, matrix.shape[1]))
+            table = read_parquet_rows(part.metadata, part.start, part.stop, None, storage_options, columns)
+            if column in schema.names:  # a projection without the embedding never reads the .npy
+                matrix = np.ascontiguousarray(read_npy_rows(part.source, part.start, part.stop, storage_options))
+                values = pa.array(matrix.reshape(-1))
+                table = table.append_column(column, pa.FixedSizeListArray.from_arrays(values, matrix.shape[1]))
     except (pa.ArrowException, OSError, ValueError) as exc:
         raise DataError(f"{part.source}: cannot read rows {part.start}-{part.stop}: {exc}") from None
     if table.num_rows != part.rows:
@@ -110,8 +111,14 @@ def table_to_frame(table: pa.Table, start: int = 0) -> pd.DataFrame:
     return df
 
 
-def read_part(part: EmbeddingPart, schema: pa.Schema, column: str, storage_options: dict[str, Any] | None = None) -> pd.DataFrame:
-    """Partition function of the Parquet readers: one part as a pandas frame."""
+def read_part(part: EmbeddingPart, schema: pa.Schema, column: str, storage_options: dict[str, Any] | None = None,
+              columns: list[str] | None = None) -> pd.DataFrame:
+    """Partition function of the Parquet readers: one part as a pandas frame, of only ``columns``
+    when given. ``dd.from_map`` passes the graph's projection there (``ddf[["key", "caption"]]``
+    reads two columns, and a clip-retrieval ``.npy`` is not read when the embedding is unused)."""
+    if columns is not None:
+        wanted = set(columns)
+        schema = pa.schema([f for f in schema if f.name in wanted])
     return table_to_frame(read_embedding_table(part, schema, column, storage_options), part.start)
 
 
@@ -122,16 +129,8 @@ def parquet_frame(plan: EmbeddingPlan, parts: list[EmbeddingPart] | None = None,
 
     parts = plan.parts if parts is None else parts
     meta = table_to_frame(pa.schema([f.remove_metadata() for f in plan.schema]).empty_table())
-    return dd.from_map(
-        read_part,
-        parts,
-        schema=plan.schema,
-        column=plan.embedding_column,
-        storage_options=storage_options,
-        meta=meta,
-        enforce_metadata=False,
-        label="read-parquet",
-    )
+    return dd.from_map(read_part, parts, schema=plan.schema, column=plan.embedding_column,
+                       storage_options=storage_options, meta=meta, enforce_metadata=False, label="read-parquet")
 
 
 def read_embeddings(

@@ -92,18 +92,42 @@ def _dashboard_link(client: Any) -> str | None:
         return None
 
 
+def in_notebook() -> bool:
+    """Whether this process is a Jupyter kernel."""
+    shell = getattr(sys.modules.get("IPython"), "get_ipython", lambda: None)()
+    return type(shell).__name__ == "ZMQInteractiveShell"
+
+
+def progress_bar_class() -> Any:
+    """tqdm's bar for where the job runs: a terminal's; a notebook's widget where ipywidgets is
+    installed, else the text bar (never tqdm.autonotebook's "IProgress not found" warning); None
+    elsewhere (a log file, cron)."""
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        return tqdm
+    if in_notebook():
+        import importlib.util
+
+        if importlib.util.find_spec("ipywidgets") is not None:
+            from tqdm.notebook import tqdm
+        else:
+            from tqdm.std import tqdm
+        return tqdm
+    return None
+
+
 class Progress:
-    """Partitions done, and rows (or images) processed with their rate, on a terminal."""
+    """Partitions done, and rows (or images) processed with their rate, on a terminal or in a notebook."""
 
     def __init__(self, total: int, enabled: bool, unit: str) -> None:
         self.bar = None
         self.rows = 0
         self.unit = unit
         self.t0 = time.perf_counter()
-        if enabled and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, unit="part", desc="partitions", file=sys.stderr)
+        bar = progress_bar_class() if enabled else None
+        if bar is not None:
+            self.bar = bar(total=total, unit="part", desc="partitions", file=sys.stderr)
 
     def update(self, record: dict[str, Any] | None) -> None:
         self.rows += (record or {}).get("rows_in") or 0

@@ -107,3 +107,39 @@ def test_embed_images_declares_the_width_the_model_gives(tmp_path):
     assert embedded.dtypes["embedding"] == pd.ArrowDtype(pa.list_(pa.float32(), 512))
     frame = embedded.compute(scheduler="sync")
     assert frame["embedding"].dtype == pd.ArrowDtype(pa.list_(pa.float32(), 512)) and len(frame) == 2
+
+
+def test_column_selection_reaches_the_parquet_reader(tmp_path, monkeypatch):
+    """`ad.read_embeddings(path)[["key", "caption"]]` reads two columns, never the embeddings."""
+    from aesthetic_dask import embeddings_reader
+    from conftest import write_embeddings
+
+    write_embeddings(tmp_path / "a.parquet", np.random.default_rng(0).standard_normal((10, 768)).astype(np.float32))
+    real, asked = embeddings_reader.read_parquet_rows, []
+
+    def recording(url, start, stop, row_groups=None, storage_options=None, columns=None):
+        asked.append(columns)
+        return real(url, start, stop, row_groups, storage_options, columns)
+
+    monkeypatch.setattr(embeddings_reader, "read_parquet_rows", recording)
+    frame = ad.read_embeddings(str(tmp_path / "a.parquet"))[["key", "caption"]].compute(scheduler="sync")
+    assert list(frame.columns) == ["key", "caption"] and len(frame) == 10
+    assert asked == [["key", "caption"]]
+
+
+def test_a_notebook_without_widgets_gets_the_text_bar_and_no_warning(monkeypatch, recwarn):
+    import importlib.util
+
+    from aesthetic_dask import submit
+
+    monkeypatch.setattr(submit, "in_notebook", lambda: True)
+    monkeypatch.setattr(submit.sys.stderr, "isatty", lambda: False, raising=False)
+    real_find = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ipywidgets" else real_find(name, *a))
+    from tqdm.std import tqdm
+
+    assert submit.progress_bar_class() is tqdm
+    bar = submit.Progress(3, True, "images")
+    bar.update({"rows_in": 5})
+    bar.close()
+    assert not [w for w in recwarn if "IProgress" in str(w.message)]
