@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 from contextlib import contextmanager
+from dataclasses import dataclass, fields
 from typing import Any, Iterator
 
 from .config import Config
@@ -94,7 +95,24 @@ def decode_processes(configured: int | None, device: str) -> int:
     return max(1, per_gpu - 1)
 
 
-def partitions_per_worker(config: Config, device: str) -> int:
+@dataclass(frozen=True)
+class ClusterOptions:
+    """What this module needs of a job's options (the client builds it from the Config)."""
+
+    scheduler: str | None = None
+    scheduler_file: str | None = None
+    n_workers: int | None = None
+    threads_per_worker: int | None = None
+    dashboard: str = "auto"
+    num_gpus_per_worker: float = 0.25
+    decode_processes: int | None = None
+
+    @classmethod
+    def from_config(cls, config: Config) -> ClusterOptions:
+        return cls(**{f.name: getattr(config, f.name) for f in fields(cls)})
+
+
+def partitions_per_worker(config: ClusterOptions, device: str) -> int:
     """Partition tasks one model worker runs at once: one per host process of its pool and one
     more, so every process has a shard to read, and the next shard is waiting in the pool's queue
     while a finished partition writes its output (a partition's thread mostly waits on the pool
@@ -102,7 +120,7 @@ def partitions_per_worker(config: Config, device: str) -> int:
     return config.threads_per_worker or decode_processes(config.decode_processes, device) + 1
 
 
-def task_resources(config: Config, device: str, local: bool) -> dict[str, float] | None:
+def task_resources(config: ClusterOptions, device: str, local: bool) -> dict[str, float] | None:
     """Dask resources each partition task asks for: on a connected cluster with GPUs, a
     ``num_gpus_per_worker`` share of a ``GPU`` resource, so partitions go to GPU workers only.
     The job's own local GPU cluster has nothing else to route to, and its threads bound the
@@ -115,7 +133,7 @@ CONNECT_TIMEOUT_S = 10
 WORKERS_TIMEOUT_S = 60
 
 
-def cluster_address(config: Config) -> tuple[str | None, str | None]:
+def cluster_address(config: ClusterOptions) -> tuple[str | None, str | None]:
     """(scheduler address, scheduler file) to connect to, or (None, None) to start a local cluster.
 
     The job's own options win; otherwise Dask's configuration: ``scheduler-address`` (set by
@@ -158,7 +176,7 @@ def connect(address: str | None, scheduler_file: str | None) -> Any:
     return client
 
 
-def wants_dashboard(config: Config) -> bool:
+def wants_dashboard(config: ClusterOptions) -> bool:
     """Whether a local cluster starts its dashboard: ``auto`` means when the job runs in a terminal."""
     import sys
 
@@ -166,7 +184,7 @@ def wants_dashboard(config: Config) -> bool:
 
 
 @contextmanager
-def dask_client(config: Config, model_work: bool = False) -> Iterator[tuple[Any, str]]:
+def dask_client(config: ClusterOptions, model_work: bool = False) -> Iterator[tuple[Any, str]]:
     """Yield ``(client, device)``; a local cluster started here is closed on exit."""
     from distributed import Client
 

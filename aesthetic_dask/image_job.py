@@ -30,7 +30,7 @@ from .errors import FAILURE_DATA, DataError, InputError
 from .image_reader import SHARD_SUFFIXES, ShardPart, check_image_type, parse_json_fields, samples_table, shard_schema
 from .job import Heads, Work, new_job, run_parts
 from .output import OutputLayout, WriteOptions, split_and_write, write_kept_shard
-from .partition import failed_record, finish_record, new_record, process_parquet_part
+from .partition import Record, finish_record, process_parquet_part
 from .models.heads import AestheticPredictor
 from .models.registry import REGISTRY
 from .columns import SCORE_COLUMN
@@ -47,7 +47,7 @@ CLIP_PACKAGES = ("torch", "torchvision", "open_clip_torch", "pillow")
 def process_shard(part: ShardPart, fields: dict, clip_spec: ClipSpec, predictor: AestheticPredictor, out: str,
                   opts: WriteOptions, embed: EmbedOptions, write_shards: str | None,
                   extras: dict[str, AestheticPredictor] | None = None, max_sidecar_bytes: int = 65536,
-                  storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+                  storage_options: dict[str, Any] | None = None) -> Record:
     """Read (in a host process of the worker's pool), embed, score and write one WebDataset shard;
     return its record."""
     t0 = time.perf_counter()
@@ -56,33 +56,33 @@ def process_shard(part: ShardPart, fields: dict, clip_spec: ClipSpec, predictor:
                             predictor.embed_dim, opts.samples, heads=[predictor, *(extras or {}).values()],
                             keep_embeddings=opts.keep_embeddings)
     if not embedded.rows_known:  # e.g. deleted after planning: its size is unknown, never a silent 0
-        return finish_record(layout, failed_record(part, embedded.failure, FAILURE_DATA), t0)
+        return finish_record(layout, Record.failed(part, embedded.failure, FAILURE_DATA), t0)
     samples = embedded.metas
     base = samples_table(samples, part.source, fields, with_images=False).drop_columns(["image", "image_ext"])
     table = attach_embedded(base, embedded, extras or {})
-    record = new_record(part) | {"clip_compute": embedded.compute, "image_decoder": embedded.decoder}
+    record = Record.of(part)
+    record.clip_compute, record.image_decoder, record.worker = embedded.compute, embedded.decoder, embedded.worker
+    record.stats = embedded.stats
     rows = np.array([s.index for s in samples], dtype=np.int64)
-    t_write = time.perf_counter()
-    record |= split_and_write(table, rows, part.name, part.source, layout, opts, embedded.thumbnails)
-    record["stage_s"] = embedded.timings | {"write_s": round(time.perf_counter() - t_write, 4)}
-    record["worker"] = embedded.worker
+    with record.stats.time("write_s"):
+        record.wrote(split_and_write(table, rows, part.name, part.source, layout, opts, embedded.thumbnails))
     if embedded.failure:
-        record["failure"] = embedded.failure
+        record.failure = embedded.failure
     elif not samples:
-        record["note"] = f"{part.source}: empty shard: no samples"
-    if write_shards and record["rows_kept"]:
+        record.note = f"{part.source}: empty shard: no samples"
+    if write_shards and record.rows_kept:
         keep, _ = table_keep_mask(table, opts.threshold)
         kept = {s.index for s, k in zip(samples, keep) if k}
         target = storage.join(write_shards, f"{part.name}.tar")
         write_kept_shard(part.source, kept, target, layout.tmp, storage_options)
-        record["files"].append(target)  # a full path or URL: checked on resume like the rest
+        record.files.append(target)  # a full path or URL: checked on resume like the rest
     return finish_record(layout, record, t0)
 
 
 def process_image_parquet_part(part: EmbeddingPart, schema: pa.Schema, column: str, clip_spec: ClipSpec,
                                predictor: AestheticPredictor, out: str, opts: WriteOptions, embed: EmbedOptions,
                                extras: dict[str, AestheticPredictor] | None = None,
-                               storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+                               storage_options: dict[str, Any] | None = None) -> Record:
     """Read, embed, score and write rows of an image Parquet file; return its record. This process
     reads the other columns; a host process of the pool reads the image column itself."""
     source = ParquetJob(part.source, part.start, part.stop, part.row_groups, column, storage_options)
@@ -101,7 +101,7 @@ def process_image_parquet_part(part: EmbeddingPart, schema: pa.Schema, column: s
 def run_job(inputs: list[str], out: str | Path, config: Config, overwrite: bool = False, progress: bool = True,
             started: float | None = None) -> tuple[dict[str, Any], int]:
     """Run the image job over shards and image Parquet; return (manifest, exit code)."""
-    from .cluster import check_workers_may_have_children, dask_client, task_resources
+    from .cluster import ClusterOptions, check_workers_may_have_children, dask_client, task_resources
 
     started, t0 = started or time.time(), time.perf_counter()
     require_clip_extra()
@@ -140,7 +140,8 @@ def run_job(inputs: list[str], out: str | Path, config: Config, overwrite: bool 
         raise InputError(f"no shards or image Parquet files found in {', '.join(map(str, inputs))}")
     plan_s = round(time.perf_counter() - t0, 3)
 
-    with dask_client(config, model_work=True) as (client, device):
+    cluster_opts = ClusterOptions.from_config(config)
+    with dask_client(cluster_opts, model_work=True) as (client, device):
         derived = dict(write_shards=shards_dir, clip_model_config_sha256=_file_digest(clip_spec.model_config),
                        clip_compute=compute_precision(config.clip_precision, device),
                        image_decoder=resolve_decoder(config.image_decoder))
@@ -155,7 +156,7 @@ def run_job(inputs: list[str], out: str | Path, config: Config, overwrite: bool 
         client.register_plugin(ModelPlugin(clip_spec, embed))
         job.timings["plan_s"] = plan_s
         job.timings["cluster_s"] = round(time.perf_counter() - t0 - plan_s, 3)
-        return run_parts(job, client, work, overwrite=overwrite, resources=task_resources(config, device, local),
+        return run_parts(job, client, work, overwrite=overwrite, resources=task_resources(cluster_opts, device, local),
                          progress=progress and not config.verbose, unit="images")
 
 

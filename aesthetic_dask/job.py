@@ -30,7 +30,7 @@ from typing import Any, Callable
 from . import histogram, samples
 from .errors import FAILURE_ERROR, InputError, job_outcome
 from .output import COUNT_KEYS, OutputLayout, WriteOptions, read_records, remove_partition_files, remove_unplanned, reset_output, write_json
-from .partition import failed_record
+from .partition import Record
 from .submit import Progress, cluster_info, submit_parts
 from .config import output_settings
 from .models.load import load_extra_heads, load_head
@@ -98,7 +98,7 @@ class Work:
     """Parts that one process function handles, with the keyword arguments it takes."""
 
     parts: list[Any]
-    process: Callable[..., dict[str, Any]]
+    process: Callable[..., Any]  # part, **kwargs -> partition.Record
     kwargs: dict[str, Any]
 
 
@@ -114,8 +114,8 @@ class Job:
     duplicate_inputs: list[str] = field(default_factory=list)
     started: float = field(default_factory=time.time)
     timings: dict[str, float] = field(default_factory=dict)
-    records: dict[str, dict[str, Any]] = field(default_factory=dict)  # finished partitions
-    failures: dict[str, dict[str, Any]] = field(default_factory=dict)  # failed in this run
+    records: dict[str, Record] = field(default_factory=dict)  # finished partitions
+    failures: dict[str, Record] = field(default_factory=dict)  # failed in this run
     planned: list[str] = field(default_factory=list)
     skipped: int = 0  # finished by an earlier run
     cluster: dict[str, Any] = field(default_factory=dict)
@@ -165,23 +165,23 @@ class Job:
         if removed:
             log.info("removed the output of %d partitions this job no longer plans", len(removed))
             existing = layout.existing()
-        self.records = {k: v for k, v in read_records(layout, existing).items() if k in planned_set}
+        self.records = {k: Record.from_json(v) for k, v in read_records(layout, existing).items() if k in planned_set}
         todo = {name for name in planned if name not in self.records}
         remove_partition_files(layout, todo, existing)
         self.skipped = len(planned) - len(todo)
         return todo
 
-    def add(self, record: dict[str, Any]) -> None:
+    def add(self, record: Record) -> None:
         """A partition's record from this run: finished, or failed."""
-        if record.get("failure"):
-            self.failures[record["name"]] = record
-            self.records.pop(record["name"], None)
+        if record.failure:
+            self.failures[record.name] = record
+            self.records.pop(record.name, None)
         else:
-            self.records[record["name"]] = record
-            self.failures.pop(record["name"], None)
+            self.records[record.name] = record
+            self.failures.pop(record.name, None)
 
     def outcome(self) -> tuple[str, int]:
-        kinds = [r.get("failure_kind", FAILURE_ERROR) for r in self.failures.values()]
+        kinds = [r.failure_kind or FAILURE_ERROR for r in self.failures.values()]
         return job_outcome(len(self.planned), len(self.records), kinds, len(self.failed_inputs))
 
     def manifest(self, status: str) -> dict[str, Any]:
@@ -190,23 +190,23 @@ class Job:
         unknown = 0
         for rec in counted:
             entry = per_input.setdefault(
-                rec["source"], {k: 0 for k in COUNT_KEYS} | {"partitions_done": 0, "partitions_failed": 0}
+                rec.source, {k: 0 for k in COUNT_KEYS} | {"partitions_done": 0, "partitions_failed": 0}
             )
-            if rec["rows_in"] is None:
+            if rec.rows_in is None:
                 unknown += 1
                 entry["rows_unknown_partitions"] = entry.get("rows_unknown_partitions", 0) + 1
             else:
                 for k in COUNT_KEYS:
-                    entry[k] += rec[k]
-            entry["partitions_failed" if rec.get("failure") else "partitions_done"] += 1
-            if rec.get("failure"):
-                entry.setdefault("failures", []).append(rec["failure"])
-            if rec.get("note"):
-                entry.setdefault("notes", []).append(rec["note"])
+                    entry[k] += getattr(rec, k)
+            entry["partitions_failed" if rec.failure else "partitions_done"] += 1
+            if rec.failure:
+                entry.setdefault("failures", []).append(rec.failure)
+            if rec.note:
+                entry.setdefault("notes", []).append(rec.note)
         totals = {k: sum(e[k] for e in per_input.values()) for k in COUNT_KEYS} | {"rows_unknown_partitions": unknown}
-        scores = histogram.summary(histogram.merge([r.get("histogram") for r in counted]))
-        extra_columns = sorted({c for r in counted for c in r.get("extra_histograms", {})})
-        processed = [r for r in (*self.records.values(), *self.failures.values()) if r.get("run_id") == self.run_id]
+        scores = histogram.summary(histogram.merge([r.histogram for r in counted]))
+        extra_columns = sorted({c for r in counted for c in r.extra_histograms})
+        processed = [r for r in (*self.records.values(), *self.failures.values()) if r.run_id == self.run_id]
         compute_s = self.timings.get("compute_s")
         return {
             "job": self.kind,
@@ -219,10 +219,10 @@ class Job:
             "score_histogram": {"edges": scores["edges"], "counts": scores["counts"]},
             "score_quantiles": scores["quantiles"],
             "extra_score_histograms": {
-                c: histogram.summary(histogram.merge([r.get("extra_histograms", {}).get(c) for r in counted]))
+                c: histogram.summary(histogram.merge([r.extra_histograms.get(c) for r in counted]))
                 for c in extra_columns
             },
-            "error_reasons": samples.merge_error_reasons([r.get("error_reasons") for r in counted]),
+            "error_reasons": samples.merge_error_reasons([r.error_reasons for r in counted]),
             "failed_inputs": self.failed_inputs,
             "duplicate_inputs": self.duplicate_inputs,
             "partitions": {
@@ -236,7 +236,7 @@ class Job:
                 "run_id": self.run_id,
                 "partitions_processed": len(processed),
                 "partitions_skipped": self.skipped,
-                "rows_processed": sum(r["rows_in"] or 0 for r in processed),
+                "rows_processed": sum(r.rows_in or 0 for r in processed),
                 "compute_s": compute_s,
             },
             "cluster": self.cluster,
@@ -304,20 +304,19 @@ def run_parts(
     return job.finish()
 
 
-def collect(job: Job, part: Any, record: dict[str, Any] | None, exc: BaseException | None) -> None:
+def collect(job: Job, part: Any, record: Record | None, exc: BaseException | None) -> None:
     """Record one partition's result; a task exception becomes a failed record with its reason."""
     if record is None:
         reason = f"{type(exc).__name__}: {exc}"
         log.error("partition %s (%s) failed: %s", part.name, part.source, reason)
-        record = failed_record(part, reason, FAILURE_ERROR)
-    elif record.get("failure"):
-        log.warning("partition %s: %s", part.name, record["failure"])
-    record["run_id"] = job.run_id
+        record = Record.failed(part, reason, FAILURE_ERROR)
+    elif record.failure:
+        log.warning("partition %s: %s", part.name, record.failure)
+    record.run_id = job.run_id
     job.add(record)
     log.info(
         "partition %s: %s in, %s kept, %s below, %s errors (%.2fs)",
-        record["name"], record["rows_in"], record["rows_kept"], record["rows_below_threshold"], record["rows_error"],
-        record["seconds"],
+        record.name, record.rows_in, record.rows_kept, record.rows_below_threshold, record.rows_error, record.seconds,
     )
 
 

@@ -219,7 +219,8 @@ def _with_provenance(err: pa.Table, source: str, rows: np.ndarray) -> pa.Table:
 
 
 def write_record(layout: OutputLayout, record: dict[str, Any]) -> None:
-    """Mark a partition finished: written last, after its data files are in place."""
+    """A partition's record (its JSON form) as ``OUT/_parts/NAME.json``: its completion marker,
+    written last, after its data files are in place."""
     write_json(storage.join(layout.records, f"{record['name']}.json"), record, layout.tmp, layout.fs)
 
 

@@ -9,7 +9,9 @@ its data files: resume trusts those markers alone, so a failed partition is retr
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -18,47 +20,102 @@ from .output import OutputLayout, WriteOptions, split_and_write, write_record
 from .embeddings_reader import read_embedding_table
 
 
-def new_record(part: Any) -> dict[str, Any]:
-    """The start of a partition's record."""
-    return {"name": part.name, "source": str(part.source)}
+class Stats:
+    """Seconds per stage of one partition (datatrove's per-step stats): what its thread spent waiting
+    for decodes and features, scoring, writing. Recorded as ``stage_s``."""
+
+    def __init__(self, seconds: dict[str, float] | None = None) -> None:
+        self.seconds: dict[str, float] = dict(seconds or {})
+
+    def add(self, stage: str, seconds: float) -> None:
+        self.seconds[stage] = round(self.seconds.get(stage, 0.0) + seconds, 4)
+
+    @contextmanager
+    def time(self, stage: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(stage, time.perf_counter() - t0)
 
 
-def failed_record(part: Any, reason: str, kind: str = FAILURE_ERROR) -> dict[str, Any]:
-    """A partition that could not be processed at all.
+@dataclass
+class Record:
+    """One partition's record: its counts, the files it wrote, the score histograms and error
+    reasons it contributes, and a ``failure`` if its input could not be read whole. Written as
+    ``OUT/_parts/NAME.json`` (its completion marker) and collected by the client."""
 
-    Its rows count as errors when their number is known (a Parquet row range); a shard lost
-    before it was read has ``rows_in: None`` ("rows unknown"), never a silent 0.
-    """
-    rows = getattr(part, "rows", None)
-    return new_record(part) | {
-        "rows_in": rows,
-        "rows_kept": 0 if rows is not None else None,
-        "rows_below_threshold": 0 if rows is not None else None,
-        "rows_error": rows,
-        "failure": reason,
-        "failure_kind": kind,
-        "files": [],
-        "seconds": 0.0,
-    }
-
-
-def finish_record(layout: OutputLayout, record: dict[str, Any], started: float) -> dict[str, Any]:
-    """Time the record and, if the partition is complete, write its completion marker (last)."""
-    record["seconds"] = round(time.perf_counter() - started, 4)
+    name: str
+    source: str
+    rows_in: int | None = None  # None: rows unknown (a shard lost before it was read)
+    rows_kept: int | None = None
+    rows_below_threshold: int | None = None
+    rows_error: int | None = None
+    files: list[str] = field(default_factory=list)  # relative to OUT, or full paths/URLs (--write-shards)
+    histogram: list[int] | None = None
+    extra_histograms: dict[str, list[int]] = field(default_factory=dict)
+    error_reasons: dict[str, Any] = field(default_factory=dict)
+    failure: str | None = None
+    failure_kind: str | None = None
+    note: str | None = None
+    start: int | None = None  # a Parquet row range
+    stop: int | None = None
+    clip_compute: str | None = None  # the run job: what the model computed in, and the decoder
+    image_decoder: str | None = None
+    stats: Stats = field(default_factory=Stats)
+    worker: dict[str, Any] | None = None  # the worker's model and pool
+    seconds: float = 0.0
     # Wall-clock end (epoch seconds): with ``seconds``, when the partition ran, e.g. to see how
     # many tasks shared a GPU at once.
-    record["finished_at"] = round(time.time(), 4)
-    if record.get("failure"):
-        record.setdefault("failure_kind", FAILURE_DATA)
+    finished_at: float | None = None
+    run_id: str | None = None  # the run that processed it
+
+    @classmethod
+    def of(cls, part: Any) -> Record:
+        return cls(part.name, str(part.source))
+
+    @classmethod
+    def failed(cls, part: Any, reason: str, kind: str = FAILURE_ERROR) -> Record:
+        """A partition that could not be processed at all. Its rows count as errors when their
+        number is known (a Parquet row range); a shard lost before it was read has ``rows_in:
+        None`` ("rows unknown"), never a silent 0."""
+        rows = getattr(part, "rows", None)
+        known = 0 if rows is not None else None
+        return cls(part.name, str(part.source), rows, known, known, rows, failure=reason, failure_kind=kind)
+
+    def wrote(self, written: dict[str, Any]) -> None:
+        """What :func:`output.split_and_write` wrote: counts, files, histograms, error reasons."""
+        for key, value in written.items():
+            setattr(self, key, value)
+
+    def to_json(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "stats"}
+        out["stage_s"] = self.stats.seconds
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Record:
+        known = {f.name for f in fields(cls)} - {"stats"}
+        record = cls(**{k: v for k, v in data.items() if k in known})
+        record.stats = Stats(data.get("stage_s"))
+        return record
+
+
+def finish_record(layout: OutputLayout, record: Record, started: float) -> Record:
+    """Time the record and, if the partition is complete, write its completion marker (last)."""
+    record.seconds = round(time.perf_counter() - started, 4)
+    record.finished_at = round(time.time(), 4)
+    if record.failure:
+        record.failure_kind = record.failure_kind or FAILURE_DATA
     else:
-        write_record(layout, record)
+        write_record(layout, record.to_json())
     return record
 
 
 def process_parquet_part(
     part: Any, schema: Any, column: str, out: str, opts: WriteOptions, score_table: Callable[[Any], Any],
     storage_options: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+) -> Record:
     """Read rows of a Parquet input, score them with ``score_table(table)``, write, return the record.
 
     ``score_table`` returns the table with ``aesthetic_score`` and ``error`` columns, and the
@@ -70,12 +127,13 @@ def process_parquet_part(
     try:
         table = read_embedding_table(part, schema, column, storage_options)
     except DataError as exc:
-        return finish_record(layout, failed_record(part, str(exc), FAILURE_DATA), t0)
-    record = new_record(part) | {"start": part.start, "stop": part.stop}
+        return finish_record(layout, Record.failed(part, str(exc), FAILURE_DATA), t0)
+    record = Record.of(part)
+    record.start, record.stop = part.start, part.stop
     rows = np.arange(part.start, part.stop, dtype=np.int64)
     try:
         scored, thumbnails = score_table(table)
     except DataError as exc:  # e.g. the image column, read by a host process of the pool
-        return finish_record(layout, failed_record(part, str(exc), FAILURE_DATA), t0)
-    record |= split_and_write(scored, rows, part.name, part.source, layout, opts, thumbnails)
+        return finish_record(layout, Record.failed(part, str(exc), FAILURE_DATA), t0)
+    record.wrote(split_and_write(scored, rows, part.name, part.source, layout, opts, thumbnails))
     return finish_record(layout, record, t0)

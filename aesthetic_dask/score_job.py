@@ -17,7 +17,7 @@ from .config import Config
 from .parquet_plan import EmbeddingPart, plan_embeddings
 from .job import Heads, Work, new_job, run_parts
 from .output import OutputLayout, WriteOptions
-from .partition import process_parquet_part
+from .partition import Record, process_parquet_part
 from .models.heads import AestheticPredictor
 from .score import check_extra_score_names, score_table
 
@@ -34,7 +34,7 @@ def process_embedding_part(
     part: EmbeddingPart, schema: pa.Schema, column: str, predictor: AestheticPredictor, out: str,
     opts: WriteOptions, extras: dict[str, AestheticPredictor] | None = None,
     storage_options: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+) -> Record:
     """Read, score and write one partition; return its record."""
     scorer = partial(score_embedding_table, predictor=predictor, column=column, extras=extras)
     return process_parquet_part(part, schema, column, out, opts, scorer, storage_options)
@@ -43,7 +43,7 @@ def process_embedding_part(
 def score_job(inputs: list[str], out: str | Path, config: Config, overwrite: bool = False, progress: bool = True,
               started: float | None = None) -> tuple[dict[str, Any], int]:
     """Run the score job; return (manifest, exit code)."""
-    from .cluster import dask_client, task_resources
+    from .cluster import ClusterOptions, dask_client, task_resources
 
     started, t0 = started or time.time(), time.perf_counter()
     layout = OutputLayout(out, config.storage_options)
@@ -55,10 +55,11 @@ def score_job(inputs: list[str], out: str | Path, config: Config, overwrite: boo
     sources = sorted({p.source for p in plan.parts} | set(plan.failed))
     job = new_job("score", config, layout, heads, sources, started, plan.failed, plan.duplicates)
     job.timings["plan_s"] = round(time.perf_counter() - t0, 3)
-    with dask_client(config) as (client, device):
+    cluster_opts = ClusterOptions.from_config(config)
+    with dask_client(cluster_opts) as (client, device):
         job.timings["cluster_s"] = round(time.perf_counter() - t0 - job.timings["plan_s"], 3)
         kwargs = dict(schema=plan.schema, column=config.embedding_column, predictor=heads.predictor, out=layout.url(),
                       storage_options=config.storage_options, opts=opts, extras=heads.extras)
         return run_parts(job, client, [Work(plan.parts, process_embedding_part, kwargs)], overwrite=overwrite,
-                         resources=task_resources(config, device, client.cluster is not None),
+                         resources=task_resources(cluster_opts, device, client.cluster is not None),
                          progress=progress and not config.verbose)

@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterator
 log = logging.getLogger("aesthetic_dask")
 
 
-def _call(process: Callable[..., dict[str, Any]], part: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+def _call(process: Callable[..., Any], part: Any, kwargs: dict[str, Any]) -> Any:
     """The task: one partition through its process function."""
     return process(part, **kwargs)
 
@@ -129,8 +129,9 @@ class Progress:
         if bar is not None:
             self.bar = bar(total=total, unit="part", desc="partitions", file=sys.stderr)
 
-    def update(self, record: dict[str, Any] | None) -> None:
-        self.rows += (record or {}).get("rows_in") or 0
+    def update(self, record: Any) -> None:
+        """One partition done (its :class:`partition.Record`)."""
+        self.rows += getattr(record, "rows_in", None) or 0
         if self.bar is not None:
             rate = self.rows / max(time.perf_counter() - self.t0, 1e-9)
             self.bar.set_postfix_str(f"{self.rows:,} {self.unit}, {rate:,.0f} {self.unit}/s", refresh=False)

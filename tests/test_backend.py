@@ -83,7 +83,7 @@ def test_the_decode_pool_and_the_partitions_per_worker_are_sized_from_the_cores(
     monkeypatch.setattr(cluster, "visible_gpu_count", lambda: 8)
     assert cluster.decode_processes(None, "cuda") == 1
     assert cluster.decode_processes(6, "cuda") == 6
-    config = load_config(decode_processes=5)
+    config = cluster.ClusterOptions.from_config(load_config(decode_processes=5))
     assert cluster.partitions_per_worker(config, "cuda") == 6  # one shard per host process, one waiting
     assert load_config(decode_threads=3).decode_processes == 3  # the former name still works
     # Tasks ask a GPU share only where there is something to route: a connected cluster.

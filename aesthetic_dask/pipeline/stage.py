@@ -20,6 +20,7 @@ import pyarrow as pa
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from ..models.clip import ClipSpec
+from ..partition import Stats
 from .decode import resolve_decoder
 from .host import BytesJob, DecodeSettings
 from ..cluster import array_module, decode_processes
@@ -123,7 +124,7 @@ class Embedded:
     compute: str  # what the model computed in, e.g. cuda-fp16
     decoder: str  # the decoder that ran: pil or torch
     thumbnails: dict[int, bytes]  # the report's thumbnails, by sample index
-    timings: dict[str, float]  # seconds this partition's thread waited for decodes and features, and scored
+    stats: Any  # partition.Stats: seconds this partition's thread waited for decodes and features, and scored
     metas: list[Any]  # shard samples (without bytes), in order; empty for other sources
     failure: str | None  # why the source was not read whole, if it was not
     rows_known: bool = True  # False: the source could not be read at all (its size is unknown)
@@ -153,13 +154,13 @@ def embed_source(source: Any, spec: ClipSpec, opts: EmbedOptions, expected_dim: 
     else:
         handles = [rt.pool.submit(source, settings)]
     clock = time.perf_counter
-    timings = {"decode_wait_s": 0.0, "encode_wait_s": 0.0, "score_s": 0.0}
+    stats = Stats()
     metas, reasons, thumbs, pending = [], [], {}, []
     failure, rows_known = None, True
     t = clock()
     for handle in handles:
         for chunk in handle:
-            timings["decode_wait_s"] += clock() - t
+            stats.add("decode_wait_s", clock() - t)
             ok = np.array([r is None for r in chunk.reasons], dtype=bool)
             thumbs |= {len(reasons) + i: b for i, b in chunk.thumbnails.items()}
             if chunk.metas is not None:
@@ -178,14 +179,14 @@ def embed_source(source: Any, spec: ClipSpec, opts: EmbedOptions, expected_dim: 
     if expected_dim is not None and encoder.embed_dim != expected_dim:
         raise InputError(f"CLIP model {spec.model} gives {encoder.embed_dim}-d embeddings; the predictor expects {expected_dim}")
     decoder = resolve_decoder(opts.decoder) if rt.input.tensor_ops else "pil"
-    embedded = _collect(pending, encoder, timings, heads, keep_embeddings, thumbs, metas, failure, decoder)
+    embedded = _collect(pending, encoder, stats, heads, keep_embeddings, thumbs, metas, failure, decoder)
     embedded.rows_known = rows_known
     embedded.worker = {"model_load_s": encoder.load_s, "compiled": encoder.compiled, "decode_processes": rt.pool.processes,
                        "decode_processes_replaced": rt.pool.deaths, "first_batch_at": encoder.first_batch_at}
     return embedded
 
 
-def _collect(pending: list, encoder: Any, timings: dict[str, float], heads: list[Any] | None, keep_embeddings: bool,
+def _collect(pending: list, encoder: Any, stats: Stats, heads: list[Any] | None, keep_embeddings: bool,
              thumbs: dict[int, bytes], metas: list[Any], failure: str | None, decoder: str) -> Embedded:
     """Score each chunk's features where they are, in order; the embeddings back only if kept."""
     clock = time.perf_counter
@@ -196,7 +197,7 @@ def _collect(pending: list, encoder: Any, timings: dict[str, float], heads: list
         t = clock()
         features = future.result() if future is not None else None
         t1 = clock()
-        timings["encode_wait_s"] += t1 - t
+        stats.add("encode_wait_s", t1 - t)
         with (nullcontext((np, no_rows)) if features is None else on_device(features)) as (xp, matrix):
             if heads:
                 for out, scores in zip(per_head, classify_and_score(xp, list(heads), matrix, ok, why)):
@@ -205,14 +206,14 @@ def _collect(pending: list, encoder: Any, timings: dict[str, float], heads: list
                 host.append(matrix if xp is np else xp.asnumpy(matrix))
         valid.append(ok)
         reasons.extend(why.tolist())  # with the score stage's reasons for invalid features
-        timings["score_s"] += clock() - t1
+        stats.add("score_s", clock() - t1)
     ok_all = np.concatenate(valid) if valid else np.zeros(0, bool)
     embeddings = None
     if keep_embeddings or not heads:
         embeddings = embedding_column(np.concatenate(host) if host else no_rows, ok_all, encoder.embed_dim)
     scores = [np.concatenate(p) if p else np.empty(0, np.float32) for p in per_head] if heads else None
     return Embedded(embeddings, pa.array(reasons, pa.string()), scores, encoder.compute, decoder, thumbs,
-                    {k: round(v, 4) for k, v in timings.items()}, metas, failure)
+                    stats, metas, failure)
 
 
 @contextmanager
