@@ -35,6 +35,7 @@ _EXPORTS = {
     "REGISTRY": "models.registry",
     "score_histogram": "histogram",
     "write_report": "report",
+    "refilter": "refilter",
 }
 
 __all__ = sorted(_EXPORTS)

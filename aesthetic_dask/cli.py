@@ -1,4 +1,4 @@
-"""Command line: ``aesthetic-dask run|score|report|download``. A thin wrapper over the Python API.
+"""Command line: ``aesthetic-dask run|score|refilter|report|download``. A thin wrapper over the Python API.
 
 Exit codes: 0 done; 3 done, but some inputs could not be read whole; 1 failed; 2 bad usage or input.
 """
@@ -46,6 +46,8 @@ def _add_job_options(p: argparse.ArgumentParser, job: str) -> None:
         p.add_argument(*names, **kwargs)
     p.add_argument("--config", metavar="FILE", help="YAML config (see conf/default.yaml)")
     p.add_argument("--overwrite", action="store_true", help="replace an OUT written by a different job")
+    p.add_argument("--prune-missing", action="store_true",
+                   help="remove the output of inputs that are gone (by default it is kept, and listed)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,6 +68,15 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="WebDataset shards / image Parquet -> CLIP embeddings -> scores -> filtered Parquet")
     _add_job_options(run, "run")
     run.set_defaults(handler=_cmd_run)
+
+    refilter = sub.add_parser("refilter", help="re-split a finished OUT at another threshold from its scores (no CLIP)")
+    refilter.add_argument("out", metavar="OUT", help="the job's output directory")
+    refilter.add_argument("--threshold", type=float, required=True, metavar="T", help="the new threshold")
+    refilter.add_argument("--storage-options", metavar="JSON", help="fsspec options when OUT is a URL")
+    refilter.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
+                          help="rewrite OUT/report.html (default: on)")
+    refilter.add_argument("--config", metavar="FILE")
+    refilter.set_defaults(handler=_cmd_refilter)
 
     report = sub.add_parser("report", help="write the HTML report of a job's OUT (histogram, thresholds, samples)")
     report.add_argument("out", metavar="OUT", help="the job's output directory")
@@ -126,7 +137,8 @@ def _cmd_score(args: argparse.Namespace) -> int:
     config = _config_from_args(args)
     _setup_logging(config.verbose, _check_output(args.output, config.storage_options), config.resolved_model_dir)
     try:
-        manifest, code = score_job(args.inputs, args.output, config, overwrite=args.overwrite, started=_STARTED)
+        manifest, code = score_job(args.inputs, args.output, config, overwrite=args.overwrite, started=_STARTED,
+                                   prune_missing=args.prune_missing)
     finally:
         _upload_log(args.output, config.storage_options)
     print(summary(manifest, args.output), file=sys.stderr)
@@ -140,10 +152,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
     config = _config_from_args(args)
     _setup_logging(config.verbose, _check_output(args.output, config.storage_options), config.resolved_model_dir)
     try:
-        manifest, code = run_job(args.inputs, args.output, config, overwrite=args.overwrite, started=_STARTED)
+        manifest, code = run_job(args.inputs, args.output, config, overwrite=args.overwrite, started=_STARTED,
+                                 prune_missing=args.prune_missing)
     finally:
         _upload_log(args.output, config.storage_options)
     print(summary(manifest, args.output, unit="images"), file=sys.stderr)
+    return code
+
+
+def _cmd_refilter(args: argparse.Namespace) -> int:
+    from .refilter import refilter
+    from .summary import summary
+
+    config = _config_from_args(args, ("storage_options",))
+    manifest, code = refilter(args.out, args.threshold, config.storage_options, report=args.report)
+    print(summary(manifest, args.out), file=sys.stderr)
     return code
 
 

@@ -28,7 +28,7 @@ from .pipeline.host import ParquetJob, ShardJob
 from .pipeline.stage import EmbedOptions, ModelPlugin, embed_source
 from .errors import FAILURE_DATA, DataError, InputError
 from .image_reader import SHARD_SUFFIXES, ShardPart, check_image_type, parse_json_fields, samples_table, shard_schema
-from .job import Heads, Work, new_job, run_parts
+from .job import Heads, Work, new_job, run_parts, with_identities
 from .output import OutputLayout, WriteOptions, split_and_write, write_kept_shard
 from .partition import Record, finish_record, process_parquet_part
 from .models.heads import AestheticPredictor
@@ -99,7 +99,7 @@ def process_image_parquet_part(part: EmbeddingPart, schema: pa.Schema, column: s
 
 
 def run_job(inputs: list[str], out: str | Path, config: Config, overwrite: bool = False, progress: bool = True,
-            started: float | None = None) -> tuple[dict[str, Any], int]:
+            started: float | None = None, prune_missing: bool = False) -> tuple[dict[str, Any], int]:
     """Run the image job over shards and image Parquet; return (manifest, exit code)."""
     from .cluster import ClusterOptions, check_workers_may_have_children, dask_client, task_resources
 
@@ -132,10 +132,10 @@ def run_job(inputs: list[str], out: str | Path, config: Config, overwrite: bool 
     common = dict(clip_spec=clip_spec, predictor=heads.predictor, out=layout.url(), opts=opts, embed=embed,
                   extras=heads.extras, storage_options=so)
     if shard_parts:
-        work.append(Work(shard_parts, process_shard, dict(fields=fields, write_shards=shards_dir,
+        work.append(Work(with_identities(shard_parts, so), process_shard, dict(fields=fields, write_shards=shards_dir,
                                                           max_sidecar_bytes=config.max_sidecar_bytes, **common)))
     if pq_plan and pq_plan.parts:
-        work.append(Work(pq_plan.parts, process_image_parquet_part, dict(schema=pq_plan.schema, column=config.image_column, **common)))
+        work.append(Work(with_identities(pq_plan.parts, so), process_image_parquet_part, dict(schema=pq_plan.schema, column=config.image_column, **common)))
     if not work and not failed_inputs:
         raise InputError(f"no shards or image Parquet files found in {', '.join(map(str, inputs))}")
     plan_s = round(time.perf_counter() - t0, 3)
@@ -152,11 +152,12 @@ def run_job(inputs: list[str], out: str | Path, config: Config, overwrite: bool 
         local = client.cluster is not None
         if not local:
             check_workers_may_have_children(client)
-        # Each worker starts its model and decode pool now, before (and while) the job prepares OUT.
-        client.register_plugin(ModelPlugin(clip_spec, embed))
         job.timings["plan_s"] = plan_s
         job.timings["cluster_s"] = round(time.perf_counter() - t0 - plan_s, 3)
         return run_parts(job, client, work, overwrite=overwrite, resources=task_resources(cluster_opts, device, local),
+                         prune_missing=prune_missing,
+                         # Once OUT is this job's: each worker starts its model and decode pool.
+                         start_workers=lambda: client.register_plugin(ModelPlugin(clip_spec, embed)),
                          progress=progress and not config.verbose, unit="images")
 
 

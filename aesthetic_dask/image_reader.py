@@ -40,6 +40,7 @@ class ShardPart:
 
     source: str
     rows: int | None = None  # unknown until the shard is read
+    identity: str | None = field(default=None, compare=False)  # what was planned: storage.identities
 
     @property
     def name(self) -> str:

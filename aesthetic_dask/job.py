@@ -15,6 +15,7 @@ This module is generic over them:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -27,7 +28,7 @@ from datetime import datetime, timezone
 from importlib import metadata
 from typing import Any, Callable
 
-from . import histogram, samples
+from . import histogram, samples, storage
 from .errors import FAILURE_ERROR, InputError, job_outcome
 from .output import COUNT_KEYS, OutputLayout, WriteOptions, read_records, remove_partition_files, remove_unplanned, reset_output, write_json
 from .partition import Record
@@ -43,6 +44,31 @@ def fingerprint(settings: dict[str, Any]) -> str:
 
 # The packages whose versions every manifest records; each job adds the ones its stages use.
 VERSIONED_PACKAGES = ("aesthetic-dask", "dask", "distributed", "pandas", "pyarrow", "numpy", "safetensors", "huggingface_hub")
+
+
+def threshold_note(threshold: float, predictor: Any, weights: str) -> str | None:
+    """One line, before any work, when ``threshold`` is outside the head's range: a registered
+    head's typical scores, else the bounds its weights allow. None when it is inside."""
+    from .models.registry import REGISTRY
+
+    entry = REGISTRY.get(weights)
+    low, high = entry.typical_scores if entry else predictor.score_bounds()
+    where = f"{weights} scores land in {low:g}..{high:g}" if entry else \
+        f"no embedding can score outside {low:.2f}..{high:.2f} with {weights}"
+    if threshold > high:
+        return f"warning: threshold {threshold:g} is above the head's range ({where}): nothing will be kept"
+    if threshold <= low:
+        return f"warning: threshold {threshold:g} is below the head's range ({where}): every valid row will be kept"
+    return None
+
+
+def with_identities(parts: list[Any], storage_options: dict[str, Any] | None = None) -> list[Any]:
+    """``parts`` carrying the identity of what each will read (its file's, and a clip-retrieval
+    part's metadata file's), listed once per directory."""
+    paths = {p.source for p in parts} | {p.metadata for p in parts if getattr(p, "metadata", None)}
+    ids = storage.identities(sorted(paths), storage_options)
+    return [dataclasses.replace(p, identity="|".join(filter(None, (ids.get(p.source), ids.get(getattr(p, "metadata", None)))))
+                                or None) for p in parts]
 
 
 def package_versions(extra: tuple[str, ...] = ()) -> dict[str, str]:
@@ -81,15 +107,18 @@ def new_job(kind: str, config: Any, layout: OutputLayout, heads: Heads, inputs: 
             failed_inputs: dict[str, str], duplicate_inputs: list[str], derived: dict[str, Any] | None = None,
             info: dict[str, Any] | None = None, versions: tuple[str, ...] = ()) -> Job:
     """The :class:`Job` of either job kind: its fingerprinted settings (:func:`config.output_settings`
-    with the inputs, the heads' sha256 and ``derived``) and what its manifest records."""
-    settings = output_settings(config, kind, inputs=inputs, weights_sha256=heads.weights["sha256"],
+    with the heads' sha256 and ``derived``) and what its manifest records (with ``inputs``)."""
+    # The inputs are not in it: a dataset may grow (and partitions record what they read).
+    settings = output_settings(config, kind, weights_sha256=heads.weights["sha256"],
                                extra_scores_sha256={k: v["sha256"] for k, v in heads.extra_info.items()},
                                **(derived or {}))
     return Job(
         kind=kind, layout=layout, settings=settings,
-        info={"config": config.to_dict(), "weights": heads.weights, "extra_scores": heads.extra_info, **(info or {}),
+        info={"config": config.to_dict(), "inputs_listed": inputs, "weights": heads.weights,
+              "extra_scores": heads.extra_info, **(info or {}),
               "versions": package_versions(versions)},
         failed_inputs=failed_inputs, duplicate_inputs=duplicate_inputs, started=started, report=config.report,
+        predictor=heads.predictor,
     )
 
 
@@ -118,26 +147,35 @@ class Job:
     failures: dict[str, Record] = field(default_factory=dict)  # failed in this run
     planned: list[str] = field(default_factory=list)
     skipped: int = 0  # finished by an earlier run
+    new: int = 0  # planned for the first time (the inputs grew)
+    changed: list[str] = field(default_factory=list)  # finished before, input changed since: redone
+    missing: dict[str, Record] = field(default_factory=dict)  # inputs gone: their output is kept
     cluster: dict[str, Any] = field(default_factory=dict)
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])  # tells this run's records apart
     report: bool = True  # write OUT/report.html at the end
+    predictor: Any = None  # the main head: its range is checked against the threshold before the work
     _last_manifest: float = 0.0
 
     @property
     def fingerprint(self) -> str:
         return fingerprint(self.settings)
 
-    def prepare(self, planned: list[str], overwrite: bool) -> set[str]:
+    def prepare(self, planned: dict[str, tuple[str | None, str]], sources: set[str], overwrite: bool,
+                prune_missing: bool = False) -> set[str]:
         """Make OUT this job's; return the names of the planned partitions still to run.
 
-        Refuses an OUT written by a different job (unless ``overwrite``), removes what no longer
-        belongs to the plan and the leftovers of unfinished partitions, and keeps the records of
-        finished ones (resume trusts those markers alone).
+        ``planned``: partition name -> (the identity of its input now, the input); ``sources``: every input
+        listed now. Refuses an OUT written by a different job (unless ``overwrite``); the inputs
+        may grow, and new partitions are simply run. A finished partition whose input changed
+        since it was read is redone. The output of an input that is gone is kept (listed as
+        missing) unless ``prune_missing``; what no longer belongs to the plan otherwise, and the
+        leftovers of unfinished partitions, are removed. Resume trusts the completion records alone.
         """
         layout = self.layout
         if len(set(planned)) != len(planned):
             raise InputError("two inputs map to the same output name; give each input once")
         old_text = None if overwrite else layout.read_text(layout.manifest)
+        old: dict[str, Any] = {}
         if overwrite:
             reset_output(layout)
         elif old_text is not None:
@@ -145,13 +183,7 @@ class Job:
                 old = json.loads(old_text)
             except ValueError:
                 old = {}
-            if old.get("fingerprint") != self.fingerprint:
-                before = old.get("settings", {})
-                changed = sorted(k for k in set(before) | set(self.settings) if before.get(k) != self.settings.get(k))
-                raise InputError(
-                    f"{layout.root_url} holds the output of a different job (changed: {', '.join(changed) or 'unknown'}); "
-                    "pass --overwrite to replace it, or choose another output directory"
-                )
+            self._check_same_job(old)
         existing = layout.existing()
         if old_text is None and not overwrite and any(
                 p.rsplit("/", 1)[0] in (layout.kept, layout.rejected, layout.errors) for p in existing):
@@ -159,17 +191,56 @@ class Job:
         layout.clear_tmp()  # orphans of a killed run
         if layout.local:
             os.makedirs(layout.root, exist_ok=True)
-        self.planned = list(planned)
-        planned_set = set(planned)
-        removed = remove_unplanned(layout, planned_set, existing)
+        complete = {k: Record.from_json(v) for k, v in read_records(layout, existing).items()}
+        # A curated dataset does not shrink because a source moved: a gone input's output stays.
+        self.missing = {} if prune_missing else {
+            name: rec for name, rec in complete.items() if name not in planned and rec.source and rec.source not in sources}
+        removed = remove_unplanned(layout, set(planned) | set(self.missing), existing)
         if removed:
             log.info("removed the output of %d partitions this job no longer plans", len(removed))
             existing = layout.existing()
-        self.records = {k: Record.from_json(v) for k, v in read_records(layout, existing).items() if k in planned_set}
+        self.records = {}
+        # Inputs read before that are not what they were: a finished partition of one is redone,
+        # never skipped (and one whose rows moved, a Parquet file that grew, has new names).
+        changed_inputs = {rec.source for name, rec in complete.items() if name not in planned and rec.source in sources}
+        for name, rec in complete.items():
+            if name in planned:
+                identity = planned[name][0]
+                if rec.input is not None and identity is not None and rec.input != identity:
+                    changed_inputs.add(rec.source)
+                else:
+                    self.records[name] = rec
         todo = {name for name in planned if name not in self.records}
+        self.changed = sorted(name for name in todo if planned[name][1] in changed_inputs)
         remove_partition_files(layout, todo, existing)
+        self.planned = list(planned)
         self.skipped = len(planned) - len(todo)
+        before = set(old.get("partitions", {}).get("done_names", [])) | set(old.get("partitions", {}).get("failed_names", []))
+        self.new = sum(1 for name in todo if name not in before and name not in self.changed)
         return todo
+
+    def _check_same_job(self, old: dict[str, Any]) -> None:
+        """Refuse an OUT of another job, one-line, naming what differs (and `refilter` when only
+        the threshold does)."""
+        root = self.layout.root_url
+        if old.get("status") == "refiltering":
+            target = old.get("refilter", {}).get("to")
+            raise InputError(f"{root} is being re-split at threshold {target} (or that was interrupted): finish it with "
+                             f"`aesthetic-dask refilter {root} --threshold {target}` first")
+        if old.get("fingerprint") == self.fingerprint:
+            return
+        before = old.get("settings", {})
+        changed = sorted(k for k in set(before) | set(self.settings) if before.get(k) != self.settings.get(k))
+        if changed == ["score_threshold"]:
+            new = self.settings["score_threshold"]
+            raise InputError(
+                f"{root} holds this job's output at threshold {before['score_threshold']:g}; to re-split it at {new:g} from "
+                f"the recorded scores (no CLIP, minutes not hours) run `aesthetic-dask refilter {root} --threshold {new:g}`, "
+                "or pass --overwrite to recompute it")
+        raise InputError(
+            f"{root} holds the output of a different job (changed: {', '.join(changed) or 'unknown'}); "
+            "pass --overwrite to replace it, or choose another output directory"
+        )
 
     def add(self, record: Record) -> None:
         """A partition's record from this run: finished, or failed."""
@@ -186,6 +257,7 @@ class Job:
 
     def manifest(self, status: str) -> dict[str, Any]:
         counted = [r for r in (self.records.get(n) or self.failures.get(n) for n in self.planned) if r is not None]
+        counted += list(self.missing.values())
         per_input: dict[str, dict[str, Any]] = {}
         unknown = 0
         for rec in counted:
@@ -199,6 +271,8 @@ class Job:
                 for k in COUNT_KEYS:
                     entry[k] += getattr(rec, k)
             entry["partitions_failed" if rec.failure else "partitions_done"] += 1
+            if rec.name in self.missing:
+                entry["missing"] = True  # the input is gone; its output is kept
             if rec.failure:
                 entry.setdefault("failures", []).append(rec.failure)
             if rec.note:
@@ -224,6 +298,7 @@ class Job:
             },
             "error_reasons": samples.merge_error_reasons([r.error_reasons for r in counted]),
             "failed_inputs": self.failed_inputs,
+            "missing_inputs": sorted({r.source for r in self.missing.values()}),
             "duplicate_inputs": self.duplicate_inputs,
             "partitions": {
                 "planned": len(self.planned),
@@ -231,11 +306,16 @@ class Job:
                 "failed": len(self.failures),
                 "done_names": [n for n in self.planned if n in self.records],
                 "failed_names": [n for n in self.planned if n in self.failures],
+                "missing": len(self.missing),
+                "missing_names": sorted(self.missing),
             },
             "this_run": {
                 "run_id": self.run_id,
                 "partitions_processed": len(processed),
                 "partitions_skipped": self.skipped,
+                "partitions_new": self.new,
+                "partitions_changed": len(self.changed),
+                "changed_names": self.changed,
                 "rows_processed": sum(r.rows_in or 0 for r in processed),
                 "compute_s": compute_s,
             },
@@ -277,11 +357,21 @@ def run_parts(
     resources: dict[str, float] | None = None,
     progress: bool = True,
     unit: str = "rows",
+    prune_missing: bool = False,
+    start_workers: Callable[[], Any] | None = None,
 ) -> tuple[dict[str, Any], int]:
     """Run every unfinished part of ``work`` on ``client``; return (manifest, exit code)."""
-    todo_names = job.prepare([p.name for w in work for p in w.parts], overwrite)
+    sources = {str(p.source) for w in work for p in w.parts} | set(job.failed_inputs)
+    todo_names = job.prepare({p.name: (p.identity, str(p.source)) for w in work for p in w.parts}, sources, overwrite,
+                             prune_missing)
     tasks = [(p, w) for w in work for p in w.parts if p.name in todo_names]
+    if start_workers is not None and tasks:
+        start_workers()
     log.info("%d partitions planned, %d finished before, %d to run", len(job.planned), job.skipped, len(tasks))
+    note = threshold_note(job.settings["score_threshold"], job.predictor, job.info["weights"]["name"]) \
+        if job.predictor is not None else None
+    if note:
+        (print(note, file=sys.stderr) if progress else log.warning(note))
     job.cluster = cluster_info(client)
     start_line = (f"aesthetic-dask {job.kind}: {len(tasks):,} of {len(job.planned):,} partitions to run on "
                   f"{job.cluster.get('scheduler_address')} ({job.cluster.get('workers')} workers, "

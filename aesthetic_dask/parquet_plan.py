@@ -41,6 +41,7 @@ class EmbeddingPart:
     stop: int
     row_groups: tuple[int, ...] | None = None  # Parquet input: the row groups holding the rows
     metadata: str | None = None  # clip-retrieval input: the row-aligned metadata Parquet
+    identity: str | None = field(default=None, compare=False)  # what was planned: storage.identities
 
     @property
     def name(self) -> str:

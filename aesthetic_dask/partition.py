@@ -69,10 +69,12 @@ class Record:
     # many tasks shared a GPU at once.
     finished_at: float | None = None
     run_id: str | None = None  # the run that processed it
+    input: str | None = None  # the identity of what it read (storage.identity): a change redoes it
+    threshold: float | None = None  # the threshold its kept/rejected split is at (refilter changes it)
 
     @classmethod
     def of(cls, part: Any) -> Record:
-        return cls(part.name, str(part.source))
+        return cls(part.name, str(part.source), input=getattr(part, "identity", None))
 
     @classmethod
     def failed(cls, part: Any, reason: str, kind: str = FAILURE_ERROR) -> Record:
@@ -81,7 +83,8 @@ class Record:
         None`` ("rows unknown"), never a silent 0."""
         rows = getattr(part, "rows", None)
         known = 0 if rows is not None else None
-        return cls(part.name, str(part.source), rows, known, known, rows, failure=reason, failure_kind=kind)
+        return cls(part.name, str(part.source), rows, known, known, rows, failure=reason, failure_kind=kind,
+                   input=getattr(part, "identity", None))
 
     def wrote(self, written: dict[str, Any]) -> None:
         """What :func:`output.split_and_write` wrote: counts, files, histograms, error reasons."""
@@ -96,7 +99,7 @@ class Record:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Record:
         known = {f.name for f in fields(cls)} - {"stats"}
-        record = cls(**{k: v for k, v in data.items() if k in known})
+        record = cls(**({"source": ""} | {k: v for k, v in data.items() if k in known}))
         record.stats = Stats(data.get("stage_s"))
         return record
 

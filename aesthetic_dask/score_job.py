@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from .config import Config
 from .parquet_plan import EmbeddingPart, plan_embeddings
-from .job import Heads, Work, new_job, run_parts
+from .job import Heads, Work, new_job, run_parts, with_identities
 from .output import OutputLayout, WriteOptions
 from .partition import Record, process_parquet_part
 from .models.heads import AestheticPredictor
@@ -41,7 +41,7 @@ def process_embedding_part(
 
 
 def score_job(inputs: list[str], out: str | Path, config: Config, overwrite: bool = False, progress: bool = True,
-              started: float | None = None) -> tuple[dict[str, Any], int]:
+              started: float | None = None, prune_missing: bool = False) -> tuple[dict[str, Any], int]:
     """Run the score job; return (manifest, exit code)."""
     from .cluster import ClusterOptions, dask_client, task_resources
 
@@ -50,6 +50,7 @@ def score_job(inputs: list[str], out: str | Path, config: Config, overwrite: boo
     plan = plan_embeddings(inputs, config.embedding_column, config.partition_rows, exclude=(layout.url(),),
                            storage_options=config.storage_options)
     heads = Heads.load(config)
+    parts = with_identities(plan.parts, config.storage_options)
     check_extra_score_names(heads.extras, plan.schema.names)
     opts = heads.write_options(config, config.embedding_column)
     sources = sorted({p.source for p in plan.parts} | set(plan.failed))
@@ -60,6 +61,7 @@ def score_job(inputs: list[str], out: str | Path, config: Config, overwrite: boo
         job.timings["cluster_s"] = round(time.perf_counter() - t0 - job.timings["plan_s"], 3)
         kwargs = dict(schema=plan.schema, column=config.embedding_column, predictor=heads.predictor, out=layout.url(),
                       storage_options=config.storage_options, opts=opts, extras=heads.extras)
-        return run_parts(job, client, [Work(plan.parts, process_embedding_part, kwargs)], overwrite=overwrite,
+        return run_parts(job, client, [Work(parts, process_embedding_part, kwargs)], overwrite=overwrite,
+                         prune_missing=prune_missing,
                          resources=task_resources(cluster_opts, device, client.cluster is not None),
                          progress=progress and not config.verbose)

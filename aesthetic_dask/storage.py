@@ -16,7 +16,7 @@ import os
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from .errors import InputError
 
@@ -53,6 +53,46 @@ def local_path(path: str | Path) -> str:
     import os
 
     return os.path.abspath(os.path.expanduser(str(path).removeprefix("file://")))
+
+
+def identity(info: dict[str, Any]) -> str:
+    """A file's version as its filesystem reports it (fsspec ``info``): a version id or ETag where
+    the store has one (with the size), else the size and modification time."""
+    size = info.get("size")
+    for key in ("VersionId", "version_id", "generation", "ETag", "etag", "md5Hash"):
+        if info.get(key):
+            return f"{key.lower()}={str(info[key]).strip(chr(34))};size={size}"
+    mtime = info.get("mtime") or info.get("LastModified") or info.get("last_modified") or info.get("created")
+    if hasattr(mtime, "timestamp"):
+        mtime = mtime.timestamp()
+    return f"size={size};mtime={mtime}"
+
+
+def identities(paths: Iterable[str], storage_options: dict[str, Any] | None = None) -> dict[str, str]:
+    """:func:`identity` of each path (local or URL): one listing per directory, not a request per file."""
+    out: dict[str, str] = {}
+    by_dir: dict[tuple[int, str], list[tuple[str, str]]] = {}
+    filesystems: dict[int, Any] = {}
+    for url in paths:
+        fs, path = split(url, storage_options)
+        filesystems[id(fs)] = fs
+        by_dir.setdefault((id(fs), path.rsplit("/", 1)[0]), []).append((url, path))
+    for (key, directory), members in by_dir.items():
+        fs = filesystems[key]
+        try:
+            fs.invalidate_cache(directory)  # what is there now, not a listing cached earlier
+            listed = {info["name"].rstrip("/"): info for info in fs.ls(directory, detail=True)}
+        except (OSError, ValueError):
+            listed = {}
+        for url, path in members:
+            info = listed.get(path.rstrip("/")) or listed.get(fs._strip_protocol(path))
+            if info is None:
+                try:
+                    info = fs.info(path)
+                except OSError:
+                    continue  # gone since it was listed: the partition reads it and says so
+            out[url] = identity(info)
+    return out
 
 
 def is_local(fs: Any) -> bool:

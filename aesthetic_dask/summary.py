@@ -20,7 +20,10 @@ def summary(manifest: dict[str, Any], out: Path, unit: str = "rows") -> str:
     if t.get("rows_unknown_partitions"):
         rows_in += f" (+ rows unknown in {t['rows_unknown_partitions']} failed partitions)"
     processed, compute_s = run.get("rows_processed", 0), run.get("compute_s") or 0
-    if run.get("partitions_processed"):
+    if run.get("refilter"):
+        throughput = (f"re-split {run['partitions_processed']:,} partitions at {run['refilter']['to']:g} "
+                      f"(from {run['refilter']['from']:g}) in {compute_s:.1f}s, no CLIP")
+    elif run.get("partitions_processed"):
         throughput = f"{processed / max(compute_s, 1e-9):,.0f} {unit}/s ({processed:,} {unit} processed in {compute_s:.1f}s)"
     else:
         throughput = "nothing processed in this run"
@@ -29,10 +32,10 @@ def summary(manifest: dict[str, Any], out: Path, unit: str = "rows") -> str:
         ("kept (>= threshold)", f"{t['rows_kept']:,}"),
         ("below threshold", f"{t['rows_below_threshold']:,}"),
         ("errors", f"{t['rows_error']:,}"),
-        ("partitions", f"{parts['planned']:,} planned: {run.get('partitions_processed', 0):,} run now, "
+        ("partitions", f"{parts['planned']:,} planned: {run.get('partitions_processed', 0):,} run now{_why(run)}, "
                        f"{run.get('partitions_skipped', 0):,} skipped (finished before), {parts['failed']:,} failed"),
         ("throughput", throughput),
-        ("elapsed", f"{manifest['timings'].get('elapsed_s', 0):.1f}s"),
+        ("elapsed", f"{manifest.get('timings', {}).get('elapsed_s', 0):.1f}s"),
         ("output", f"{str(out).rstrip('/')}/kept"),
         ("manifest", f"{str(out).rstrip('/')}/manifest.json"),
     ]
@@ -42,6 +45,10 @@ def summary(manifest: dict[str, Any], out: Path, unit: str = "rows") -> str:
     if manifest.get("report"):
         lines.append(f"  {'report:':<22}{manifest['report']}")
     lines += threshold_warning(manifest)
+    if manifest.get("missing_inputs"):
+        gone = manifest["missing_inputs"]
+        lines.append(f"  {'inputs gone:':<22}{len(gone):,} (their output is kept; --prune-missing removes it), "
+                     f"e.g. {gone[0]}")
     if manifest.get("duplicate_inputs"):
         lines.append(f"  {'inputs named twice:':<22}{len(manifest['duplicate_inputs'])} (each read once)")
     problems = [f"unreadable input: {path}: {reason}" for path, reason in manifest.get("failed_inputs", {}).items()]
@@ -51,6 +58,13 @@ def summary(manifest: dict[str, Any], out: Path, unit: str = "rows") -> str:
     if len(problems) > SUMMARY_FAILURES:
         lines.append(f"  ... and {len(problems) - SUMMARY_FAILURES} more (see manifest failed_inputs and inputs.*.failures)")
     return "\n".join(lines)
+
+
+def _why(run: dict[str, Any]) -> str:
+    """" (2 new, 1 changed since read)" of a re-run that found new or changed inputs, else ""."""
+    said = [f"{run[k]:,} {what}" for k, what in (("partitions_new", "new"), ("partitions_changed", "changed since read"))
+            if run.get(k)]
+    return f" ({', '.join(said)})" if said and run.get("partitions_skipped") or run.get("partitions_changed") else ""
 
 
 def threshold_warning(manifest: dict[str, Any]) -> list[str]:

@@ -5,8 +5,15 @@
 
 The CLI itself honours Dask's configuration (``scheduler-address``, ``scheduler-file``, which
 those variables set); with neither, the job starts a local cluster (the embedded default). The YAML
-holds ``job`` (score or run), ``inputs``, ``output``, ``overwrite`` and any config option. Exit
-codes are the CLI's: 0 done, 3 partial (some inputs unreadable), 1 failed, 2 bad usage or input.
+holds ``job`` (score or run), ``inputs``, ``output``, ``overwrite``, ``prune_missing`` and any
+config option. Exit codes are the CLI's: 0 done, 3 partial (some inputs unreadable), 1 failed, 2
+bad usage or input.
+
+The nightly pattern: the same YAML, the same OUT, every night. Each run processes only what is
+new (and what changed since it was read), keeps the output of inputs that went away (listed in
+the manifest as ``missing_inputs``; ``prune_missing: true`` removes it), and leaves OUT equal to a
+clean run over the inputs there are now. To choose another threshold afterwards, run
+``aesthetic-dask refilter OUT --threshold T`` (no CLIP); then set ``score_threshold`` to T here.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from pathlib import Path
 
 import yaml
 
-JOB_KEYS = ("job", "inputs", "output", "overwrite")
+JOB_KEYS = ("job", "inputs", "output", "overwrite", "prune_missing")
 
 
 def build_argv(spec_path: str, config_file: str) -> list[str]:
@@ -32,7 +39,7 @@ def build_argv(spec_path: str, config_file: str) -> list[str]:
     inputs = spec["inputs"] if isinstance(spec["inputs"], list) else [spec["inputs"]]
     Path(config_file).write_text(yaml.safe_dump({k: v for k, v in spec.items() if k not in JOB_KEYS}))
     argv = [spec["job"], *map(str, inputs), "-o", str(spec["output"]), "--config", config_file]
-    return argv + (["--overwrite"] if spec.get("overwrite") else [])
+    return argv + (["--overwrite"] if spec.get("overwrite") else []) + (["--prune-missing"] if spec.get("prune_missing") else [])
 
 
 def main() -> int:

@@ -227,3 +227,31 @@ def test_wrong_endpoint_missing_bucket_and_missing_filesystem_are_one_line_exit_
     if importlib.util.find_spec("gcsfs") is None:
         proc = run_cli_process(["score", "gs://bucket/emb", "-o", str(tmp_path / "o"), *w])
         assert_one_clear_line(proc, 2, "gs://bucket/emb: no filesystem for gs:// is installed (pip install 'aesthetic-dask[gcs]')")
+
+
+def test_a_grown_bucket_and_a_replaced_shard_on_s3(tmp_path, s3, bucket, shards, tiny_clip, tiny_weights):
+    """Issue 18 on S3: new shards run alone, a shard replaced in place (a new ETag) is redone, and
+    OUT equals a clean run over what the bucket holds now; a refilter re-splits it there."""
+    options, fs = s3
+    for s in (0, 1):
+        fs.put(str(shards / f"shard-{s}.tar"), f"{bucket}/shards/shard-{s}.tar")
+    args = run_args(tiny_clip, tiny_weights, tmp_path, options)
+    first = cli("run", f"s3://{bucket}/shards", "-o", f"s3://{bucket}/out", *args, env=no_aws_env())
+    assert first.returncode == 0, first.stderr
+    fs.put(str(shards / "shard-2.tar"), f"{bucket}/shards/shard-2.tar")  # the bucket grew
+    replaced = tmp_path / "replaced.tar"
+    write_shard(replaced, [("r0.jpg", photo_bytes("camera")), ("r1.jpg", photo_bytes("coffee"))])
+    fs.put(str(replaced), f"{bucket}/shards/shard-0.tar")  # and a shard was re-uploaded
+    again = cli("run", f"s3://{bucket}/shards", "-o", f"s3://{bucket}/out", *args, env=no_aws_env())
+    assert again.returncode == 0, again.stderr
+    run = manifest(f"s3://{bucket}/out", fs)["this_run"]
+    assert (run["partitions_new"], run["partitions_changed"], run["partitions_skipped"]) == (1, 1, 1)
+    clean = cli("run", f"s3://{bucket}/shards", "-o", f"s3://{bucket}/clean", *args, env=no_aws_env())
+    assert clean.returncode == 0, clean.stderr
+    assert comparable(manifest(f"s3://{bucket}/out", fs)) == comparable(manifest(f"s3://{bucket}/clean", fs))
+    pd.testing.assert_frame_equal(table(f"s3://{bucket}/out", "kept", options), table(f"s3://{bucket}/clean", "kept", options))
+    up = cli("refilter", f"s3://{bucket}/out", "--threshold", "5.5", "--storage-options", json.dumps(options), env=no_aws_env())
+    assert up.returncode == 0, up.stderr
+    m = manifest(f"s3://{bucket}/out", fs)
+    assert m["settings"]["score_threshold"] == 5.5 and m["status"] == "done"
+    assert (table(f"s3://{bucket}/out", "kept", options)["aesthetic_score"] >= np.float32(5.5)).all()

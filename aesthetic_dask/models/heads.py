@@ -147,6 +147,21 @@ class AestheticPredictor:
                 self._device_cache[key] = [(xp.asarray(w.T), xp.asarray(b)) for w, b in self.layers]
         return self._device_cache[key]
 
+    def score_bounds(self) -> tuple[float, float]:
+        """Scores no unit-norm embedding can go below or above: exact for a folded head
+        (b -/+ ||w||), a Lipschitz bound for a layered one (f(0) -/+ the product of the layers'
+        spectral norms; ReLU is 1-Lipschitz)."""
+        if self.folded:
+            reach = float(np.linalg.norm(self.weight.astype(np.float64)))
+            return self.bias - reach, self.bias + reach
+        h, lipschitz = np.zeros(self.embed_dim), 1.0
+        for i, (w, b) in enumerate(self.layers):
+            h = w.astype(np.float64) @ h + b
+            if self.activation == "relu" and i < len(self.layers) - 1:
+                h = np.maximum(h, 0)
+            lipschitz *= float(np.linalg.norm(w.astype(np.float64), 2))
+        return float(h[0]) - lipschitz, float(h[0]) + lipschitz
+
     def score_raw(self, emb: Any, sq_norm: Any, xp: Any = np) -> Any:
         """Scores of raw embeddings given their squared norms (all rows finite, non-zero).
 

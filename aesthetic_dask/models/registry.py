@@ -67,6 +67,9 @@ class RegisteredWeights:
     clip: ClipRef
     license: str
     description: str = ""
+    # Where its scores land on real images (the improved predictor's and LAION-Aesthetics' 1..10
+    # rating scale): a threshold outside keeps everything or nothing, said before the work.
+    typical_scores: tuple[float, float] = (1.0, 10.0)
 
 
 _SAC_LOGOS_AVA1_SHA256 = "21dd590f3ccdc646f0d53120778b296013b096a035a2718c9cb0d511bff0f1e0"

@@ -132,10 +132,16 @@ def serve(to_child: Any, from_child: Any, generation: int, slots: int, chunk: in
     import torch
 
     torch.set_num_threads(1)  # one core per host process: the pool is the parallelism
-    buffer = SlotBuffer(reduction.recv_handle(to_child), slots, chunk, shape)
+    try:
+        buffer = SlotBuffer(reduction.recv_handle(to_child), slots, chunk, shape)
+    except (EOFError, OSError):  # the parent went away while this process started
+        os._exit(0)
     free = list(range(slots))
     decoders: dict[DecodeSettings, Any] = {}
-    from_child.send(("ready", os.getpid()))
+    try:
+        from_child.send(("ready", os.getpid()))
+    except OSError:
+        os._exit(0)
 
     def wait_for(kind: str) -> Any:
         """Read messages until one of ``kind`` (``release``: until a slot is free); releases free
@@ -166,7 +172,10 @@ def serve(to_child: Any, from_child: Any, generation: int, slots: int, chunk: in
             _run(job, decoder, items(job.source, failure), buffer, free, wait_for, from_child, chunk)
         except Exception as exc:  # noqa: BLE001 - an exception of this job: the partition's, as in a task
             failure[:] = [f"{type(exc).__name__}: {exc}", "crash"]
-        from_child.send(("done", job.id, failure[0] if failure else None, failure[1] if len(failure) > 1 else None))
+        try:
+            from_child.send(("done", job.id, failure[0] if failure else None, failure[1] if len(failure) > 1 else None))
+        except OSError:  # the parent is gone
+            os._exit(0)
 
 
 def _run(job: Job, decoder: Any, stream: Iterator[Item], buffer: SlotBuffer, free: list[int], wait_for: Any,
