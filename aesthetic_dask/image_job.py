@@ -28,7 +28,8 @@ from .pipeline.host import ParquetJob, ShardJob
 from .pipeline.stage import EmbedOptions, ModelPlugin, embed_source
 from .errors import FAILURE_DATA, DataError, InputError
 from .image_reader import SHARD_SUFFIXES, ShardPart, check_image_type, parse_json_fields, samples_table, shard_schema
-from .job import Heads, Work, new_job, run_parts, with_identities
+from .job import Work, run_parts
+from .preparation import Heads, new_job, with_identities
 from .output import OutputLayout, WriteOptions, split_and_write, write_kept_shard
 from .partition import Record, finish_record, process_parquet_part
 from .models.heads import AestheticPredictor

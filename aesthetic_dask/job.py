@@ -15,7 +15,6 @@ This module is generic over them:
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -25,101 +24,18 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from importlib import metadata
 from typing import Any, Callable
 
-from . import histogram, samples, storage
+from . import histogram, samples
 from .errors import FAILURE_ERROR, InputError, job_outcome
-from .output import COUNT_KEYS, OutputLayout, WriteOptions, read_records, remove_partition_files, remove_unplanned, reset_output, write_json
+from .output import COUNT_KEYS, OutputLayout, read_records, remove_partition_files, remove_unplanned, reset_output, write_json
 from .partition import Record
 from .submit import Progress, cluster_info, submit_parts
-from .config import output_settings
-from .models.load import load_extra_heads, load_head
 
 log = logging.getLogger("aesthetic_dask")
 
 def fingerprint(settings: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
-
-
-# The packages whose versions every manifest records; each job adds the ones its stages use.
-VERSIONED_PACKAGES = ("aesthetic-dask", "dask", "distributed", "pandas", "pyarrow", "numpy", "safetensors", "huggingface_hub")
-
-
-def threshold_note(threshold: float, predictor: Any, weights: str) -> str | None:
-    """One line, before any work, when ``threshold`` is outside the head's range: a registered
-    head's typical scores, else the bounds its weights allow. None when it is inside."""
-    from .models.registry import REGISTRY
-
-    entry = REGISTRY.get(weights)
-    low, high = entry.typical_scores if entry else predictor.score_bounds()
-    where = f"{weights} scores land in {low:g}..{high:g}" if entry else \
-        f"no embedding can score outside {low:.2f}..{high:.2f} with {weights}"
-    if threshold > high:
-        return f"warning: threshold {threshold:g} is above the head's range ({where}): nothing will be kept"
-    if threshold <= low:
-        return f"warning: threshold {threshold:g} is below the head's range ({where}): every valid row will be kept"
-    return None
-
-
-def with_identities(parts: list[Any], storage_options: dict[str, Any] | None = None) -> list[Any]:
-    """``parts`` carrying the identity of what each will read (its file's, and a clip-retrieval
-    part's metadata file's), listed once per directory."""
-    paths = {p.source for p in parts} | {p.metadata for p in parts if getattr(p, "metadata", None)}
-    ids = storage.identities(sorted(paths), storage_options)
-    return [dataclasses.replace(p, identity="|".join(filter(None, (ids.get(p.source), ids.get(getattr(p, "metadata", None)))))
-                                or None) for p in parts]
-
-
-def package_versions(extra: tuple[str, ...] = ()) -> dict[str, str]:
-    out = {}
-    for name in VERSIONED_PACKAGES + extra:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return out
-
-
-@dataclass
-class Heads:
-    """The job's heads, loaded in the client: the main one, the ``extra_scores`` ones, and what
-    the manifest records of each."""
-
-    predictor: Any
-    weights: dict[str, Any]
-    extras: dict[str, Any]
-    extra_info: dict[str, dict[str, Any]]
-
-    @classmethod
-    def load(cls, config: Any) -> Heads:
-        predictor, weights = load_head(config.aesthetic_weights, config.resolved_model_dir)
-        extras, extra_info = load_extra_heads(config.extra_scores, config.resolved_model_dir, predictor.embed_dim)
-        return cls(predictor, weights, extras, extra_info)
-
-    def write_options(self, config: Any, embedding_column: str) -> Any:
-        """How the job's partitions are split and written."""
-        return WriteOptions(config.score_threshold, embedding_column, config.keep_embeddings, config.keep_rejected,
-                            self.predictor.embed_dim, tuple(self.extras), samples=config.report_samples)
-
-
-def new_job(kind: str, config: Any, layout: OutputLayout, heads: Heads, inputs: list[str], started: float,
-            failed_inputs: dict[str, str], duplicate_inputs: list[str], derived: dict[str, Any] | None = None,
-            info: dict[str, Any] | None = None, versions: tuple[str, ...] = ()) -> Job:
-    """The :class:`Job` of either job kind: its fingerprinted settings (:func:`config.output_settings`
-    with the heads' sha256 and ``derived``) and what its manifest records (with ``inputs``)."""
-    # The inputs are not in it: a dataset may grow (and partitions record what they read).
-    settings = output_settings(config, kind, weights_sha256=heads.weights["sha256"],
-                               extra_scores_sha256={k: v["sha256"] for k, v in heads.extra_info.items()},
-                               **(derived or {}))
-    return Job(
-        kind=kind, layout=layout, settings=settings,
-        info={"config": config.to_dict(), "inputs_listed": inputs, "weights": heads.weights,
-              "extra_scores": heads.extra_info, **(info or {}),
-              "versions": package_versions(versions)},
-        failed_inputs=failed_inputs, duplicate_inputs=duplicate_inputs, started=started, report=config.report,
-        predictor=heads.predictor,
-    )
 
 
 @dataclass
@@ -153,7 +69,7 @@ class Job:
     cluster: dict[str, Any] = field(default_factory=dict)
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])  # tells this run's records apart
     report: bool = True  # write OUT/report.html at the end
-    predictor: Any = None  # the main head: its range is checked against the threshold before the work
+    note: str | None = None  # a warning to say before the work (a threshold outside the head's range)
     _last_manifest: float = 0.0
 
     @property
@@ -368,10 +284,8 @@ def run_parts(
     if start_workers is not None and tasks:
         start_workers()
     log.info("%d partitions planned, %d finished before, %d to run", len(job.planned), job.skipped, len(tasks))
-    note = threshold_note(job.settings["score_threshold"], job.predictor, job.info["weights"]["name"]) \
-        if job.predictor is not None else None
-    if note:
-        (print(note, file=sys.stderr) if progress else log.warning(note))
+    if job.note:  # said before the work (preparation.threshold_note)
+        (print(job.note, file=sys.stderr) if progress else log.warning(job.note))
     job.cluster = cluster_info(client)
     start_line = (f"aesthetic-dask {job.kind}: {len(tasks):,} of {len(job.planned):,} partitions to run on "
                   f"{job.cluster.get('scheduler_address')} ({job.cluster.get('workers')} workers, "

@@ -15,7 +15,8 @@ import pyarrow as pa
 
 from .config import Config
 from .parquet_plan import EmbeddingPart, plan_embeddings
-from .job import Heads, Work, new_job, run_parts, with_identities
+from .job import Work, run_parts
+from .preparation import Heads, new_job, with_identities
 from .output import OutputLayout, WriteOptions
 from .partition import Record, process_parquet_part
 from .models.heads import AestheticPredictor

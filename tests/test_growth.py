@@ -208,7 +208,7 @@ def test_a_threshold_outside_the_heads_range_is_said_before_the_work(tmp_path, t
 
 
 def test_a_registered_heads_typical_range(tmp_path):
-    from aesthetic_dask.job import threshold_note
+    from aesthetic_dask.preparation import threshold_note
     from aesthetic_dask.models.heads import AestheticPredictor
     from conftest import random_state_dict
     from aesthetic_dask.models.heads import PredictorSpec
