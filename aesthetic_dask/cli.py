@@ -50,8 +50,36 @@ def _add_job_options(p: argparse.ArgumentParser, job: str) -> None:
                    help="remove the output of inputs that are gone (by default it is kept, and listed)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Flags are never abbreviated (``--model`` is not ``--model-dir``); an unknown one gets the
+    usual error and, where one is close, the flag it resembles."""
+
+    active: argparse.ArgumentParser | None = None  # the (sub)command parser that parsed last
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
+
+    def parse_known_args(self, *args, **kwargs):
+        _Parser.active = self
+        return super().parse_known_args(*args, **kwargs)
+
+    def error(self, message: str):
+        import difflib
+
+        if message.startswith("unrecognized arguments:"):
+            actions = (_Parser.active or self)._actions
+            known = [o for action in actions for o in action.option_strings if o.startswith("--") and o != "--help"]
+            for arg in message.split(":", 1)[1].split():
+                close = difflib.get_close_matches(arg.split("=")[0], known, n=1, cutoff=0.6) if arg.startswith("--") else []
+                if close:
+                    message += f" (did you mean {close[0]}?)"
+                    break
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="aesthetic-dask",
         description="Score and filter image datasets by predicted aesthetic quality on Dask.",
         epilog="Exit codes: 0 done, 3 done but some inputs unreadable, 1 failed, 2 bad usage or input.",
@@ -59,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
     parser.add_argument("--version", action="version", version=f"aesthetic-dask {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     score = sub.add_parser("score", help="precomputed CLIP embeddings -> aesthetic scores -> filtered Parquet")
     _add_job_options(score, "score")

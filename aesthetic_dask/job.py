@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable
 
-from . import histogram, samples
+from . import histogram, logs, samples
 from .errors import FAILURE_ERROR, InputError, job_outcome
 from .output import COUNT_KEYS, OutputLayout, read_records, remove_partition_files, remove_unplanned, reset_output, write_json
 from .partition import Record
@@ -93,6 +93,7 @@ class Job:
         old_text = None if overwrite else layout.read_text(layout.manifest)
         old: dict[str, Any] = {}
         if overwrite:
+            self._check_only_ours(layout.existing())
             reset_output(layout)
         elif old_text is not None:
             try:
@@ -101,9 +102,11 @@ class Job:
                 old = {}
             self._check_same_job(old)
         existing = layout.existing()
+        self._check_only_ours(existing)
         if old_text is None and not overwrite and any(
                 p.rsplit("/", 1)[0] in (layout.kept, layout.rejected, layout.errors) for p in existing):
             raise InputError(f"{layout.root_url} holds files but no manifest.json; pass --overwrite to replace them")
+        logs.accept_out()  # OUT is this job's now: its job.log may be written there
         layout.clear_tmp()  # orphans of a killed run
         if layout.local:
             os.makedirs(layout.root, exist_ok=True)
@@ -134,6 +137,17 @@ class Job:
         before = set(old.get("partitions", {}).get("done_names", [])) | set(old.get("partitions", {}).get("failed_names", []))
         self.new = sum(1 for name in todo if name not in before and name not in self.changed)
         return todo
+
+    def _check_only_ours(self, existing: set[str]) -> None:
+        """Refuse an OUT holding anything a job did not write: nothing of the user's is ever removed."""
+        foreign = sorted(p for p in existing if not self.layout.written_by_a_job(p))
+        if foreign:
+            layout = self.layout
+            shown = ", ".join(p.removeprefix(layout.root + "/") for p in foreign[:3])
+            more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+            raise InputError(f"{layout.root_url} holds files no aesthetic-dask job wrote ({shown}{more}); a job's OUT "
+                             "holds only its output (--overwrite removes only that), so nothing was touched: "
+                             "choose another output directory")
 
     def _check_same_job(self, old: dict[str, Any]) -> None:
         """Refuse an OUT of another job, one-line, naming what differs (and `refilter` when only

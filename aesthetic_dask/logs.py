@@ -1,8 +1,9 @@
 """Where a run's log goes: ``OUT/job.log``, or a per-run file under the user's cache.
 
-The log file is opened only once the job has created OUT, so a run that fails before doing
-anything leaves no OUT holding only ``job.log``; its records are then written to
-``~/.cache/aesthetic-dask/logs/run-<time>-<pid>.log`` (one file per run, never shared).
+The log file is opened in OUT only once the job has taken OUT as its own (:func:`accept_out`), so
+a run refused before (bad options, another job's OUT, a directory holding foreign files) leaves
+OUT as it was; its records are then written to ``~/.cache/aesthetic-dask/logs/run-<time>-<pid>.log``
+(one file per run, never shared).
 """
 
 from __future__ import annotations
@@ -25,13 +26,14 @@ class JobLogHandler(logging.Handler):
         self.out, self.cache_dir = out, cache_dir
         self.file: logging.FileHandler | None = None
         self.pending: list[logging.LogRecord] = []
+        self.accepted = False  # the job has taken OUT: its job.log may be written there
 
     @property
     def path(self) -> Path | None:
         return Path(self.file.baseFilename) if self.file else None
 
     def emit(self, record: logging.LogRecord) -> None:
-        if self.file is None and self.out is not None and self.out.is_dir():
+        if self.file is None and self.accepted and self.out is not None and self.out.is_dir():
             self._open(self.out / "job.log")
         if self.file is None:
             self.pending.append(record)
@@ -60,6 +62,13 @@ class JobLogHandler(logging.Handler):
         if self.file is not None:
             self.file.close()
         super().close()
+
+
+def accept_out() -> None:
+    """The job has taken OUT as its own: the held records (and all later ones) go to OUT/job.log."""
+    for handler in logging.getLogger(LOGGER).handlers:
+        if isinstance(handler, JobLogHandler):
+            handler.accepted = True
 
 
 def setup(verbose: bool, out: Path | None, cache_dir: Path) -> JobLogHandler:

@@ -62,6 +62,19 @@ class OutputLayout:
         """Where local files are written before their rename (object stores need none)."""
         return self.path("_tmp") if self.local else None
 
+    def written_by_a_job(self, path: str) -> bool:
+        """Whether ``path`` (under OUT) is something a job writes: its layout and file names."""
+        relative = path.removeprefix(self.root.rstrip("/") + "/")
+        if relative in ("manifest.json", "report.html", "job.log"):
+            return True
+        directory, _, name = relative.partition("/")
+        if directory == "_tmp":
+            return True
+        if "/" in name:
+            return False
+        return (directory in ("kept", "rejected", "errors", "samples") and name.endswith(".parquet")) or \
+            (directory == "_parts" and name.endswith(".json"))
+
     def data_dirs(self) -> tuple[str, ...]:
         return (self.kept, self.rejected, self.errors, self.samples, self.records) + ((self.tmp,) if self.local else ())
 

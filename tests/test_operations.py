@@ -18,7 +18,7 @@ from aesthetic_dask import __version__
 from aesthetic_dask.config import load_config
 from aesthetic_dask.models import checkpoint, registry
 from aesthetic_dask.cli import main
-from conftest import assert_one_clear_line, photo_bytes, write_embeddings, write_shard
+from conftest import assert_one_clear_line, photo_bytes, run_cli_process, write_embeddings, write_shard
 
 DEFAULT_HEAD = load_config().aesthetic_weights  # conf/default.yaml: the one default
 
@@ -191,3 +191,39 @@ def test_elapsed_covers_the_whole_command(tmp_path, shards_for_timing, tiny_clip
 @pytest.fixture
 def shards_for_timing(tmp_path):
     return write_shard(tmp_path / "s.tar", [(f"{i}.jpg", photo_bytes("coffee")) for i in range(3)])
+
+
+def test_out_that_is_not_a_jobs_is_never_touched(tmp_path, tiny_weights, rng):
+    """Issue 19: `-o mydocs --overwrite` on a user's directory is refused, naming foreign files,
+    and leaves it byte for byte as it was (no job.log either); so is a run without --overwrite."""
+    import hashlib
+
+    write_embeddings(tmp_path / "in" / "a.parquet", rng.standard_normal((20, 768)).astype(np.float32))
+    docs = tmp_path / "mydocs"
+    (docs / "kept").mkdir(parents=True)
+    (docs / "kept" / "list.txt").write_text("my list")
+    (docs / "thesis.txt").write_text("chapter 1")
+    (docs / "sub").mkdir()
+    (docs / "sub" / "x.bin").write_bytes(b"\0\1")
+    (docs / "important.parquet").write_bytes(b"PAR1")
+
+    def snapshot():
+        return {str(p.relative_to(docs)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None
+                for p in docs.rglob("*")}
+
+    before = snapshot()
+    for extra in (["--overwrite"], []):
+        proc = run_cli_process(["score", str(tmp_path / "in"), "-o", str(docs), "--aesthetic-weights",
+                                str(tiny_weights["safetensors"]), *extra])
+        assert_one_clear_line(proc, 2, "holds files no aesthetic-dask job wrote (important.parquet, kept/list.txt, sub/x.bin")
+        assert snapshot() == before
+    # A job's own OUT is still replaced by --overwrite.
+    out = tmp_path / "out"
+    argv = ["score", str(tmp_path / "in"), "-o", str(out), "--aesthetic-weights", str(tiny_weights["safetensors"])]
+    assert run_cli_process(argv).returncode == 0
+    assert run_cli_process(argv + ["--threshold", "6", "--overwrite"]).returncode == 0
+
+
+def test_flags_are_never_abbreviated():
+    proc = run_cli_process(["score", "in", "-o", "out", "--model", "tiny.json"])
+    assert proc.returncode == 2 and "unrecognized arguments: --model tiny.json (did you mean --model-dir?)" in proc.stderr
