@@ -345,3 +345,19 @@ def test_submit_parts_names_keys_after_partitions_and_bounds_tasks_in_flight():
     assert len(results) == 20 and sorted(p.name for p, _, _ in results) == [f"part-{i:03d}" for i in range(20)]
     assert [(p.name, str(e)) for p, r, e in results if e is not None] == [("part-007", "bad part")]
     assert _KEYS["part-003"] == ("aesthetic-score-run1", "part-003")  # grouped and named on the dashboard
+
+
+def test_a_shard_deleted_after_listing_has_rows_unknown(tmp_path, shard_dir, tiny_clip, tiny_weights, monkeypatch):
+    """Read in a decode process, a shard gone since the client listed it is "rows unknown", never 0."""
+    from aesthetic_dask import image_job
+    from aesthetic_dask.sources import InputFiles
+
+    (shard_dir / "c.tar").unlink()
+    real = image_job.list_inputs
+    monkeypatch.setattr(image_job, "list_inputs", lambda *a, **k: InputFiles(real(*a, **k).files + [str(shard_dir / "gone.tar")]))
+    out = tmp_path / "out"
+    assert run_cli(tmp_path, tiny_clip, tiny_weights, shard_dir, "-o", out) == EXIT_PARTIAL
+    m = manifest(out)
+    gone = m["inputs"][str(shard_dir / "gone.tar")]
+    assert gone["rows_unknown_partitions"] == 1 and gone["partitions_failed"] == 1 and "cannot read" in gone["failures"][0]
+    assert m["totals"]["rows_unknown_partitions"] == 1 and m["totals"]["rows_in"] == 8
