@@ -145,7 +145,7 @@ def _check_output(output: str, storage_options: dict) -> Path | None:
 
 def _upload_log(output: str, storage_options: dict) -> None:
     """A remote OUT's job.log: the per-run log, copied there at the end."""
-    if _job_log is None or not is_url(output):
+    if _job_log is None or not _job_log.accepted or not is_url(output):  # a refused run leaves OUT as it was
         return
     from .storage import join, split
 

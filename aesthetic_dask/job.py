@@ -29,6 +29,7 @@ from typing import Any, Callable
 from . import histogram, logs, samples
 from .errors import FAILURE_ERROR, InputError, job_outcome
 from .output import COUNT_KEYS, OutputLayout, read_records, remove_partition_files, remove_unplanned, reset_output, write_json
+from .lock import OutLock
 from .partition import Record
 from .submit import Progress, cluster_info, submit_parts
 
@@ -66,6 +67,7 @@ class Job:
     new: int = 0  # planned for the first time (the inputs grew)
     changed: list[str] = field(default_factory=list)  # finished before, input changed since: redone
     missing: dict[str, Record] = field(default_factory=dict)  # inputs gone: their output is kept
+    lock: OutLock | None = None  # this job's lease on OUT, from prepare() to the end
     cluster: dict[str, Any] = field(default_factory=dict)
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])  # tells this run's records apart
     report: bool = True  # write OUT/report.html at the end
@@ -90,10 +92,21 @@ class Job:
         layout = self.layout
         if len(set(planned)) != len(planned):
             raise InputError("two inputs map to the same output name; give each input once")
+        self._check_only_ours(layout.existing())  # before anything is written there, the lock included
+        self.lock = OutLock(layout, self.run_id)
+        self.lock.acquire()  # one job per OUT: what follows is decided by this job alone
+        try:
+            return self._prepare_locked(planned, sources, overwrite, prune_missing)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _prepare_locked(self, planned: dict[str, tuple[str | None, str]], sources: set[str], overwrite: bool,
+                        prune_missing: bool) -> set[str]:
+        layout = self.layout
         old_text = None if overwrite else layout.read_text(layout.manifest)
         old: dict[str, Any] = {}
         if overwrite:
-            self._check_only_ours(layout.existing())
             reset_output(layout)
         elif old_text is not None:
             try:
@@ -102,7 +115,6 @@ class Job:
                 old = {}
             self._check_same_job(old)
         existing = layout.existing()
-        self._check_only_ours(existing)
         if old_text is None and not overwrite and any(
                 p.rsplit("/", 1)[0] in (layout.kept, layout.rejected, layout.errors) for p in existing):
             raise InputError(f"{layout.root_url} holds files but no manifest.json; pass --overwrite to replace them")
@@ -250,6 +262,7 @@ class Job:
                 "compute_s": compute_s,
             },
             "cluster": self.cluster,
+            "lock": {"took_over": self.lock.took_over} if self.lock and self.lock.took_over else {},
             "timings": {**self.timings, "elapsed_s": round(time.time() - self.started, 3)},
             "started_at": datetime.fromtimestamp(self.started, timezone.utc).isoformat(),
             "updated_at": datetime.now(timezone.utc).isoformat(),
@@ -294,32 +307,35 @@ def run_parts(
     sources = {str(p.source) for w in work for p in w.parts} | set(job.failed_inputs)
     todo_names = job.prepare({p.name: (p.identity, str(p.source)) for w in work for p in w.parts}, sources, overwrite,
                              prune_missing)
-    tasks = [(p, w) for w in work for p in w.parts if p.name in todo_names]
-    if start_workers is not None and tasks:
-        start_workers()
-    log.info("%d partitions planned, %d finished before, %d to run", len(job.planned), job.skipped, len(tasks))
-    if job.note:  # said before the work (preparation.threshold_note)
-        (print(job.note, file=sys.stderr) if progress else log.warning(job.note))
-    job.cluster = cluster_info(client)
-    start_line = (f"aesthetic-dask {job.kind}: {len(tasks):,} of {len(job.planned):,} partitions to run on "
-                  f"{job.cluster.get('scheduler_address')} ({job.cluster.get('workers')} workers, "
-                  f"{job.cluster.get('threads')} threads); dashboard: {job.cluster.get('dashboard_link') or 'none'}")
-    if progress:
-        print(start_line, file=sys.stderr)
-    else:
-        log.info(start_line)
-    job.write_manifest("running")
-    threads = max(1, job.cluster.get("threads") or 1)
-    t0 = time.perf_counter()
-    bar = Progress(len(tasks), progress, unit)
-    for part, record, exc in submit_parts(client, tasks, job.run_id, job.kind, retries, resources, max(8, 4 * threads)):
-        collect(job, part, record, exc)
-        bar.update(job.records.get(part.name) or job.failures.get(part.name))
-        if time.time() - job._last_manifest > 2:
-            job.write_manifest("running")
-    bar.close()
-    job.timings["compute_s"] = round(time.perf_counter() - t0, 3)
-    return job.finish()
+    try:
+        tasks = [(p, w) for w in work for p in w.parts if p.name in todo_names]
+        if start_workers is not None and tasks:
+            start_workers()
+        log.info("%d partitions planned, %d finished before, %d to run", len(job.planned), job.skipped, len(tasks))
+        if job.note:  # said before the work (preparation.threshold_note)
+            (print(job.note, file=sys.stderr) if progress else log.warning(job.note))
+        job.cluster = cluster_info(client)
+        start_line = (f"aesthetic-dask {job.kind}: {len(tasks):,} of {len(job.planned):,} partitions to run on "
+                      f"{job.cluster.get('scheduler_address')} ({job.cluster.get('workers')} workers, "
+                      f"{job.cluster.get('threads')} threads); dashboard: {job.cluster.get('dashboard_link') or 'none'}")
+        if progress:
+            print(start_line, file=sys.stderr)
+        else:
+            log.info(start_line)
+        job.write_manifest("running")
+        threads = max(1, job.cluster.get("threads") or 1)
+        t0 = time.perf_counter()
+        bar = Progress(len(tasks), progress, unit)
+        for part, record, exc in submit_parts(client, tasks, job.run_id, job.kind, retries, resources, max(8, 4 * threads)):
+            collect(job, part, record, exc)
+            bar.update(job.records.get(part.name) or job.failures.get(part.name))
+            if time.time() - job._last_manifest > 2:
+                job.write_manifest("running")
+        bar.close()
+        job.timings["compute_s"] = round(time.perf_counter() - t0, 3)
+        return job.finish()
+    finally:
+        job.lock.release()  # however the job ends: OUT is free for the next one
 
 
 def collect(job: Job, part: Any, record: Record | None, exc: BaseException | None) -> None:

@@ -65,7 +65,7 @@ class OutputLayout:
     def written_by_a_job(self, path: str) -> bool:
         """Whether ``path`` (under OUT) is something a job writes: its layout and file names."""
         relative = path.removeprefix(self.root.rstrip("/") + "/")
-        if relative in ("manifest.json", "report.html", "job.log"):
+        if relative in ("manifest.json", "report.html", "job.log", "_lock.json"):
             return True
         directory, _, name = relative.partition("/")
         if directory == "_tmp":

@@ -25,6 +25,7 @@ from . import storage
 from .columns import SCORE_COLUMN
 from .errors import EXIT_OK, InputError
 from .job import fingerprint
+from .lock import OutLock
 from .output import OutputLayout, read_records, write_json, write_record
 from .partition import Record
 
@@ -56,6 +57,17 @@ def refilter(out: str, threshold: float, storage_options: dict[str, Any] | None 
                          "below it, and the job ran without --keep-rejected; re-run it with --keep-rejected "
                          "(or raise the threshold)")
     t0, run_id = time.perf_counter(), uuid.uuid4().hex[:12]
+    lock = OutLock(layout, run_id)
+    lock.acquire()  # no job writes OUT while it is re-split
+    try:
+        return _refilter_locked(layout, manifest, threshold, recorded, run_id, t0, storage_options, report)
+    finally:
+        lock.release()
+
+
+def _refilter_locked(layout: OutputLayout, manifest: dict[str, Any], threshold: float, recorded: float, run_id: str,
+                     t0: float, storage_options: dict[str, Any] | None, report: bool) -> tuple[dict[str, Any], int]:
+    settings = manifest["settings"]
     status_before = manifest.get("refilter", {}).get("status_before", manifest["status"])
     manifest.update(status="refiltering", refilter={"from": recorded, "to": threshold, "status_before": status_before})
     write_json(layout.manifest, manifest, layout.tmp, layout.fs)

@@ -45,6 +45,10 @@ def summary(manifest: dict[str, Any], out: Path, unit: str = "rows") -> str:
     if manifest.get("report"):
         lines.append(f"  {'report:':<22}{manifest['report']}")
     lines += threshold_warning(manifest)
+    took_over = manifest.get("lock", {}).get("took_over")
+    if took_over:
+        lines.append(f"  {'stale lock:':<22}taken over from run {took_over.get('run_id')} "
+                     f"(pid {took_over.get('pid')} on {took_over.get('host')}, which had stopped)")
     if manifest.get("missing_inputs"):
         gone = manifest["missing_inputs"]
         lines.append(f"  {'inputs gone:':<22}{len(gone):,} (their output is kept; --prune-missing removes it), "

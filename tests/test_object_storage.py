@@ -255,3 +255,26 @@ def test_a_grown_bucket_and_a_replaced_shard_on_s3(tmp_path, s3, bucket, shards,
     m = manifest(f"s3://{bucket}/out", fs)
     assert m["settings"]["score_threshold"] == 5.5 and m["status"] == "done"
     assert (table(f"s3://{bucket}/out", "kept", options)["aesthetic_score"] >= np.float32(5.5)).all()
+
+
+def test_one_job_per_out_on_s3(tmp_path, s3, bucket, embeddings, tiny_weights):
+    """The lease works on an object store: a live one refuses the job in one line; a silent one is
+    taken over; and a foreign object in OUT is never touched."""
+    options, fs = s3
+    fs.put(str(embeddings), f"{bucket}/emb", recursive=True)
+    common = ["--aesthetic-weights", tiny_weights["safetensors"], "--storage-options", json.dumps(options), "--no-report"]
+    live = {"run_id": "other-run", "host": "elsewhere", "pid": 1, "heartbeat": time.time()}
+    fs.pipe(f"{bucket}/out/_lock.json", json.dumps(live).encode())
+    busy = cli("score", f"s3://{bucket}/emb", "-o", f"s3://{bucket}/out", *common, env=no_aws_env())
+    assert_one_clear_line(busy, 2, "is in use by another job (run other-run, pid 1 on elsewhere")
+    fs.pipe(f"{bucket}/out/_lock.json", json.dumps(live | {"heartbeat": time.time() - 3600}).encode())
+    done = cli("score", f"s3://{bucket}/emb", "-o", f"s3://{bucket}/out", *common, env=no_aws_env())
+    assert done.returncode == 0, done.stderr
+    assert manifest(f"s3://{bucket}/out", fs)["lock"]["took_over"]["run_id"] == "other-run"
+    fs.invalidate_cache()
+    assert not fs.exists(f"{bucket}/out/_lock.json")
+    fs.pipe(f"{bucket}/mine/notes.txt", b"my notes")
+    foreign = cli("score", f"s3://{bucket}/emb", "-o", f"s3://{bucket}/mine", *common, "--overwrite", env=no_aws_env())
+    assert_one_clear_line(foreign, 2, "holds files no aesthetic-dask job wrote (notes.txt)")
+    fs.invalidate_cache()
+    assert fs.cat(f"{bucket}/mine/notes.txt") == b"my notes" and fs.ls(f"{bucket}/mine") == [f"{bucket}/mine/notes.txt"]

@@ -1,0 +1,125 @@
+"""One job per OUT: ``OUT/_lock.json``, a lease the running job holds and renews.
+
+- **Taking it.** Locally, an exclusive create (``O_CREAT | O_EXCL``): of two jobs started at once,
+  exactly one gets it. On an object store, the lease is written and read back after a short
+  settle: the job whose run id is there holds it (last writer wins; the other sees it and stops).
+- **Held.** A heartbeat thread rewrites the lease every :data:`HEARTBEAT_S` seconds; the job
+  removes it when it ends, however it ends.
+- **Stale-lock rule.** A lease is stale, and is taken over (the summary says so), when its job's
+  process is gone (same host: its pid no longer runs, e.g. after SIGKILL) or its heartbeat is
+  older than :data:`STALE_S` seconds (any host). Otherwise a second job stops in seconds, with
+  one line naming the running one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import storage
+from .errors import InputError
+
+LOCK_NAME = "_lock.json"
+HEARTBEAT_S = 10.0
+STALE_S = 90.0
+SETTLE_S = 0.5  # object stores: how long a written lease settles before it is read back
+
+
+@dataclass
+class OutLock:
+    """The lease of one job (``run_id``) on ``layout``'s OUT."""
+
+    layout: Any  # output.OutputLayout
+    run_id: str
+    took_over: dict[str, Any] | None = None  # the stale lease this job replaced, if any
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    @property
+    def path(self) -> str:
+        return self.layout.path(LOCK_NAME)
+
+    def record(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "host": socket.gethostname(), "pid": os.getpid(), "heartbeat": time.time()}
+
+    def acquire(self) -> None:
+        """Take OUT for this job, or one clear :class:`InputError` naming the job that has it."""
+        layout = self.layout
+        if layout.local:
+            os.makedirs(layout.root, exist_ok=True)
+            if self._create_exclusive():
+                return self._start()
+        current = self.read()
+        if current is not None and not stale(current):
+            raise InputError(_busy(layout.root_url, current))
+        self.took_over = current
+        self._write()
+        if not layout.local:
+            time.sleep(SETTLE_S)
+        held = self.read()
+        if held is None or held.get("run_id") != self.run_id:
+            raise InputError(_busy(layout.root_url, held or {}))
+        self._start()
+
+    def _create_exclusive(self) -> bool:
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            json.dump(self.record(), f)
+        return True
+
+    def read(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.layout.fs.cat_file(self.path))
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def _write(self) -> None:
+        storage.write_bytes(self.layout.fs, self.path, json.dumps(self.record()).encode(), self.layout.tmp)
+
+    def _start(self) -> None:
+        self._thread = threading.Thread(target=self._beat, name="aesthetic-dask-lock", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                if (self.read() or {}).get("run_id") == self.run_id:
+                    self._write()
+            except OSError:
+                pass  # a store that does not answer now: the next beat tries again
+
+    def release(self) -> None:
+        """Give OUT back (only the lease this job holds is removed)."""
+        self._stop.set()
+        try:
+            if (self.read() or {}).get("run_id") == self.run_id:
+                self.layout.remove([self.path])
+        except OSError:
+            pass
+
+
+def stale(lease: dict[str, Any]) -> bool:
+    """The stale-lock rule: its process is gone (same host), or its heartbeat is too old."""
+    if lease.get("host") == socket.gethostname() and isinstance(lease.get("pid"), int):
+        try:
+            os.kill(lease["pid"], 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            pass
+    return time.time() - float(lease.get("heartbeat") or 0) > STALE_S
+
+
+def _busy(root: str, lease: dict[str, Any]) -> str:
+    age = time.time() - float(lease.get("heartbeat") or 0)
+    return (f"{root} is in use by another job (run {lease.get('run_id')}, pid {lease.get('pid')} on "
+            f"{lease.get('host')}, alive {age:.0f}s ago); one job writes an OUT at a time: wait for it, or choose "
+            f"another output directory (a lease without a heartbeat for {STALE_S:.0f}s is taken over)")

@@ -1,0 +1,73 @@
+"""One job per OUT (issue 19): a lease in OUT, refused in seconds while another job holds it, taken
+over when stale (its process gone, or no heartbeat), locally and on an object store."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from aesthetic_dask.cli import main
+from aesthetic_dask.errors import EXIT_OK
+from aesthetic_dask.lock import STALE_S
+from conftest import assert_one_clear_line, run_cli_process, write_embeddings
+
+
+def inputs(tmp_path, files: int = 2):
+    rng = np.random.default_rng(0)
+    for i in range(files):
+        write_embeddings(tmp_path / "in" / f"f{i}.parquet", rng.standard_normal((50, 768)).astype(np.float32), f"f{i}-")
+    return tmp_path / "in"
+
+
+def lease(out, **fields):
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "_lock.json").write_text(json.dumps({"run_id": "other-run", "host": socket.gethostname(), "pid": os.getpid(),
+                                                "heartbeat": time.time()} | fields))
+
+
+def argv(tmp_path, inp, out, tiny_weights):
+    return ["score", str(inp), "-o", str(out), "--aesthetic-weights", str(tiny_weights["safetensors"]),
+            "--model-dir", str(tmp_path / "models"), "--no-report"]
+
+
+def test_a_job_holding_out_refuses_a_second_one_in_one_line(tmp_path, tiny_weights):
+    inp, out = inputs(tmp_path), tmp_path / "out"
+    lease(out)  # this very process, alive, heartbeat now: a running job
+    t0 = time.time()
+    proc = run_cli_process(argv(tmp_path, inp, out, tiny_weights))
+    assert_one_clear_line(proc, 2, f"is in use by another job (run other-run, pid {os.getpid()} on {socket.gethostname()}")
+    assert time.time() - t0 < 60 and not (out / "manifest.json").exists()
+    assert json.loads((out / "_lock.json").read_text())["run_id"] == "other-run"  # not ours to remove
+
+
+def test_a_stale_lease_is_taken_over_and_said(tmp_path, tiny_weights, capsys):
+    inp = inputs(tmp_path)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    for out, stale in ((tmp_path / "killed", {"pid": int(dead.stdout)}),  # SIGKILLed: its pid runs no more
+                       (tmp_path / "silent", {"host": "elsewhere", "heartbeat": time.time() - STALE_S - 5})):
+        lease(out, **stale)
+        assert main(argv(tmp_path, inp, out, tiny_weights)) == EXIT_OK
+        m = json.loads((out / "manifest.json").read_text())
+        assert m["lock"]["took_over"]["run_id"] == "other-run" and m["status"] == "done"
+        assert "stale lock:" in capsys.readouterr().err
+        assert not (out / "_lock.json").exists()  # given back at the end
+    lease(tmp_path / "alive", host="elsewhere")  # another host, heartbeat now: it runs
+    proc = run_cli_process(argv(tmp_path, inp, tmp_path / "alive", tiny_weights))
+    assert_one_clear_line(proc, 2, "is in use by another job (run other-run")
+
+
+def test_two_jobs_started_at_once_into_one_out_one_runs(tmp_path, tiny_weights):
+    inp, out = inputs(tmp_path, files=12), tmp_path / "out"
+    cmd = [sys.executable, "-m", "aesthetic_dask", *argv(tmp_path, inp, out, tiny_weights), "--partition-rows", "5"]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    codes = sorted(code for code, _ in results)
+    assert codes in ([0, 2], [0, 0]), results
+    if codes == [0, 2]:
+        assert "is in use by another job" in next(err for code, err in results if code == 2)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["status"] == "done" and m["totals"]["rows_in"] == 600 and not (out / "_lock.json").exists()
