@@ -37,10 +37,9 @@ def argv(tmp_path, inp, out, tiny_weights):
 def test_a_job_holding_out_refuses_a_second_one_in_one_line(tmp_path, tiny_weights):
     inp, out = inputs(tmp_path), tmp_path / "out"
     lease(out)  # this very process, alive, heartbeat now: a running job
-    t0 = time.time()
     proc = run_cli_process(argv(tmp_path, inp, out, tiny_weights))
     assert_one_clear_line(proc, 2, f"is in use by another job (run other-run, pid {os.getpid()} on {socket.gethostname()}")
-    assert time.time() - t0 < 60 and not (out / "manifest.json").exists()
+    assert not (out / "manifest.json").exists()
     assert json.loads((out / "_lock.json").read_text())["run_id"] == "other-run"  # not ours to remove
 
 
