@@ -29,9 +29,9 @@ class InputError(AestheticDaskError, ValueError):
 class MissingColumnError(InputError):
     """An input lacks a column the job needs."""
 
-    def __init__(self, where: str, column: str, columns: list[str]) -> None:
+    def __init__(self, where: str, column: str, columns: list[str], hint: str = "") -> None:
         self.where, self.column, self.columns = where, column, list(columns)
-        super().__init__(f"{where}: no column {column!r} (columns: {', '.join(map(str, columns))})")
+        super().__init__(f"{where}: no column {column!r} (columns: {', '.join(map(str, columns))}){hint}")
 
 
 class ConfigError(InputError):

@@ -74,6 +74,19 @@ class EmbeddingPlan:
     duplicates: list[str] = field(default_factory=list)
 
 
+def _other_job_hint(schema: pa.Schema, check: Callable) -> str:
+    """Where a file lacks the job's column but holds the other job's input: which command reads it."""
+    lists = [f.name for f in schema if pa.types.is_list(f.type) or pa.types.is_large_list(f.type)
+             or pa.types.is_fixed_size_list(f.type)]
+    images = [f.name for f in schema if pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type)
+              or (pa.types.is_struct(f.type) and f.type.get_field_index("bytes") >= 0)]
+    if check is not _check_embedding_type and lists and not images:
+        return f"; it holds embeddings ({lists[0]!r}): score them with `aesthetic-dask score`"
+    if check is _check_embedding_type and images and not lists:
+        return f"; it holds image bytes ({images[0]!r}): embed them with `aesthetic-dask run`"
+    return ""
+
+
 def _check_embedding_type(dtype: pa.DataType, column: str, where: str) -> None:
     is_list = pa.types.is_list(dtype) or pa.types.is_large_list(dtype) or pa.types.is_fixed_size_list(dtype)
     if not (is_list and pa.types.is_floating(dtype.value_type)):
@@ -139,7 +152,7 @@ def _plan_parquet_files(
             continue
         schema = meta.schema.to_arrow_schema()
         if column not in schema.names:
-            raise MissingColumnError(str(path), column, schema.names)
+            raise MissingColumnError(str(path), column, schema.names, _other_job_hint(schema, check))
         check(schema.field(column).type, column, str(path))
         schemas.append((str(path), schema))
         for start, stop, groups in _group_row_groups(meta, partition_rows):

@@ -62,6 +62,8 @@ def list_inputs(
                 continue
             if not fs.exists(path):
                 raise InputError(f"input {raw}: no such file or directory")
+        except InputError:
+            raise  # already the one line
         except (OSError, PermissionError, ValueError) as exc:
             raise InputError(f"input {raw}: cannot list it: {type(exc).__name__}: {exc}") from None
         if _inside(path, excluded, local):

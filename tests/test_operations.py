@@ -228,3 +228,15 @@ def test_out_that_is_not_a_jobs_is_never_touched(tmp_path, tiny_weights, rng):
 def test_flags_are_never_abbreviated():
     proc = run_cli_process(["score", "in", "-o", "out", "--model", "tiny.json"])
     assert proc.returncode == 2 and "unrecognized arguments: --model tiny.json (did you mean --model-dir?)" in proc.stderr
+
+
+def test_one_line_errors_say_the_thing_once_and_name_the_right_command(tmp_path, tiny_weights, tiny_clip, rng):
+    missing = run_cli_process(["score", str(tmp_path / "shrads"), "-o", str(tmp_path / "o1"),
+                               "--aesthetic-weights", str(tiny_weights["safetensors"])])
+    assert_one_clear_line(missing, 2, f"input {tmp_path / 'shrads'}: no such file or directory")
+    assert missing.stderr.count("shrads") == 1 and "cannot list it" not in missing.stderr
+    emb = write_embeddings(tmp_path / "emb" / "a.parquet", rng.standard_normal((5, 768)).astype(np.float32))
+    wrong = run_cli_process(["run", str(emb), "-o", str(tmp_path / "o2"), "--clip-model-config", str(tiny_clip["config"]),
+                             "--clip-pretrained", str(tiny_clip["checkpoint"]), "--aesthetic-weights",
+                             str(tiny_weights["safetensors"]), "--model-dir", str(tmp_path / "models")])
+    assert_one_clear_line(wrong, 2, "it holds embeddings ('embedding'): score them with `aesthetic-dask score`")
