@@ -28,6 +28,18 @@ def random_state_dict(seed: int = 0, dims=DIMS, keys=KEYS) -> dict[str, np.ndarr
     return state
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_home(tmp_path_factory):
+    """The suite's own HOME and cache: nothing it runs (converted heads, per-run logs, CLIP caches)
+    is written to the user's ~/.cache/aesthetic-dask. Subprocesses inherit it."""
+    home = tmp_path_factory.mktemp("home")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("HOME", str(home))
+    patch.setenv("XDG_CACHE_HOME", str(home / ".cache"))
+    yield home
+    patch.undo()
+
+
 @pytest.fixture(scope="session")
 def tiny_weights(tmp_path_factory) -> dict[str, Path]:
     """The same random weights as .safetensors and as a .pth (saved by torch)."""
