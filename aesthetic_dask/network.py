@@ -22,9 +22,8 @@ def hub_endpoint() -> str:
 
 def reachable(url: str) -> bool:
     """Whether a TCP connection to ``url``'s host (or the configured proxy) opens within a few
-    seconds; ``file://`` URLs always are. Remembered per process."""
-    if offline():
-        return False
+    seconds; ``file://`` URLs always are. Remembered per process. The hub's offline switch is the
+    callers' to apply where they mean the hub (:func:`offline`): it concerns no other endpoint."""
     parsed = urlparse(url)
     if parsed.scheme in ("", "file"):
         return True

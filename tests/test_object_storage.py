@@ -278,3 +278,12 @@ def test_one_job_per_out_on_s3(tmp_path, s3, bucket, embeddings, tiny_weights):
     assert_one_clear_line(foreign, 2, "holds files no aesthetic-dask job wrote (notes.txt)")
     fs.invalidate_cache()
     assert fs.cat(f"{bucket}/mine/notes.txt") == b"my notes" and fs.ls(f"{bucket}/mine") == [f"{bucket}/mine/notes.txt"]
+
+
+def test_the_hubs_offline_switch_concerns_the_hub_only(tmp_path, s3, bucket, embeddings, tiny_weights):
+    """HF_HUB_OFFLINE=1 must not make a reachable S3 endpoint "unreachable" (issue 21)."""
+    options, fs = s3
+    fs.put(str(embeddings), f"{bucket}/emb", recursive=True)
+    proc = cli("score", f"s3://{bucket}/emb", "-o", f"s3://{bucket}/out", "--aesthetic-weights", tiny_weights["safetensors"],
+               "--storage-options", json.dumps(options), "--no-report", env=no_aws_env() | {"HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr

@@ -186,7 +186,7 @@ def prepare_clip_weights(spec: ClipSpec) -> tuple[ClipSpec, str]:
     status = clip_cache_status(spec)
     if status == "local":
         return spec, status
-    online = reachable(hub_endpoint())
+    online = not offline() and reachable(hub_endpoint())
     if status == "cached":
         return (spec if online else replace(spec, hub_offline=True)), status
     if not online:
