@@ -213,7 +213,7 @@ def test_wrong_endpoint_missing_bucket_and_missing_filesystem_are_one_line_exit_
     dead = f"http://127.0.0.1:{closed.getsockname()[1]}"
     closed.close()
     w = ["--aesthetic-weights", str(tiny_weights["safetensors"])]
-    t0 = time.time()
+    # Each call is bounded by run_cli_process's timeout: a client retrying a dead endpoint would hang past it.
     proc = run_cli_process(["score", f"s3://{bucket}/emb", "-o", str(tmp_path / "o"), *w, "--storage-options",
                             json.dumps(options | {"endpoint_url": dead})])
     assert_one_clear_line(proc, 2, f"input s3://{bucket}/emb: cannot reach the storage endpoint {dead}")
@@ -221,7 +221,6 @@ def test_wrong_endpoint_missing_bucket_and_missing_filesystem_are_one_line_exit_
     assert_one_clear_line(proc, 2, "-o s3://no-such-bucket-here/out: the bucket 'no-such-bucket-here' does not exist")
     proc = run_cli_process(["score", "s3://no-such-bucket-here/emb", "-o", str(tmp_path / "o"), *w, "--storage-options", json.dumps(options)])
     assert_one_clear_line(proc, 2, "input s3://no-such-bucket-here/emb: no such file or directory")
-    assert time.time() - t0 < 60
     import importlib.util
 
     if importlib.util.find_spec("gcsfs") is None:

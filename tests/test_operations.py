@@ -51,11 +51,10 @@ def private_cache(tmp_path):
     ],
 )
 def test_bad_cluster_and_option_values_are_one_line_exit_2_and_never_hang(tmp_path, inp, tiny_weights, private_cache, extra, message):
-    t0 = time.time()
+    # "Never hangs" is the call's own timeout (a hung client raises TimeoutExpired), not wall-clock time.
     proc = cli("score", inp, "-o", tmp_path / "out", "--aesthetic-weights", tiny_weights["safetensors"],
                *[e.format(tmp=tmp_path) for e in extra], env=private_cache, timeout=45)
     assert_one_clear_line(proc, 2, message.format(tmp=tmp_path))
-    assert time.time() - t0 < 40
     # Nothing was done: no OUT holding only a log; the details are in a per-run file in the user's cache.
     assert not (tmp_path / "out").exists()
     if extra[0].startswith("--scheduler"):  # (a bad option value is refused before anything is logged)
@@ -90,10 +89,9 @@ def test_a_cached_verified_head_is_used_offline_without_any_network_wait(tmp_pat
 
     monkeypatch.setattr("aesthetic_dask.network.reachable", no_network)
     monkeypatch.setattr("huggingface_hub.hf_hub_download", no_network)
-    t0 = time.time()
+    # No wait is possible: any network attempt fails the test (no_network above).
     assert main(["score", str(inp), "-o", str(tmp_path / "out"), "--model-dir", str(models)]) == 0
     assert main(["download", "--model-dir", str(models), "--skip-clip"]) == 0
-    assert time.time() - t0 < 20
     assert main(["download", "--model-dir", str(models), "--list"]) == 0
     listing = capsys.readouterr().out
     assert f"{DEFAULT_HEAD}  [cached: " in listing and "ava+logos-l14-reluMSE  [not cached]" in listing
