@@ -1,7 +1,7 @@
 """One job per OUT: ``OUT/_lock.json``, a lease the running job holds and renews.
 
 - **Taking it.** Locally, an exclusive create (``O_CREAT | O_EXCL``): of two jobs started at once,
-  exactly one gets it. On an object store, the lease is written and read back after a short
+  exactly one gets it (a lease being written is waited for, never taken over). On an object store, the lease is written and read back after a short
   settle: the job whose run id is there holds it (last writer wins; the other sees it and stops).
 - **Held.** A heartbeat thread rewrites the lease every :data:`HEARTBEAT_S` seconds; the job
   removes it when it ends, however it ends.
@@ -51,9 +51,7 @@ class OutLock:
         """Take OUT for this job, or one clear :class:`InputError` naming the job that has it."""
         layout = self.layout
         if layout.local:
-            os.makedirs(layout.root, exist_ok=True)
-            if self._create_exclusive():
-                return self._start()
+            return self._acquire_local()
         current = self.read()
         if current is not None and not stale(current):
             raise InputError(_busy(layout.root_url, current))
@@ -65,6 +63,31 @@ class OutLock:
         if held is None or held.get("run_id") != self.run_id:
             raise InputError(_busy(layout.root_url, held or {}))
         self._start()
+
+    def _acquire_local(self) -> None:
+        """The exclusive create decides; a stale lease is removed and the create raced for again,
+        then read back (two jobs taking over one stale lease at once: only one keeps it)."""
+        os.makedirs(self.layout.root, exist_ok=True)
+        for _ in range(100):
+            if self._create_exclusive():
+                if self.took_over is not None:
+                    time.sleep(SETTLE_S)
+                    held = self.read()
+                    if (held or {}).get("run_id") != self.run_id:
+                        raise InputError(_busy(self.layout.root_url, held or {}))
+                return self._start()
+            current = self.read()
+            if current is None:  # its holder is writing it this instant
+                time.sleep(0.05)
+                continue
+            if not stale(current):
+                raise InputError(_busy(self.layout.root_url, current))
+            self.took_over = current
+            try:
+                os.remove(self.path)
+            except FileNotFoundError:
+                pass
+        raise InputError(_busy(self.layout.root_url, self.read() or {}))
 
     def _create_exclusive(self) -> bool:
         try:

@@ -70,3 +70,13 @@ def test_two_jobs_started_at_once_into_one_out_one_runs(tmp_path, tiny_weights):
         assert "is in use by another job" in next(err for code, err in results if code == 2)
     m = json.loads((out / "manifest.json").read_text())
     assert m["status"] == "done" and m["totals"]["rows_in"] == 600 and not (out / "_lock.json").exists()
+
+
+def test_a_lease_being_written_is_never_taken_over(tmp_path, tiny_weights):
+    """An existing lease not yet readable (its holder is writing it) is waited for, not replaced."""
+    inp, out = inputs(tmp_path), tmp_path / "out"
+    out.mkdir()
+    (out / "_lock.json").write_text("")
+    proc = run_cli_process(argv(tmp_path, inp, out, tiny_weights))
+    assert_one_clear_line(proc, 2, "is in use by another job")
+    assert (out / "_lock.json").read_text() == "" and not (out / "manifest.json").exists()
