@@ -78,19 +78,19 @@ class Job:
     def fingerprint(self) -> str:
         return fingerprint(self.settings)
 
-    def prepare(self, planned: dict[str, tuple[str | None, str]], sources: set[str], overwrite: bool,
-                prune_missing: bool = False) -> set[str]:
+    def prepare(self, parts: list[Any], sources: set[str], overwrite: bool, prune_missing: bool = False) -> set[str]:
         """Make OUT this job's; return the names of the planned partitions still to run.
 
-        ``planned``: partition name -> (the identity of its input now, the input); ``sources``: every input
-        listed now. Refuses an OUT written by a different job (unless ``overwrite``); the inputs
+        ``parts``: the planned partitions (their ``name``, ``identity`` and ``source``); ``sources``:
+        every input listed now. Refuses an OUT written by a different job (unless ``overwrite``); the inputs
         may grow, and new partitions are simply run. A finished partition whose input changed
         since it was read is redone. The output of an input that is gone is kept (listed as
         missing) unless ``prune_missing``; what no longer belongs to the plan otherwise, and the
         leftovers of unfinished partitions, are removed. Resume trusts the completion records alone.
         """
         layout = self.layout
-        if len(set(planned)) != len(planned):
+        planned = {p.name: (p.identity, str(p.source)) for p in parts}
+        if len(planned) != len(parts):
             raise InputError("two inputs map to the same output name; give each input once")
         self._check_only_ours(layout.existing())  # before anything is written there, the lock included
         self.lock = OutLock(layout, self.run_id)
@@ -305,8 +305,7 @@ def run_parts(
 ) -> tuple[dict[str, Any], int]:
     """Run every unfinished part of ``work`` on ``client``; return (manifest, exit code)."""
     sources = {str(p.source) for w in work for p in w.parts} | set(job.failed_inputs)
-    todo_names = job.prepare({p.name: (p.identity, str(p.source)) for w in work for p in w.parts}, sources, overwrite,
-                             prune_missing)
+    todo_names = job.prepare([p for w in work for p in w.parts], sources, overwrite, prune_missing)
     try:
         tasks = [(p, w) for w in work for p in w.parts if p.name in todo_names]
         if start_workers is not None and tasks:

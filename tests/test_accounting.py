@@ -361,3 +361,16 @@ def test_a_shard_deleted_after_listing_has_rows_unknown(tmp_path, shard_dir, tin
     gone = m["inputs"][str(shard_dir / "gone.tar")]
     assert gone["rows_unknown_partitions"] == 1 and gone["partitions_failed"] == 1 and "cannot read" in gone["failures"][0]
     assert m["totals"]["rows_unknown_partitions"] == 1 and m["totals"]["rows_in"] == 8
+
+
+def test_two_parts_with_one_output_name_are_refused(tmp_path):
+    """The plan's names must be unique: two partitions writing one file would lose rows."""
+    from aesthetic_dask.image_reader import ShardPart
+    from aesthetic_dask.job import Job
+    from aesthetic_dask.output import OutputLayout
+
+    job = Job("run", OutputLayout(tmp_path / "out"), {}, {})
+    same = ShardPart(str(tmp_path / "a.tar"))
+    with pytest.raises(Exception, match="two inputs map to the same output name"):
+        job.prepare([same, same], {same.source}, overwrite=False)
+    assert not (tmp_path / "out").exists()
