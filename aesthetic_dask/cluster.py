@@ -76,6 +76,7 @@ def pick_device() -> str:
 
 
 def _cores() -> int:
+    """The cores this process may run on (its CPU affinity, as dask-cuda pins it)."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:
@@ -289,7 +290,4 @@ def torch_threads() -> int:
     forced = os.environ.get("AESTHETIC_DASK_TORCH_THREADS")
     if forced:
         return max(1, int(forced))
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:
-        return os.cpu_count() or 1
+    return max(1, _cores())

@@ -121,7 +121,8 @@ def write_json(path: str | Path, obj: Any, tmp_dir: str | Path | None = None, fs
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode(), tmp_dir, fs)
 
 
-def _write_parquet(table: pa.Table, layout: OutputLayout, path: str) -> None:
+def write_parquet(table: pa.Table, layout: OutputLayout, path: str) -> None:
+    """``table`` as the Parquet file ``path`` under OUT, whole or not at all."""
     with storage.atomic_open(layout.fs, path, layout.tmp) as f:
         pq.write_table(table, f)
 
@@ -176,9 +177,9 @@ def split_and_write(
         return rows
 
     files = [f"kept/{name}.parquet"]
-    _write_parquet(valid_rows(keep), layout, storage.join(layout.kept, f"{name}.parquet"))
+    write_parquet(valid_rows(keep), layout, storage.join(layout.kept, f"{name}.parquet"))
     if opts.keep_rejected and below.any():
-        _write_parquet(valid_rows(below), layout, storage.join(layout.rejected, f"{name}.parquet"))
+        write_parquet(valid_rows(below), layout, storage.join(layout.rejected, f"{name}.parquet"))
         files.append(f"rejected/{name}.parquet")
 
     n_errors = int(is_error.sum())
@@ -187,7 +188,7 @@ def split_and_write(
             [c for c in (opts.embedding_column, SCORE_COLUMN, *opts.extra_score_columns) if c in table.column_names]
         )
         err = _with_provenance(err, source, rows[is_error])
-        _write_parquet(err, layout, storage.join(layout.errors, f"{name}.parquet"))
+        write_parquet(err, layout, storage.join(layout.errors, f"{name}.parquet"))
         files.append(f"errors/{name}.parquet")
         keys = err.column("key").cast(pa.string()).to_pylist() if "key" in err.column_names else [str(r) for r in rows[is_error]]
         reasons = samples.error_reasons(err.column(ERROR_COLUMN), keys)
@@ -200,7 +201,7 @@ def split_and_write(
             eligible &= np.isin(np.arange(table.num_rows), list(thumbnails))
         chosen = samples.pick(scores, eligible)
         if len(chosen):
-            _write_parquet(samples.sample_table(table, scores, rows, source, chosen, thumbnails),
+            write_parquet(samples.sample_table(table, scores, rows, source, chosen, thumbnails),
                            layout, storage.join(layout.samples, f"{name}.parquet"))
             files.append(f"samples/{name}.parquet")
     return {

@@ -26,7 +26,8 @@ from .columns import SCORE_COLUMN
 from .errors import EXIT_OK, InputError
 from .job import fingerprint
 from .lock import OutLock
-from .output import OutputLayout, read_records, write_json, write_record
+from .output import OutputLayout, read_records, write_json, write_parquet, write_record
+from .score import keep_mask
 from .partition import Record
 
 log = logging.getLogger("aesthetic_dask")
@@ -120,22 +121,16 @@ def _resplit(layout: OutputLayout, rec: Record, threshold: float, existing: set[
     if rows is None:
         return
     scores = rows.column(SCORE_COLUMN).to_numpy(zero_copy_only=False).astype(np.float32)
-    with np.errstate(invalid="ignore"):
-        keep = scores >= np.float32(threshold)  # the one keep rule, in float32 as the jobs compare
-    _write(layout, kept_path, rows.filter(pa.array(keep)))
+    keep = keep_mask(scores, np.zeros(len(scores), bool), threshold)  # kept and rejected rows hold no errors
+    write_parquet(rows.filter(pa.array(keep)), layout, kept_path)
     rejected = f"rejected/{rec.name}.parquet"
     if keep_rejected and (~keep).any():  # as the jobs write it: a rejected file only where rows are below
-        _write(layout, rejected_path, rows.filter(pa.array(~keep)))
+        write_parquet(rows.filter(pa.array(~keep)), layout, rejected_path)
         if rejected not in rec.files:
             rec.files.append(rejected)
     elif rejected in rec.files:
         rec.files.remove(rejected)
     rec.rows_kept, rec.rows_below_threshold = int(keep.sum()), int((~keep).sum())
-
-
-def _write(layout: OutputLayout, path: str, table: pa.Table) -> None:
-    with storage.atomic_open(layout.fs, path, layout.tmp) as f:
-        pq.write_table(table, f)
 
 
 def _recount(manifest: dict[str, Any], records: Any) -> dict[str, Any]:

@@ -23,6 +23,7 @@ import argparse
 import multiprocessing
 import os
 import resource
+import shutil
 import sys
 import tarfile
 import tempfile
@@ -168,8 +169,6 @@ def main() -> None:
         runs[-1]["bare_images_per_s"] = bare_rate
         print(f"  run {i + 1}: job {runs[-1]['images_per_s']:,.0f} images/s, bare {bare_rate:,.0f} images/s",
               file=sys.stderr)
-        import shutil
-
         shutil.rmtree(work / f"out-{i}", ignore_errors=True)
     best_job = max(r["images_per_s"] for r in runs)
     best_bare = max(r["bare_images_per_s"] for r in runs)

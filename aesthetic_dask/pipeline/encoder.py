@@ -21,6 +21,7 @@ import threading
 import time
 import warnings
 from concurrent.futures import Future
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -184,7 +185,8 @@ class ClipEncoder:
         turn = 0
         while True:
             if carry is None and in_flight is not None and self.queue.empty():
-                in_flight = self._collect(in_flight)  # nothing more to batch now: finish what runs
+                self._collect(in_flight)  # nothing more to batch now: finish what runs
+                in_flight = None
             first = carry or self.queue.get()
             t0 = time.perf_counter()
             requests, n, carry = [first], len(first.crops), None
@@ -217,6 +219,7 @@ class ClipEncoder:
             except Exception as exc:  # noqa: BLE001 - the partitions of this batch fail with the reason
                 for request in requests:
                     request.future.set_exception(exc)
+                turn = 1 - turn  # this buffer is free again; the other may still be copying the batch in flight
                 continue
             if in_flight is not None:
                 self._collect(in_flight)
@@ -228,7 +231,7 @@ class ClipEncoder:
         import torch
 
         rows = self.batch_size if self.compiled else n  # compiled: one static shape
-        with torch.inference_mode(), (torch.cuda.stream(stream) if stream is not None else _null()):
+        with torch.inference_mode(), (torch.cuda.stream(stream) if stream is not None else nullcontext()):
             x = self.normalize(buffer[:rows].to(self.device, non_blocking=True))
             features = self.forward(x)[:n].float()
             features = features / features.norm(dim=-1, keepdim=True)
@@ -247,12 +250,3 @@ class ClipEncoder:
             k = len(request.crops)
             request.future.set_result(features[offset:offset + k])
             offset += k
-        return None
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None

@@ -8,6 +8,7 @@ use where no plugin runs (a notebook's threads).
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from concurrent.futures import Future
@@ -28,6 +29,8 @@ from ..errors import InputError
 from ..score import classify_and_score
 from .encoder import ClipEncoder, input_spec
 from .pool import get_pool
+
+log = logging.getLogger("aesthetic_dask")
 
 
 @dataclass(frozen=True)
@@ -106,9 +109,7 @@ class ModelPlugin(WorkerPlugin):
         try:
             runtime(self.spec, self.opts)
         except Exception:  # noqa: BLE001 - the tasks start it again and report the error as theirs
-            import logging
-
-            logging.getLogger("aesthetic_dask").debug("runtime start at worker setup failed", exc_info=True)
+            log.debug("runtime start at worker setup failed", exc_info=True)
 
     def teardown(self, worker: Any = None) -> None:
         return None
@@ -155,17 +156,17 @@ def embed_source(source: Any, spec: ClipSpec, opts: EmbedOptions, expected_dim: 
         handles = [rt.pool.submit(source, settings)]
     clock = time.perf_counter
     stats = Stats()
-    metas, reasons, thumbs, pending = [], [], {}, []
+    metas, thumbs, pending, seen = [], {}, [], 0  # seen: samples before this chunk
     failure, rows_known = None, True
     t = clock()
     for handle in handles:
         for chunk in handle:
             stats.add("decode_wait_s", clock() - t)
             ok = np.array([r is None for r in chunk.reasons], dtype=bool)
-            thumbs |= {len(reasons) + i: b for i, b in chunk.thumbnails.items()}
+            thumbs |= {seen + i: b for i, b in chunk.thumbnails.items()}
+            seen += len(chunk.reasons)
             if chunk.metas is not None:
                 metas.extend(chunk.metas)
-            reasons.extend(chunk.reasons)
             if chunk.crops is not None:
                 pending.append((ok, np.array(chunk.reasons, dtype=object), rt.encoder.encode(chunk.crops, chunk.release)))
             else:
