@@ -36,11 +36,9 @@ def visible_gpu_count() -> int:
 
 
 def _has_dask_cuda() -> bool:
-    try:
-        import dask_cuda  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    import importlib.util
+
+    return importlib.util.find_spec("dask_cuda") is not None
 
 
 _ARRAY_MODULE: Any = None

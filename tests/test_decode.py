@@ -4,6 +4,8 @@ image type, and the same accounting and reasons for hostile members."""
 
 import io
 import json
+import struct
+import zlib
 
 import numpy as np
 import pandas as pd
@@ -44,20 +46,23 @@ def with_transparency() -> bytes:
     return save(image, "PNG", transparency=(255, 255, 255))
 
 
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def with_chunk_after_pixels(png: bytes, kind: bytes, data: bytes) -> bytes:
+    """``png`` with one more chunk between its last IDAT and IEND (where Pillow reads it at load())."""
+    assert png[-12:] == png_chunk(b"IEND", b"")
+    return png[:-12] + png_chunk(kind, data) + png[-12:]
+
+
 def png_16bit_rgb(image: Image.Image) -> bytes:
     """A PNG of bit depth 16, colour type 2 (Pillow cannot write one)."""
-    import struct
-    import zlib
-
     pixels = np.asarray(image, dtype=np.uint16) * 257 + 3  # 0..65535, low byte not a copy of the high one
     height, width, _ = pixels.shape
     raw = b"".join(b"\0" + row.astype(">u2").tobytes() for row in pixels)
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0))
+            + png_chunk(b"IDAT", zlib.compress(raw)) + png_chunk(b"IEND", b""))
 
 
 def animated() -> bytes:
@@ -88,6 +93,11 @@ IMAGE_TYPES = {
     "png_transparency_key": (with_transparency, None),
     # Pillow opens 16-bit RGB as "RGB" and torchvision decodes it to uint16: Pillow must decide.
     "png_16bit_rgb": (lambda: png_16bit_rgb(photo("coffee", (160, 120))), "PNG"),
+    # Text after the pixels: Pillow reads it at load() and libpng skips it, so Pillow decodes.
+    "png_text_after_pixels": (lambda: with_chunk_after_pixels(photo_bytes("coffee", "PNG"), b"tEXt", b"Comment\0hi"), None),
+    # Over LONG_RESIZE crops long once resized: cropped while resized, by Pillow on both paths.
+    "png_extreme_tall": (lambda: save(photo("chelsea", (20, 1000)), "PNG"), "PNG"),
+    "jpeg_extreme_wide": (lambda: save(photo("astronaut", (1500, 12)), "JPEG"), "JPEG"),
     "webp_rgb": (lambda: photo_bytes("coffee", "WEBP"), None),
     "webp_rgba": (lambda: photo_bytes("astronaut", "WEBP", "RGBA"), None),
     "gif_animated": (animated, None),
@@ -217,6 +227,9 @@ def hostile_members() -> list[tuple[str, bytes]]:
         ("bad_crc.png", png[:40] + bytes([png[40] ^ 0xFF]) + png[41:]),
         ("big.jpg", save(photo("rocket", (3000, 2000)), "JPEG")),
         ("fine.png", png),
+        # A zTXt chunk after the pixels that inflates past Pillow's MAX_TEXT_CHUNK: refused by
+        # Pillow at load(), never seen by libpng; both decoders must say the same.
+        ("ztxt_bomb.png", with_chunk_after_pixels(png, b"zTXt", b"Comment\0\0" + zlib.compress(b"\0" * (8 << 20)))),
     ]
 
 
@@ -225,7 +238,34 @@ def test_hostile_members_get_the_same_reasons_from_both_decoders(clip224):
     _, pil = embed_all(clip224, images, "pil")
     _, torch_reasons = embed_all(clip224, images, "torch")
     assert torch_reasons == pil
-    assert pil[0] is None and pil[1] is not None and pil[-1] is None
+    assert pil[0] is None and pil[1] is not None and pil[-2] is None
+    assert pil[-1].lower().startswith("corrupt or truncated image: decompressed data too large")
+
+
+def test_an_extreme_aspect_ratio_never_materialises_its_long_resize(clip224, monkeypatch):
+    """A 129-byte 1x16000 PNG resizes to 224x3.6M pixels before its centre crop; it is cropped
+    while resized instead, on both decoders, within rounding of the full resize."""
+    sizes = []
+    resize = Image.Image.resize
+    monkeypatch.setattr(Image.Image, "resize", lambda self, size, *a, **k: sizes.append(tuple(size)) or resize(self, size, *a, **k))
+    spec = input_spec(clip224[0])
+    tall = save(Image.linear_gradient("L").convert("RGB").resize((1, 16000)), "PNG")
+    assert len(tall) < 2000
+    for decoder in (PilDecoder(spec, 10**8), TorchDecoder(spec, 10**8)):
+        got = decoder.decode(tall, thumbnail=True)
+        assert got.reason is None and got.crop.shape == (3, 224, 224) and got.thumbnail
+    assert sizes and max(w * h for w, h in sizes) <= 224 * 224, sizes
+    # The same crop as open_clip's transforms give after the full resize, within rounding.
+    monkeypatch.setattr(Image.Image, "resize", resize)
+    pil = PilDecoder(spec, 10**8)
+    for size in [(20, 1000), (1000, 20), (3, 2000), (1500, 12)]:
+        image = photo("astronaut", size)
+        full = image
+        for transform in pil.transforms:
+            full = transform(full)
+        got = pil.decode(save(image, "PNG")).crop.astype(int)
+        diff = np.abs(got - np.asarray(full).transpose(2, 0, 1))
+        assert diff.max() <= 3 and diff.mean() < 0.5, (size, diff.max(), diff.mean())
 
 
 def test_both_decoders_account_for_a_hostile_shard_alike(tmp_path, tiny_clip, tiny_weights):

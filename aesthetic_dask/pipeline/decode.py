@@ -16,6 +16,7 @@ the pixel limit is refused before any pixel is decoded.
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +27,10 @@ from ..samples import THUMBNAIL_PX, make_thumbnail
 # The formats the job decodes (Pillow format names); anything else is an error row, never decoded.
 DECODED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF")
 NOT_DECODED = "not a JPEG, PNG, WebP or GIF image (no other format is decoded)"
+# An image whose shorter-side resize is this many crops long is cropped while it is resized
+# (InputSpec.crop_box): the same pixels, without the long intermediate. Below it, open_clip's own
+# transforms run unchanged.
+LONG_RESIZE = 4
 # What `auto` picks: torchvision decodes 2-2.5x faster than Pillow on the host (benchmarks/bench_run.py).
 AUTO = "torch"
 
@@ -60,6 +65,9 @@ class PilDecoder:
         self.spec = spec
         self.max_pixels = max_pixels
         self.transforms = spec.pil_transforms()
+        # open_clip's shortest-side preprocess starts Resize(int), CenterCrop: what crop_box replaces.
+        names = [type(t).__name__ for t in self.transforms[:2]]
+        self.boxed = names == ["Resize", "CenterCrop"] and spec.crop_box(1, 1) is not None
 
     def decode(self, data: bytes | None, thumbnail: bool = False) -> Decoded:
         """Never raises: whatever a hostile file does is this image's reason."""
@@ -97,9 +105,23 @@ class PilDecoder:
         if too_big:
             return Decoded(reason=too_big)
         thumb = make_thumbnail(image) if thumbnail else None
-        for transform in self.transforms:
+        transforms = self.transforms
+        if self.long_resize(image.size):
+            image, transforms = self._resize_crop_box(image), transforms[2:]
+        for transform in transforms:
             image = transform(image)
         return Decoded(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1), thumbnail=thumb)
+
+
+    def long_resize(self, size: tuple[int, int]) -> bool:
+        """Whether resizing an image of ``size`` would make it over :data:`LONG_RESIZE` crops long."""
+        return self.boxed and max(size) > LONG_RESIZE * min(size)
+
+    def _resize_crop_box(self, image: Any) -> Any:
+        from torchvision.transforms.functional import pil_modes_mapping
+
+        resample = pil_modes_mapping[self.transforms[0].interpolation]  # what open_clip's Resize uses
+        return image.resize(self.spec.size[::-1], resample, box=self.spec.crop_box(*image.size))
 
 
 class TorchDecoder(PilDecoder):
@@ -111,7 +133,7 @@ class TorchDecoder(PilDecoder):
         import torch
 
         kind = _tensor_kind(image, data)
-        if kind is None:
+        if kind is None or self.long_resize(image.size):  # Pillow crops those while resizing
             return self._pil(image, thumbnail)
         pixels = _decode_tensor(kind, torch.frombuffer(bytearray(data), dtype=torch.uint8))
         # Where torchvision refused the file, gave another dtype (16-bit samples) or more pixels
@@ -164,9 +186,26 @@ def _tensor_kind(image: Any, data: bytes) -> str | None:
         return None
     if image.format == "JPEG" and data.rstrip(b"\0")[-2:] == b"\xff\xd9":
         return "JPEG"
-    if image.format == "PNG" and not image.info.get("interlace"):
+    if image.format == "PNG" and not image.info.get("interlace") and not _chunks_after_pixels(data):
         return "PNG"
     return None
+
+
+def _chunks_after_pixels(data: bytes) -> bool:
+    """Whether a PNG has chunks between its image data and IEND. Pillow reads those at ``load()``
+    (text, ICC profile: a zTXt decompression bomb there is refused); libpng skips them. Such a
+    PNG goes through Pillow so both decoders decide alike; only the chunk headers are read."""
+    pos, in_pixels = 8, False
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack_from(">I4s", data, pos)
+        if kind == b"IEND":
+            return False
+        if kind == b"IDAT":
+            in_pixels = True
+        elif in_pixels:
+            return True
+        pos += 12 + length
+    return False  # cut short: libpng refuses it and Pillow decides anyway
 
 
 def _decode_tensor(kind: str, raw: Any) -> Any:

@@ -60,6 +60,23 @@ class InputSpec:
             raise ValueError(f"open_clip's preprocess ends in {transforms[cut:]}, not ToTensor + Normalize")
         return transforms[:cut]
 
+    def crop_box(self, width: int, height: int) -> tuple[float, float, float, float] | None:
+        """For ``shortest`` resizing to a square, the region of a ``width`` x ``height`` source that
+        open_clip's resize-then-centre-crop keeps, in source pixels (None for other modes), with
+        torchvision's arithmetic (``Resize`` truncates the long side, ``CenterCrop`` rounds).
+        Pillow's ``resize(size, box=...)`` of that region filters with the pixels around it too,
+        so it is the same crop without the whole resized image in memory (a 1x16000 image is
+        224x3.6M pixels resized), within rounding: Pillow may order its two passes otherwise
+        (at most 2 levels, 0.12 on average, on photos; tests/test_decode.py)."""
+        side = self.size[0]
+        if self.resize_mode != "shortest" or self.size[0] != self.size[1]:
+            return None
+        short, long = sorted((width, height))
+        resized_long = int(side * long / short)
+        offset = int(round((resized_long - side) / 2.0))
+        start, end = offset * long / resized_long, (offset + side) * long / resized_long
+        return (start, 0.0, end, float(height)) if width >= height else (0.0, start, float(width), end)
+
     def resize_crop(self, image: Any) -> Any:
         """uint8 (3, H, W) tensor -> uint8 crop of :attr:`crop_shape` (antialiased, as Pillow)."""
         from torchvision.transforms import InterpolationMode
