@@ -31,6 +31,9 @@ JSON_TYPES = {"string": pa.string(), "int64": pa.int64(), "float64": pa.float64(
 MAX_MEMBER_BYTES = 256 * 1024 * 1024
 # Default cap of one .txt/.json sidecar (config max_sidecar_bytes): held for the whole shard.
 MAX_SIDECAR_BYTES = 64 * 1024
+# A key longer than this is its sample's error (PAX headers allow names of any length, and a
+# key is copied into every output row, the manifest's examples and the report).
+MAX_KEY_CHARS = 1024
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tbz", ".tar.xz", ".txz")
 
 
@@ -76,6 +79,27 @@ def clean_name(name: str) -> tuple[str, bool]:
         return name, True
     except UnicodeEncodeError:
         return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace"), False
+
+
+def shown(text: str, limit: int = 200) -> str:
+    """``text`` cut to ``limit`` characters for a message or a key (a hostile name can be megabytes),
+    with a digest of the whole, so two long names cut alike stay apart."""
+    if len(text) <= limit:
+        return text
+    import hashlib
+
+    digest = hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:12]
+    return f"{text[:limit]}...({len(text)} characters, sha256 {digest})"
+
+
+def safe_member_name(name: str) -> str:
+    """A member name that extracts inside its directory, written by ``--write-shards``: no absolute
+    path, no ``.`` or ``..`` part, valid UTF-8. An injective escape (``%`` -> ``%25``, ``\\`` ->
+    ``%5C``, an empty part -> ``%2F``, ``.``/``..`` -> ``%2E``/``%2E%2E``), so distinct names stay
+    distinct and ``urllib.parse.unquote`` of each part gives back the original."""
+    special = {"": "%2F", ".": "%2E", "..": "%2E%2E"}
+    parts = clean_name(name)[0].split("/")
+    return "/".join(special.get(p) or p.replace("%", "%25").replace("\\", "%5C") for p in parts)
 
 
 _MAGIC = ((b"\x1f\x8b", "gzip"), (b"BZh", "bz2"), (b"\xfd7zXZ\x00", "xz"))
@@ -159,8 +183,10 @@ class ShardReader:
                             yield _finish(current)
                             current = None
                         if current is None:
-                            current = Sample(key=key, index=index)
-                            if not clean_name(member.name)[1]:
+                            current = Sample(key=shown(key, MAX_KEY_CHARS), index=index)
+                            if len(key) > MAX_KEY_CHARS:
+                                current.error = f"key is {len(key)} characters, over the limit of {MAX_KEY_CHARS}"
+                            elif not clean_name(member.name)[1]:
                                 current.error = "member name is not valid UTF-8"
                         self._add(current, ext, member, tar)
                     if not stream.complete():
@@ -180,15 +206,20 @@ class ShardReader:
         is_image = last in IMAGE_EXTENSIONS
         if not (is_image or ext in ("txt", "json")):
             return
+        name = shown(clean_name(member.name)[0])
         if not member.isfile():  # a link or a device: never followed, never read
             kind = "symlink" if member.issym() else "hard link" if member.islnk() else "special file"
-            sample.special = sample.special or f"member {clean_name(member.name)[0]!r} is a {kind}, not a regular file"
+            sample.special = sample.special or f"member {name!r} is a {kind}, not a regular file"
+            return
+        if member.issparse():
+            # Its holes read as zeros: a 140 KiB shard can expand to gigabytes. Never read.
+            sample.error = sample.error or f"member {name!r} is a sparse file ({member.size} bytes once its holes are filled); not read"
             return
         limit = self.max_member_bytes if is_image else self.max_sidecar_bytes
         if member.size > limit:
             what = "image" if is_image else f".{ext} sidecar"
             option = "" if is_image else " (max_sidecar_bytes)"
-            sample.error = sample.error or f"{what} {clean_name(member.name)[0]!r} is {member.size} bytes, over the limit of {limit}{option}"
+            sample.error = sample.error or f"{what} {name!r} is {member.size} bytes, over the limit of {limit}{option}"
             return
         self._in_member = True
         data = tar.extractfile(member).read()

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from . import histogram, samples, storage
 from .columns import ERROR_COLUMN, ROW_COLUMN, SCORE_COLUMN, SOURCE_COLUMN
-from .image_reader import TarStream, iter_members
+from .image_reader import TarStream, iter_members, safe_member_name
 from .score import table_keep_mask
 
 COUNT_KEYS = ("rows_in", "rows_kept", "rows_below_threshold", "rows_error")
@@ -309,15 +309,19 @@ def remove_partition_files(layout: OutputLayout, names: set[str], existing: set[
 def write_kept_shard(source: str, kept: set[int], target: str, tmp_dir: str | None,
                      storage_options: dict[str, Any] | None = None) -> None:
     """Copy the regular-file members of the kept samples (by sample index: a key may repeat
-    non-consecutively in a tar) with their original bytes and names into a new tar, streamed and
-    written whole or not at all (:func:`storage.atomic_open`)."""
+    non-consecutively in a tar) with their original bytes into a new tar, streamed and written
+    whole or not at all (:func:`storage.atomic_open`). Members are written afresh: a safe name
+    (:func:`image_reader.safe_member_name`: a naive extraction stays in its directory), mode
+    0644, the original mtime; no owner, link or PAX header of the source is carried over."""
     src_fs, src_path = storage.split(source, storage_options)
     dst_fs, dst_path = storage.split(target, storage_options)
     with src_fs.open(src_path, "rb") as raw, tarfile.open(fileobj=TarStream(raw), mode="r|") as src, \
             storage.atomic_open(dst_fs, dst_path, tmp_dir) as out, tarfile.open(fileobj=out, mode="w|") as dst:
         try:
             for index, _, _, member in iter_members(src):
-                if index in kept and member.isfile():
-                    dst.addfile(member, src.extractfile(member))
+                if index in kept and member.isfile() and not member.issparse():
+                    copy = tarfile.TarInfo(safe_member_name(member.name))
+                    copy.size, copy.mtime, copy.mode = member.size, member.mtime, 0o644
+                    dst.addfile(copy, src.extractfile(member))
         except (tarfile.TarError, EOFError, OSError):
             pass  # a truncated source: its readable part was what got scored

@@ -273,3 +273,83 @@ def test_sigterm_is_handled_like_ctrl_c(tmp_path, tiny_clip, tiny_weights):
     assert proc.returncode == 1, err
     assert "terminated (SIGTERM); re-run the same command to resume" in err and "Traceback" not in err
     assert "terminated (SIGTERM)" in (tmp_path / "out" / "job.log").read_text()
+
+
+def gnu_sparse_member(name: str, data: bytes, real_size: int) -> bytes:
+    """An old-GNU sparse member (type 'S'): ``data`` stored, then holes up to ``real_size`` that a
+    reader fills with zeros. tarfile reads these but cannot write them."""
+    info = tarfile.TarInfo(name)
+    info.size, info.type = len(data), tarfile.GNUTYPE_SPARSE
+    header = bytearray(info.tobuf(format=tarfile.GNU_FORMAT))
+    header[386:410] = tarfile.itn(0, 12, tarfile.GNU_FORMAT) + tarfile.itn(len(data), 12, tarfile.GNU_FORMAT)
+    header[483:495] = tarfile.itn(real_size, 12, tarfile.GNU_FORMAT)
+    header[148:156] = b" " * 8
+    header[148:156] = b"%06o\0 " % sum(header[:512])
+    return bytes(header[:512]) + data + b"\0" * (-len(data) % 512)
+
+
+def test_a_sparse_member_is_never_expanded(tmp_path, tiny_clip, tiny_weights):
+    """A 250 MB hole in a few KiB of shard is that sample's error, never 250 MB of zeros read."""
+    png, plain = photo_bytes("coffee", "PNG"), io.BytesIO()
+    with tarfile.open(fileobj=plain, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for name, data in [("good.jpg", photo_bytes("rocket")), ("good.txt", b"caption")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    body = plain.getvalue().rstrip(b"\0")
+    body += b"\0" * (-len(body) % 512)
+    shard = tmp_path / "sparse.tar"
+    shard.write_bytes(body + gnu_sparse_member("holes.png", png, 250 << 20) + b"\0" * 1024)
+    with tarfile.open(shard) as tar:  # what every tar reader sees: a 250 MB file
+        assert tar.getmember("holes.png").issparse() and tar.getmember("holes.png").size == 250 << 20
+    samples = list(ShardReader(str(shard)))
+    assert [s.key for s in samples] == ["good", "holes"] and samples[0].error is None
+    assert samples[1].image is None and "sparse file (262144000 bytes once its holes are filled); not read" in samples[1].error
+    code, m, out = run(tmp_path, tiny_clip, tiny_weights, [shard])
+    assert code == 0 and m["totals"]["rows_error"] == 1
+    assert_accounted(m, out, ["good", "holes"])
+
+
+def test_an_over_long_key_is_its_samples_error_and_stays_small_everywhere(tmp_path, tiny_clip, tiny_weights):
+    """PAX names may be any length; a 2 MiB name is the sample's error, shown cut (with a digest)
+    in the rows, the manifest and the report, never copied whole."""
+    long_a, long_b = "a" * (2 << 20), "a" * (2 << 20) + "b"
+    shard = tmp_path / "pax.tar"
+    with tarfile.open(shard, "w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in [("fine.jpg", photo_bytes("rocket")), (long_a + ".jpg", photo_bytes("coffee")),
+                           (long_b + ".jpg", photo_bytes("chelsea"))]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    target = tmp_path / "out"
+    code = main(["run", str(shard), "-o", str(target), *clip_args(tiny_clip, tiny_weights, tmp_path), "--threshold", "0"])
+    m = json.loads((target / "manifest.json").read_text())
+    assert code == 0 and m["totals"]["rows_error"] == 2 and m["totals"]["rows_kept"] == 1
+    errors = pd.read_parquet(target / "errors")
+    assert set(errors["error"]) == {f"key is {len(long_a)} characters, over the limit of 1024",
+                                    f"key is {len(long_b)} characters, over the limit of 1024"}
+    keys = list(errors["key"])
+    assert len(set(keys)) == 2 and all(k.startswith("a" * 1024 + "...(") and len(k) < 1100 for k in keys)
+    sizes = {p.name: p.stat().st_size for p in target.rglob("*") if p.is_file()}
+    assert max(sizes.values()) < 200_000, sizes
+
+
+def test_write_shards_writes_safe_member_names(tmp_path, tiny_clip, tiny_weights):
+    """``../x.jpg``, absolute and dotted names would escape a naive extraction's directory: the
+    written tar holds an injective escape of each, that extracts inside its directory."""
+    from urllib.parse import unquote
+
+    from aesthetic_dask.image_reader import safe_member_name
+
+    names = ["../escape.jpg", "/etc/abs.jpg", "ok/./dot.jpg", "back\\slash.jpg", "per%2E%2Ecent.jpg", "plain.jpg"]
+    write_shard(tmp_path / "names.tar", [(n, photo_bytes("coffee")) for n in names])
+    code, m, out = run(tmp_path, tiny_clip, tiny_weights, [tmp_path / "names.tar"], "--write-shards", tmp_path / "ws")
+    assert code == 0 and m["totals"]["rows_kept"] == len(names)
+    (written,) = (tmp_path / "ws").glob("*.tar")
+    with tarfile.open(written) as tar:
+        got = [t.name for t in tar]
+        assert all(t.isreg() and t.mode == 0o644 and not t.pax_headers for t in tar)
+        tar.extractall(tmp_path / "x", filter="data")  # refuses anything that leaves its directory
+    assert got == [safe_member_name(n) for n in names] and len(set(got)) == len(names)
+    assert got[-1] == "plain.jpg" and not any(g.startswith("/") or ".." in g.split("/") for g in got)
+    assert ["/".join(unquote(p) if p != "%2F" else "" for p in g.split("/")) for g in got] == names
