@@ -138,9 +138,24 @@ def default_config_text() -> str:
     return resources.files("aesthetic_dask.conf").joinpath("default.yaml").read_text()
 
 
+class _NoAliasLoader(yaml.SafeLoader):
+    """PyYAML's safe loader without aliases: nine levels of ``*a`` in 864 bytes expand to billions
+    of values (an alias bomb), and a config never needs one."""
+
+    origin = "config"
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise ConfigError(f"{self.origin}: line {event.start_mark.line + 1}: YAML aliases (*{event.anchor}) "
+                              "are not accepted in a config; write the value out")
+        return super().compose_node(parent, index)
+
+
 def _read_yaml(text: str, origin: str) -> dict[str, Any]:
+    loader = type("Loader", (_NoAliasLoader,), {"origin": origin})
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=loader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as exc:
         raise ConfigError(f"{origin}: not valid YAML: {exc}") from None
     if data is None:

@@ -13,6 +13,7 @@ renamed into place. :func:`atomic_open` is the one helper behind every file the 
 from __future__ import annotations
 
 import os
+import re
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,8 +23,10 @@ from .errors import InputError
 
 # fsspec protocol -> the extra that installs its filesystem.
 EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "abfs": "azure", "abfss": "azure", "az": "azure", "adl": "azure"}
-# Option names whose values are secrets: never written to the manifest or the log.
-_SECRET_WORDS = ("key", "secret", "token", "password", "credential", "sas", "connection", "auth")
+# Option names whose values are secrets: never written to the manifest or the log. Everything
+# under a key naming headers is secret too (Cookie, Authorization, X-Api-... whatever it is called).
+_SECRET_WORDS = ("key", "secret", "token", "pass", "credential", "sas", "connection", "auth", "cookie",
+                 "session", "signature", "private", "headers")
 
 
 def split(url: str, storage_options: dict[str, Any] | None = None) -> tuple[Any, str]:
@@ -109,17 +112,23 @@ def join(base: str, *parts: str) -> str:
     return "/".join([str(base).rstrip("/"), *parts])
 
 
-def redact(storage_options: dict[str, Any]) -> dict[str, Any]:
-    """``storage_options`` as the manifest and the log may show them: secrets masked."""
-    out: dict[str, Any] = {}
-    for key, value in storage_options.items():
-        if isinstance(value, dict):
-            out[key] = redact(value)
-        elif any(word in key.lower() for word in _SECRET_WORDS):
-            out[key] = "***"
-        else:
-            out[key] = value
-    return out
+def redact(options: Any, secret: bool = False) -> Any:
+    """``options`` (storage options) as the manifest and the log may show them: every value under
+    a key naming a secret masked, at any depth, through mappings and lists (the keys stay, so a
+    reader sees which were set), and a URL's ``user:password@`` masked wherever it appears."""
+    if isinstance(options, dict):
+        return {key: redact(value, secret or any(w in str(key).lower() for w in _SECRET_WORDS))
+                for key, value in options.items()}
+    if isinstance(options, (list, tuple)):
+        return [redact(value, secret) for value in options]
+    if secret and options is not None:
+        return "***"
+    if isinstance(options, str) and "@" in options and "://" in options:
+        return _USERINFO.sub(r"\1***@", options)
+    return options
+
+
+_USERINFO = re.compile(r"(\w[\w+.-]*://)[^/@\s]+@")
 
 
 def pyarrow_filesystem(fs: Any) -> Any:

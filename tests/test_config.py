@@ -1,3 +1,4 @@
+import json
 from dataclasses import fields
 from pathlib import Path
 
@@ -5,6 +6,7 @@ import pytest
 import yaml
 
 from aesthetic_dask.config import Config, ConfigError, load_config
+from conftest import assert_one_clear_line, run_cli_process
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,3 +54,40 @@ def test_unknown_override_and_missing_file():
         load_config(nope=1)
     with pytest.raises(ConfigError, match="cannot read config file"):
         load_config("/no/such/config.yaml")
+
+
+def test_a_yaml_alias_bomb_is_refused_in_one_line_before_it_expands(tmp_path):
+    """Nine levels of aliases in 864 bytes expand to 10^9 values: aliases are refused when met."""
+    lines = ['a0: &a0 ["x", "x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]
+    bomb = "storage_options:\n" + "".join(f"  {line}\n" for line in lines)
+    f = tmp_path / "bomb.yaml"
+    f.write_text(bomb)
+    assert len(bomb) < 1000
+    with pytest.raises(ConfigError, match=r"bomb.yaml: line 3: YAML aliases \(\*a0\) are not accepted in a config"):
+        load_config(f)
+    proc = run_cli_process(["score", str(tmp_path), "-o", str(tmp_path / "out"), "--config", str(f)])
+    assert_one_clear_line(proc, 2, "YAML aliases (*a0) are not accepted")
+    assert not (tmp_path / "out").exists()
+
+
+def test_secrets_are_masked_at_any_depth_under_any_name():
+    from aesthetic_dask.storage import redact
+
+    options = {
+        "key": "AKIA1", "secret": "s1", "anon": False, "endpoint_url": "https://user:hunter2@store.example:9000/x",
+        "client_kwargs": {"region_name": "eu", "headers": {"Cookie": "c1", "X-Custom": "c2"}},
+        "passphrase": "p1", "ssl_passphrase": ["p2", "p3"], "tokens": [{"id": "a", "value": "t1"}],
+        "config_kwargs": {"retries": {"max_attempts": 2}}, "profiles": [{"name": "x", "session_token": "t2"}],
+        "http_headers": [["Authorization", "Bearer t3"]],
+    }
+    shown = redact(options)
+    text = json.dumps(shown)
+    for secret in ("AKIA1", "s1", "hunter2", "c1", "c2", "p1", "p2", "p3", "t1", "t2", "t3"):
+        assert secret not in text, secret
+    assert shown["endpoint_url"] == "https://***@store.example:9000/x"
+    assert shown["client_kwargs"] == {"region_name": "eu", "headers": {"Cookie": "***", "X-Custom": "***"}}
+    assert shown["config_kwargs"] == {"retries": {"max_attempts": 2}} and shown["anon"] is False
+    assert shown["profiles"] == [{"name": "x", "session_token": "***"}]
+    cfg = load_config(storage_options=options)
+    assert cfg.to_dict()["storage_options"] == shown and cfg.storage_options == options
