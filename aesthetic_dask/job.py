@@ -89,9 +89,12 @@ class Job:
         leftovers of unfinished partitions, are removed. Resume trusts the completion records alone.
         """
         layout = self.layout
-        planned = {p.name: (p.identity, str(p.source)) for p in parts}
-        if len(planned) != len(parts):
-            raise InputError("two inputs map to the same output name; give each input once")
+        planned: dict[str, tuple[str | None, str]] = {}
+        for p in parts:
+            if p.name in planned:
+                raise InputError(f"inputs {planned[p.name][1]} and {p.source} map to the same output name {p.name}; "
+                                 "give each input once")
+            planned[p.name] = (p.identity, str(p.source))
         self._check_only_ours(layout.existing())  # before anything is written there, the lock included
         self.lock = OutLock(layout, self.run_id)
         self.lock.acquire()  # one job per OUT: what follows is decided by this job alone

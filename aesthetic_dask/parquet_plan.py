@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import posixpath
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -57,9 +58,26 @@ class EmbeddingPart:
 
 
 def source_name(source: str) -> str:
-    """``stem-digest`` of an input path: readable, and unique per path."""
-    digest = hashlib.sha1(str(source).encode()).hexdigest()[:8]
-    return f"{Path(str(source)).name.split('.')[0][:80]}-{digest}"
+    """The output name of an input: its file name, then a 64-bit digest of its directory.
+
+    Unique by construction among the files of one directory (their names differ), however many
+    there are (a 32-bit digest of the path collided for same-stem shards at scale); files of two
+    directories differ by the directory's digest as well. A pure function of the path: the same
+    in the client and every worker, and in every run. An escape keeps it a plain file name:
+    ``%`` and ``/``, glob characters, and a leading ``.`` or ``_`` (which Parquet readers skip)
+    are ``%XX``; an over-long name is cut and keeps a digest of the whole.
+    """
+    directory, base = posixpath.split(str(source))
+    digest = hashlib.sha256(directory.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    base = "".join(f"%{ord(c):02X}" if c in _ESCAPED else c for c in base)
+    if base and base[0] in "._":
+        base = f"%{ord(base[0]):02X}{base[1:]}"
+    if len(base.encode("utf-8", "surrogateescape")) > 120:
+        base = f"{base[:80]}~{hashlib.sha256(base.encode('utf-8', 'surrogateescape')).hexdigest()[:16]}"
+    return f"{base}-{digest}"
+
+
+_ESCAPED = set("%/\\*?[]{}:\0\n\r\t")
 
 
 @dataclass
@@ -229,7 +247,10 @@ def _plan_clip_retrieval(
 ) -> tuple[list[EmbeddingPart], list[tuple[str, pa.Schema]], dict[str, str]]:
     """Parts of a clip-retrieval folder; an unreadable or misaligned file pair is a failed input."""
     fs, root = storage.split(folder, storage_options)
-    found = [p for p in fs.glob(storage.join(root, "img_emb", "img_emb_*.npy")) if _NPY_NAME.search(p)]
+    try:  # listed, never globbed: the folder's own name may hold [ ] or *
+        found = [p for p in fs.ls(storage.join(root, "img_emb"), detail=False) if _NPY_NAME.search(p)]
+    except FileNotFoundError:
+        found = []
     npys = sorted(found, key=lambda p: int(_NPY_NAME.search(p)[1]))
     if not npys:
         raise InputError(f"{folder}: img_emb/ holds no img_emb_N.npy files")

@@ -65,10 +65,10 @@ def _load_samples(layout: OutputLayout, manifest: dict[str, Any]) -> dict[int, l
 
     names = set(manifest["partitions"]["done_names"]) | set(manifest["partitions"].get("failed_names", []))
     try:
-        listed = layout.fs.glob(layout.path("samples", "*.parquet"))
+        listed = layout.fs.ls(layout.samples, detail=False)  # never globbed: OUT may be named out[v2]
     except FileNotFoundError:
         listed = []
-    files = sorted(p for p in listed if p.rsplit("/", 1)[-1][: -len(".parquet")] in names)
+    files = sorted(p for p in listed if p.endswith(".parquet") and p.rsplit("/", 1)[-1][: -len(".parquet")] in names)
     if len(files) > MAX_SAMPLE_FILES:
         files = [files[i] for i in np.linspace(0, len(files) - 1, MAX_SAMPLE_FILES).round().astype(int)]
     rows = [r for f in files for r in pq.read_table(f, filesystem=storage.pyarrow_filesystem(layout.fs)).to_pylist()]

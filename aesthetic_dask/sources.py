@@ -53,7 +53,7 @@ def list_inputs(
         local = storage.is_local(fs)
         excluded = _excluded(exclude, fs, storage_options)
         try:
-            if _GLOB_CHARS & set(path):
+            if _GLOB_CHARS & set(path) and not fs.exists(path):  # a path that exists is meant literally
                 matches = sorted(m for m in fs.glob(path) if not _inside(m, excluded, local))
                 if not matches:
                     raise InputError(f"input {raw}: the pattern matches no file")

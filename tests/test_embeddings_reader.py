@@ -85,3 +85,20 @@ def test_unreadable_parquet_is_recorded_not_fatal(tmp_path, rng):
     assert len(plan.parts) == 1
     assert list(plan.failed) == [str(tmp_path / "broken.parquet")]
     assert "not a readable Parquet file" in plan.failed[str(tmp_path / "broken.parquet")]
+
+
+def test_a_wide_file_is_conformed_column_for_column(tmp_path, rng):
+    """5,000 columns (the conform step was quadratic in them: benchmarks/bench_hostile.py times
+    it); every column lands in its place, renamed inputs and absent ones included."""
+    from aesthetic_dask.embeddings_reader import INPUT_NAME_KEY, conform
+
+    n = 5000
+    table = pa.table({f"c{i}": pa.array([i, i + 1], pa.int64()) for i in range(n)})
+    schema = pa.schema([pa.field(f"c{i}", pa.int64()) for i in reversed(range(n))]
+                       + [pa.field("aesthetic_score_input", pa.int32(), metadata={INPUT_NAME_KEY: b"c7"}),
+                          pa.field("absent", pa.string())])
+    got = conform(table, schema)
+    assert got.column_names == [f"c{i}" for i in reversed(range(n))] + ["aesthetic_score_input", "absent"]
+    assert got.column(f"c{n - 1}").to_pylist() == [n - 1, n] and got.column("c0").to_pylist() == [0, 1]
+    assert got.column("aesthetic_score_input").type == pa.int32() and got.column("aesthetic_score_input").to_pylist() == [7, 8]
+    assert got.column("absent").null_count == 2

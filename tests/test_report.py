@@ -123,6 +123,24 @@ def test_the_report_has_the_numbers_thumbnails_and_nothing_external(run_out):
     assert len(pd.read_parquet(run_out / "kept")) == t["rows_kept"] and (run_out / "samples").is_dir()
 
 
+def test_paths_are_never_globbed_where_they_are_literal(tmp_path, run_out, tiny_clip, tiny_weights):
+    """An OUT named out[v2] showed "No samples" (fs.glob read [v2] as a character class), and an
+    input directory named shards[1] was a pattern matching nothing."""
+    odd = tmp_path / "out[v2] *"
+    shutil.copytree(run_out, odd)
+    assert main(["report", str(odd)]) == 0
+    page = (odd / "report.html").read_text()
+    assert "No samples" not in page and len(re.findall(r'src="data:image/jpeg;base64,', page)) >= 4
+    shutil.copytree(tmp_path / "shards", tmp_path / "shards[1]")
+    again = tmp_path / "again[1]"
+    assert main(["run", str(tmp_path / "shards[1]"), "-o", str(again), "--clip-model-config", str(tiny_clip["config"]),
+                 "--clip-pretrained", str(tiny_clip["checkpoint"]), "--aesthetic-weights", str(tiny_weights["safetensors"]),
+                 "--model-dir", str(tmp_path / "models"), "--threshold", "5.5"]) == 0
+    m, first = (json.loads((d / "manifest.json").read_text()) for d in (again, run_out))
+    assert m["totals"] == first["totals"] and list(m["inputs"]) == [str(tmp_path / "shards[1]" / "a.tar")]
+    assert "No samples" not in (again / "report.html").read_text()
+
+
 def test_report_command_and_no_report(tmp_path, run_out, embeddings, tiny_weights):
     target = tmp_path / "elsewhere" / "r.html"
     target.parent.mkdir()
