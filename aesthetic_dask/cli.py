@@ -295,7 +295,7 @@ def _run(handler: Callable[[argparse.Namespace], int], args: argparse.Namespace)
         log.debug("%s", what, exc_info=True)  # the job log only: the console gets the one line below
         return _fail(f"{what}; re-run the same command to resume", EXIT_FAILED)
     except Exception as exc:  # noqa: BLE001 - one clear line; the traceback goes to the log
-        log.error("job failed\n%s", traceback.format_exc())
+        log.debug("job failed\n%s", traceback.format_exc())  # the job log: the console gets the one line
         if _job_log is None:
             traceback.print_exc()
         return _fail(f"{type(exc).__name__}: {exc}", EXIT_FAILED)

@@ -197,12 +197,13 @@ def dask_client(config: ClusterOptions, model_work: bool = False) -> Iterator[tu
         return
 
     device = pick_device()
-    # A dashboard on a free local port (never "port 8787 is in use"); distributed's own INFO lines
-    # stay out of the job's output, -v or not: the job logs what it does itself.
+    # A dashboard on a free local port (never "port 8787 is in use"); distributed's own lines stay
+    # out of the job's output, -v or not (they go to the job log: logs.setup): the job says what
+    # it does and what failed itself.
     # Without a dashboard the scheduler still serves health and metrics over HTTP: on a free port
     # too, and no dashboard link is reported for it.
     dashboard = wants_dashboard(config)
-    common = dict(dashboard_address=":0" if dashboard else None, silence_logs=logging.WARNING,
+    common = dict(dashboard_address=":0" if dashboard else None, silence_logs=logging.CRITICAL,
                   scheduler_kwargs=None if dashboard else {"dashboard_address": ":0"})
     if device == "cuda":
         import dask

@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
-from .storage import redact
+from .storage import redact, with_bound, without_bound
 
 # The values an option may take, where they are few (the CLI's choices are these).
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -89,7 +89,10 @@ class Config:
     storage_options: dict[str, Any] = option("--storage-options", "fsspec options for URLs, e.g. '{\"anon\": true}'",
                                              metavar="JSON")
     dashboard: str = option()
-
+    storage_timeout: float = option("--storage-timeout", "seconds an object-store request may go unanswered before "
+                                    "it is tried again (default 20)", metavar="S")
+    storage_attempts: int = option("--storage-attempts", "tries of one object-store request before its partition "
+                                   "fails with the reason (default 8)", metavar="N")
     @property
     def resolved_model_dir(self) -> Path:
         """``model_dir``, or the per-user cache directory when it is unset."""
@@ -97,7 +100,7 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         """All options, as the manifest records them (secrets in storage_options masked)."""
-        return dataclasses.asdict(self) | {"storage_options": redact(self.storage_options)}
+        return dataclasses.asdict(self) | {"storage_options": redact(without_bound(self.storage_options))}
 
 
 def cli_options(job: str) -> list[dataclasses.Field]:
@@ -238,7 +241,9 @@ def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> Conf
     _merge(values, {k: v for k, v in overrides.items() if v is not None}, "override")
     config = Config(**values)
     _validate(config)
-    return config
+    # What every filesystem of the job is built with (storage.split): the bound travels with the options.
+    return dataclasses.replace(config, storage_options=with_bound(config.storage_options, config.storage_timeout,
+                                                                  config.storage_attempts))
 
 
 def _validate(config: Config) -> None:
@@ -255,6 +260,8 @@ def _validate(config: Config) -> None:
         raise ConfigError("model_inference_batch_size (--batch-size) must be >= 1")
     if not 0 < config.num_gpus_per_worker <= 1:
         raise ConfigError("num_gpus_per_worker must be in (0, 1]")
+    if not config.storage_timeout > 0 or config.storage_attempts < 1:
+        raise ConfigError("storage_timeout (--storage-timeout) must be > 0 and storage_attempts (--storage-attempts) >= 1")
     if config.partition_rows < 1:
         raise ConfigError("partition_rows (--partition-rows) must be >= 1")
     for name, allowed in CHOICES.items():

@@ -85,4 +85,22 @@ def setup(verbose: bool, out: Path | None, cache_dir: Path) -> JobLogHandler:
     root.addHandler(console)
     handler = JobLogHandler(out, cache_dir)
     root.addHandler(handler)
+    # distributed's own warnings and errors (a task's "Compute Failed" with its traceback, a
+    # cancelled instruction at Ctrl-C) go to the job log, never to the console: the job says
+    # what failed itself, once, in its own words (the cluster is started with silence_logs).
+    dist = logging.getLogger("distributed")
+    for old in [h for h in dist.handlers if isinstance(h, _Forward)]:
+        dist.removeHandler(old)
+    dist.addHandler(_Forward(handler))
     return handler
+
+
+class _Forward(logging.Handler):
+    """Warnings and errors of another logger, into the job log."""
+
+    def __init__(self, target: logging.Handler) -> None:
+        super().__init__(logging.WARNING)
+        self.target = target
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.target.handle(record)

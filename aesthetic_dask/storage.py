@@ -29,12 +29,60 @@ _SECRET_WORDS = ("key", "secret", "token", "pass", "credential", "sas", "connect
                  "session", "signature", "private", "headers")
 
 
+# Every S3 request is bounded (README, "Object storage"): a store that stops answering fails a
+# request after STORAGE_TIMEOUT s without an answer, and an operation after STORAGE_ATTEMPTS tries
+# in all: s3fs's own retries (which also cover a body cut mid-read) times botocore's (standard
+# mode: exponential backoff). Left alone they multiply: 5 x botocore's x a 15 s read timeout was
+# ~409 s per read, times 3 task tries. The job's storage_timeout / storage_attempts travel to the
+# workers with the storage options, under BOUND_KEY.
+STORAGE_TIMEOUT, STORAGE_ATTEMPTS = 20.0, 8
+BOUND_KEY = "aesthetic_dask_bound"
+
+
+def with_bound(storage_options: dict[str, Any] | None, timeout: float, attempts: int) -> dict[str, Any]:
+    """``storage_options`` carrying the job's bound on object-store requests (see :func:`split`)."""
+    return {**(storage_options or {}), BOUND_KEY: {"timeout": float(timeout), "attempts": int(attempts)}}
+
+
+def without_bound(storage_options: dict[str, Any] | None) -> dict[str, Any]:
+    """The user's storage options, without the job's bound (what the manifest shows)."""
+    return {k: v for k, v in (storage_options or {}).items() if k != BOUND_KEY}
+
+
+def _s3_bound(storage_options: dict[str, Any] | None) -> tuple[dict[str, Any], int]:
+    """(botocore config, s3fs retries) of the bound: s3fs x botocore tries = the attempts."""
+    bound = {"timeout": STORAGE_TIMEOUT, "attempts": STORAGE_ATTEMPTS, **(storage_options or {}).get(BOUND_KEY, {})}
+    from .s3_session import BoundedSession
+
+    outer = min(2, bound["attempts"])
+    config = {"connect_timeout": bound["timeout"], "read_timeout": bound["timeout"], "http_session_cls": BoundedSession,
+              "retries": {"total_max_attempts": max(1, bound["attempts"] // outer), "mode": "standard"}}
+    return config, outer
+
+
+def _is_s3(url: str) -> bool:
+    return str(url).split("://", 1)[0] in ("s3", "s3a")
+
+
+def filesystem_options(url: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
+    """The options the filesystem of ``url`` is built with: S3 gets the request bound (timeouts and
+    tries); ``config_kwargs`` the user set explicitly win."""
+    options = without_bound(storage_options)
+    if not _is_s3(url):
+        return options
+    config, _ = _s3_bound(storage_options)
+    return {**options, "config_kwargs": {**config, **options.get("config_kwargs", {})}}
+
+
 def split(url: str, storage_options: dict[str, Any] | None = None) -> tuple[Any, str]:
     """(filesystem, path on it) of ``url``; one clear error when its filesystem is not installed."""
     import fsspec
 
     try:
-        return fsspec.core.url_to_fs(str(url), **(storage_options or {}))
+        fs, path = fsspec.core.url_to_fs(str(url), **filesystem_options(url, storage_options))
+        if _is_s3(url):
+            fs.retries = _s3_bound(storage_options)[1]  # s3fs takes its retries as an attribute only
+        return fs, path
     except ImportError as exc:
         protocol = str(url).split("://", 1)[0]
         extra = EXTRAS.get(protocol)

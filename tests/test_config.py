@@ -72,7 +72,7 @@ def test_a_yaml_alias_bomb_is_refused_in_one_line_before_it_expands(tmp_path):
 
 
 def test_secrets_are_masked_at_any_depth_under_any_name():
-    from aesthetic_dask.storage import redact
+    from aesthetic_dask.storage import redact, without_bound
 
     options = {
         "key": "AKIA1", "secret": "s1", "anon": False, "endpoint_url": "https://user:hunter2@store.example:9000/x",
@@ -90,4 +90,4 @@ def test_secrets_are_masked_at_any_depth_under_any_name():
     assert shown["config_kwargs"] == {"retries": {"max_attempts": 2}} and shown["anon"] is False
     assert shown["profiles"] == [{"name": "x", "session_token": "***"}]
     cfg = load_config(storage_options=options)
-    assert cfg.to_dict()["storage_options"] == shown and cfg.storage_options == options
+    assert cfg.to_dict()["storage_options"] == shown and without_bound(cfg.storage_options) == options

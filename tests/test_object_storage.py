@@ -286,3 +286,121 @@ def test_the_hubs_offline_switch_concerns_the_hub_only(tmp_path, s3, bucket, emb
     proc = cli("score", f"s3://{bucket}/emb", "-o", f"s3://{bucket}/out", "--aesthetic-weights", tiny_weights["safetensors"],
                "--storage-options", json.dumps(options), "--no-report", env=no_aws_env() | {"HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr
+
+
+@pytest.fixture
+def stoppable_s3():
+    """A moto S3 server in its own process, so a test can stall it (SIGSTOP: connections are still
+    accepted by the kernel, nothing answers) and let it go on (SIGCONT)."""
+    import s3fs
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    options = {"endpoint_url": f"http://127.0.0.1:{port}", "key": "testing", "secret": SECRET}
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    fs = s3fs.S3FileSystem(**options, skip_instance_cache=True)
+    fs.mkdir("stall")
+    try:
+        yield options, fs, server
+    finally:
+        server.send_signal(signal.SIGCONT)
+        server.kill()
+        server.wait()
+
+
+def test_a_store_that_stops_answering_fails_its_partitions_within_the_bound(tmp_path, stoppable_s3, rng):
+    """The store stalls mid-run: each partition still waiting on it fails with the reason after
+    about storage_attempts x storage_timeout, the job ends (exit 3, the store named), and a re-run
+    after the store is back equals a clean run."""
+    options, fs, server = stoppable_s3
+    for i in range(6):
+        write_embeddings(tmp_path / "emb" / f"part-{i:02d}.parquet", rng.standard_normal((50, 768)).astype(np.float32), f"f{i}-")
+    fs.put(str(tmp_path / "emb"), "stall/emb", recursive=True)
+    weights = tmp_path / "w.safetensors"
+    from safetensors.numpy import save_file
+
+    from conftest import random_state_dict
+
+    save_file(random_state_dict(), str(weights))
+    argv = ["score", "s3://stall/emb", "--aesthetic-weights", str(weights), "--threshold", "5.4", "--keep-rejected",
+            "--storage-options", json.dumps(options), "--n-workers", "1", "--threads-per-worker", "1", "--no-report"]
+    clean = cli(*argv, "-o", tmp_path / "clean")
+    assert clean.returncode == 0, clean.stderr
+    out = tmp_path / "stalled"
+    proc = subprocess.Popen([sys.executable, "-m", "aesthetic_dask", *argv, "-o", str(out),
+                             "--storage-timeout", "1", "--storage-attempts", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((out / "_parts").glob("*.json"))) < 2 and proc.poll() is None:
+        time.sleep(0.02)
+    server.send_signal(signal.SIGSTOP)
+    stopped = time.monotonic()
+    try:
+        _, stderr = proc.communicate(timeout=240)
+        ended = time.monotonic() - stopped
+    finally:
+        server.send_signal(signal.SIGCONT)
+    m = manifest(str(out))
+    assert proc.returncode == 3, stderr
+    failed = m["totals"]["partitions_failed"] if "partitions_failed" in m["totals"] else m["partitions"]["failed"]
+    assert failed >= 1 and m["partitions"]["done"] >= 2
+    reasons = [r for v in m["inputs"].values() for r in v.get("failures", [])]
+    assert reasons and all(options["endpoint_url"].split("//")[1] in r or "timed out" in r.lower() or "timeout" in r.lower()
+                           for r in reasons), reasons
+    assert "Traceback" not in stderr
+    # Bounded: each request waited at most its tries (2 x 1 s plus backoff), not minutes.
+    assert ended < 90, ended
+    rerun = cli(*argv, "-o", out)
+    assert rerun.returncode == 0, rerun.stderr
+    assert comparable(manifest(str(out))) == comparable(manifest(str(tmp_path / "clean")))
+    for d in ("kept", "rejected"):
+        pd.testing.assert_frame_equal(table(str(out), d), table(str(tmp_path / "clean"), d))
+
+
+def test_an_out_on_a_store_that_stops_answering_ends_the_job_in_one_line(tmp_path, stoppable_s3, rng):
+    """OUT itself stalls: the job cannot record anything there; it ends within the bound, exit 1,
+    one line naming the store, and a re-run after the store is back completes it."""
+    options, fs, server = stoppable_s3
+    for i in range(6):
+        write_embeddings(tmp_path / "emb" / f"part-{i:02d}.parquet", rng.standard_normal((50, 768)).astype(np.float32), f"f{i}-")
+    from safetensors.numpy import save_file
+
+    from conftest import random_state_dict
+
+    save_file(random_state_dict(), str(tmp_path / "w.safetensors"))
+    argv = ["score", tmp_path / "emb", "--aesthetic-weights", tmp_path / "w.safetensors", "--threshold", "5.4",
+            "--storage-options", json.dumps(options), "--n-workers", "1", "--threads-per-worker", "2", "--no-report"]
+    proc = subprocess.Popen([sys.executable, "-m", "aesthetic_dask", *map(str, argv), "-o", "s3://stall/out",
+                             "--storage-timeout", "1", "--storage-attempts", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(fs.glob("stall/out/_parts/*.json", refresh=True)) < 2 and proc.poll() is None:
+        time.sleep(0.02)
+    server.send_signal(signal.SIGSTOP)
+    stopped = time.monotonic()
+    try:
+        _, stderr = proc.communicate(timeout=240)
+        ended = time.monotonic() - stopped
+    finally:
+        server.send_signal(signal.SIGCONT)
+    assert proc.returncode == 1, stderr
+    assert_last_line_names(stderr, options["endpoint_url"].split("//")[1])
+    assert ended < 90, ended
+    rerun = cli(*argv, "-o", "s3://stall/out")
+    assert rerun.returncode == 0, rerun.stderr
+    assert manifest("s3://stall/out", fs)["totals"]["rows_in"] == 300
+
+
+def assert_last_line_names(stderr: str, what: str) -> None:
+    errors = [line for line in stderr.splitlines() if line.startswith("aesthetic-dask: error:")]
+    assert len(errors) == 1 and what in errors[0], stderr[-2000:]
+    assert "Traceback" not in stderr
