@@ -402,3 +402,48 @@ def test_output_names_are_unique_by_construction_and_stable():
                             "print(source_name('/d/data.0028584.tar'))"], capture_output=True, text=True, check=True)
     assert again.stdout.strip() == source_name("/d/data.0028584.tar") == ShardPart("/d/data.0028584.tar").name
     assert EmbeddingPart("/d/e.parquet", 0, 10).name == f"{source_name('/d/e.parquet')}-0000000000-0000000010"
+
+
+_DAMAGE: dict = {}
+
+
+def _damaging_process(part, **kwargs):
+    """The score job's partition function; the first call truncates one input and deletes another
+    (module-level: the task is pickled by reference)."""
+    if not _DAMAGE["done"].is_set():
+        _DAMAGE["done"].set()
+        files, originals = _DAMAGE["files"], _DAMAGE["originals"]
+        files[3].write_bytes(originals[files[3]][: len(originals[files[3]]) // 2])
+        files[4].unlink()
+    return _DAMAGE["real"](part, **kwargs)
+
+
+def test_an_input_deleted_or_truncated_mid_run_is_that_partitions_failure(tmp_path, rng, tiny_weights, monkeypatch):
+    """After planning, one input is truncated and one deleted while the job runs: each is its own
+    partition's failure with the reason; every other partition finishes; a re-run after the
+    inputs are back completes the job."""
+    from aesthetic_dask import score_job
+
+    files = [write_embeddings(tmp_path / "emb" / f"p{i}.parquet", rng.standard_normal((40, 768)).astype(np.float32), f"p{i}-")
+             for i in range(5)]
+    originals = {f: f.read_bytes() for f in files}
+    real = score_job.process_embedding_part
+    _DAMAGE.update(real=real, files=files, originals=originals, done=threading.Event())
+    monkeypatch.setattr(score_job, "process_embedding_part", _damaging_process)
+    out = tmp_path / "out"
+    argv = ["score", str(tmp_path / "emb"), "-o", str(out), "--aesthetic-weights", str(tiny_weights["safetensors"]),
+            "--threshold", "0", "--threads-per-worker", "1", "--no-report"]
+    assert main(argv) == EXIT_PARTIAL
+    m = manifest(out)
+    assert m["partitions"]["done"] == 3 and m["partitions"]["failed"] == 2
+    truncated, deleted = m["inputs"][str(files[3])], m["inputs"][str(files[4])]
+    assert truncated["partitions_failed"] == 1 and deleted["partitions_failed"] == 1
+    assert "p3.parquet" in truncated["failures"][0] and "p4.parquet" in deleted["failures"][0]
+    assert "No such file" in deleted["failures"][0] or "not found" in deleted["failures"][0].lower()
+    assert m["totals"]["rows_kept"] == 120
+    for f in files[3:]:  # the damaged inputs are back
+        f.write_bytes(originals[f])
+    monkeypatch.setattr(score_job, "process_embedding_part", real)
+    assert main(argv) == EXIT_OK
+    m = manifest(out)
+    assert m["totals"]["rows_in"] == m["totals"]["rows_kept"] == 200 and m["this_run"]["partitions_skipped"] == 3
