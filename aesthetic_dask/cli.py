@@ -13,6 +13,7 @@ import traceback
 from pathlib import Path
 from typing import Callable
 
+from . import interrupts
 from .config import CHOICES, cli_options
 from .errors import EXIT_FAILED, EXIT_OK
 from .storage import is_url
@@ -249,21 +250,11 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a scheduler or `kill` ending the job), handled like Ctrl-C: one line, the log, exit 1."""
-
-
-def _on_sigterm_interrupt() -> object:
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        return None
-
-    def handler(signum: int, frame: object) -> None:
-        raise Terminated()
-
-    return signal.signal(signal.SIGTERM, handler)
+def command() -> int:
+    """The ``aesthetic-dask`` process: :func:`main`, then exit with its code whatever signal comes late."""
+    code = main()
+    interrupts.exit_on_signal(code)
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -271,15 +262,12 @@ def main(argv: list[str] | None = None) -> int:
     global _STARTED
     _STARTED = time.time()
     args = build_parser().parse_args(argv)
-    previous = _on_sigterm_interrupt()
+    previous = interrupts.install()
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return _run(handler, args)
     finally:
-        if previous is not None:
-            import signal
-
-            signal.signal(signal.SIGTERM, previous)
+        interrupts.restore(previous)
 
 
 def _run(handler: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
@@ -291,7 +279,7 @@ def _run(handler: Callable[[argparse.Namespace], int], args: argparse.Namespace)
         log.debug("%s", type(exc).__name__, exc_info=True)
         return _fail(str(exc), exc.exit_code)
     except KeyboardInterrupt as exc:
-        what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        what = "terminated (SIGTERM)" if isinstance(exc, interrupts.Terminated) else "interrupted"
         log.debug("%s", what, exc_info=True)  # the job log only: the console gets the one line below
         return _fail(f"{what}; re-run the same command to resume", EXIT_FAILED)
     except Exception as exc:  # noqa: BLE001 - one clear line; the traceback goes to the log

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable
 
-from . import histogram, logs, samples
+from . import histogram, interrupts, logs, samples
 from .errors import FAILURE_ERROR, InputError, job_outcome
 from .output import COUNT_KEYS, OutputLayout, read_records, remove_partition_files, remove_unplanned, reset_output, write_json
 from .lock import OutLock
@@ -279,6 +279,10 @@ class Job:
 
     def finish(self) -> tuple[dict[str, Any], int]:
         """Status and exit code from the whole OUT; the final manifest and report; no temporary files left."""
+        with interrupts.deferred():  # a first signal waits: never a manifest saying done without its report
+            return self._finish()
+
+    def _finish(self) -> tuple[dict[str, Any], int]:
         status, code = self.outcome()
         manifest = self.write_manifest(status)
         if self.report:

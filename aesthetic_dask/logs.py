@@ -88,10 +88,13 @@ def setup(verbose: bool, out: Path | None, cache_dir: Path) -> JobLogHandler:
     # distributed's own warnings and errors (a task's "Compute Failed" with its traceback, a
     # cancelled instruction at Ctrl-C) go to the job log, never to the console: the job says
     # what failed itself, once, in its own words (the cluster is started with silence_logs).
-    dist = logging.getLogger("distributed")
-    for old in [h for h in dist.handlers if isinstance(h, _Forward)]:
-        dist.removeHandler(old)
-    dist.addHandler(_Forward(handler))
+    # Likewise tornado's and asyncio's (a callback's traceback as the cluster shuts down at Ctrl-C):
+    # with a handler of their own they never reach logging's last-resort stderr handler.
+    for name in ("distributed", "tornado", "asyncio"):
+        other = logging.getLogger(name)
+        for old in [h for h in other.handlers if isinstance(h, _Forward)]:
+            other.removeHandler(old)
+        other.addHandler(_Forward(handler))
     return handler
 
 

@@ -272,7 +272,57 @@ def test_sigterm_is_handled_like_ctrl_c(tmp_path, tiny_clip, tiny_weights):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 1, err
     assert "terminated (SIGTERM); re-run the same command to resume" in err and "Traceback" not in err
+    # Besides the progress output, that one line: nothing of distributed's or tornado's.
+    assert not [line for line in err.splitlines() if "distributed." in line or "tornado" in line or "CancelledError" in line], err
     assert "terminated (SIGTERM)" in (tmp_path / "out" / "job.log").read_text()
+    # Ctrl-C twice while the job stops: exit 1 (never death by signal, 130), one line, no traceback.
+    argv[argv.index(str(tmp_path / "out"))] = str(tmp_path / "out2")
+    parts = tmp_path / "out2" / "_parts"
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while time.time() < deadline + 120 and not (parts.is_dir() and any(parts.glob("*.json"))):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, err
+    assert len([line for line in err.splitlines() if line.startswith("aesthetic-dask: error:")]) == 1, err
+    assert "Traceback" not in err
+
+
+def test_a_second_signal_stops_at_once_with_exit_1():
+    """While the first Ctrl-C is being handled (the job unwinding), a second one ends the process
+    at once: one line, exit 1."""
+    script = ("import time\nfrom aesthetic_dask import interrupts\ninterrupts.install()\n"
+              "try:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n    print('unwinding', flush=True)\n    time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGINT)
+    assert proc.stdout.readline().strip() == "unwinding"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=10)  # not the 60 s the unwinding would take
+    assert proc.returncode == 1
+    assert err.strip() == "aesthetic-dask: error: interrupted again; stopped at once (re-run the same command to resume)"
+
+
+def test_sigterm_during_the_final_report_leaves_a_done_manifest_with_its_report(tmp_path, tiny_clip, tiny_weights, monkeypatch):
+    """The last writes (manifest, then report) are finished before a first signal is acted on."""
+    from aesthetic_dask import report
+
+    real = report.write_report
+
+    def signalled(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives while the report is being written
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(report, "write_report", signalled)
+    write_shard(tmp_path / "s.tar", [("a.jpg", photo_bytes("coffee")), ("b.jpg", photo_bytes("rocket"))])
+    out = tmp_path / "out"
+    code = main(["run", str(tmp_path / "s.tar"), "-o", str(out), *clip_args(tiny_clip, tiny_weights, tmp_path),
+                 "--threshold", "0"])
+    assert code == 1  # told to stop: it says so, after the writes
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["status"] == "done" and (out / "report.html").is_file() and "2" in (out / "report.html").read_text()
 
 
 def gnu_sparse_member(name: str, data: bytes, real_size: int) -> bytes:
@@ -353,3 +403,13 @@ def test_write_shards_writes_safe_member_names(tmp_path, tiny_clip, tiny_weights
     assert got == [safe_member_name(n) for n in names] and len(set(got)) == len(names)
     assert got[-1] == "plain.jpg" and not any(g.startswith("/") or ".." in g.split("/") for g in got)
     assert ["/".join(unquote(p) if p != "%2F" else "" for p in g.split("/")) for g in got] == names
+
+
+def test_a_ctrl_c_while_the_command_starts_is_one_line_and_exit_1(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "aesthetic_dask", "score", str(tmp_path), "-o", str(tmp_path / "o")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.3)  # still importing
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode in (1, 2), err  # interrupted (1), or done already refusing the empty input (2)
+    assert "Traceback" not in err and len([line for line in err.splitlines() if line.startswith("aesthetic-dask: error:")]) == 1, err
