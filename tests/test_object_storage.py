@@ -317,6 +317,23 @@ def stoppable_s3():
         server.wait()
 
 
+def stall_after_two_partitions(server, argv, records):
+    """Run the job (requests bounded to 2 tries of 1 s), stop the store once ``records()`` says two
+    partitions finished, and wait for the job: (process, stderr, seconds from the stall to the end)."""
+    proc = subprocess.Popen([sys.executable, "-m", "aesthetic_dask", *map(str, argv), "--storage-timeout", "1",
+                             "--storage-attempts", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and records() < 2 and proc.poll() is None:
+        time.sleep(0.02)
+    server.send_signal(signal.SIGSTOP)
+    stopped = time.monotonic()
+    try:
+        _, stderr = proc.communicate(timeout=240)
+        return proc, stderr, time.monotonic() - stopped
+    finally:
+        server.send_signal(signal.SIGCONT)
+
+
 def test_a_store_that_stops_answering_fails_its_partitions_within_the_bound(tmp_path, stoppable_s3, rng):
     """The store stalls mid-run: each partition still waiting on it fails with the reason after
     about storage_attempts x storage_timeout, the job ends (exit 3, the store named), and a re-run
@@ -336,19 +353,7 @@ def test_a_store_that_stops_answering_fails_its_partitions_within_the_bound(tmp_
     clean = cli(*argv, "-o", tmp_path / "clean")
     assert clean.returncode == 0, clean.stderr
     out = tmp_path / "stalled"
-    proc = subprocess.Popen([sys.executable, "-m", "aesthetic_dask", *argv, "-o", str(out),
-                             "--storage-timeout", "1", "--storage-attempts", "2"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list((out / "_parts").glob("*.json"))) < 2 and proc.poll() is None:
-        time.sleep(0.02)
-    server.send_signal(signal.SIGSTOP)
-    stopped = time.monotonic()
-    try:
-        _, stderr = proc.communicate(timeout=240)
-        ended = time.monotonic() - stopped
-    finally:
-        server.send_signal(signal.SIGCONT)
+    proc, stderr, ended = stall_after_two_partitions(server, [*argv, "-o", out], lambda: len(list((out / "_parts").glob("*.json"))))
     m = manifest(str(out))
     assert proc.returncode == 3, stderr
     failed = m["totals"]["partitions_failed"] if "partitions_failed" in m["totals"] else m["partitions"]["failed"]
@@ -379,19 +384,8 @@ def test_an_out_on_a_store_that_stops_answering_ends_the_job_in_one_line(tmp_pat
     save_file(random_state_dict(), str(tmp_path / "w.safetensors"))
     argv = ["score", tmp_path / "emb", "--aesthetic-weights", tmp_path / "w.safetensors", "--threshold", "5.4",
             "--storage-options", json.dumps(options), "--n-workers", "1", "--threads-per-worker", "2", "--no-report"]
-    proc = subprocess.Popen([sys.executable, "-m", "aesthetic_dask", *map(str, argv), "-o", "s3://stall/out",
-                             "--storage-timeout", "1", "--storage-attempts", "2"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and len(fs.glob("stall/out/_parts/*.json", refresh=True)) < 2 and proc.poll() is None:
-        time.sleep(0.02)
-    server.send_signal(signal.SIGSTOP)
-    stopped = time.monotonic()
-    try:
-        _, stderr = proc.communicate(timeout=240)
-        ended = time.monotonic() - stopped
-    finally:
-        server.send_signal(signal.SIGCONT)
+    proc, stderr, ended = stall_after_two_partitions(server, [*argv, "-o", "s3://stall/out"],
+                                                     lambda: len(fs.glob("stall/out/_parts/*.json", refresh=True)))
     assert proc.returncode == 1, stderr
     assert_last_line_names(stderr, options["endpoint_url"].split("//")[1])
     assert ended < 90, ended

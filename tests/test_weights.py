@@ -177,3 +177,30 @@ def test_download_command_prefetches_every_default_weight(fake_hub, tiny_weights
 def state_of(resolved, model_dir):
     """The checked state dict of a resolved head (models.checkpoint.load_state_dict)."""
     return checkpoint.load_state_dict(resolved.path, resolved.sha256, resolved.spec, model_dir)
+
+
+def test_a_head_served_from_its_converted_copy_names_that_file(fake_hub, tiny_weights, tmp_path, monkeypatch, capsys):
+    """The .pth is converted, then removed: the manifest and `download --list` name the
+    .safetensors that is read, never a path that is not there."""
+    from aesthetic_dask.cli import main
+    from aesthetic_dask.models.load import load_head
+
+    files, calls = fake_hub
+    digest = hashlib.sha256(tiny_weights["pth"].read_bytes()).hexdigest()
+    entry = registry.REGISTRY[DEFAULT_HEAD]
+    only_pth = dataclasses.replace(entry, sources=(dataclasses.replace(entry.sources[1], sha256=digest),))
+    monkeypatch.setitem(registry.REGISTRY, DEFAULT_HEAD, only_pth)
+    files[(only_pth.sources[0].repo_id, only_pth.sources[0].filename)] = tiny_weights["pth"]
+    pth = fetch.resolve_weights(DEFAULT_HEAD, tmp_path).path
+    load_head(DEFAULT_HEAD, tmp_path)  # converts it
+    converted = checkpoint.converted_path(tmp_path, digest)
+    assert converted.is_file()
+    _, info = load_head(DEFAULT_HEAD, tmp_path)
+    assert info["path"] == str(converted)  # what was read, even while the .pth is there
+    pth.unlink()
+    n = len(calls)
+    got = fetch.resolve_weights(DEFAULT_HEAD, tmp_path)
+    assert got.path == converted and len(calls) == n  # no download: the copy is the head
+    assert load_head(DEFAULT_HEAD, tmp_path)[1]["path"] == str(converted)
+    assert main(["download", "--list", "--model-dir", str(tmp_path)]) == 0
+    assert f"{DEFAULT_HEAD}  [cached: {converted}]" in capsys.readouterr().out

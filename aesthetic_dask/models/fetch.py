@@ -103,7 +103,8 @@ def _cached(entry: RegisteredWeights, model_dir: Path) -> ResolvedWeights | None
             return ResolvedWeights(target, src.sha256 or sha256_file(target), src.url, entry.spec, entry)
     for src in entry.sources:
         if src.sha256 and converted_path(model_dir, src.sha256).is_file():
-            return ResolvedWeights(src.local_copy(model_dir), src.sha256, src.url, entry.spec, entry)
+            # The file that is there, and that is read: never the .pth it was converted from.
+            return ResolvedWeights(converted_path(model_dir, src.sha256), src.sha256, src.url, entry.spec, entry)
     return None
 
 
