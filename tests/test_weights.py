@@ -204,3 +204,25 @@ def test_a_head_served_from_its_converted_copy_names_that_file(fake_hub, tiny_we
     assert load_head(DEFAULT_HEAD, tmp_path)[1]["path"] == str(converted)
     assert main(["download", "--list", "--model-dir", str(tmp_path)]) == 0
     assert f"{DEFAULT_HEAD}  [cached: {converted}]" in capsys.readouterr().out
+
+
+def test_a_local_file_with_a_registered_digest_is_that_head(tiny_weights, tmp_path, monkeypatch):
+    """The default head downloaded by hand is the default head: checked against its CLIP, not
+    "vouched" for."""
+    from aesthetic_dask.models.load import load_head
+
+    digest = hashlib.sha256(tiny_weights["safetensors"].read_bytes()).hexdigest()
+    entry = registry.REGISTRY[DEFAULT_HEAD]
+    monkeypatch.setitem(registry.REGISTRY, DEFAULT_HEAD, dataclasses.replace(
+        entry, sources=(dataclasses.replace(entry.sources[0], sha256=digest),)))
+    by_hand = tmp_path / "downloaded-by-hand.safetensors"
+    shutil.copyfile(tiny_weights["safetensors"], by_hand)
+    got = fetch.resolve_weights(str(by_hand), tmp_path / "models")
+    assert got.entry is registry.REGISTRY[DEFAULT_HEAD] and got.path == by_hand and got.name == DEFAULT_HEAD
+    _, info = load_head(str(by_hand), tmp_path / "models")
+    assert info["expected_clip"] == {"model": entry.clip.model, "pretrained": entry.clip.pretrained}
+    other = tmp_path / "other.safetensors"  # an unknown file stays the user's to vouch for
+    from safetensors.numpy import save_file
+
+    save_file({k: v + 1 for k, v in tiny_weights["state"].items()}, str(other))
+    assert fetch.resolve_weights(str(other), tmp_path / "models").entry is None

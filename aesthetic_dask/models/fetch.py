@@ -126,7 +126,10 @@ def resolve_weights(name_or_path: str, model_dir: Path) -> ResolvedWeights:
             )
         if path.suffix not in {".pth", ".pt", ".safetensors"}:
             raise WeightsError(f"{path}: expected a .pth or .safetensors file")
-        return ResolvedWeights(path, sha256_file(path), str(path.resolve()), None)
+        digest = sha256_file(path)
+        # A registered head downloaded by hand is that head: its spec, license and expected CLIP.
+        known = next((e for e in REGISTRY.values() for src in e.sources if src.sha256 == digest), None)
+        return ResolvedWeights(path, digest, str(path.resolve()), known.spec if known else None, known)
     cached = _cached(entry, model_dir)
     if cached is not None:
         return cached
