@@ -170,7 +170,7 @@ def test_verbose_shows_the_jobs_lines_not_distributeds(tmp_path, inp, tiny_weigh
     proc = cli("score", inp, "-o", tmp_path / "out", "--aesthetic-weights", tiny_weights["safetensors"], "-v")
     assert proc.returncode == 0
     lines = proc.stderr.splitlines()
-    assert any("partition a-" in line for line in lines)
+    assert any("partition a.parquet-" in line for line in lines)
     assert not [line for line in lines if "distributed." in line], proc.stderr
 
 
