@@ -4,10 +4,8 @@ if __name__ == "__main__":  # the decode pool's processes may import the main mo
     interrupts.install()  # before the imports: a Ctrl-C at any moment is one line and exit 1
     try:
         from .cli import command
-
-        code = command()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # while importing: command() handles every later one
         print("aesthetic-dask: error: interrupted", flush=True, file=__import__("sys").stderr)
-        code = interrupts.EXIT_FAILED
-    interrupts.exit_on_signal(code)
-    raise SystemExit(code)
+        interrupts.exit_on_signal(interrupts.EXIT_FAILED)
+        raise SystemExit(interrupts.EXIT_FAILED) from None
+    raise SystemExit(command())

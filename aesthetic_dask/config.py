@@ -93,6 +93,7 @@ class Config:
                                     "it is tried again (default 20)", metavar="S")
     storage_attempts: int = option("--storage-attempts", "tries of one object-store request before its partition "
                                    "fails with the reason (default 8)", metavar="N")
+
     @property
     def resolved_model_dir(self) -> Path:
         """``model_dir``, or the per-user cache directory when it is unset."""

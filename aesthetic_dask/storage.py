@@ -64,14 +64,14 @@ def _is_s3(url: str) -> bool:
     return str(url).split("://", 1)[0] in ("s3", "s3a")
 
 
-def filesystem_options(url: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
-    """The options the filesystem of ``url`` is built with: S3 gets the request bound (timeouts and
-    tries); ``config_kwargs`` the user set explicitly win."""
+def filesystem_options(url: str, storage_options: dict[str, Any] | None) -> tuple[dict[str, Any], int | None]:
+    """(options the filesystem of ``url`` is built with, s3fs retries or None): S3 gets the request
+    bound (timeouts and tries); ``config_kwargs`` the user set explicitly win."""
     options = without_bound(storage_options)
     if not _is_s3(url):
-        return options
-    config, _ = _s3_bound(storage_options)
-    return {**options, "config_kwargs": {**config, **options.get("config_kwargs", {})}}
+        return options, None
+    config, retries = _s3_bound(storage_options)
+    return {**options, "config_kwargs": {**config, **options.get("config_kwargs", {})}}, retries
 
 
 def split(url: str, storage_options: dict[str, Any] | None = None) -> tuple[Any, str]:
@@ -79,9 +79,10 @@ def split(url: str, storage_options: dict[str, Any] | None = None) -> tuple[Any,
     import fsspec
 
     try:
-        fs, path = fsspec.core.url_to_fs(str(url), **filesystem_options(url, storage_options))
-        if _is_s3(url):
-            fs.retries = _s3_bound(storage_options)[1]  # s3fs takes its retries as an attribute only
+        options, retries = filesystem_options(url, storage_options)
+        fs, path = fsspec.core.url_to_fs(str(url), **options)
+        if retries is not None:
+            fs.retries = retries  # s3fs takes its retries as an attribute only
         return fs, path
     except ImportError as exc:
         protocol = str(url).split("://", 1)[0]

@@ -22,21 +22,27 @@ def converted_path(model_dir: Path, sha256: str) -> Path:
     return model_dir / "converted" / f"{sha256}.safetensors"
 
 
+def served_path(path: Path, sha256: str, model_dir: Path | None = None) -> Path:
+    """The file :func:`load_state_dict` reads for ``path``: a ``.safetensors`` itself; a ``.pth``'s
+    converted copy in ``model_dir`` once there is one, else the ``.pth``."""
+    if path.suffix == ".safetensors" or model_dir is None:
+        return path
+    cached = converted_path(model_dir, sha256)
+    return cached if cached.exists() else path
+
+
 def load_state_dict(path: Path, sha256: str, spec: PredictorSpec | None,
                     model_dir: Path | None = None) -> dict[str, np.ndarray]:
     """The head's state dict as float32 numpy arrays, checked against ``spec`` (or the layout its
     keys give). A ``.pth`` is read by :func:`_load_pth` (no pickled code runs) and, when
     ``model_dir`` is given, kept as a ``.safetensors`` copy named by ``sha256``, which later loads
     find first."""
-    cached = converted_path(model_dir, sha256) if model_dir is not None else None
-    from_pth = path.suffix != ".safetensors" and not (cached is not None and cached.exists())
-    if from_pth:
-        state = _load_pth(path)
-    else:
-        state = _load_safetensors(path if path.suffix == ".safetensors" else cached)
+    served = served_path(path, sha256, model_dir)
+    from_pth = served.suffix != ".safetensors"
+    state = _load_pth(served) if from_pth else _load_safetensors(served)
     _check_state(state, spec or infer_spec(state), path)
-    if from_pth and cached is not None:
-        _write_converted(state, cached)
+    if from_pth and model_dir is not None:
+        _write_converted(state, converted_path(model_dir, sha256))
     return {k: np.asarray(v, dtype=np.float32) for k, v in state.items()}
 
 

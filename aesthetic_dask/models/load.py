@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
-from .checkpoint import converted_path, load_state_dict
+from .checkpoint import load_state_dict, served_path
 from .fetch import ResolvedWeights, resolve_weights
 from .heads import AestheticPredictor, infer_spec
 from ..config import default_cache_dir
@@ -27,11 +27,10 @@ def load_head(name_or_path: str, model_dir: Path) -> tuple[AestheticPredictor, d
     weights = resolve_weights(name_or_path, model_dir)
     predictor = load_predictor(weights, model_dir)
     entry = weights.entry
-    served = converted_path(model_dir, weights.sha256)  # what load_state_dict read, when it is there
     info = {
         "name": weights.name,
         "source": weights.source,
-        "path": str(served if served.is_file() else weights.path),
+        "path": str(served_path(weights.path, weights.sha256, model_dir)),  # the file that was read
         "sha256": weights.sha256,
         "folded": predictor.folded,
         "activation": predictor.activation,

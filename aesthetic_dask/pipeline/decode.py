@@ -112,7 +112,6 @@ class PilDecoder:
             image = transform(image)
         return Decoded(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1), thumbnail=thumb)
 
-
     def long_resize(self, size: tuple[int, int]) -> bool:
         """Whether resizing an image of ``size`` would make it over :data:`LONG_RESIZE` crops long."""
         return self.boxed and max(size) > LONG_RESIZE * min(size)
