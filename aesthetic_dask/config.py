@@ -62,6 +62,9 @@ class Config:
                                   jobs=("run",), output=("run",), metavar="TAG_OR_PATH")
     clip_model_config: str | None = option("--clip-model-config", "open_clip model-config JSON; its file stem is the "
                                            "model name", jobs=("run",), output=("run",), metavar="JSON")
+    demo_clip: bool = option("--demo-clip", "a small randomly initialised CLIP built in model_dir instead of the "
+                             "--clip-* one: shows the pipeline working offline; its scores mean nothing", jobs=("run",),
+                             output=("run",))
     image_column: str = option("--image-column", "image bytes column of Parquet inputs (default image)", jobs=("run",),
                                output=("run",), metavar="NAME")
     json_fields: list[str] = option("--json-fields", "sidecar .json fields to add as typed columns", jobs=("run",),

@@ -147,7 +147,7 @@ def run_job(inputs: list[str], out: str | Path, config: Config, overwrite: bool 
                        clip_compute=compute_precision(config.clip_precision, device),
                        image_decoder=resolve_decoder(config.image_decoder))
         clip_info = {"model": clip_spec.model, "pretrained": clip_spec.pretrained, "model_config": clip_spec.model_config,
-                     "compatibility": compatibility, "weights": clip_weights}
+                     "compatibility": compatibility, "weights": clip_weights, "demo": clip_spec.demo}
         job = new_job("run", config, layout, heads, sorted(str(f) for f in listed.files), started, failed_inputs,
                       listed.duplicates, derived, {"clip": clip_info}, versions=CLIP_PACKAGES)
         local = client.cluster is not None

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from . import histogram, storage
+from .summary import clip_caveats
 from .errors import InputError
 from .output import OutputLayout, atomic_write_bytes
 
@@ -192,6 +193,7 @@ def render(manifest: dict[str, Any], samples: dict[int, list[dict[str, Any]]], o
     ]
     if clip:
         summary_rows.append(["CLIP", f"{clip.get('model')} / {clip.get('pretrained')}"])
+    caveats = "".join(f'<p class="warn"><b>{_e(label)}:</b> {_e(text)}.</p>' for label, text in clip_caveats(manifest))
     summary_rows += [
         ["inputs", f"{len(manifest['inputs']) + len(manifest.get('failed_inputs', {})):,}"],
         ["duration", f"{timings.get('elapsed_s', 0):.1f} s (last run)"],
@@ -242,9 +244,9 @@ def render(manifest: dict[str, Any], samples: dict[int, list[dict[str, Any]]], o
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>aesthetic-dask report: {_e(out)}</title>
 <style>{_STYLE}</style></head><body>
-<h1>aesthetic-dask {_e(manifest['job'])}: {_e(out)}</h1>
+<h1>aesthetic-dask {_e(manifest['job'])}: {_e(out)}{" (demo CLIP)" if (clip or {}).get("demo") else ""}</h1>
 <p class="muted">Generated {generated} from {_e(out.rstrip('/') + '/manifest.json')}.</p>
-<h2>Summary</h2>{_table(None, summary_rows)}
+<h2>Summary</h2>{caveats}{_table(None, summary_rows)}
 <h2>Score distribution</h2>{warn}{hist_svg}
 <h2>Rows kept as a function of the threshold</h2>{kept_svg}{guide_html}
 {''.join(sections)}

@@ -41,7 +41,10 @@ def summary(manifest: dict[str, Any], out: Path, unit: str = "rows") -> str:
     ]
     if manifest.get("cluster", {}).get("dashboard_link"):
         rows.append(("dashboard", manifest["cluster"]["dashboard_link"]))
-    lines = [f"aesthetic-dask {manifest['job']}: {manifest['status']}"] + [f"  {k + ':':<22}{v}" for k, v in rows]
+    caveats = clip_caveats(manifest)
+    rows[0:0] = caveats  # first: they qualify every number below
+    demo = " (demo CLIP: the scores mean nothing)" if (manifest.get("clip") or {}).get("demo") else ""
+    lines = [f"aesthetic-dask {manifest['job']}: {manifest['status']}{demo}"] + [f"  {k + ':':<22}{v}" for k, v in rows]
     if manifest.get("report"):
         lines.append(f"  {'report:':<22}{manifest['report']}")
     lines += threshold_warning(manifest)
@@ -62,6 +65,19 @@ def summary(manifest: dict[str, Any], out: Path, unit: str = "rows") -> str:
     if len(problems) > SUMMARY_FAILURES:
         lines.append(f"  ... and {len(problems) - SUMMARY_FAILURES} more (see manifest failed_inputs and inputs.*.failures)")
     return "\n".join(lines)
+
+
+def clip_caveats(manifest: dict[str, Any]) -> list[tuple[str, str]]:
+    """(label, text) of each thing the summary and the report say about a CLIP whose fit to the heads
+    was not checked: the demo CLIP (random weights), or one the user vouched for (a local CLIP
+    checkpoint, a head file the registry does not know). Such scores look plausible and may mean nothing."""
+    clip = manifest.get("clip") or {}
+    if clip.get("demo"):
+        return [("demo CLIP", "a small randomly initialised CLIP (--demo-clip): this run demonstrates the "
+                              "pipeline and its scores mean nothing")]
+    return [("CLIP not checked", f"{column}: {why.removeprefix('vouched: ')}; the scores mean something only if "
+                                 "this CLIP is the one the head was trained on")
+            for column, why in (clip.get("compatibility") or {}).items() if str(why).startswith("vouched")]
 
 
 def _why(run: dict[str, Any]) -> str:

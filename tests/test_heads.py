@@ -159,7 +159,7 @@ def test_incompatible_or_random_clip_is_refused_before_any_download(tmp_path, ex
     assert not (tmp_path / "models").exists() or not any((tmp_path / "models").rglob("*.pth")), "something was downloaded"
 
 
-def test_a_local_clip_checkpoint_is_vouched_for_and_recorded(tmp_path, tiny_clip, real_weights, monkeypatch):
+def test_a_local_clip_checkpoint_is_vouched_for_and_recorded(tmp_path, tiny_clip, real_weights, monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     models = tmp_path / "models"
     seed_cache(DEFAULT_HEAD, models)
@@ -171,6 +171,88 @@ def test_a_local_clip_checkpoint_is_vouched_for_and_recorded(tmp_path, tiny_clip
     assert m["clip"]["compatibility"]["aesthetic_score"].startswith("vouched: a local CLIP checkpoint")
     assert m["weights"]["name"] == DEFAULT_HEAD and m["weights"]["sha256"].startswith("21dd590f")
     assert m["weights"]["expected_clip"] == {"model": "ViT-L-14-quickgelu", "pretrained": "openai"}
+    assert_vouched_is_said(out, "".join(capsys.readouterr()), "aesthetic_score: a local CLIP checkpoint; the head expects "
+                           "--clip-model ViT-L-14-quickgelu --clip-pretrained openai")
+
+
+def assert_vouched_is_said(out: Path, summary: str, what: str) -> None:
+    """The summary and the report page say the CLIP was not checked, and what of it, not only the manifest."""
+    import html
+
+    said = [line for line in summary.splitlines() if line.strip().startswith("CLIP not checked:")]
+    assert said and what in said[0], summary
+    page = html.unescape((out / "report.html").read_text())
+    assert "CLIP not checked:" in page and what in page
+
+
+def test_a_local_head_file_is_vouched_for_in_the_summary_and_report(tmp_path, tiny_clip, tiny_weights, capsys):
+    """A head file the registry does not know: its CLIP is unknown, and the summary says so."""
+    write_shard(tmp_path / "s.tar", [("a.jpg", photo_bytes("coffee"))])
+    out = tmp_path / "out"
+    assert main(["run", str(tmp_path / "s.tar"), "-o", str(out), "--model-dir", str(tmp_path / "models"),
+                 "--aesthetic-weights", str(tiny_weights["safetensors"]), "--extra-scores", f"again={tiny_weights['pth']}",
+                 "--clip-model-config", str(tiny_clip["config"]), "--clip-pretrained", str(tiny_clip["checkpoint"])]) == 0
+    summary = "".join(capsys.readouterr())
+    assert_vouched_is_said(out, summary, "aesthetic_score: a local head file; its CLIP is not known")
+    assert "again: a local head file" in summary
+    assert "aesthetic-dask run: done\n" in summary  # not a demo
+
+
+def test_a_registered_clip_and_head_say_nothing_of_vouching():
+    from aesthetic_dask.summary import clip_caveats
+
+    matched = {"clip": {"compatibility": {"aesthetic_score": "matches: ViT-L-14-quickgelu/openai"}, "demo": False}}
+    assert clip_caveats(matched) == [] and clip_caveats({}) == []
+
+
+# --- The demo CLIP (offline quick start) ------------------------------------------------------------
+
+
+def test_demo_clip_runs_the_pipeline_offline_and_says_its_scores_mean_nothing(tmp_path, tiny_weights, capsys, monkeypatch):
+    import html
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # nothing to fetch: the demo CLIP is built here
+    write_shard(tmp_path / "s.tar", [("a.jpg", photo_bytes("coffee")), ("b.jpg", photo_bytes("astronaut")),
+                                     ("c.txt", b"no image")])
+    models = tmp_path / "models"
+    argv = ["run", str(tmp_path / "s.tar"), "--model-dir", str(models), "--demo-clip",
+            "--aesthetic-weights", str(tiny_weights["safetensors"]), "--threshold", "0", "--keep-rejected"]
+    assert main([*argv, "-o", str(tmp_path / "a")]) == 0
+    summary = "".join(capsys.readouterr())
+    status = next(line for line in summary.splitlines() if line.startswith("aesthetic-dask run: done"))
+    assert "demo CLIP" in status and "scores mean nothing" in status
+    assert any(line.strip().startswith("demo CLIP:") for line in summary.splitlines())
+    m = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert m["clip"]["demo"] is True and m["clip"]["model"] == "aesthetic-dask-demo-clip"
+    assert m["clip"]["compatibility"]["aesthetic_score"].startswith("demo: ")
+    assert m["totals"]["rows_in"] == 3 and m["totals"]["rows_kept"] == 2 and m["totals"]["rows_error"] == 1
+    page = html.unescape((tmp_path / "a" / "report.html").read_text())
+    assert "(demo CLIP)" in page and "its scores mean nothing" in page
+    checkpoint = models / "demo-clip" / "aesthetic-dask-demo-clip.pt"
+    built = checkpoint.stat().st_mtime_ns
+    # Built once, from a fixed seed: a second job loads the same file and scores the same.
+    assert main([*argv, "-o", str(tmp_path / "b")]) == 0
+    assert checkpoint.stat().st_mtime_ns == built
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "a" / "kept"), pd.read_parquet(tmp_path / "b" / "kept"))
+    # The demo CLIP is part of what the job writes: a re-run into the same OUT without it is refused.
+    from aesthetic_dask.config import OUTPUT_OPTIONS
+
+    assert "demo_clip" in OUTPUT_OPTIONS["run"]
+
+
+def test_demo_clip_is_rebuilt_when_its_files_are_incomplete(tmp_path):
+    from aesthetic_dask.models.demo import DEMO_MODEL, demo_clip_files
+
+    config, checkpoint = demo_clip_files(tmp_path)
+    first = checkpoint.read_bytes()
+    checkpoint.unlink()
+    (tmp_path / "demo-clip" / f"{DEMO_MODEL}.pt.partial").write_bytes(b"cut short")
+    assert demo_clip_files(tmp_path) == (config, checkpoint)
+    assert checkpoint.read_bytes() == first  # same seed, same weights
+    before = torch.random.get_rng_state()
+    checkpoint.unlink()
+    demo_clip_files(tmp_path)
+    assert torch.equal(before, torch.random.get_rng_state()), "the caller's RNG was changed"
 
 
 # --- Several scores in one pass -------------------------------------------------------------------

@@ -238,3 +238,22 @@ def test_one_line_errors_say_the_thing_once_and_name_the_right_command(tmp_path,
                              "--clip-pretrained", str(tiny_clip["checkpoint"]), "--aesthetic-weights",
                              str(tiny_weights["safetensors"]), "--model-dir", str(tmp_path / "models")])
     assert_one_clear_line(wrong, 2, "it holds embeddings ('embedding'): score them with `aesthetic-dask score`")
+
+
+def test_the_quickstart_offline_runs_the_main_job_on_the_demo_clip(tmp_path, tiny_weights):
+    """The README's first command where the CLIP weights cannot be had: the main job still runs,
+    on the demo CLIP, and every place that shows its scores says they mean nothing."""
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", AESTHETIC_WEIGHTS=str(tiny_weights["safetensors"]))
+    proc = subprocess.run([sys.executable, str(repo / "jobs" / "quickstart.py"), str(tmp_path / "qs")], capture_output=True,
+                          text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr
+    said = proc.stdout + proc.stderr
+    assert "HF_HUB_OFFLINE is set" in said and "--demo-clip" in said
+    assert "aesthetic-dask run: done (demo CLIP: the scores mean nothing)" in said
+    assert "DEMO CLIP (random weights; these scores mean nothing). Top of" in said
+    assert proc.stderr.strip().splitlines()[-1].startswith("quickstart: run (the main job): done on the demo CLIP")
+    m = json.loads((tmp_path / "qs" / "run" / "manifest.json").read_text())
+    assert m["clip"]["demo"] is True and m["totals"]["rows_in"] == 8 and m["status"] == "done"
+    assert "(demo CLIP)" in (tmp_path / "qs" / "run" / "report.html").read_text()
+    assert json.loads((tmp_path / "qs" / "score" / "manifest.json").read_text())["status"] == "done"

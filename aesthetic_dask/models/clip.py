@@ -26,16 +26,24 @@ class ClipSpec:
     cache_dir: str
     precision: str = "auto"
     hub_offline: bool = False  # the client found the weights cached and the hub unreachable
+    demo: bool = False  # the demo CLIP (random weights): scores mean nothing
 
     @classmethod
     def from_config(cls, config: Config) -> ClipSpec:
+        """The spec of ``config``'s CLIP; with ``demo_clip``, of the demo CLIP (built in model_dir if absent)."""
+        cache_dir = str(config.resolved_model_dir.resolve() / "open_clip")
+        if config.demo_clip:
+            from .demo import DEMO_MODEL, demo_clip_files
+
+            model_config, checkpoint = demo_clip_files(config.resolved_model_dir.resolve())
+            return cls(DEMO_MODEL, str(checkpoint), str(model_config), cache_dir, config.clip_precision, demo=True)
         model, model_config = config.clip_model, config.clip_model_config
         if model_config:
             model, model_config = Path(model_config).stem, str(Path(model_config).resolve())
         pretrained = config.clip_pretrained or None
         if pretrained and Path(pretrained).exists():
             pretrained = str(Path(pretrained).resolve())  # workers may run elsewhere than the client's cwd
-        return cls(model, pretrained, model_config, str(config.resolved_model_dir.resolve() / "open_clip"), config.clip_precision)
+        return cls(model, pretrained, model_config, cache_dir, config.clip_precision)
 
     @property
     def schema(self) -> str | None:
@@ -111,6 +119,10 @@ class ClipSpec:
 
     def _check_heads(self, heads: dict[str, Any]) -> dict[str, Any]:
         """Each registered head's CLIP against this spec, by the weights open_clip would load."""
+        if self.demo:
+            from .demo import DEMO_NOTE
+
+            return {column: DEMO_NOTE for column in heads}
         mine = clip_weights_id(self.model, self.pretrained)
         result: dict[str, Any] = {}
         for column, entry in heads.items():
@@ -181,25 +193,37 @@ def prepare_clip_weights(spec: ClipSpec) -> tuple[ClipSpec, str]:
     downloaded here once with open_clip's own mechanism if the hub is reachable, else one clear
     error in seconds. Returns the spec the workers get and what was found.
     """
-    from ..network import hub_endpoint, offline, reachable
-
     status = clip_cache_status(spec)
     if status == "local":
         return spec, status
-    online = not offline() and reachable(hub_endpoint())
+    why = hub_unreachable()
     if status == "cached":
-        return (spec if online else replace(spec, hub_offline=True)), status
-    if not online:
-        why = "HF_HUB_OFFLINE is set" if offline() else "the hub is unreachable (no network?)"
+        return (spec if why is None else replace(spec, hub_offline=True)), status
+    if why:
         raise InputError(
             f"CLIP weights {spec.model} / {spec.pretrained} are not in {spec.cache_dir} and {why}; run "
-            "`aesthetic-dask download --model-dir DIR` where the hub is reachable, or pass --clip-pretrained FILE"
+            "`aesthetic-dask download --model-dir DIR` where the hub is reachable, pass --clip-pretrained FILE, "
+            "or --demo-clip to see the pipeline work on a random CLIP"
         )
     import open_clip
 
     if spec.schema is None:
         open_clip.download_pretrained(open_clip.get_pretrained_cfg(spec.model, spec.pretrained), cache_dir=spec.cache_dir)
     return spec, "downloaded"
+
+
+def hub_unreachable() -> str | None:
+    """Why the model hub cannot be reached (in seconds, one probe), or None where it can."""
+    from ..network import hub_endpoint, offline, reachable
+
+    if offline():
+        return "HF_HUB_OFFLINE is set"
+    return None if reachable(hub_endpoint()) else "the hub is unreachable (no network?)"
+
+
+def clip_weights_unavailable(spec: ClipSpec) -> str | None:
+    """Why ``spec``'s weights cannot be had here (neither local, cached nor fetchable), or None."""
+    return None if clip_cache_status(spec) != "missing" else hub_unreachable()
 
 
 def download_clip(config: Config) -> str:
