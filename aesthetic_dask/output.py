@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from . import histogram, samples, storage
 from .columns import ERROR_COLUMN, ROW_COLUMN, SCORE_COLUMN, SOURCE_COLUMN
-from .image_reader import TarStream, iter_members, safe_member_name
+from .image_reader import ShardBomb, TarStream, iter_members, open_shard, safe_member_name
 from .score import table_keep_mask
 
 COUNT_KEYS = ("rows_in", "rows_kept", "rows_below_threshold", "rows_error")
@@ -315,13 +315,13 @@ def write_kept_shard(source: str, kept: set[int], target: str, tmp_dir: str | No
     0644, the original mtime; no owner, link or PAX header of the source is carried over."""
     src_fs, src_path = storage.split(source, storage_options)
     dst_fs, dst_path = storage.split(target, storage_options)
-    with src_fs.open(src_path, "rb") as raw, tarfile.open(fileobj=TarStream(raw), mode="r|") as src, \
+    with src_fs.open(src_path, "rb") as raw, open_shard(stream := TarStream(raw)) as src, \
             storage.atomic_open(dst_fs, dst_path, tmp_dir) as out, tarfile.open(fileobj=out, mode="w|") as dst:
         try:
-            for index, _, _, member in iter_members(src):
+            for index, _, _, member in iter_members(src, stream):
                 if index in kept and member.isfile() and not member.issparse():
                     copy = tarfile.TarInfo(safe_member_name(member.name))
                     copy.size, copy.mtime, copy.mode = member.size, member.mtime, 0o644
                     dst.addfile(copy, src.extractfile(member))
-        except (tarfile.TarError, EOFError, OSError):
-            pass  # a truncated source: its readable part was what got scored
+        except (tarfile.TarError, EOFError, OSError, ShardBomb):
+            pass  # a truncated source or a bomb: its readable part was what got scored

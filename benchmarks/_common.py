@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
 import tarfile
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -77,3 +80,34 @@ def make_shards(directory: Path, count: int, per_shard: int) -> list[Path]:
                         tar.addfile(info, io.BytesIO(blob))
         paths.append(path)
     return paths
+
+
+def peak_rss(cmd: list[str], codes: tuple[int, ...] = (0,)) -> tuple[float, float]:
+    """(seconds, peak RSS in MiB of the process and all its children, sampled every 20 ms) of
+    ``cmd``, which must exit with one of ``codes``."""
+    import psutil
+
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    peak = 0
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        parent = psutil.Process(proc.pid)
+        while not done.is_set():
+            try:
+                procs = [parent, *parent.children(recursive=True)]
+                peak = max(peak, sum(p.memory_info().rss for p in procs if p.is_running()))
+            except psutil.Error:
+                pass
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    _, stderr = proc.communicate()
+    done.set()
+    sampler.join()
+    if proc.returncode not in codes:
+        raise SystemExit(f"command exited {proc.returncode}, not {codes}: {' '.join(cmd)}\n{stderr[-2000:]}")
+    return time.perf_counter() - t0, peak / 2**20

@@ -12,46 +12,14 @@
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
-import psutil
-from _common import make_shards, random_predictor, tiny_clip
+from _common import make_shards, peak_rss, random_predictor, tiny_clip
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-
-def peak_rss(cmd: list[str]) -> tuple[float, float]:
-    """(seconds, peak RSS in MiB of the process and all its children)."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    peak = 0
-    done = threading.Event()
-
-    def sample() -> None:
-        nonlocal peak
-        parent = psutil.Process(proc.pid)
-        while not done.is_set():
-            try:
-                procs = [parent, *parent.children(recursive=True)]
-                peak = max(peak, sum(p.memory_info().rss for p in procs if p.is_running()))
-            except psutil.Error:
-                pass
-            time.sleep(0.02)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    code = proc.wait()
-    done.set()
-    sampler.join()
-    if code != 0:
-        raise SystemExit(f"command failed ({code}): {' '.join(cmd)}")
-    return time.perf_counter() - t0, peak / 2**20
 
 
 def make_embeddings(path: Path, rows: int) -> Path:

@@ -7,6 +7,7 @@ import yaml
 
 from aesthetic_dask.config import Config, ConfigError, load_config
 from conftest import assert_one_clear_line, run_cli_process
+from crafted import yaml_alias_bomb
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -58,9 +59,7 @@ def test_unknown_override_and_missing_file():
 
 def test_a_yaml_alias_bomb_is_refused_in_one_line_before_it_expands(tmp_path):
     """Nine levels of aliases in 864 bytes expand to 10^9 values: aliases are refused when met."""
-    lines = ['a0: &a0 ["x", "x", "x", "x", "x", "x", "x", "x", "x", "x"]']
-    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]
-    bomb = "storage_options:\n" + "".join(f"  {line}\n" for line in lines)
+    bomb = yaml_alias_bomb(9)
     f = tmp_path / "bomb.yaml"
     f.write_text(bomb)
     assert len(bomb) < 1000

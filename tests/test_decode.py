@@ -20,6 +20,7 @@ from aesthetic_dask.pipeline.host import BytesJob
 from aesthetic_dask.pipeline.preprocess import InputSpec
 from aesthetic_dask.pipeline.stage import EmbedOptions, embed_source
 from conftest import photo_bytes, write_shard
+from crafted import extreme_aspect_png, png_chunk, with_chunk_after_pixels, ztxt_bomb
 
 
 def save(image: Image.Image, fmt: str, **kw) -> bytes:
@@ -44,16 +45,6 @@ def exif_rotated() -> bytes:
 def with_transparency() -> bytes:
     image = photo("coffee")
     return save(image, "PNG", transparency=(255, 255, 255))
-
-
-def png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
-def with_chunk_after_pixels(png: bytes, kind: bytes, data: bytes) -> bytes:
-    """``png`` with one more chunk between its last IDAT and IEND (where Pillow reads it at load())."""
-    assert png[-12:] == png_chunk(b"IEND", b"")
-    return png[:-12] + png_chunk(kind, data) + png[-12:]
 
 
 def png_16bit_rgb(image: Image.Image) -> bytes:
@@ -229,7 +220,7 @@ def hostile_members() -> list[tuple[str, bytes]]:
         ("fine.png", png),
         # A zTXt chunk after the pixels that inflates past Pillow's MAX_TEXT_CHUNK: refused by
         # Pillow at load(), never seen by libpng; both decoders must say the same.
-        ("ztxt_bomb.png", with_chunk_after_pixels(png, b"zTXt", b"Comment\0\0" + zlib.compress(b"\0" * (8 << 20)))),
+        ("ztxt_bomb.png", ztxt_bomb(png)),
     ]
 
 
@@ -249,7 +240,7 @@ def test_an_extreme_aspect_ratio_never_materialises_its_long_resize(clip224, mon
     resize = Image.Image.resize
     monkeypatch.setattr(Image.Image, "resize", lambda self, size, *a, **k: sizes.append(tuple(size)) or resize(self, size, *a, **k))
     spec = input_spec(clip224[0])
-    tall = save(Image.linear_gradient("L").convert("RGB").resize((1, 16000)), "PNG")
+    tall = extreme_aspect_png(16000)
     assert len(tall) < 2000
     for decoder in (PilDecoder(spec, 10**8), TorchDecoder(spec, 10**8)):
         got = decoder.decode(tall, thumbnail=True)

@@ -246,7 +246,7 @@ def test_demo_clip_is_rebuilt_when_its_files_are_incomplete(tmp_path):
     config, checkpoint = demo_clip_files(tmp_path)
     first = checkpoint.read_bytes()
     checkpoint.unlink()
-    (tmp_path / "demo-clip" / f"{DEMO_MODEL}.pt.partial").write_bytes(b"cut short")
+    (tmp_path / "demo-clip" / f"{DEMO_MODEL}.pt.123.partial").write_bytes(b"cut short")
     assert demo_clip_files(tmp_path) == (config, checkpoint)
     assert checkpoint.read_bytes() == first  # same seed, same weights
     before = torch.random.get_rng_state()

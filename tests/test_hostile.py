@@ -26,6 +26,7 @@ from PIL import Image
 from aesthetic_dask.cli import main
 from aesthetic_dask.image_reader import ShardReader
 from conftest import assert_one_clear_line, photo_bytes, run_cli_process, write_shard
+from crafted import gnu_sparse_member
 
 
 def clip_args(tiny_clip, tiny_weights, tmp_path):
@@ -325,19 +326,6 @@ def test_sigterm_during_the_final_report_leaves_a_done_manifest_with_its_report(
     assert m["status"] == "done" and (out / "report.html").is_file() and "2" in (out / "report.html").read_text()
 
 
-def gnu_sparse_member(name: str, data: bytes, real_size: int) -> bytes:
-    """An old-GNU sparse member (type 'S'): ``data`` stored, then holes up to ``real_size`` that a
-    reader fills with zeros. tarfile reads these but cannot write them."""
-    info = tarfile.TarInfo(name)
-    info.size, info.type = len(data), tarfile.GNUTYPE_SPARSE
-    header = bytearray(info.tobuf(format=tarfile.GNU_FORMAT))
-    header[386:410] = tarfile.itn(0, 12, tarfile.GNU_FORMAT) + tarfile.itn(len(data), 12, tarfile.GNU_FORMAT)
-    header[483:495] = tarfile.itn(real_size, 12, tarfile.GNU_FORMAT)
-    header[148:156] = b" " * 8
-    header[148:156] = b"%06o\0 " % sum(header[:512])
-    return bytes(header[:512]) + data + b"\0" * (-len(data) % 512)
-
-
 def test_a_sparse_member_is_never_expanded(tmp_path, tiny_clip, tiny_weights):
     """A 250 MB hole in a few KiB of shard is that sample's error, never 250 MB of zeros read."""
     png, plain = photo_bytes("coffee", "PNG"), io.BytesIO()
@@ -413,3 +401,99 @@ def test_a_ctrl_c_while_the_command_starts_is_one_line_and_exit_1(tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode in (1, 2), err  # interrupted (1), or done already refusing the empty input (2)
     assert "Traceback" not in err and len([line for line in err.splitlines() if line.startswith("aesthetic-dask: error:")]) == 1, err
+
+
+def tar_bytes(members: list[tuple[str, bytes]], fmt: int = tarfile.PAX_FORMAT) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+COMPRESSORS = {".tar.gz": gzip.compress, ".tar.bz2": bz2.compress, ".tar.xz": lzma.compress}
+
+
+@pytest.mark.parametrize("suffix", COMPRESSORS)
+def test_compressed_members_that_expand_like_bombs_are_bounded(tmp_path, suffix, monkeypatch):
+    """Zeros inflate 1000:1 and more: an image expanding past 50x is its sample's error and never
+    read whole; once bombs inflated past their bound in all, the shard stops with the reason, and
+    the samples before count."""
+    from aesthetic_dask import image_reader
+
+    # The real bounds (16 MiB, 256 MiB) are tested below, in the job.
+    monkeypatch.setattr(image_reader, "EXPANSION_FLOOR", 1 << 20)
+    monkeypatch.setattr(image_reader, "MAX_BOMB_BYTES", 8 << 20)
+    shard = tmp_path / f"bomb{suffix}"
+    shard.write_bytes(COMPRESSORS[suffix](tar_bytes([
+        ("good.jpg", photo_bytes("rocket")), ("good.txt", b"caption"), ("small_bomb.jpg", b"\0" * (4 << 20)),
+        ("mid.jpg", photo_bytes("coffee")), ("big_bomb.jpg", b"\0" * (64 << 20)), ("after.jpg", photo_bytes("coffee"))])))
+    assert shard.stat().st_size < 200_000
+    inflated = []
+    real_read = image_reader.TarStream.read
+    monkeypatch.setattr(image_reader.TarStream, "read", lambda self, n=-1: inflated.append(len(r := real_read(self, n))) or r)
+    reader = ShardReader(str(shard))
+    samples = list(reader)
+    assert [s.key for s in samples] == ["good", "small_bomb", "mid", "big_bomb"]
+    assert samples[0].error is None and samples[0].caption == "caption" and samples[2].error is None
+    assert samples[1].image is None
+    assert samples[1].error == "image 'small_bomb.jpg' expands over 50x from the compressed shard (a decompression bomb); not read"
+    assert samples[3].error is not None and samples[3].image is None
+    assert reader.failure.startswith("members expanding over 50x from the compressed bytes (decompression bombs, "
+                                     "'big_bomb.jpg' the last) inflated past 8388608 bytes; the shard is not read past")
+    assert sum(inflated) < 16 << 20, "the bombs were inflated past their bound"
+
+
+def test_honest_compressed_shards_are_never_taken_for_bombs(tmp_path, tiny_clip, tiny_weights, monkeypatch):
+    """Image data is compressed already (about 1:1); tar headers and tiny sidecars compress 80:1 and
+    more, and are not measured; a bomb at the real bound ends its shard in the job (exit 3)."""
+    from aesthetic_dask import image_reader
+
+    rng = np.random.default_rng(0)
+    honest = tmp_path / "in" / "honest.tar.gz"
+    honest.parent.mkdir()
+    tiny = [(f"{i:06d}.{ext}", f"caption {i}".encode()) for i in range(20000) for ext in ("txt", "json")]
+    honest.write_bytes(gzip.compress(tar_bytes([("big.jpg", rng.bytes(20 << 20)), ("photo.jpg", photo_bytes("coffee"))] + tiny)))
+    samples = list(reader := ShardReader(str(honest)))
+    assert reader.failure is None and len(samples) == 20002
+    assert len(samples[0].image) == 20 << 20 and samples[1].error is None  # incompressible bytes: read whole
+    monkeypatch.setattr(image_reader, "EXPANSION_FLOOR", 64 << 10)
+    assert ShardReader(str(honest)).failure is None and sum(1 for _ in ShardReader(str(honest))) == 20002
+    monkeypatch.undo()
+    bomb = tmp_path / "in" / "bomb.tar.gz"
+    bomb.write_bytes(gzip.compress(tar_bytes([("good.jpg", photo_bytes("rocket")), ("zeros.jpg", b"\0" * (200 << 20))])))
+    code, m, out = run(tmp_path, tiny_clip, tiny_weights, [bomb], "--write-shards", str(tmp_path / "ws"))
+    assert code == 0 and m["totals"]["rows_in"] == 2 and m["totals"]["rows_error"] == 1
+    errors = pd.read_parquet(out / "errors")
+    assert list(errors["error"]) == ["image 'zeros.jpg' expands over 50x from the compressed shard (a decompression bomb); not read"]
+    bombs = tmp_path / "in" / "bombs.tar.gz"  # two of them: past 256 MiB in all, the shard stops
+    bombs.write_bytes(gzip.compress(tar_bytes([("good.jpg", photo_bytes("rocket"))] + [(f"z{i}.jpg", b"\0" * (200 << 20)) for i in range(2)])))
+    code, m, out = run(tmp_path, tiny_clip, tiny_weights, [bombs], "--write-shards", str(tmp_path / "ws"), out="out2")
+    assert code == 3 and m["totals"]["rows_error"] >= 1 and m["totals"]["rows_in"] <= 3
+    failure, = m["inputs"][str(bombs)]["failures"]
+    assert "decompression bombs" in failure and "inflated past 268435456 bytes" in failure
+    with tarfile.open(next((tmp_path / "ws").glob("bombs*.tar"))) as tar:  # the kept sample before the bombs, copied
+        assert [t.name for t in tar] == ["good.jpg"]
+
+
+@pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT])
+def test_an_oversized_extended_header_is_skipped_unread(tmp_path, fmt, monkeypatch):
+    """tarfile reads a PAX or GNU long-name header whole: one over 4 MiB is skipped instead, and its
+    member is its own sample's error; the samples around it are read as usual."""
+    from aesthetic_dask import image_reader
+
+    shard = tmp_path / "long.tar.gz"
+    shard.write_bytes(gzip.compress(tar_bytes([("fine.jpg", photo_bytes("rocket")), ("x" * (6 << 20) + ".jpg", b"\xff\xd8"),
+                                               ("x" * (6 << 20) + ".txt", b"c"), ("after.jpg", photo_bytes("coffee"))], fmt)))
+    seen = []
+    for name in ("_proc_pax", "_proc_gnulong"):
+        real = getattr(tarfile.TarInfo, name)
+        monkeypatch.setattr(tarfile.TarInfo, name, lambda self, tar, real=real: seen.append(self.size) or real(self, tar))
+    samples = list(reader := ShardReader(str(shard)))
+    assert reader.failure is None and not any(size > image_reader.MAX_HEADER_BYTES for size in seen)
+    assert [s.key.startswith("(a member with a ") for s in samples] == [False, True, True, False]
+    assert samples[0].error is None and samples[3].error is None and samples[3].key == "after"
+    assert all(s.error.startswith("member header is ") and s.error.endswith("over the limit of 4194304; not read")
+               for s in samples[1:3])

@@ -7,10 +7,12 @@ through open_clip's own registry (model configs, pretrained tags, ``download_pre
 
 from __future__ import annotations
 
+import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from ..config import Config
 from ..errors import InputError
@@ -243,3 +245,19 @@ def compute_precision(precision: str, device: str) -> str:
     """What the model really computes in, e.g. ``cuda-fp16`` or ``cpu-fp32`` (fp16 is CUDA-only)."""
     half = precision == "fp16" or (precision == "auto" and device == "cuda")
     return f"{device}-{'fp16' if half and device == 'cuda' else 'fp32'}"
+
+
+@contextmanager
+def random_weights_expected() -> Iterator[None]:
+    """Within: open_clip's root-logger note that a model got no pretrained weights is dropped,
+    where that is meant (a meta-device model to be loaded later, the demo CLIP)."""
+    root = logging.getLogger()
+    root.addFilter(_no_weights_note)
+    try:
+        yield
+    finally:
+        root.removeFilter(_no_weights_note)
+
+
+def _no_weights_note(record: logging.LogRecord) -> bool:
+    return "No pretrained weights loaded" not in record.getMessage()

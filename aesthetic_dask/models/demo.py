@@ -9,7 +9,9 @@ seed and then loaded like any local checkpoint.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+from typing import Callable
 
 DEMO_MODEL = "aesthetic-dask-demo-clip"
 DEMO_CONFIG = {
@@ -26,8 +28,7 @@ DEMO_NOTE = ("demo: a small randomly initialised CLIP (--demo-clip), a pipeline 
 
 def demo_clip_files(model_dir: Path) -> tuple[Path, Path]:
     """(model-config JSON, checkpoint) of the demo CLIP in ``model_dir/demo-clip/``, built there
-    first if absent. The checkpoint is written to a temporary name and renamed, so a build cut
-    short is never taken for one."""
+    first if absent."""
     directory = Path(model_dir) / "demo-clip"
     config, checkpoint = directory / f"{DEMO_MODEL}.json", directory / f"{DEMO_MODEL}.pt"
     text = json.dumps(DEMO_CONFIG, indent=1)
@@ -36,13 +37,23 @@ def demo_clip_files(model_dir: Path) -> tuple[Path, Path]:
     import open_clip
     import torch
 
+    from .clip import random_weights_expected
+
     directory.mkdir(parents=True, exist_ok=True)
-    config.write_text(text)
+    _write_whole(config, lambda path: path.write_text(text))
     open_clip.add_model_config(str(config))
-    with torch.random.fork_rng(devices=[]):  # the seed is the demo's, the caller's RNG is left as it was
+    # The seed is the demo's; the caller's RNG is left as it was.
+    with random_weights_expected(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
         model = open_clip.create_model(DEMO_MODEL)
-    partial = checkpoint.with_suffix(".pt.partial")
-    torch.save(model.state_dict(), partial)
-    partial.replace(checkpoint)
+    _write_whole(checkpoint, lambda path: torch.save(model.state_dict(), path))
     return config, checkpoint
+
+
+def _write_whole(path: Path, write: Callable[[Path], object]) -> None:
+    """``write`` to a name of this process's, then renamed over ``path``: a build cut short, or two
+    jobs building at once, never leave a partial file under the real name."""
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    write(partial)
+    partial.replace(path)
+

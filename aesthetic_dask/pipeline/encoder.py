@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from ..models.clip import ClipSpec, compute_precision
+from ..models.clip import ClipSpec, compute_precision, random_weights_expected
 from .preprocess import InputSpec, Normalizer
 from ..cluster import configure_model_process
 
@@ -54,19 +54,10 @@ def _meta_model(spec: ClipSpec) -> Any:
     import open_clip
 
     _prepare(spec)
-    root = logging.getLogger()
-    root.addFilter(_no_weights_note)  # open_clip logs that this model has no weights: it is meant not to
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return open_clip.create_model(spec.model, pretrained=spec.pretrained, load_weights=False, device="meta",
-                                          cache_dir=spec.cache_dir)
-    finally:
-        root.removeFilter(_no_weights_note)
-
-
-def _no_weights_note(record: logging.LogRecord) -> bool:
-    return "No pretrained weights loaded" not in record.getMessage()
+    with random_weights_expected(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return open_clip.create_model(spec.model, pretrained=spec.pretrained, load_weights=False, device="meta",
+                                      cache_dir=spec.cache_dir)
 
 
 _INPUTS: dict[ClipSpec, InputSpec] = {}
