@@ -252,6 +252,7 @@ def _fail(message: str, code: int) -> int:
 
 def command() -> int:
     """The ``aesthetic-dask`` process: :func:`main`, then exit with its code whatever signal comes late."""
+    interrupts.quiet_teardown()
     code = main()
     interrupts.exit_on_signal(code)
     return code

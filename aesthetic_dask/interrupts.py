@@ -9,6 +9,7 @@ prints one line and exits 1 at once (never death by signal, exit 130).
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import sys
@@ -27,6 +28,7 @@ class _State:
     signals = 0
     deferring = 0
     pending: int | None = None
+    teardown_registered = False
 
 
 def _raise_for(signum: int) -> None:
@@ -77,3 +79,19 @@ def exit_on_signal(code: int) -> None:
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, lambda *_: os._exit(code))
+
+
+def quiet_teardown() -> None:
+    """Ignore signals once the process is tearing down: Python's own teardown, after the atexit
+    callbacks, puts the default handlers back, so a Ctrl-C pressed twice would then kill the
+    process by the signal (exit 130) after its code was decided. Registered once, as early as
+    possible (``python -m aesthetic_dask`` does before its imports), so it runs last."""
+    if not _State.teardown_registered:
+        _State.teardown_registered = True
+        atexit.register(_ignore_signals)
+
+
+def _ignore_signals() -> None:
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_IGN)

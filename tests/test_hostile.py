@@ -497,3 +497,14 @@ def test_an_oversized_extended_header_is_skipped_unread(tmp_path, fmt, monkeypat
     assert samples[0].error is None and samples[3].error is None and samples[3].key == "after"
     assert all(s.error.startswith("member header is ") and s.error.endswith("over the limit of 4194304; not read")
                for s in samples[1:3])
+
+
+def test_a_signal_during_pythons_own_teardown_keeps_the_exit_code(tmp_path):
+    """Python's teardown puts the default handlers back after the atexit callbacks: a Ctrl-C pressed
+    twice that lands there killed the process by the signal (exit -2), its code already decided."""
+    script = ("import os, signal, sys, time\nfrom aesthetic_dask.cli import command\n"
+              "class Late:\n    def __del__(self):\n        os.kill(os.getpid(), signal.SIGINT)\n        time.sleep(0.2)\n"
+              "late = Late()  # finalised with the main module, after the default handlers are back\n"
+              "sys.argv = ['aesthetic-dask', 'download', '--list']\nraise SystemExit(command())\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr)
