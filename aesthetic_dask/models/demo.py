@@ -9,9 +9,9 @@ seed and then loaded like any local checkpoint.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
-from typing import Callable
+
+from .. import storage
 
 DEMO_MODEL = "aesthetic-dask-demo-clip"
 DEMO_CONFIG = {
@@ -39,21 +39,16 @@ def demo_clip_files(model_dir: Path) -> tuple[Path, Path]:
 
     from .clip import random_weights_expected
 
-    directory.mkdir(parents=True, exist_ok=True)
-    _write_whole(config, lambda path: path.write_text(text))
+    # Both written whole or not at all: a build cut short, or two jobs building at once, never
+    # leave a partial file under the real name.
+    fs, _ = storage.split(str(directory))
+    storage.write_bytes(fs, str(config), text.encode())
     open_clip.add_model_config(str(config))
     # The seed is the demo's; the caller's RNG is left as it was.
     with random_weights_expected(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
         model = open_clip.create_model(DEMO_MODEL)
-    _write_whole(checkpoint, lambda path: torch.save(model.state_dict(), path))
+    with storage.atomic_open(fs, str(checkpoint)) as f:
+        torch.save(model.state_dict(), f)
     return config, checkpoint
-
-
-def _write_whole(path: Path, write: Callable[[Path], object]) -> None:
-    """``write`` to a name of this process's, then renamed over ``path``: a build cut short, or two
-    jobs building at once, never leave a partial file under the real name."""
-    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-    write(partial)
-    partial.replace(path)
 
