@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from . import histogram, storage
-from .summary import clip_caveats
+from .summary import clip_caveats, is_demo
 from .errors import InputError
 from .output import OutputLayout, atomic_write_bytes
 
@@ -244,7 +244,7 @@ def render(manifest: dict[str, Any], samples: dict[int, list[dict[str, Any]]], o
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>aesthetic-dask report: {_e(out)}</title>
 <style>{_STYLE}</style></head><body>
-<h1>aesthetic-dask {_e(manifest['job'])}: {_e(out)}{" (demo CLIP)" if (clip or {}).get("demo") else ""}</h1>
+<h1>aesthetic-dask {_e(manifest['job'])}: {_e(out)}{" (demo CLIP)" if is_demo(manifest) else ""}</h1>
 <p class="muted">Generated {generated} from {_e(out.rstrip('/') + '/manifest.json')}.</p>
 <h2>Summary</h2>{caveats}{_table(None, summary_rows)}
 <h2>Score distribution</h2>{warn}{hist_svg}

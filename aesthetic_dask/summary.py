@@ -43,7 +43,7 @@ def summary(manifest: dict[str, Any], out: Path, unit: str = "rows") -> str:
         rows.append(("dashboard", manifest["cluster"]["dashboard_link"]))
     caveats = clip_caveats(manifest)
     rows[0:0] = caveats  # first: they qualify every number below
-    demo = " (demo CLIP: the scores mean nothing)" if (manifest.get("clip") or {}).get("demo") else ""
+    demo = " (demo CLIP: the scores mean nothing)" if is_demo(manifest) else ""
     lines = [f"aesthetic-dask {manifest['job']}: {manifest['status']}{demo}"] + [f"  {k + ':':<22}{v}" for k, v in rows]
     if manifest.get("report"):
         lines.append(f"  {'report:':<22}{manifest['report']}")
@@ -67,17 +67,22 @@ def summary(manifest: dict[str, Any], out: Path, unit: str = "rows") -> str:
     return "\n".join(lines)
 
 
+def is_demo(manifest: dict[str, Any]) -> bool:
+    """Whether the job ran on the demo CLIP (``--demo-clip``)."""
+    return bool((manifest.get("clip") or {}).get("demo"))
+
+
 def clip_caveats(manifest: dict[str, Any]) -> list[tuple[str, str]]:
     """(label, text) of each thing the summary and the report say about a CLIP whose fit to the heads
     was not checked: the demo CLIP (random weights), or one the user vouched for (a local CLIP
     checkpoint, a head file the registry does not know). Such scores look plausible and may mean nothing."""
-    clip = manifest.get("clip") or {}
-    if clip.get("demo"):
+    if is_demo(manifest):
         return [("demo CLIP", "a small randomly initialised CLIP (--demo-clip): this run demonstrates the "
                               "pipeline and its scores mean nothing")]
     return [("CLIP not checked", f"{column}: {why.removeprefix('vouched: ')}; the scores mean something only if "
                                  "this CLIP is the one the head was trained on")
-            for column, why in (clip.get("compatibility") or {}).items() if str(why).startswith("vouched")]
+            for column, why in ((manifest.get("clip") or {}).get("compatibility") or {}).items()
+            if str(why).startswith("vouched")]
 
 
 def _why(run: dict[str, Any]) -> str:
