@@ -26,7 +26,7 @@ from PIL import Image
 from aesthetic_dask.cli import main
 from aesthetic_dask.image_reader import ShardReader
 from conftest import assert_one_clear_line, photo_bytes, run_cli_process, write_shard
-from crafted import gnu_sparse_member
+from crafted import gnu_sparse_member, tar_bytes
 
 
 def clip_args(tiny_clip, tiny_weights, tmp_path):
@@ -401,16 +401,6 @@ def test_a_ctrl_c_while_the_command_starts_is_one_line_and_exit_1(tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode in (1, 2), err  # interrupted (1), or done already refusing the empty input (2)
     assert "Traceback" not in err and len([line for line in err.splitlines() if line.startswith("aesthetic-dask: error:")]) == 1, err
-
-
-def tar_bytes(members: list[tuple[str, bytes]], fmt: int = tarfile.PAX_FORMAT) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
 
 
 COMPRESSORS = {".tar.gz": gzip.compress, ".tar.bz2": bz2.compress, ".tar.xz": lzma.compress}
