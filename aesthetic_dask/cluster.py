@@ -119,12 +119,50 @@ def partitions_per_worker(config: ClusterOptions, device: str) -> int:
     return config.threads_per_worker or decode_processes(config.decode_processes, device) + 1
 
 
-def task_resources(config: ClusterOptions, device: str, local: bool) -> dict[str, float] | None:
-    """Dask resources each partition task asks for: on a connected cluster with GPUs, a
-    ``num_gpus_per_worker`` share of a ``GPU`` resource, so partitions go to GPU workers only.
-    The job's own local GPU cluster has nothing else to route to, and its threads bound the
-    partitions per GPU."""
-    return {GPU_RESOURCE: config.num_gpus_per_worker} if device == "cuda" and not local else None
+def task_resources(config: ClusterOptions, device: str, local: bool, workers: dict[str, Any] | None = None
+                   ) -> dict[str, float] | None:
+    """Dask resources each partition task asks for.
+
+    On a connected cluster with GPUs, a share of a ``GPU`` resource, so partitions go to GPU
+    workers only: ``num_gpus_per_worker`` at most (NeMo's GPU share per task), lowered so that
+    every thread of every GPU worker (``workers``: ``scheduler_info()["workers"]``) can run a
+    partition. The partitions of a worker share its one model; what bounds a GPU's feed is the
+    worker's decode pool, which decodes only the partitions in flight. The job's own local GPU
+    cluster has nothing else to route to, and its threads bound the partitions per GPU.
+    """
+    if device != "cuda" or local:
+        return None
+    fills = [w["resources"][GPU_RESOURCE] / max(1, w.get("nthreads", 1)) for w in (workers or {}).values()
+             if w.get("resources", {}).get(GPU_RESOURCE)]
+    # A hair under 1/n: n float shares must add up to no more than the worker's resource.
+    share = min([config.num_gpus_per_worker, *(f * (1 - 1e-9) for f in fills)])
+    return {GPU_RESOURCE: share}
+
+
+def starved_workers(workers: dict[str, Any], pools: dict[str, int], resources: dict[str, float] | None) -> list[str]:
+    """One line per connected model worker that runs fewer partitions at once than its decode
+    pool has processes (those processes would idle), naming the fix."""
+    lines = []
+    for address, info in workers.items():
+        pool = pools.get(address)
+        if not pool:
+            continue
+        at_once = info.get("nthreads", 1)
+        need = (resources or {}).get(GPU_RESOURCE)
+        if need:
+            have = info.get("resources", {}).get(GPU_RESOURCE, 0)
+            at_once = min(at_once, int(have / need + 1e-6))
+        if at_once < pool:
+            command = "dask cuda worker" if resources else "dask worker"
+            lines.append(f"warning: worker {address} runs {at_once} partition(s) at once but its decode pool has {pool} "
+                         f"processes, so {pool - at_once} of them idle: start it with `{command} --nthreads {pool + 1}` "
+                         "(or set decode_processes)")
+    return lines
+
+
+def worker_decode_pool(configured: int | None) -> int:
+    """Run on a worker (``client.run``): the size of the decode pool it starts, without starting it."""
+    return decode_processes(configured, "cuda" if visible_gpu_count() > 0 else "cpu")
 
 
 # How long to wait for a scheduler to answer, and for a connected cluster to have a worker.
@@ -206,11 +244,8 @@ def dask_client(config: ClusterOptions, model_work: bool = False) -> Iterator[tu
     common = dict(dashboard_address=":0" if dashboard else None, silence_logs=logging.CRITICAL,
                   scheduler_kwargs=None if dashboard else {"dashboard_address": ":0"})
     if device == "cuda":
-        import dask
         from dask_cuda import LocalCUDACluster
 
-        # Worker processes that may have children: each starts its decode pool (pipeline.pool).
-        dask.config.set({"distributed.worker.daemon": False})
         threads = partitions_per_worker(config, device)
         cluster = LocalCUDACluster(n_workers=config.n_workers, threads_per_worker=threads, resources={GPU_RESOURCE: 1}, **common)
     else:
@@ -224,26 +259,6 @@ def dask_client(config: ClusterOptions, model_work: bool = False) -> Iterator[tu
     finally:
         client.close()
         cluster.close()
-
-
-def check_workers_may_have_children(client: Any) -> None:
-    """One clear :class:`InputError` if a connected cluster's workers are daemonic processes, which
-    Python forbids to start the decode pool's processes."""
-    try:
-        daemonic = [w for w, d in client.run(_is_daemon).items() if d]
-    except Exception:  # noqa: BLE001 - informational: the tasks report it as their own error
-        return
-    if daemonic:
-        raise InputError(
-            f"{len(daemonic)} Dask worker(s) run as daemonic processes (e.g. {daemonic[0]}), which may not start the "
-            "decode pool: start them with DASK_DISTRIBUTED__WORKER__DAEMON=False (dask worker / dask cuda worker)"
-        )
-
-
-def _is_daemon() -> bool:
-    import multiprocessing
-
-    return multiprocessing.current_process().daemon
 
 
 def _cluster_device(client: Any) -> str:

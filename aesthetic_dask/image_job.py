@@ -102,7 +102,7 @@ def process_image_parquet_part(part: EmbeddingPart, schema: pa.Schema, column: s
 def run_job(inputs: list[str], out: str | Path, config: Config, overwrite: bool = False, progress: bool = True,
             started: float | None = None, prune_missing: bool = False) -> tuple[dict[str, Any], int]:
     """Run the image job over shards and image Parquet; return (manifest, exit code)."""
-    from .cluster import ClusterOptions, check_workers_may_have_children, dask_client, task_resources
+    from .cluster import ClusterOptions, dask_client, starved_workers, task_resources, worker_decode_pool
 
     started, t0 = started or time.time(), time.perf_counter()
     require_clip_extra()
@@ -151,11 +151,15 @@ def run_job(inputs: list[str], out: str | Path, config: Config, overwrite: bool 
         job = new_job("run", config, layout, heads, sorted(str(f) for f in listed.files), started, failed_inputs,
                       listed.duplicates, derived, {"clip": clip_info}, versions=CLIP_PACKAGES)
         local = client.cluster is not None
-        if not local:
-            check_workers_may_have_children(client)
+        resources = None
+        if not local:  # the user's cluster: every thread of a GPU worker runs a partition; say where a pool starves
+            workers = client.scheduler_info().get("workers", {})
+            resources = task_resources(cluster_opts, device, local, workers)
+            pools = client.run(worker_decode_pool, config.decode_processes)
+            job.note = "\n".join(filter(None, [job.note, *starved_workers(workers, pools, resources)])) or None
         job.timings["plan_s"] = plan_s
         job.timings["cluster_s"] = round(time.perf_counter() - t0 - plan_s, 3)
-        return run_parts(job, client, work, overwrite=overwrite, resources=task_resources(cluster_opts, device, local),
+        return run_parts(job, client, work, overwrite=overwrite, resources=resources,
                          prune_missing=prune_missing,
                          # Once OUT is this job's: each worker starts its model and decode pool.
                          start_workers=lambda: client.register_plugin(ModelPlugin(clip_spec, embed)),

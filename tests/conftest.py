@@ -173,13 +173,14 @@ class loopback_dask:
     ``with loopback_dask(tmp_path, workers=2) as (scheduler_file, address, worker_procs): ...``
     """
 
-    def __init__(self, tmp_path: Path, workers: int = 1, nthreads: int = 1, env: dict | None = None,
+    def __init__(self, tmp_path: Path, workers: int = 1, nthreads: int | None = 1, env: dict | None = None,
                  cwd: Path | None = None, worker_args: tuple = ()) -> None:
         import os
 
+        # Started as users start them: Dask's defaults (daemonic workers under a nanny), no variables.
         self.file = tmp_path / f"scheduler-{id(self)}.json"
         self.workers, self.nthreads, self.cwd, self.worker_args = workers, nthreads, cwd, worker_args
-        self.env = dict(env if env is not None else os.environ, DASK_DISTRIBUTED__WORKER__DAEMON="False")
+        self.env = dict(env if env is not None else os.environ)
         self.procs: list = []
 
     def _start(self, *argv):
@@ -201,7 +202,8 @@ class loopback_dask:
         deadline = time.time() + 60
         while not self.file.exists() and time.time() < deadline:
             time.sleep(0.1)
-        workers = [self._start("worker", "--scheduler-file", self.file, "--nthreads", self.nthreads, "--no-dashboard",
+        threads = ("--nthreads", self.nthreads) if self.nthreads else ()  # None: Dask's default (the cores)
+        workers = [self._start("worker", "--scheduler-file", self.file, *threads, "--no-dashboard",
                                "--name", f"w{i}", "--host", "127.0.0.1", "--death-timeout", "60", *self.worker_args)
                    for i in range(self.workers)]
         with Client(scheduler_file=str(self.file), timeout="60s") as client:

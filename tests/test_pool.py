@@ -23,7 +23,7 @@ SETTINGS = DecodeSettings("torch", SPEC, 10**8)
 
 @pytest.fixture
 def pool():
-    p = HostPool(1, chunk=2, shape=SPEC.crop_shape)
+    p = HostPool(1)
     yield p
     p.close()
 
@@ -32,7 +32,7 @@ def test_a_shard_comes_back_whole_and_in_order(tmp_path, pool):
     photos = [photo_bytes(n) for n in ("astronaut", "coffee", "chelsea")]
     members = [(f"s{i:02d}.jpg", photos[i % 3]) for i in range(7)] + [("s07.jpg", b"not an image"), ("s08.txt", b"no image")]
     write_shard(tmp_path / "a.tar", members)
-    handle = pool.submit(ShardJob(str(tmp_path / "a.tar"), 65536), SETTINGS)
+    handle = pool.submit(ShardJob(str(tmp_path / "a.tar"), 65536), SETTINGS, 2)
     keys, reasons, crops = [], [], 0
     for chunk in handle:
         keys += [m.key for m in chunk.metas]
@@ -52,7 +52,7 @@ def test_a_killed_decode_process_is_replaced_and_its_samples_get_a_reason(tmp_pa
     there, exactly that chunk gets the reason, and the job goes on in the replacement."""
     photo = photo_bytes("coffee")
     write_shard(tmp_path / "b.tar", [(f"k{i:02d}.jpg", photo) for i in range(14)])
-    handle = pool.submit(ShardJob(str(tmp_path / "b.tar"), 65536), SETTINGS)
+    handle = pool.submit(ShardJob(str(tmp_path / "b.tar"), 65536), SETTINGS, 2)
     events = iter(handle)
     first = [next(events) for _ in range(pool_module.SLOTS)]  # every slot filled, none released
     state = pool.seats[0].state
@@ -76,7 +76,7 @@ def test_a_killed_decode_process_is_replaced_and_its_samples_get_a_reason(tmp_pa
 def test_bytes_from_memory_and_a_pool_that_is_reused(pool):
     images = [photo_bytes("rocket"), None, b"", photo_bytes("camera", "PNG")]
     for _ in range(2):
-        handle = pool.submit(BytesJob(images), SETTINGS)
+        handle = pool.submit(BytesJob(images), SETTINGS, 2)
         chunks = list(handle)
         reasons = [r for c in chunks for r in c.reasons]
         assert reasons == [None, "no image", "empty image file", None]
@@ -90,18 +90,79 @@ def test_no_shared_memory_is_one_clear_line(monkeypatch):
 
     monkeypatch.setattr(pool_module.os, "posix_fallocate", no_space)
     with pytest.raises(PoolError) as info:
-        HostPool(1, chunk=32, shape=(3, 224, 224))
+        HostPool(1)
     message = str(info.value)
     assert "\n" not in message and "No space left on device" in message and "--shm-size" in message
 
 
-def test_a_daemonic_worker_is_told_how_to_start(monkeypatch):
-    class Daemonic:
-        daemon = True
+# How users start Python: the pool must start in each (issue 27). Each script decodes one photo
+# through a fresh pool and prints the reasons; nothing may import the script itself.
+POOL_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+from aesthetic_dask.pipeline.host import BytesJob, DecodeSettings
+from aesthetic_dask.pipeline.pool import HostPool
+from aesthetic_dask.pipeline.preprocess import InputSpec
+from conftest import photo_bytes
 
-    monkeypatch.setattr(pool_module.multiprocessing, "current_process", lambda: Daemonic())
-    with pytest.raises(PoolError, match="DASK_DISTRIBUTED__WORKER__DAEMON=False"):
-        HostPool(1, chunk=2, shape=SPEC.crop_shape)
+def decode():
+    spec = InputSpec((32, 32), "RGB", (0.5,) * 3, (0.25,) * 3, "bicubic", "shortest", 0)
+    pool = HostPool(1)
+    handle = pool.submit(BytesJob([photo_bytes("rocket"), b"junk"]), DecodeSettings("torch", spec, 10**8), 2)
+    reasons = [r for chunk in handle for r in chunk.reasons]
+    pool.close()
+    return reasons
+"""
+
+
+def _script(body: str) -> str:
+    return POOL_SCRIPT.format(tests=os.path.dirname(__file__)) + textwrap.dedent(body)
+
+
+@pytest.mark.parametrize("how", ["stdin", "-c", "unguarded script"])
+def test_the_pool_starts_from_any_main_module(tmp_path, how):
+    """``python -``, ``python -c`` and a script without ``if __name__ == "__main__":`` (an editor's
+    "run selection"): the pool's processes never import the main module."""
+    code = _script("""
+        import os
+        print("REASONS", decode())
+        if not os.environ.get("REIMPORTED"):
+            os.environ["REIMPORTED"] = "1"  # a child importing this module would say so twice
+    """)
+    if how == "stdin":
+        result = subprocess.run([sys.executable, "-"], input=code, capture_output=True, text=True, timeout=300)
+    elif how == "-c":
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    else:
+        (tmp_path / "job.py").write_text(code)
+        result = subprocess.run([sys.executable, str(tmp_path / "job.py")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if line.startswith("REASONS")]
+    assert len(lines) == 1, result.stdout
+    assert lines[0].startswith("REASONS [None, 'not a") and "Traceback" not in result.stderr
+
+
+def test_the_pool_starts_in_a_daemonic_process(tmp_path):
+    """A Dask worker is a daemonic process with Dask's defaults: multiprocessing forbids it
+    children; the pool's launcher is not a multiprocessing child."""
+    code = _script("""
+        import multiprocessing
+
+        def child(queue):
+            queue.put((multiprocessing.current_process().daemon, decode()))
+
+        if __name__ == "__main__":
+            ctx = multiprocessing.get_context("spawn")
+            queue = ctx.Queue()
+            process = ctx.Process(target=child, args=(queue,), daemon=True)
+            process.start()
+            print("RESULT", queue.get(timeout=240))
+            process.join()
+    """)
+    (tmp_path / "daemonic.py").write_text(code)
+    result = subprocess.run([sys.executable, str(tmp_path / "daemonic.py")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "RESULT (True, [None, 'not a" in result.stdout, result.stdout + result.stderr
 
 
 def test_pool_processes_never_outlive_their_parent(tmp_path):
@@ -109,20 +170,36 @@ def test_pool_processes_never_outlive_their_parent(tmp_path):
         import sys, time
         sys.path.insert(0, {str(tmp_path)!r})
         from aesthetic_dask.pipeline.pool import HostPool
-        pool = HostPool(2, chunk=2, shape=(3, 32, 32))
-        time.sleep(1)
-        print(*pool.pids, flush=True)
+        pool = HostPool(2)
+        assert pool.wait_ready(120)
+        print(pool.launcher.pid, *pool.pids, flush=True)
         time.sleep(600)
     """)
     parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     pids = [int(p) for p in parent.stdout.readline().split()]
-    assert len(pids) == 2 and all(_alive(p) for p in pids)
+    assert len(pids) == 3 and all(_alive(p) for p in pids)  # the launcher and its two processes
     parent.kill()  # SIGKILL: no atexit, no cleanup
     parent.wait()
     deadline = time.time() + 30
     while any(_alive(p) for p in pids) and time.time() < deadline:
         time.sleep(0.1)
     assert not any(_alive(p) for p in pids)
+
+
+def test_decode_processes_do_not_inherit_the_nannys_allocator_setting(monkeypatch):
+    """Dask's nanny sets MALLOC_TRIM_THRESHOLD_ for its workers; decoding under it page-faults
+    every image's buffers again (issue 28). The launcher's environment goes without it."""
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")
+    pool = HostPool(1)
+    try:
+        assert pool.wait_ready(120)
+        with open(f"/proc/{pool.pids[0]}/environ", "rb") as f:
+            env = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
+        assert b"MALLOC_TRIM_THRESHOLD_" not in env
+        with open(f"/proc/{pool.launcher.pid}/environ", "rb") as f:
+            assert b"MALLOC_TRIM_THRESHOLD_" not in f.read()
+    finally:
+        pool.close()
 
 
 def _alive(pid: int) -> bool:
@@ -151,9 +228,9 @@ def test_a_decode_process_killed_mid_job_loses_no_sample(tmp_path, tiny_clip, ti
         while time.time() < deadline and not killed:
             p = pool_module._POOL
             busy = [seat for seat in (p.seats if p and not p.closed else []) if seat.state and seat.state.delivered]
-            if busy:
-                os.kill(busy[0].process.pid, signal.SIGKILL)
-                killed.append(busy[0].process.pid)
+            if busy and busy[0].pid:
+                os.kill(busy[0].pid, signal.SIGKILL)
+                killed.append(busy[0].pid)
             time.sleep(0.005)
 
     thread = threading.Thread(target=killer, daemon=True)

@@ -2,7 +2,8 @@
 
 Client-side only: :class:`ClipSpec` is a plain value the workers get; the model itself is loaded
 by the worker-side pipeline (:mod:`aesthetic_dask.pipeline.encoder`). Everything here goes
-through open_clip's own registry (model configs, pretrained tags, ``download_pretrained``).
+through open_clip's own registry (model configs, pretrained tags, ``download_pretrained``), read
+as data by :mod:`.open_clip_files`: the client never imports torch or open_clip.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any, Iterator
 
 from ..config import Config
 from ..errors import InputError
+from . import open_clip_files
 
 
 @dataclass(frozen=True)
@@ -27,7 +29,7 @@ class ClipSpec:
     model_config: str | None
     cache_dir: str
     precision: str = "auto"
-    hub_offline: bool = False  # the client found the weights cached and the hub unreachable
+    hub_offline: bool = False  # the client found the weights cached: workers load them without the network
     demo: bool = False  # the demo CLIP (random weights): scores mean nothing
 
     @classmethod
@@ -35,9 +37,9 @@ class ClipSpec:
         """The spec of ``config``'s CLIP; with ``demo_clip``, of the demo CLIP (built in model_dir if absent)."""
         cache_dir = str(config.resolved_model_dir.resolve() / "open_clip")
         if config.demo_clip:
-            from .demo import DEMO_MODEL, demo_clip_files
+            from .demo import DEMO_MODEL, demo_clip_config
 
-            model_config, checkpoint = demo_clip_files(config.resolved_model_dir.resolve())
+            model_config, checkpoint = demo_clip_config(config.resolved_model_dir.resolve())
             return cls(DEMO_MODEL, str(checkpoint), str(model_config), cache_dir, config.clip_precision, demo=True)
         model, model_config = config.clip_model, config.clip_model_config
         if model_config:
@@ -50,29 +52,16 @@ class ClipSpec:
     @property
     def schema(self) -> str | None:
         """open_clip's own reading of the model name: None (built-in), ``hf-hub`` or ``local-dir``."""
-        from open_clip.factory import parse_model_name
-
         try:
-            return parse_model_name(self.model)[0]
+            return open_clip_files.parse_model_name(self.model)[0]
         except ValueError as exc:
             raise InputError(f"--clip-model {self.model}: {exc}") from None
 
     def embed_dim(self) -> int:
         """The width of the embeddings, from open_clip's model config (no weights loaded); 768 where
         the config is not at hand (a hub model not cached)."""
-        import json
-
-        import open_clip
-
-        if self.model_config:
-            open_clip.add_model_config(self.model_config)
-        schema = self.schema
-        cfg = None
-        if schema is None:
-            cfg = open_clip.get_model_config(self.model)
-        elif schema == "local-dir":
-            path = Path(self.model.split(":", 1)[1]) / "open_clip_config.json"
-            cfg = json.loads(path.read_text()).get("model_cfg") if path.is_file() else None
+        self.schema  # a malformed name is refused here too
+        cfg = open_clip_files.model_config(self.model, self.model_config)
         return int((cfg or {}).get("embed_dim", 768))
 
     def check(self, embed_dim: int | None = None, heads: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -82,15 +71,11 @@ class ClipSpec:
         ``heads``: column -> registry entry (None for a local head file). Returns the manifest's
         record of the compatibility check.
         """
-        import open_clip
-
         schema = self.schema
-        if self.model_config:
-            if not Path(self.model_config).is_file():
-                raise InputError(f"--clip-model-config {self.model_config}: no such file")
-            open_clip.add_model_config(self.model_config)
+        if self.model_config and not Path(self.model_config).is_file():
+            raise InputError(f"--clip-model-config {self.model_config}: no such file")
         if schema is None:
-            model_config = open_clip.get_model_config(self.model)
+            model_config = open_clip_files.model_config(self.model, self.model_config)
             if model_config is None:
                 raise InputError(f"--clip-model {self.model}: not an open_clip model (see open_clip.list_models())")
             if embed_dim is not None and model_config.get("embed_dim") != embed_dim:
@@ -98,14 +83,14 @@ class ClipSpec:
                     f"--clip-model {self.model} gives {model_config.get('embed_dim')}-d embeddings; "
                     f"the aesthetic predictor expects {embed_dim}"
                 )
-            self._check_pretrained()
+            if not self.demo:  # its checkpoint is built where the model loads
+                self._check_pretrained()
         elif schema == "local-dir" and not Path(self.model.split(":", 1)[1]).is_dir():
             raise InputError(f"--clip-model {self.model}: no such directory")
         return self._check_heads(heads or {})
 
     def _check_pretrained(self) -> None:
-        import open_clip
-
+        registry = open_clip_files.pretrained()
         pretrained = self.pretrained
         if not pretrained:
             raise InputError(
@@ -115,8 +100,8 @@ class ClipSpec:
         if not Path(pretrained).exists():
             if "/" in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")):
                 raise InputError(f"--clip-pretrained {pretrained}: no such file")
-            if not open_clip.get_pretrained_cfg(self.model, pretrained):
-                tags = ", ".join(open_clip.list_pretrained_tags_by_model(self.model)) or "none"
+            if not registry.get_pretrained_cfg(self.model, pretrained):
+                tags = ", ".join(registry.list_pretrained_tags_by_model(self.model)) or "none"
                 raise InputError(f"--clip-pretrained {pretrained}: open_clip has no such tag for {self.model} (tags: {tags})")
 
     def _check_heads(self, heads: dict[str, Any]) -> dict[str, Any]:
@@ -148,15 +133,12 @@ def clip_weights_id(model: str, pretrained: str | None) -> str | None:
     """What CLIP weights ``(model, pretrained)`` loads, by open_clip's own registry: the hub repo
     (or URL) of the pretrained tag, or the ``hf-hub:`` repo itself. ``None`` for a local
     checkpoint or directory, whose weights only the user knows."""
-    import open_clip
-    from open_clip.factory import parse_model_name
-
-    schema, ident = parse_model_name(model)
+    schema, ident = open_clip_files.parse_model_name(model)
     if schema == "hf-hub":
         return "hf-hub:" + ident.strip("/")
     if schema == "local-dir" or not pretrained or Path(pretrained).exists():
         return None
-    cfg = open_clip.get_pretrained_cfg(model, pretrained) or {}
+    cfg = open_clip_files.pretrained().get_pretrained_cfg(model, pretrained) or {}
     if cfg.get("hf_hub"):
         return "hf-hub:" + cfg["hf_hub"].strip("/")
     return cfg.get("url") or f"{model}/{pretrained}"
@@ -165,16 +147,15 @@ def clip_weights_id(model: str, pretrained: str | None) -> str | None:
 def clip_cache_status(spec: ClipSpec) -> str:
     """``local`` (a checkpoint file or directory), ``cached`` (in ``cache_dir``) or ``missing``,
     by open_clip's own pretrained config and huggingface_hub's cache layout (no network)."""
-    import open_clip
     from huggingface_hub import try_to_load_from_cache
 
     schema = spec.schema
-    if schema == "local-dir" or (spec.pretrained and Path(spec.pretrained).exists()):
+    if spec.demo or schema == "local-dir" or (spec.pretrained and Path(spec.pretrained).exists()):
         return "local"
     if schema == "hf-hub":
         repo, files = spec.model.split(":", 1)[1], ["open_clip_config.json"]
     else:
-        cfg = open_clip.get_pretrained_cfg(spec.model, spec.pretrained or "") or {}
+        cfg = open_clip_files.pretrained().get_pretrained_cfg(spec.model, spec.pretrained or "") or {}
         if cfg.get("file"):
             return "local"
         if not cfg.get("hf_hub"):
@@ -191,26 +172,26 @@ def clip_cache_status(spec: ClipSpec) -> str:
 def prepare_clip_weights(spec: ClipSpec) -> tuple[ClipSpec, str]:
     """Make sure the workers can load the CLIP weights, before any task is submitted.
 
-    Cached: workers load them (without network retries when the hub is unreachable). Missing:
+    Cached: workers load them from the cache, without the network (no probe here either: a
+    nightly re-run costs no network round trip, and what the cache holds is what loads). Missing:
     downloaded here once with open_clip's own mechanism if the hub is reachable, else one clear
     error in seconds. Returns the spec the workers get and what was found.
     """
     status = clip_cache_status(spec)
     if status == "local":
         return spec, status
-    why = hub_unreachable()
     if status == "cached":
-        return (spec if why is None else replace(spec, hub_offline=True)), status
+        return replace(spec, hub_offline=True), status
+    why = hub_unreachable()
     if why:
         raise InputError(
             f"CLIP weights {spec.model} / {spec.pretrained} are not in {spec.cache_dir} and {why}; run "
             "`aesthetic-dask download --model-dir DIR` where the hub is reachable, pass --clip-pretrained FILE, "
             "or --demo-clip to see the pipeline work on a random CLIP"
         )
-    import open_clip
-
     if spec.schema is None:
-        open_clip.download_pretrained(open_clip.get_pretrained_cfg(spec.model, spec.pretrained), cache_dir=spec.cache_dir)
+        registry = open_clip_files.pretrained()
+        registry.download_pretrained(registry.get_pretrained_cfg(spec.model, spec.pretrained), cache_dir=spec.cache_dir)
     return spec, "downloaded"
 
 
@@ -230,15 +211,14 @@ def clip_weights_unavailable(spec: ClipSpec) -> str | None:
 
 def download_clip(config: Config) -> str:
     """Fetch the configured CLIP weights with open_clip's own pretrained mechanism into model_dir."""
-    import open_clip
-
     spec = ClipSpec.from_config(config)
     if spec.pretrained and Path(spec.pretrained).exists():
         return spec.pretrained
-    cfg = open_clip.get_pretrained_cfg(spec.model, spec.pretrained or "")
+    registry = open_clip_files.pretrained()
+    cfg = registry.get_pretrained_cfg(spec.model, spec.pretrained or "")
     if not cfg:
         raise ValueError(f"open_clip has no pretrained tag {spec.pretrained!r} for {spec.model}")
-    return open_clip.download_pretrained(cfg, cache_dir=spec.cache_dir)
+    return registry.download_pretrained(cfg, cache_dir=spec.cache_dir)
 
 
 def compute_precision(precision: str, device: str) -> str:

@@ -26,23 +26,33 @@ DEMO_NOTE = ("demo: a small randomly initialised CLIP (--demo-clip), a pipeline 
              "its scores mean nothing")
 
 
-def demo_clip_files(model_dir: Path) -> tuple[Path, Path]:
-    """(model-config JSON, checkpoint) of the demo CLIP in ``model_dir/demo-clip/``, built there
-    first if absent."""
+def demo_clip_config(model_dir: Path) -> tuple[Path, Path]:
+    """(model-config JSON, checkpoint path) of the demo CLIP in ``model_dir/demo-clip/``, the JSON
+    written there if absent (no torch: the client's part; the checkpoint is built where the model
+    loads, by :func:`demo_clip_files`)."""
     directory = Path(model_dir) / "demo-clip"
     config, checkpoint = directory / f"{DEMO_MODEL}.json", directory / f"{DEMO_MODEL}.pt"
     text = json.dumps(DEMO_CONFIG, indent=1)
-    if checkpoint.is_file() and config.is_file() and config.read_text() == text:
+    if not (config.is_file() and config.read_text() == text):
+        # Written whole or not at all: a build cut short, or two jobs building at once, never
+        # leave a partial file under the real name.
+        fs, _ = storage.split(str(directory))
+        storage.write_bytes(fs, str(config), text.encode())
+    return config, checkpoint
+
+
+def demo_clip_files(model_dir: Path) -> tuple[Path, Path]:
+    """(model-config JSON, checkpoint) of the demo CLIP in ``model_dir/demo-clip/``, built there
+    first if absent (the same weights wherever it is built: a fixed seed)."""
+    config, checkpoint = demo_clip_config(model_dir)
+    if checkpoint.is_file():
         return config, checkpoint
     import open_clip
     import torch
 
     from .clip import random_weights_expected
 
-    # Both written whole or not at all: a build cut short, or two jobs building at once, never
-    # leave a partial file under the real name.
-    fs, _ = storage.split(str(directory))
-    storage.write_bytes(fs, str(config), text.encode())
+    fs, _ = storage.split(str(checkpoint.parent))
     open_clip.add_model_config(str(config))
     # The seed is the demo's; the caller's RNG is left as it was.
     with random_weights_expected(), torch.random.fork_rng(devices=[]):

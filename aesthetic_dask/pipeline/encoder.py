@@ -11,6 +11,10 @@
   runs the model, and launches the next batch before collecting the previous one.
 - **torch.compile** (``clip_compile``: ``auto`` compiles on CUDA, with one log line and eager
   on failure). Compiled batches are padded to ``batch_size``: one graph, no recompiles.
+- **One copy of each model per process**: encoders of other batch sizes share its weights.
+- **CPU threads follow the bound** (:class:`CpuThreads`): on a CPU worker torch and the decode
+  processes share the cores; the model keeps them all while it is the bound and gives them to the
+  decoders while it waits for crops.
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ import numpy as np
 
 from ..models.clip import ClipSpec, compute_precision, random_weights_expected
 from .preprocess import InputSpec, Normalizer
-from ..cluster import configure_model_process
+from ..cluster import _cores, configure_model_process, torch_threads
+from .device import model_device
 
 log = logging.getLogger("aesthetic_dask")
 
@@ -38,6 +43,10 @@ log = logging.getLogger("aesthetic_dask")
 def _prepare(spec: ClipSpec) -> None:
     import open_clip
 
+    if spec.demo:  # built here, where the model loads, if not yet (the client never imports torch)
+        from ..models.demo import demo_clip_files
+
+        demo_clip_files(Path(spec.model_config).parent.parent)
     if spec.hub_offline:
         # Cached weights, no network: load them without huggingface_hub's retries (~23 s a file).
         import huggingface_hub.constants
@@ -99,6 +108,71 @@ def load_image_tower(spec: ClipSpec, device: str) -> tuple[Any, dict[str, Any]]:
     return visual.to(device), cfg
 
 
+_TOWERS: dict[tuple[ClipSpec, str], Future] = {}
+_TOWERS_LOCK = threading.Lock()
+
+
+def shared_tower(spec: ClipSpec, device: str, dtype: Any) -> tuple[Any, dict[str, Any], float]:
+    """(the image tower in ``dtype`` on ``device``, its preprocess_cfg, seconds its load took),
+    loaded once per process and shared by every encoder of ``spec``."""
+    key = (spec, device)
+    with _TOWERS_LOCK:
+        future, mine = _TOWERS.get(key), False
+        if future is None:
+            future, mine = _TOWERS.setdefault(key, Future()), True
+    if mine:
+        t0 = time.perf_counter()
+        try:
+            visual, cfg = load_image_tower(spec, device)
+            future.set_result((visual.to(dtype), cfg, round(time.perf_counter() - t0, 3)))
+        except BaseException as exc:  # noqa: BLE001 - every encoder waiting for it gets it
+            with _TOWERS_LOCK:
+                _TOWERS.pop(key, None)  # a later config may try again
+            future.set_exception(exc)
+    return future.result()
+
+
+class CpuThreads:
+    """The model's torch threads on a CPU worker, where the decode processes share its cores.
+
+    Judged every :attr:`WINDOW` batches: when most batches found the queue of crops dry and the
+    model's thread waited a real share of the time, the decoders are the bound and torch's threads
+    only take their cores (OpenMP threads spin): halve them. When every batch was full, the model
+    is the bound: one more, up to the cores. ``AESTHETIC_DASK_TORCH_THREADS`` fixes the count.
+    """
+
+    WINDOW = 8
+    IDLE_SHARE = 0.1
+
+    def __init__(self, cores: int, fixed: bool) -> None:
+        self.cores, self.fixed, self.threads = cores, fixed, cores
+        self._batches = self._dry = 0
+        self._idle = self._busy = 0.0
+
+    def observe(self, dry: bool, idle_s: float, busy_s: float) -> int | None:
+        """Count a batch; the new thread count when it changes, else None."""
+        if self.fixed:
+            return None
+        self._batches += 1
+        self._dry += dry
+        self._idle += idle_s
+        self._busy += busy_s
+        if self._batches < self.WINDOW:
+            return None
+        idle_share = self._idle / max(1e-9, self._idle + self._busy)
+        dry_most = self._dry * 2 > self._batches
+        full_all = self._dry == 0
+        self._batches = self._dry = 0
+        self._idle = self._busy = 0.0
+        if dry_most and idle_share > self.IDLE_SHARE and self.threads > 1:
+            self.threads = max(1, self.threads // 2)
+            return self.threads
+        if full_all and self.threads < self.cores:
+            self.threads += 1
+            return self.threads
+        return None
+
+
 @dataclass
 class _Request:
     crops: np.ndarray  # (n, 3, H, W) uint8, in shared memory until released
@@ -113,19 +187,17 @@ class ClipEncoder:
         import torch
 
         configure_model_process()
-        t0 = time.perf_counter()
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = model_device()
         self.compute = compute_precision(spec.precision, self.device)
         # fp16 weights (as OpenAI's CLIP was released), not autocast: ~1.35x the images/s of
         # ViT-L/14 on an H100, and half the bytes per batch (benchmarks/gpu_check.py).
         self.dtype = torch.float16 if self.compute.endswith("fp16") else torch.float32
-        visual, cfg = load_image_tower(spec, self.device)
-        self.visual = visual.to(self.dtype)
+        self.visual, cfg, self.load_s = shared_tower(spec, self.device, self.dtype)
         self.input = InputSpec.of(cfg)
-        self.embed_dim = int(visual.output_dim)
+        self.embed_dim = int(self.visual.output_dim)
         self.batch_size = batch_size
         self.normalize = Normalizer(self.input, self.device, self.dtype)
-        self.load_s = round(time.perf_counter() - t0, 3)
+        self.threads = CpuThreads(torch_threads(), fixed=self.device != "cpu" or _threads_fixed())
         self.forward, self.compiled = self.visual, False
         if compile_mode == "true" or (compile_mode == "auto" and self.device == "cuda"):
             self._compile(compile_mode)
@@ -174,17 +246,20 @@ class ClipEncoder:
         in_flight = None  # (requests, features, event) of the batch launched last
         carry: _Request | None = None
         turn = 0
+        torch.set_num_threads(self.threads.threads)  # per thread: this one runs the model
         while True:
             if carry is None and in_flight is not None and self.queue.empty():
                 self._collect(in_flight)  # nothing more to batch now: finish what runs
                 in_flight = None
+            t_wait = time.perf_counter()
             first = carry or self.queue.get()
             t0 = time.perf_counter()
-            requests, n, carry = [first], len(first.crops), None
+            requests, n, carry, dry = [first], len(first.crops), None, False
             while n < self.batch_size:
                 try:
                     request = self.queue.get_nowait()
                 except queue.Empty:
+                    dry = True
                     break
                 if n + len(request.crops) > self.batch_size:
                     carry = request  # the next batch starts with it
@@ -215,8 +290,14 @@ class ClipEncoder:
             if in_flight is not None:
                 self._collect(in_flight)
             in_flight = (requests, *launched)
-            self.busy_s += time.perf_counter() - t0
+            busy = time.perf_counter() - t0
+            self.busy_s += busy
             self.images += n
+            # The first batch's wait is the model's load and the first decodes: not a measure.
+            threads = self.threads.observe(dry, t0 - t_wait, busy) if self.images > n else None
+            if threads is not None:
+                torch.set_num_threads(threads)
+                log.debug("model threads: %d", threads)
 
     def _launch(self, buffer: Any, n: int, stream: Any) -> tuple[Any, Any]:
         import torch
@@ -241,3 +322,9 @@ class ClipEncoder:
             k = len(request.crops)
             request.future.set_result(features[offset:offset + k])
             offset += k
+
+
+def _threads_fixed() -> bool:
+    import os
+
+    return bool(os.environ.get("AESTHETIC_DASK_TORCH_THREADS"))

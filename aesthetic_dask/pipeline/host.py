@@ -13,15 +13,18 @@ shards and Parquet), and per chunk of up to ``chunk`` samples:
 
 Then ``("done", job, failure, kind)``: ``kind`` is None (the rows read are all there were, or
 the samples before the damage), ``"unread"`` (nothing could be read: rows unknown) or
-``"crash"`` (an exception of the job itself, which the partition's task raises). Imported by the forkserver ahead of time, so a new or replacement
-process starts with torch, torchvision, Pillow and open_clip already imported.
+``"crash"`` (an exception of the job itself, which the partition's task raises). Imported by the
+pool's launcher (:mod:`.launcher`) ahead of time, so a new or replacement process starts with
+torch, torchvision, Pillow and open_clip already imported.
+
+Each job says its chunk size and crop shape (they follow the job's model and batch size), so one
+pool serves every config a worker process uses; a slot holds ``slot_bytes``.
 """
 
 from __future__ import annotations
 
 import mmap
 import os
-import signal
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -79,6 +82,7 @@ class Job:
     id: int
     source: Any  # ShardJob | ParquetJob | BytesJob
     decode: DecodeSettings
+    chunk: int  # samples per chunk handed back
     skip: int = 0
     thumbnails_made: int = 0
 
@@ -116,26 +120,33 @@ def items(source: Any, failure: list[str]) -> Iterator[Item]:
 
 
 class SlotBuffer:
-    """``slots`` x ``chunk`` crops of ``shape`` uint8 in one shared mapping (the parent's fd)."""
+    """``slots`` slots of ``slot_bytes`` in one shared mapping (the parent's fd); a chunk's crops
+    are a view of the start of one."""
 
-    def __init__(self, fd: int, slots: int, chunk: int, shape: tuple[int, ...]) -> None:
-        self.map = mmap.mmap(fd, slots * chunk * int(np.prod(shape)))
+    def __init__(self, fd: int, slots: int, slot_bytes: int) -> None:
+        self.map = mmap.mmap(fd, slots * slot_bytes)
         os.close(fd)
-        self.array = np.frombuffer(self.map, dtype=np.uint8).reshape(slots, chunk, *shape)
+        self.array = np.frombuffer(self.map, dtype=np.uint8).reshape(slots, slot_bytes)
+
+    def crops(self, slot: int, n: int, shape: tuple[int, ...]) -> np.ndarray:
+        return crops_view(self.array, slot, n, shape)
 
 
-def serve(to_child: Any, from_child: Any, generation: int, slots: int, chunk: int, shape: tuple[int, ...]) -> None:
-    """The host process's main loop (the target of ``multiprocessing.Process``)."""
-    from multiprocessing import reduction
+def crops_view(array: np.ndarray, slot: int, n: int, shape: tuple[int, ...]) -> np.ndarray:
+    """``n`` uint8 crops of ``shape`` at the start of ``slot`` of a (slots, slot_bytes) buffer."""
+    return array[slot, : n * int(np.prod(shape))].reshape(n, *shape)
 
-    _die_with_parent()
+
+def serve(to_fd: int, from_fd: int, buffer_fd: int, generation: int, slots: int, slot_bytes: int) -> None:
+    """A decode process's main loop (forked by :mod:`.launcher`): jobs come on ``to_fd``, chunks
+    go back on ``from_fd``, crops through the shared buffer ``buffer_fd``."""
+    from multiprocessing.connection import Connection
+
     import torch
 
     torch.set_num_threads(1)  # one core per host process: the pool is the parallelism
-    try:
-        buffer = SlotBuffer(reduction.recv_handle(to_child), slots, chunk, shape)
-    except (EOFError, OSError):  # the parent went away while this process started
-        os._exit(0)
+    to_child, from_child = Connection(to_fd), Connection(from_fd, readable=False)
+    buffer = SlotBuffer(buffer_fd, slots, slot_bytes)
     free = list(range(slots))
     decoders: dict[DecodeSettings, Any] = {}
     try:
@@ -149,7 +160,7 @@ def serve(to_child: Any, from_child: Any, generation: int, slots: int, chunk: in
         while True:
             try:
                 message = to_child.recv()
-            except EOFError:  # the parent is gone
+            except (EOFError, OSError):  # the parent is gone
                 os._exit(0)
             if message[0] == "release":
                 if message[1] == generation:
@@ -169,7 +180,7 @@ def serve(to_child: Any, from_child: Any, generation: int, slots: int, chunk: in
             decoder = decoders[settings] = make_decoder(settings.decoder, settings.spec, settings.max_pixels)
         failure: list[str] = []  # the reason, then how many rows are known: "unread" (none) or "crash"
         try:
-            _run(job, decoder, items(job.source, failure), buffer, free, wait_for, from_child, chunk)
+            _run(job, decoder, items(job.source, failure), buffer, free, wait_for, from_child)
         except Exception as exc:  # noqa: BLE001 - an exception of this job: the partition's, as in a task
             failure[:] = [f"{type(exc).__name__}: {exc}", "crash"]
         try:
@@ -179,8 +190,9 @@ def serve(to_child: Any, from_child: Any, generation: int, slots: int, chunk: in
 
 
 def _run(job: Job, decoder: Any, stream: Iterator[Item], buffer: SlotBuffer, free: list[int], wait_for: Any,
-         send: Any, chunk: int) -> None:
+         send: Any) -> None:
     made, index, batch = job.thumbnails_made, 0, []
+    shape = job.decode.spec.crop_shape
 
     def flush() -> None:
         nonlocal made
@@ -198,8 +210,9 @@ def _run(job: Job, decoder: Any, stream: Iterator[Item], buffer: SlotBuffer, fre
             while not free:
                 wait_for("release")
             slot = free.pop()
+            view = buffer.crops(slot, len(crops), shape)
             for i, crop in enumerate(crops):
-                buffer.array[slot, i] = crop
+                view[i] = crop
         # No bytes: "no image" (a shard sample's own reason, in its metadata, wins in the parent).
         reasons = ["no image" if r is None else r.reason for r in results]
         thumbs = {i: r.thumbnail for i, r in enumerate(results) if r is not None and r.thumbnail is not None}
@@ -211,17 +224,6 @@ def _run(job: Job, decoder: Any, stream: Iterator[Item], buffer: SlotBuffer, fre
         if index <= job.skip:
             continue
         batch.append(item)
-        if len(batch) == chunk:
+        if len(batch) == job.chunk:
             flush()
     flush()
-
-
-def _die_with_parent() -> None:
-    """Linux: this process gets SIGKILL when its parent (the Dask worker) dies, even by SIGKILL."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle

@@ -2,8 +2,8 @@
 
 Both jobs and the notebook API (:func:`aesthetic_dask.embed.embed_images`) go through
 :func:`embed_source`. Each worker process has one :class:`Runtime` (the decode pool and the
-encoder), started at worker start by :class:`ModelPlugin` (NeMo Curator's ``setup``), or on first
-use where no plugin runs (a notebook's threads).
+encoders), started at worker start by :class:`ModelPlugin` (NeMo Curator's ``setup``), or on first
+use where no plugin runs (a notebook's workers).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from ..partition import Stats
 from .decode import resolve_decoder
 from .host import BytesJob, DecodeSettings
 from ..cluster import array_module, decode_processes
+from .device import model_device
 from ..errors import InputError
 from ..score import classify_and_score
 from .encoder import ClipEncoder, input_spec
@@ -55,41 +56,56 @@ class EmbedOptions:
 
 
 class Runtime:
-    """One worker process's decode pool and encoder. The pool starts at once (it can decode while
-    the model loads); :attr:`encoder` waits for the model."""
+    """One worker process's decode pool and encoders, shared by every config the process uses.
 
-    def __init__(self, spec: ClipSpec, opts: EmbedOptions) -> None:
-        import torch
+    The pool is one per process (a config asking for more processes grows it); an encoder is one
+    per model, batch size and compile setting, and the encoders of one model share its weights.
+    Nothing one compute uses is closed by another's config. Models load in their own thread, so
+    the pool decodes while they do.
+    """
 
-        self.spec, self.opts = spec, opts
-        self.input = input_spec(spec)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.pool = get_pool(decode_processes(opts.processes, device), opts.chunk, self.input.crop_shape)
-        self._encoder: Future = Future()
-        threading.Thread(target=self._load, name="clip-load", daemon=True).start()
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.encoders: dict[tuple[ClipSpec, int, str], Future] = {}
 
-    def _load(self) -> None:
+    def pool(self, opts: EmbedOptions) -> Any:
+        return get_pool(decode_processes(opts.processes, model_device()))
+
+    def encoder(self, spec: ClipSpec, opts: EmbedOptions) -> Future:
+        """A future of the encoder of ``spec`` at ``opts``' batch size, loading from the first call."""
+        key = (spec, opts.batch_size, opts.compile)
+        with self.lock:  # held only while starting (microseconds): the model loads in its own thread
+            future = self.encoders.get(key)
+            if future is None:
+                future = self.encoders[key] = Future()
+                threading.Thread(target=self._load, args=(future, *key), name="clip-load", daemon=True).start()
+        return future
+
+    @staticmethod
+    def _load(future: Future, spec: ClipSpec, batch_size: int, compile_mode: str) -> None:
         try:
-            self._encoder.set_result(ClipEncoder(self.spec, self.opts.batch_size, self.opts.compile))
+            future.set_result(ClipEncoder(spec, batch_size, compile_mode))
         except BaseException as exc:  # noqa: BLE001 - every task waiting for the model gets it
-            self._encoder.set_exception(exc)
+            future.set_exception(exc)
 
-    @property
-    def encoder(self) -> Any:
-        return self._encoder.result()
-
-
-_RUNTIMES: dict[tuple[ClipSpec, EmbedOptions], Runtime] = {}
-_RUNTIMES_LOCK = threading.Lock()
+    def loaded(self) -> list[Any]:
+        """The encoders loaded so far (benchmarks read their counters)."""
+        with self.lock:
+            return [f.result() for f in self.encoders.values() if f.done() and not f.exception()]
 
 
-def runtime(spec: ClipSpec, opts: EmbedOptions) -> Runtime:
-    """This process's runtime for ``(spec, opts)``, started once."""
-    with _RUNTIMES_LOCK:  # held only while starting (milliseconds): the model loads in its own thread
-        rt = _RUNTIMES.get((spec, opts))
-        if rt is None:
-            rt = _RUNTIMES[(spec, opts)] = Runtime(spec, opts)
-        return rt
+_RUNTIME = Runtime()
+
+
+def runtime() -> Runtime:
+    """This process's runtime."""
+    return _RUNTIME
+
+
+def start(spec: ClipSpec, opts: EmbedOptions) -> None:
+    """Start the pool and the model's load for ``(spec, opts)``, without waiting for either."""
+    _RUNTIME.pool(opts)
+    _RUNTIME.encoder(spec, opts)
 
 
 class ModelPlugin(WorkerPlugin):
@@ -107,7 +123,7 @@ class ModelPlugin(WorkerPlugin):
 
     def _start(self) -> None:
         try:
-            runtime(self.spec, self.opts)
+            start(self.spec, self.opts)
         except Exception:  # noqa: BLE001 - the tasks start it again and report the error as theirs
             log.debug("runtime start at worker setup failed", exc_info=True)
 
@@ -145,15 +161,17 @@ def embed_source(source: Any, spec: ClipSpec, opts: EmbedOptions, expected_dim: 
     With ``heads`` each batch's features are scored on the model's device (cupy on a GPU) and only
     the scores come back; the embeddings come back only with ``keep_embeddings``.
     """
-    rt = runtime(spec, opts)
-    settings = DecodeSettings(opts.decoder, rt.input, opts.max_pixels, thumbnails)
+    rt = runtime()
+    pool, loading = rt.pool(opts), rt.encoder(spec, opts)
+    model_input = input_spec(spec)
+    settings = DecodeSettings(opts.decoder, model_input, opts.max_pixels, thumbnails)
     if isinstance(source, BytesJob) and len(source.images) > opts.chunk:
         # Bytes in memory: chunks go to several host processes at once.
         step = opts.chunk
-        handles = [rt.pool.submit(BytesJob(source.images[i:i + step], source.keys[i:i + step] if source.keys else None),
-                                  settings) for i in range(0, len(source.images), step)]
+        handles = [pool.submit(BytesJob(source.images[i:i + step], source.keys[i:i + step] if source.keys else None),
+                               settings, step) for i in range(0, len(source.images), step)]
     else:
-        handles = [rt.pool.submit(source, settings)]
+        handles = [pool.submit(source, settings, opts.chunk)]
     clock = time.perf_counter
     stats = Stats()
     metas, thumbs, pending, seen = [], {}, [], 0  # seen: samples before this chunk
@@ -168,7 +186,7 @@ def embed_source(source: Any, spec: ClipSpec, opts: EmbedOptions, expected_dim: 
             if chunk.metas is not None:
                 metas.extend(chunk.metas)
             if chunk.crops is not None:
-                pending.append((ok, np.array(chunk.reasons, dtype=object), rt.encoder.encode(chunk.crops, chunk.release)))
+                pending.append((ok, np.array(chunk.reasons, dtype=object), loading.result().encode(chunk.crops, chunk.release)))
             else:
                 pending.append((ok, np.array(chunk.reasons, dtype=object), None))
             t = clock()
@@ -176,14 +194,14 @@ def embed_source(source: Any, spec: ClipSpec, opts: EmbedOptions, expected_dim: 
             raise HostJobError(handle.failure)
         failure = failure or handle.failure
         rows_known = rows_known and handle.failure_kind != "unread"
-    encoder = rt.encoder
+    encoder = loading.result()
     if expected_dim is not None and encoder.embed_dim != expected_dim:
         raise InputError(f"CLIP model {spec.model} gives {encoder.embed_dim}-d embeddings; the predictor expects {expected_dim}")
-    decoder = resolve_decoder(opts.decoder) if rt.input.tensor_ops else "pil"
+    decoder = resolve_decoder(opts.decoder) if model_input.tensor_ops else "pil"
     embedded = _collect(pending, encoder, stats, heads, keep_embeddings, thumbs, metas, failure, decoder)
     embedded.rows_known = rows_known
-    embedded.worker = {"model_load_s": encoder.load_s, "compiled": encoder.compiled, "decode_processes": rt.pool.processes,
-                       "decode_processes_replaced": rt.pool.deaths, "first_batch_at": encoder.first_batch_at}
+    embedded.worker = {"model_load_s": encoder.load_s, "compiled": encoder.compiled, "decode_processes": pool.processes,
+                       "decode_processes_replaced": pool.deaths, "first_batch_at": encoder.first_batch_at}
     return embedded
 
 
