@@ -40,8 +40,8 @@ class Config:
 
     score_threshold: float = option("--threshold", "keep rows with aesthetic_score >= T (default 0.5)", output=BOTH,
                                     metavar="T")
-    model_inference_batch_size: int = option("--batch-size", "images per model call (default 32)", jobs=("run",),
-                                             metavar="N")
+    model_inference_batch_size: int = option("--batch-size", "images (run) or embeddings (score) per model call "
+                                             "(default 32, NeMo's)", metavar="N")
     num_gpus_per_worker: float = option()
     model_dir: str | None = option("--model-dir", "weights download/cache directory", metavar="D")
     verbose: bool = option("--verbose", "log per-partition progress")

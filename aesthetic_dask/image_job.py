@@ -29,13 +29,14 @@ from .pipeline.stage import EmbedOptions, ModelPlugin, embed_source
 from .errors import FAILURE_DATA, DataError, InputError
 from .image_reader import SHARD_SUFFIXES, ShardPart, check_image_type, parse_json_fields, samples_table, shard_schema
 from .job import Work, run_parts
-from .preparation import Heads, new_job, with_identities
-from .output import OutputLayout, WriteOptions, split_and_write, write_kept_shard
+from .preparation import Heads, new_job, stamp, with_identities
+from .output import OutputLayout, WriteOptions, split_and_write
+from .shard_sink import shard_names, write_shard_outputs
 from .partition import Record, finish_record, process_parquet_part
 from .models.heads import AestheticPredictor
-from .models.registry import REGISTRY
+from .models.fetch import registered_entry
 from .columns import SCORE_COLUMN
-from .score import check_extra_score_names, table_keep_mask
+from .score import check_extra_score_names
 from .sources import list_inputs
 
 # Rows per partition of image Parquet: all their image bytes are in memory at once.
@@ -48,10 +49,10 @@ CLIP_PACKAGES = ("torch", "torchvision", "open_clip_torch", "pillow")
 def process_shard(part: ShardPart, fields: dict, clip_spec: ClipSpec, predictor: AestheticPredictor, out: str,
                   opts: WriteOptions, embed: EmbedOptions, write_shards: str | None,
                   extras: dict[str, AestheticPredictor] | None = None, max_sidecar_bytes: int = 65536,
-                  storage_options: dict[str, Any] | None = None) -> Record:
+                  storage_options: dict[str, Any] | None = None, shard_names: dict[str, str] | None = None) -> Record:
     """Read (in a host process of the worker's pool), embed, score and write one WebDataset shard;
     return its record."""
-    t0 = time.perf_counter()
+    t0, started = time.perf_counter(), time.time()
     layout = OutputLayout(out, storage_options)
     embedded = embed_source(ShardJob(part.source, max_sidecar_bytes, storage_options), clip_spec, embed,
                             predictor.embed_dim, opts.samples, heads=[predictor, *(extras or {}).values()],
@@ -71,22 +72,21 @@ def process_shard(part: ShardPart, fields: dict, clip_spec: ClipSpec, predictor:
         record.failure = embedded.failure
     elif not samples:
         record.note = f"{part.source}: empty shard: no samples"
-    if write_shards and record.rows_kept:
-        keep, _ = table_keep_mask(table, opts.threshold)
-        kept = {s.index for s, k in zip(samples, keep) if k}
-        target = storage.join(write_shards, f"{part.name}.tar")
-        write_kept_shard(part.source, kept, target, layout.tmp, storage_options)
-        record.files.append(target)  # a full path or URL: checked on resume like the rest
+    if write_shards:  # full paths or URLs: checked on resume like the rest
+        record.files += write_shard_outputs(write_shards, shard_names[part.name], part, table, opts, layout, started,
+                                            record.error_reasons, storage_options=storage_options, sample_indices=rows)
     return finish_record(layout, record, t0)
 
 
 def process_image_parquet_part(part: EmbeddingPart, schema: pa.Schema, column: str, clip_spec: ClipSpec,
                                predictor: AestheticPredictor, out: str, opts: WriteOptions, embed: EmbedOptions,
                                extras: dict[str, AestheticPredictor] | None = None,
-                               storage_options: dict[str, Any] | None = None) -> Record:
+                               storage_options: dict[str, Any] | None = None, write_shards: str | None = None,
+                               shard_names: dict[str, str] | None = None) -> Record:
     """Read, embed, score and write rows of an image Parquet file; return its record. This process
     reads the other columns; a host process of the pool reads the image column itself."""
     source = ParquetJob(part.source, part.start, part.stop, part.row_groups, column, storage_options)
+    started = time.time()
 
     def score(table: pa.Table) -> tuple[pa.Table, dict[int, bytes] | None]:
         embedded = embed_source(source, clip_spec, embed, predictor.embed_dim, opts.samples,
@@ -95,8 +95,13 @@ def process_image_parquet_part(part: EmbeddingPart, schema: pa.Schema, column: s
             raise DataError(f"{part.source}: cannot read rows {part.start}-{part.stop}: {embedded.failure}")
         return attach_embedded(table, embedded, extras or {}), embedded.thumbnails if opts.samples else None
 
+    def shards(table: pa.Table, record: Record, layout: OutputLayout) -> None:
+        record.files += write_shard_outputs(write_shards, shard_names[part.name], part, table, opts, layout, started,
+                                            record.error_reasons, image_column=column, storage_options=storage_options)
+
     others = pa.schema([f for f in schema if f.name != column])
-    return process_parquet_part(part, others, column, out, opts, score, storage_options)
+    return process_parquet_part(part, others, column, out, opts, score, storage_options,
+                                after_write=shards if write_shards else None)
 
 
 def run_job(inputs: list[str], out: str | Path, config: Config, overwrite: bool = False, progress: bool = True,
@@ -119,21 +124,24 @@ def run_job(inputs: list[str], out: str | Path, config: Config, overwrite: bool 
     pq_plan = plan_parquet(parquets, config.image_column, check_image_type, min(config.partition_rows, IMAGE_PARQUET_ROWS),
                            pa.binary(), reserved=written_by("run"), storage_options=so) if parquets else None
 
-    # Compatibility first: a head trained on another CLIP is refused before anything is downloaded.
+    # Compatibility first: a head trained on another CLIP (by name, or a file that is a registered
+    # head by its sha256) is refused before any availability check or download.
     named_heads = {SCORE_COLUMN: config.aesthetic_weights, **config.extra_scores}
-    compatibility = clip_spec.check(heads={column: REGISTRY.get(w) for column, w in named_heads.items()})
+    compatibility = clip_spec.check(heads={column: registered_entry(w) for column, w in named_heads.items()})
     heads = Heads.load(config)
     clip_spec.check(heads.predictor.embed_dim)
     clip_spec, clip_weights = prepare_clip_weights(clip_spec)  # present or fetchable, before any task
     check_extra_score_names(heads.extras, shard_schema(fields).names + (pq_plan.schema.names if pq_plan else []))
-    opts = heads.write_options(config, "embedding")
+    opts = heads.write_options(config, "embedding", written_columns(fields, bool(shard_parts), pq_plan, config.image_column))
     embed = EmbedOptions.from_config(config)
     failed_inputs = dict(pq_plan.failed) if pq_plan else {}
     work = []
     common = dict(clip_spec=clip_spec, predictor=heads.predictor, out=layout.url(), opts=opts, embed=embed,
                   extras=heads.extras, storage_options=so)
+    names = shard_names(shard_parts + (pq_plan.parts if pq_plan else [])) if shards_dir else None
+    common.update(write_shards=shards_dir, shard_names=names)
     if shard_parts:
-        work.append(Work(with_identities(shard_parts, so), process_shard, dict(fields=fields, write_shards=shards_dir,
+        work.append(Work(with_identities(shard_parts, so), process_shard, dict(fields=fields,
                                                           max_sidecar_bytes=config.max_sidecar_bytes, **common)))
     if pq_plan and pq_plan.parts:
         work.append(Work(with_identities(pq_plan.parts, so), process_image_parquet_part, dict(schema=pq_plan.schema, column=config.image_column, **common)))
@@ -149,7 +157,8 @@ def run_job(inputs: list[str], out: str | Path, config: Config, overwrite: bool 
         clip_info = {"model": clip_spec.model, "pretrained": clip_spec.pretrained, "model_config": clip_spec.model_config,
                      "compatibility": compatibility, "weights": clip_weights, "demo": clip_spec.demo}
         job = new_job("run", config, layout, heads, sorted(str(f) for f in listed.files), started, failed_inputs,
-                      listed.duplicates, derived, {"clip": clip_info}, versions=CLIP_PACKAGES)
+                      listed.duplicates, derived, {"clip": clip_info}, versions=CLIP_PACKAGES, notes=listed.notes())
+        stamp(work, job, heads, config.score_threshold, clip_info)
         local = client.cluster is not None
         resources = None
         if not local:  # the user's cluster: every thread of a GPU worker runs a partition; say where a pool starves
@@ -164,6 +173,18 @@ def run_job(inputs: list[str], out: str | Path, config: Config, overwrite: bool 
                          # Once OUT is this job's: each worker starts its model and decode pool.
                          start_workers=lambda: client.register_plugin(ModelPlugin(clip_spec, embed)),
                          progress=progress and not config.verbose, unit="images")
+
+
+def written_columns(fields: dict, shards: bool, pq_plan: Any, image_column: str) -> pa.Schema | None:
+    """The input columns every kept, rejected and errors file of the job holds, in one order: the
+    shards' then the image Parquet's (their image bytes left out), so a job over both writes one
+    schema."""
+    schemas = []
+    if shards:
+        schemas.append(pa.schema([f for f in shard_schema(fields) if f.name not in ("image", "image_ext", "error")]))
+    if pq_plan is not None:
+        schemas.append(pa.schema([f for f in pq_plan.schema if f.name != image_column]).remove_metadata())
+    return pa.unify_schemas(schemas, promote_options="permissive") if schemas else None
 
 
 def require_clip_extra() -> None:

@@ -5,6 +5,13 @@ OUT/kept/, OUT/rejected/ and OUT/errors/ are plain Parquet datasets (one file pe
 partition, named after it). Every file appears whole or not at all (:func:`storage.atomic_open`);
 OUT/_parts/NAME.json, written last, records a finished partition (its counts), which is what a
 re-run uses to skip it.
+
+What readers see (pandas, pyarrow, polars, duckdb, Dask, Hugging Face ``datasets``): every
+partition writes its file in each directory (``rejected/`` with ``--keep-rejected``), all of one
+directory with one schema (the job's columns, in one order, null where an input lacked one), so
+no reader meets a missing directory or a schema that changes from file to file. A file with no
+rows has no row group (``datasets`` sizes its batches by the first row group and refuses an
+empty one). Each file carries the job's provenance as key-value metadata (:mod:`.provenance`).
 """
 
 from __future__ import annotations
@@ -121,10 +128,50 @@ def write_json(path: str | Path, obj: Any, tmp_dir: str | Path | None = None, fs
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode(), tmp_dir, fs)
 
 
-def write_parquet(table: pa.Table, layout: OutputLayout, path: str) -> None:
-    """``table`` as the Parquet file ``path`` under OUT, whole or not at all."""
-    with storage.atomic_open(layout.fs, path, layout.tmp) as f:
-        pq.write_table(table, f)
+def write_parquet(table: pa.Table, layout: OutputLayout, path: str, metadata: dict[bytes, bytes] | None = None) -> None:
+    """``table`` as the Parquet file ``path`` under OUT, whole or not at all (:func:`write_parquet_file`)."""
+    write_parquet_file(table, layout.fs, path, layout.tmp, metadata)
+
+
+def write_parquet_file(table: pa.Table, fs: Any, path: str, tmp_dir: str | None = None,
+                       metadata: dict[bytes, bytes] | None = None) -> None:
+    """``table`` as the Parquet file ``path`` of ``fs``, whole or not at all, with ``metadata``
+    added to its schema's key-value metadata. No rows: no row group (see the module's docstring)."""
+    if metadata:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
+    with storage.atomic_open(fs, path, tmp_dir) as f:
+        if table.num_rows:
+            pq.write_table(table, f)
+        else:
+            pq.ParquetWriter(f, table.schema).close()
+
+
+def uniform(table: pa.Table, columns: pa.Schema | None) -> pa.Table:
+    """``table`` with ``columns`` first, in their order and types (null where it has none), then
+    its other columns: every partition's file of a directory has one schema."""
+    if columns is None:
+        return table
+    arrays, fields = [], []
+    for field in columns:
+        if field.name in table.column_names:
+            column = table.column(field.name)
+            arrays.append(column if column.type == field.type else column.cast(field.type))
+        else:
+            arrays.append(pa.nulls(table.num_rows, field.type))
+        fields.append(field)
+    for name in table.column_names:
+        if name not in columns.names:
+            arrays.append(table.column(name))
+            fields.append(table.schema.field(name))
+    return pa.Table.from_arrays(arrays, schema=pa.schema(fields, metadata=table.schema.metadata))
+
+
+def error_columns(columns: pa.Schema | None) -> pa.Schema | None:
+    """The leading columns of every ``errors/`` file: where the row came from, then the data's."""
+    if columns is None:
+        return None
+    data = [f for f in columns if f.name not in (SOURCE_COLUMN, ROW_COLUMN)]
+    return pa.schema([pa.field(SOURCE_COLUMN, pa.string()), pa.field(ROW_COLUMN, pa.int64()), *data])
 
 
 def _fixed_size(table: pa.Table, column: str, dim: int) -> pa.Table:
@@ -145,6 +192,18 @@ class WriteOptions:
     embed_dim: int = 768
     extra_score_columns: tuple[str, ...] = ()  # --extra-scores: written for scored rows only
     samples: bool = True  # keep a small sample per score band for the report (OUT/samples/)
+    columns: pa.Schema | None = None  # the job's input columns written (all partitions'), see uniform()
+    metadata: tuple[tuple[bytes, bytes], ...] = ()  # each file's key-value metadata (provenance)
+
+
+def rows_to_write(table: pa.Table, mask: np.ndarray, opts: WriteOptions) -> pa.Table:
+    """The valid rows of a scored partition selected by ``mask`` as kept/ and rejected/ hold them."""
+    drop = [opts.embedding_column] if not opts.keep_embeddings and opts.embedding_column in table.column_names else []
+    rows = table.drop_columns(drop + [ERROR_COLUMN]).filter(pa.array(mask))
+    if opts.keep_embeddings and opts.embedding_column in rows.column_names:
+        # Cast after filtering: only valid rows are sure to hold exactly embed_dim values.
+        rows = _fixed_size(rows, opts.embedding_column, opts.embed_dim)
+    return uniform(rows, opts.columns)
 
 
 def split_and_write(
@@ -166,34 +225,24 @@ def split_and_write(
     keep, is_error = table_keep_mask(table, opts.threshold)
     below = ~is_error & ~keep
 
-    drop = [opts.embedding_column] if not opts.keep_embeddings and opts.embedding_column in table.column_names else []
-    scored = table.drop_columns(drop + [ERROR_COLUMN])
-
-    def valid_rows(mask: np.ndarray) -> pa.Table:
-        rows = scored.filter(pa.array(mask))
-        if opts.keep_embeddings and opts.embedding_column in rows.column_names:
-            # Cast after filtering: only valid rows are sure to hold exactly embed_dim values.
-            rows = _fixed_size(rows, opts.embedding_column, opts.embed_dim)
-        return rows
-
+    metadata = dict(opts.metadata)
     files = [f"kept/{name}.parquet"]
-    write_parquet(valid_rows(keep), layout, storage.join(layout.kept, f"{name}.parquet"))
-    if opts.keep_rejected and below.any():
-        write_parquet(valid_rows(below), layout, storage.join(layout.rejected, f"{name}.parquet"))
+    write_parquet(rows_to_write(table, keep, opts), layout, storage.join(layout.kept, f"{name}.parquet"), metadata)
+    if opts.keep_rejected:
+        write_parquet(rows_to_write(table, below, opts), layout, storage.join(layout.rejected, f"{name}.parquet"), metadata)
         files.append(f"rejected/{name}.parquet")
 
     n_errors = int(is_error.sum())
+    err = table.filter(pa.array(is_error)).drop_columns(
+        [c for c in (opts.embedding_column, SCORE_COLUMN, *opts.extra_score_columns) if c in table.column_names]
+    )
+    err = uniform(_with_provenance(err, source, rows[is_error]), error_columns(opts.columns))
+    write_parquet(err, layout, storage.join(layout.errors, f"{name}.parquet"), metadata)
+    files.append(f"errors/{name}.parquet")
+    reasons = {}
     if n_errors:
-        err = table.filter(pa.array(is_error)).drop_columns(
-            [c for c in (opts.embedding_column, SCORE_COLUMN, *opts.extra_score_columns) if c in table.column_names]
-        )
-        err = _with_provenance(err, source, rows[is_error])
-        write_parquet(err, layout, storage.join(layout.errors, f"{name}.parquet"))
-        files.append(f"errors/{name}.parquet")
         keys = err.column("key").cast(pa.string()).to_pylist() if "key" in err.column_names else [str(r) for r in rows[is_error]]
         reasons = samples.error_reasons(err.column(ERROR_COLUMN), keys)
-    else:
-        reasons = {}
     scores = table.column(SCORE_COLUMN).to_numpy(zero_copy_only=False)
     if opts.samples and (~is_error).any():
         eligible = ~is_error
@@ -202,7 +251,7 @@ def split_and_write(
         chosen = samples.pick(scores, eligible)
         if len(chosen):
             write_parquet(samples.sample_table(table, scores, rows, source, chosen, thumbnails),
-                           layout, storage.join(layout.samples, f"{name}.parquet"))
+                          layout, storage.join(layout.samples, f"{name}.parquet"), metadata)
             files.append(f"samples/{name}.parquet")
     return {
         "files": files,

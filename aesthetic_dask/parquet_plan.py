@@ -90,6 +90,7 @@ class EmbeddingPlan:
     embedding_column: str
     failed: dict[str, str]
     duplicates: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # e.g. an earlier job's OUT skipped
 
 
 def _other_job_hint(schema: pa.Schema, check: Callable) -> str:
@@ -195,7 +196,7 @@ def plan_parquet(
     listed = list_inputs(inputs, (".parquet", ".pq"), exclude, storage_options)
     parts, schemas, failed = _plan_parquet_files(listed.files, column, check, partition_rows, storage_options)
     schema = rename_reserved(_unify(schemas, column, canonical), reserved, column)
-    return EmbeddingPlan(parts, schema, column, failed, listed.duplicates)
+    return EmbeddingPlan(parts, schema, column, failed, listed.duplicates, listed.notes())
 
 
 def plan_embeddings(
@@ -239,7 +240,7 @@ def plan_embeddings(
     if not schemas and not failed:
         raise InputError(f"no embedding files found in {', '.join(map(str, inputs))}")
     schema = rename_reserved(_unify(schemas, embedding_column, EMBEDDING_TYPE), reserved, embedding_column)
-    return EmbeddingPlan(parts, schema, embedding_column, failed, duplicates)
+    return EmbeddingPlan(parts, schema, embedding_column, failed, duplicates, listed.notes() if listed else [])
 
 
 def _plan_clip_retrieval(

@@ -117,13 +117,14 @@ def finish_record(layout: OutputLayout, record: Record, started: float) -> Recor
 
 def process_parquet_part(
     part: Any, schema: Any, column: str, out: str, opts: WriteOptions, score_table: Callable[[Any], Any],
-    storage_options: dict[str, Any] | None = None,
+    storage_options: dict[str, Any] | None = None, after_write: Callable[[Any, Record, Any], None] | None = None,
 ) -> Record:
     """Read rows of a Parquet input, score them with ``score_table(table)``, write, return the record.
 
     ``score_table`` returns the table with ``aesthetic_score`` and ``error`` columns, and the
     report's thumbnails by row (or None). An unreadable row range counts all its rows as errors
-    and records why.
+    and records why. ``after_write(scored, record, layout)`` writes more of the partition's files
+    (a sink: ``--write-shards``) before its record, which is written last.
     """
     t0 = time.perf_counter()
     layout = OutputLayout(out, storage_options)
@@ -139,4 +140,6 @@ def process_parquet_part(
     except DataError as exc:  # e.g. the image column, read by a host process of the pool
         return finish_record(layout, Record.failed(part, str(exc), FAILURE_DATA), t0)
     record.wrote(split_and_write(scored, rows, part.name, part.source, layout, opts, thumbnails))
+    if after_write is not None:
+        after_write(scored, record, layout)
     return finish_record(layout, record, t0)

@@ -71,17 +71,30 @@ class Heads:
         extras, extra_info = load_extra_heads(config.extra_scores, config.resolved_model_dir, predictor.embed_dim)
         return cls(predictor, weights, extras, extra_info)
 
-    def write_options(self, config: Any, embedding_column: str) -> Any:
-        """How the job's partitions are split and written."""
+    def write_options(self, config: Any, embedding_column: str, columns: Any = None) -> Any:
+        """How the job's partitions are split and written (``columns``: the input columns every
+        partition's files hold, see :func:`output.uniform`)."""
         return WriteOptions(config.score_threshold, embedding_column, config.keep_embeddings, config.keep_rejected,
-                            self.predictor.embed_dim, tuple(self.extras), samples=config.report_samples)
+                            self.predictor.embed_dim, tuple(self.extras), samples=config.report_samples,
+                            columns=columns)
+
+
+def stamp(work: list[Any], job: Job, heads: Heads, threshold: float, clip: dict[str, Any] | None = None) -> None:
+    """Every partition's files carry the job's provenance (:mod:`.provenance`; its run id exists
+    once the :class:`Job` does)."""
+    from . import provenance
+
+    stamped = provenance.metadata(provenance.describe(job.kind, heads, threshold, job.run_id, clip))
+    for w in work:
+        w.kwargs["opts"] = dataclasses.replace(w.kwargs["opts"], metadata=stamped)
 
 
 def new_job(kind: str, config: Any, layout: OutputLayout, heads: Heads, inputs: list[str], started: float,
             failed_inputs: dict[str, str], duplicate_inputs: list[str], derived: dict[str, Any] | None = None,
-            info: dict[str, Any] | None = None, versions: tuple[str, ...] = ()) -> Job:
+            info: dict[str, Any] | None = None, versions: tuple[str, ...] = (), notes: list[str] = ()) -> Job:
     """The :class:`Job` of either job kind: its fingerprinted settings (:func:`config.output_settings`
-    with the heads' sha256 and ``derived``) and what its manifest records (with ``inputs``)."""
+    with the heads' sha256 and ``derived``) and what its manifest records (with ``inputs``);
+    ``notes`` are said before the work."""
     # The inputs are not in it: a dataset may grow (and partitions record what they read).
     settings = output_settings(config, kind, weights_sha256=heads.weights["sha256"],
                                extra_scores_sha256={k: v["sha256"] for k, v in heads.extra_info.items()},
@@ -92,5 +105,6 @@ def new_job(kind: str, config: Any, layout: OutputLayout, heads: Heads, inputs: 
               "extra_scores": heads.extra_info, **(info or {}),
               "versions": package_versions(versions)},
         failed_inputs=failed_inputs, duplicate_inputs=duplicate_inputs, started=started, report=config.report,
-        note=threshold_note(config.score_threshold, heads.predictor, heads.weights["name"]),
+        note="\n".join(filter(None, [*notes, threshold_note(config.score_threshold, heads.predictor,
+                                                              heads.weights["name"])])) or None,
     )

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import storage
+from . import provenance, storage
 from .columns import SCORE_COLUMN
 from .errors import EXIT_OK, InputError
 from .job import fingerprint
@@ -78,7 +78,7 @@ def _refilter_locked(layout: OutputLayout, manifest: dict[str, Any], threshold: 
     done = 0
     for name, rec in sorted(records.items()):
         if (rec.threshold if rec.threshold is not None else recorded) != threshold:
-            _resplit(layout, rec, threshold, existing, bool(settings.get("keep_rejected")))
+            _resplit(layout, rec, threshold, existing, bool(settings.get("keep_rejected")), run_id)
             rec.threshold, rec.run_id = threshold, run_id
             write_record(layout, rec.to_json())  # last: the partition is at the new threshold
             done += 1
@@ -112,8 +112,10 @@ def _read(layout: OutputLayout, path: str, existing: set[str]) -> pa.Table | Non
         return pq.read_table(f)
 
 
-def _resplit(layout: OutputLayout, rec: Record, threshold: float, existing: set[str], keep_rejected: bool) -> None:
-    """One partition's kept and rejected rows at ``threshold``, each file written whole."""
+def _resplit(layout: OutputLayout, rec: Record, threshold: float, existing: set[str], keep_rejected: bool,
+             run_id: str) -> None:
+    """One partition's kept and rejected rows at ``threshold``, each file written whole, its
+    provenance metadata stamped with the new threshold and this run."""
     kept_path = storage.join(layout.kept, f"{rec.name}.parquet")
     rejected_path = storage.join(layout.rejected, f"{rec.name}.parquet")
     parts = [t for t in (_read(layout, kept_path, existing), _read(layout, rejected_path, existing)) if t is not None]
@@ -122,10 +124,11 @@ def _resplit(layout: OutputLayout, rec: Record, threshold: float, existing: set[
         return
     scores = rows.column(SCORE_COLUMN).to_numpy(zero_copy_only=False).astype(np.float32)
     keep = keep_mask(scores, np.zeros(len(scores), bool), threshold)  # kept and rejected rows hold no errors
-    write_parquet(rows.filter(pa.array(keep)), layout, kept_path)
+    metadata = provenance.restamped(rows.schema.metadata, threshold, run_id)
+    write_parquet(rows.filter(pa.array(keep)), layout, kept_path, metadata)
     rejected = f"rejected/{rec.name}.parquet"
-    if keep_rejected and (~keep).any():  # as the jobs write it: a rejected file only where rows are below
-        write_parquet(rows.filter(pa.array(~keep)), layout, rejected_path)
+    if keep_rejected:  # as the jobs write it: every partition's file, with no rows where none are below
+        write_parquet(rows.filter(pa.array(~keep)), layout, rejected_path, metadata)
         if rejected not in rec.files:
             rec.files.append(rejected)
     elif rejected in rec.files:

@@ -51,14 +51,15 @@ def merge_errors(earlier: pa.Array | pa.ChunkedArray | None, new: pa.Array) -> p
 
 def score_arrow(
     chunks: list[pa.Array], predictor: AestheticPredictor, extras: dict[str, AestheticPredictor] | None = None,
-    xp: Any = None,
+    xp: Any = None, batch_size: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     """(float32 scores, error reasons, extra heads' scores) of an Arrow embedding column, chunk by chunk.
 
     Chunks are scored where they lie: combining them would copy the whole matrix. Every head
     reads the same matrix in the same pass. The table stays in Arrow on the host; only the
     embedding matrix goes to the array module ``xp`` (by default the one this process has:
-    cupy on a worker with a CUDA device, else numpy), and only the scores come back.
+    cupy on a worker with a CUDA device, else numpy), and only the scores come back. Each head
+    call reads at most ``batch_size`` embeddings (``model_inference_batch_size``; None: a chunk).
     """
     if xp is None:
         xp = array_module()
@@ -69,7 +70,7 @@ def score_arrow(
         matrix, candidates, why = arrow_embedding_matrix(chunk, predictor.embed_dim)
         if xp is not np:
             matrix = xp.asarray(matrix)  # host -> device: the matrix alone
-        for out, scores in zip(per_head, classify_and_score(xp, heads, matrix, candidates, why)):
+        for out, scores in zip(per_head, classify_and_score(xp, heads, matrix, candidates, why, batch_size)):
             out.append(scores)
         reasons.append(why)
     if not reasons:
@@ -85,12 +86,14 @@ def classify_and_score(
     matrix: Any,
     candidates: Any,
     reasons: np.ndarray,
+    batch_size: int | None = None,
 ) -> Any:
     """Scores for all rows from each head; invalid rows get NaN and a reason in ``reasons`` (filled in place).
 
     ``matrix`` holds the rows where ``candidates`` is true (right length, no nulls). Rows with a
     non-finite or zero squared norm are invalid: a zero vector is an error, not a division by zero.
-    Given one head, returns its scores; given a list, a list of score arrays.
+    Each head call reads at most ``batch_size`` rows (None: all). Given one head, returns its
+    scores; given a list, a list of score arrays.
     """
     single = not isinstance(heads, (list, tuple))
     heads = [heads] if single else list(heads)
@@ -108,8 +111,10 @@ def classify_and_score(
     reasons[cand_idx[finite_h & ~nonzero_h]] = "embedding has zero norm"
     if ok_h.any():
         rows, norms = (matrix, sq_norm) if ok_h.all() else (matrix[ok], sq_norm[ok])
+        step = batch_size or rows.shape[0]
         for head, scores in zip(heads, results):
-            scores[cand_idx[ok_h]] = _to_numpy(head.score_raw(rows, norms, xp))
+            scores[cand_idx[ok_h]] = np.concatenate(
+                [_to_numpy(head.score_raw(rows[i:i + step], norms[i:i + step], xp)) for i in range(0, rows.shape[0], step)])
     return results[0] if single else results
 
 
@@ -179,6 +184,7 @@ def score_columns(
     earlier_error: pa.ChunkedArray | pa.Array | None,
     predictor: AestheticPredictor,
     extras: dict[str, AestheticPredictor] | None = None,
+    batch_size: int | None = None,
 ) -> tuple[np.ndarray, pa.Array, dict[str, np.ndarray]]:
     """The score stage on Arrow columns: (float32 scores, NaN where invalid; error reasons; extra
     heads' scores by column name).
@@ -186,7 +192,7 @@ def score_columns(
     ``embedding`` is the column's chunks; an earlier stage's reason (e.g. an undecodable image)
     wins over this stage's.
     """
-    scores, reasons, extra = score_arrow(embedding, predictor, extras)
+    scores, reasons, extra = score_arrow(embedding, predictor, extras, batch_size=batch_size)
     return scores, merge_errors(earlier_error, pa.array(reasons, type=pa.string())), extra
 
 
@@ -195,13 +201,14 @@ def score_table(
     predictor: AestheticPredictor,
     embedding_column: str = "embedding",
     extras: dict[str, AestheticPredictor] | None = None,
+    batch_size: int | None = None,
 ) -> pa.Table:
     """``table`` with ``aesthetic_score`` (float32), the extra heads' columns and ``error`` set:
     the jobs' score stage."""
     if embedding_column not in table.column_names:
         raise MissingColumnError("input", embedding_column, table.column_names)
     earlier = table.column(ERROR_COLUMN) if ERROR_COLUMN in table.column_names else None
-    scores, error, extra = score_columns(table.column(embedding_column).chunks, earlier, predictor, extras)
+    scores, error, extra = score_columns(table.column(embedding_column).chunks, earlier, predictor, extras, batch_size)
     return attach_scores(table, scores, error, extra)
 
 

@@ -16,7 +16,7 @@ import pyarrow as pa
 from .config import Config
 from .parquet_plan import EmbeddingPart, plan_embeddings
 from .job import Work, run_parts
-from .preparation import Heads, new_job, with_identities
+from .preparation import Heads, new_job, stamp, with_identities
 from .output import OutputLayout, WriteOptions
 from .partition import Record, process_parquet_part
 from .models.heads import AestheticPredictor
@@ -24,20 +24,21 @@ from .score import check_extra_score_names, score_table
 
 
 def score_embedding_table(table: pa.Table, predictor: AestheticPredictor, column: str,
-                          extras: dict[str, AestheticPredictor] | None = None) -> tuple[pa.Table, None]:
+                          extras: dict[str, AestheticPredictor] | None = None,
+                          batch_size: int | None = None) -> tuple[pa.Table, None]:
     """A read partition with ``aesthetic_score``, extra heads and ``error`` (no thumbnails:
     embeddings have no images). The table stays in Arrow; on a GPU worker only the matrix goes
-    to the device (:func:`score.score_arrow`)."""
-    return score_table(table, predictor, column, extras), None
+    to the device (:func:`score.score_arrow`), ``batch_size`` embeddings per head call."""
+    return score_table(table, predictor, column, extras, batch_size), None
 
 
 def process_embedding_part(
     part: EmbeddingPart, schema: pa.Schema, column: str, predictor: AestheticPredictor, out: str,
     opts: WriteOptions, extras: dict[str, AestheticPredictor] | None = None,
-    storage_options: dict[str, Any] | None = None,
+    storage_options: dict[str, Any] | None = None, batch_size: int | None = None,
 ) -> Record:
     """Read, score and write one partition; return its record."""
-    scorer = partial(score_embedding_table, predictor=predictor, column=column, extras=extras)
+    scorer = partial(score_embedding_table, predictor=predictor, column=column, extras=extras, batch_size=batch_size)
     return process_parquet_part(part, schema, column, out, opts, scorer, storage_options)
 
 
@@ -55,14 +56,17 @@ def score_job(inputs: list[str], out: str | Path, config: Config, overwrite: boo
     check_extra_score_names(heads.extras, plan.schema.names)
     opts = heads.write_options(config, config.embedding_column)
     sources = sorted({p.source for p in plan.parts} | set(plan.failed))
-    job = new_job("score", config, layout, heads, sources, started, plan.failed, plan.duplicates)
+    job = new_job("score", config, layout, heads, sources, started, plan.failed, plan.duplicates, notes=plan.notes)
     job.timings["plan_s"] = round(time.perf_counter() - t0, 3)
     cluster_opts = ClusterOptions.from_config(config)
     with dask_client(cluster_opts) as (client, device):
         job.timings["cluster_s"] = round(time.perf_counter() - t0 - job.timings["plan_s"], 3)
         kwargs = dict(schema=plan.schema, column=config.embedding_column, predictor=heads.predictor, out=layout.url(),
-                      storage_options=config.storage_options, opts=opts, extras=heads.extras)
-        return run_parts(job, client, [Work(parts, process_embedding_part, kwargs)], overwrite=overwrite,
+                      storage_options=config.storage_options, opts=opts, extras=heads.extras,
+                      batch_size=config.model_inference_batch_size)
+        work = [Work(parts, process_embedding_part, kwargs)]
+        stamp(work, job, heads, config.score_threshold)
+        return run_parts(job, client, work, overwrite=overwrite,
                          prune_missing=prune_missing,
                          resources=task_resources(cluster_opts, device, client.cluster is not None),
                          progress=progress and not config.verbose)

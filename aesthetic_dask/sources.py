@@ -4,7 +4,8 @@ list of absolute files, listed through their filesystem.
 Local paths are made absolute here, in the client, so tasks find them on workers whose working
 directory differs; URLs keep their protocol on every path the job records. A job's own output
 directories are never read as input: they are skipped when listing directories and globs, and
-naming a file inside one is refused.
+naming a file inside one is refused. An earlier job's OUT found inside an input directory (a
+``manifest.json`` beside a ``_parts/`` folder) is skipped too, and said in one line.
 """
 
 from __future__ import annotations
@@ -27,6 +28,12 @@ class InputFiles:
 
     files: list[str]
     duplicates: list[str] = field(default_factory=list)
+    skipped_outputs: list[str] = field(default_factory=list)  # earlier jobs' OUTs found under an input
+
+    def notes(self) -> list[str]:
+        """One line per earlier job's OUT skipped."""
+        return [f"note: skipped {where}: an earlier aesthetic-dask job's output (manifest.json and _parts/), "
+                "never read as input" for where in self.skipped_outputs]
 
 
 def list_inputs(
@@ -46,6 +53,7 @@ def list_inputs(
     if isinstance(inputs, (str, Path)):
         inputs = [str(inputs)]
     files: list[tuple[str, str]] = []  # (identity, url)
+    skipped: list[str] = []
     for raw in inputs:
         storage.check_reachable(raw, storage_options, "input")
         fs, path = storage.split(str(raw) if storage.is_url(raw) else str(Path(str(raw).removeprefix("file://")).expanduser()),
@@ -58,7 +66,7 @@ def list_inputs(
                 if not matches:
                     raise InputError(f"input {raw}: the pattern matches no file")
                 for m in matches:
-                    files.extend(_expand_one(fs, m, suffixes, excluded, local))
+                    files.extend(_expand_one(fs, m, suffixes, excluded, local, skipped))
                 continue
             if not fs.exists(path):
                 raise InputError(f"input {raw}: no such file or directory")
@@ -68,7 +76,7 @@ def list_inputs(
             raise InputError(f"input {raw}: cannot list it: {type(exc).__name__}: {exc}") from None
         if _inside(path, excluded, local):
             raise InputError(f"input {raw} lies inside the job's output directory; it is never read as input")
-        found = _expand_one(fs, path, suffixes, excluded, local)
+        found = _expand_one(fs, path, suffixes, excluded, local, skipped)
         if not found:
             raise InputError(f"input {raw}: no {'/'.join(suffixes)} files under this directory")
         files.extend(found)
@@ -80,7 +88,7 @@ def list_inputs(
             continue
         seen.add(identity)
         unique.append(url)
-    return InputFiles(unique, duplicates)
+    return InputFiles(unique, duplicates, sorted(set(skipped)))
 
 
 def check_not_inside(raw: str, exclude: Iterable[str | Path], storage_options: dict[str, Any] | None = None) -> None:
@@ -105,16 +113,29 @@ def _inside(path: str, excluded: list[str], local: bool) -> bool:
     return any(resolved == e or resolved.startswith(e.rstrip("/") + "/") for e in excluded)
 
 
-def _expand_one(fs: Any, path: str, suffixes: tuple[str, ...], excluded: list[str], local: bool) -> list[tuple[str, str]]:
-    """(identity, url) of the file, or of the matching files under the directory, sorted."""
+def _expand_one(fs: Any, path: str, suffixes: tuple[str, ...], excluded: list[str], local: bool,
+                skipped: list[str]) -> list[tuple[str, str]]:
+    """(identity, url) of the file, or of the matching files under the directory, sorted; earlier
+    jobs' OUTs under the directory go to ``skipped`` (as URLs) and are not listed."""
     if fs.isdir(path):
+        everything = fs.find(path)
+        outs = [o for o in earlier_outputs(everything) if not _inside(o, excluded, local)]
+        skipped.extend(_identify(fs, o, local)[1] for o in outs)
         found = [
-            p for p in fs.find(path)
+            p for p in everything
             if p.lower().endswith(suffixes) and not p.rsplit("/", 1)[-1].startswith((".", "_"))
-            and not _inside(p, excluded, local)
+            and not _inside(p, excluded + outs, local)
         ]
         return [_identify(fs, p, local) for p in sorted(found)]
     return [_identify(fs, path, local)]
+
+
+def earlier_outputs(paths: list[str]) -> list[str]:
+    """The directories among ``paths``' parents that hold a job's OUT: a ``manifest.json`` beside
+    a ``_parts/`` folder."""
+    manifests = {p.rsplit("/", 1)[0] for p in paths if p.endswith("/manifest.json")}
+    records = {p.rsplit("/_parts/", 1)[0] for p in paths if "/_parts/" in p}
+    return sorted(manifests & records)
 
 
 def _identify(fs: Any, path: str, local: bool) -> tuple[str, str]:

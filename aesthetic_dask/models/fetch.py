@@ -105,7 +105,37 @@ def _cached(entry: RegisteredWeights, model_dir: Path) -> ResolvedWeights | None
         if src.sha256 and converted_path(model_dir, src.sha256).is_file():
             # The file that is there, and that is read: never the .pth it was converted from.
             return ResolvedWeights(converted_path(model_dir, src.sha256), src.sha256, src.url, entry.spec, entry)
+    pinned = {src.sha256: src for src in entry.sources if src.sha256}
+    for path, digest in _files_in(model_dir):  # a copy put there by hand, under any name
+        if digest in pinned:
+            return ResolvedWeights(path, digest, pinned[digest].url, entry.spec, entry)
     return None
+
+
+HEAD_SUFFIXES = (".pth", ".pt", ".safetensors")
+MAX_HEAD_BYTES = 64 * 2**20  # heads are a few MB: a CLIP checkpoint beside them is not hashed
+
+
+def _files_in(model_dir: Path) -> list[tuple[Path, str]]:
+    """(path, sha256) of the head-sized weight files directly in ``model_dir``."""
+    try:
+        candidates = sorted(p for p in Path(model_dir).iterdir()
+                            if p.suffix in HEAD_SUFFIXES and p.is_file() and p.stat().st_size <= MAX_HEAD_BYTES)
+    except OSError:
+        return []
+    return [(p, sha256_file(p)) for p in candidates]
+
+
+def registered_entry(name_or_path: str) -> RegisteredWeights | None:
+    """The registered head a name or a local file is (a file by its sha256), without fetching."""
+    entry = REGISTRY.get(name_or_path)
+    if entry is not None:
+        return entry
+    path = Path(name_or_path).expanduser()
+    if not path.is_file():
+        return None
+    digest = sha256_file(path)
+    return next((e for e in REGISTRY.values() for src in e.sources if src.sha256 == digest), None)
 
 
 def cached_weights(name: str, model_dir: Path) -> ResolvedWeights | None:

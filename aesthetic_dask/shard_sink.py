@@ -1,0 +1,145 @@
+"""The ``--write-shards DIR`` sink: each partition's kept samples as a WebDataset tar named after its
+input, with img2dataset's companions beside it.
+
+- **Names follow the inputs**: a shard's tar keeps its path relative to the inputs' common root
+  (``in/00000.tar`` -> ``DIR/00000.tar``, ``in/a/00001.tar.gz`` -> ``DIR/a/00001.tar``), so the
+  brace patterns WebDataset and img2dataset users write (``DIR/{00000..00099}.tar``) find them.
+  An image-Parquet file's partitions are ``STEM-00000.tar``, ``STEM-00001.tar``, ... Only names
+  that would still collide get a suffix (``-`` and 8 hex digits of the input's path).
+- **Beside each tar**, as img2dataset writes: ``NAME_stats.json`` (counts, reasons, times) and
+  ``NAME.parquet`` (the tar's samples: its kept rows, with their scores).
+- Every partition gets its tar, an empty one where nothing was kept: a brace pattern never meets
+  a hole.
+- Shards' members are copied with their original bytes (:func:`output.write_kept_shard`); an
+  image-Parquet row becomes ``KEY.EXT`` (its image bytes, the extension from the image's format)
+  and ``KEY.json`` (its other columns and scores).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import posixpath
+import tarfile
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from . import storage
+from .columns import ERROR_COLUMN
+from .image_reader import image_values, safe_member_name
+from .output import OutputLayout, WriteOptions, rows_to_write, write_kept_shard, write_parquet_file
+from .score import table_keep_mask
+
+SHARD_SUFFIXES = (".tar.gz", ".tgz", ".tar")
+# Pillow's format names -> the extensions WebDataset consumers decode by.
+EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif"}
+
+
+def shard_names(parts: list[Any]) -> dict[str, str]:
+    """Part name -> its tar's name under DIR (without ``.tar``), decided once in the client."""
+    sources = sorted({p.source for p in parts})
+    root = _common_root(sources)
+    wanted: dict[str, str] = {}
+    by_file: dict[str, list[Any]] = {}
+    for part in parts:
+        by_file.setdefault(part.source, []).append(part)
+    for source, file_parts in by_file.items():
+        relative = _strip_suffix(_path(source)[len(root):].lstrip("/")) if root else _strip_suffix(posixpath.basename(_path(source)))
+        if len(file_parts) == 1 and not hasattr(file_parts[0], "start"):
+            wanted[file_parts[0].name] = relative
+        else:  # rows of a Parquet file: one tar per partition, in row order
+            for i, part in enumerate(sorted(file_parts, key=lambda p: p.start)):
+                wanted[part.name] = f"{relative}-{i:05d}"
+    taken: dict[str, list[str]] = {}
+    for name, stem in wanted.items():
+        taken.setdefault(stem, []).append(name)
+    source_of = {p.name: p.source for p in parts}
+    return {name: stem if len(taken[stem]) == 1 else f"{stem}-{hashlib.sha256(source_of[name].encode()).hexdigest()[:8]}"
+            for name, stem in wanted.items()}
+
+
+def _path(source: str) -> str:
+    return source.split("://", 1)[1] if "://" in source else source
+
+
+def _strip_suffix(name: str) -> str:
+    lower = name.lower()
+    for suffix in SHARD_SUFFIXES + (".parquet", ".pq"):
+        if lower.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _common_root(sources: list[str]) -> str:
+    schemes = {s.split("://", 1)[0] if "://" in s else "" for s in sources}
+    if len(schemes) != 1 or not sources:
+        return ""
+    return posixpath.commonpath([posixpath.dirname(_path(s)) for s in sources]).rstrip("/")
+
+
+def write_shard_outputs(directory: str, stem: str, part: Any, table: pa.Table, opts: WriteOptions,
+                        layout: OutputLayout, started: float, reasons: dict[str, Any],
+                        image_column: str | None = None, storage_options: dict[str, Any] | None = None,
+                        sample_indices: np.ndarray | None = None) -> list[str]:
+    """Write ``DIR/STEM.tar`` (the kept samples), ``STEM.parquet`` and ``STEM_stats.json``; return
+    their paths (URLs) for the partition's record. ``table`` is the scored partition: shards give
+    ``sample_indices`` (each row's sample index in the tar), image Parquet its ``image_column``."""
+    keep, is_error = table_keep_mask(table, opts.threshold)
+    target = storage.join(directory, f"{stem}.tar")
+    if sample_indices is not None:
+        write_kept_shard(part.source, set(sample_indices[keep].tolist()), target, layout.tmp, storage_options)
+    else:
+        _write_rows_tar(part, image_column, table, keep, target, layout.tmp, storage_options)
+    rows_path = storage.join(directory, f"{stem}.parquet")
+    fs, path = storage.split(rows_path, storage_options)
+    write_parquet_file(rows_to_write(table, keep, opts), fs, path, layout.tmp, dict(opts.metadata))
+    ended = time.time()
+    stats = {
+        "input": part.source,
+        "count": table.num_rows,
+        "successes": int(keep.sum()),
+        "rows_below_threshold": int((~keep & ~is_error).sum()),
+        "rows_error": int(is_error.sum()),
+        "score_threshold": opts.threshold,
+        "status_dict": {"kept": int(keep.sum()), "below_threshold": int((~keep & ~is_error).sum()),
+                        **{reason: entry["count"] if isinstance(entry, dict) else entry for reason, entry in reasons.items()}},
+        "start_time": started,
+        "end_time": ended,
+        "duration": round(ended - started, 3),
+    }
+    stats_path = storage.join(directory, f"{stem}_stats.json")
+    fs, path = storage.split(stats_path, storage_options)
+    storage.write_bytes(fs, path, (json.dumps(stats, indent=2) + "\n").encode(), layout.tmp)
+    return [target, rows_path, stats_path]
+
+
+def _write_rows_tar(part: Any, column: str, table: pa.Table, keep: np.ndarray, target: str, tmp_dir: str | None,
+                    storage_options: dict[str, Any] | None) -> None:
+    """The kept rows of an image-Parquet partition as ``KEY.EXT`` and ``KEY.json`` members."""
+    from PIL import Image
+
+    from .embeddings_reader import read_parquet_rows
+
+    images = read_parquet_rows(part.source, part.start, part.stop, part.row_groups, storage_options, columns=[column])
+    values = image_values(images.column(column))
+    rows = table.drop_columns([c for c in (ERROR_COLUMN, "embedding") if c in table.column_names])
+    records = rows.to_pylist()
+    fs, path = storage.split(target, storage_options)
+    with storage.atomic_open(fs, path, tmp_dir) as out, tarfile.open(fileobj=out, mode="w|") as tar:
+        for i in np.flatnonzero(keep):
+            data = values[i]
+            key = safe_member_name(str(records[i].get("key") or f"{part.start + i:010d}"))
+            try:
+                with Image.open(io.BytesIO(data)) as image:
+                    ext = EXTENSIONS.get(image.format, (image.format or "bin").lower())
+            except Exception:  # noqa: BLE001 - scored, so it decoded; the extension is a courtesy
+                ext = "bin"
+            meta = json.dumps(records[i], default=str).encode()
+            for name, payload in ((f"{key}.{ext}", data), (f"{key}.json", meta)):
+                info = tarfile.TarInfo(name)
+                info.size, info.mode, info.mtime = len(payload), 0o644, int(time.time())
+                tar.addfile(info, io.BytesIO(payload))
