@@ -18,7 +18,7 @@ from .storage import redact, with_bound, without_bound
 CHOICES: dict[str, tuple[str, ...]] = {
     "image_decoder": ("auto", "pil", "torch"),
     "clip_compile": ("auto", "true", "false"),
-    "clip_precision": ("auto", "fp32", "fp16"),
+    "clip_precision": ("auto", "fp32", "fp16", "bf16"),
     "dashboard": ("auto", "true", "false"),
 }
 BOTH = ("score", "run")

@@ -1,6 +1,6 @@
 """Benchmark: does the decode pool feed the model at the host's full speed? (issue 17)
 
-    python benchmarks/bench_feed.py [--shards 12] [--per-shard 400] [--repeat 3]
+    python benchmarks/bench_feed.py [--shards 12] [--per-shard 400] [--repeat 3] [--no-nanny]
 
 A near-free 224-px open_clip model (so decoding is the bound), WebDataset shards of real photos
 (scikit-image's samples, 300 KB-2 MP), all cores. Side by side, best of ``--repeat``:
@@ -18,6 +18,11 @@ encoder. Prints job/bare throughput and the CPU ms per image spent in the model'
 (goal <= 1.0; the rest is in the pool), and the per-stage CPU ms per image of one core, from
 which a many-core figure follows: images/s ~= min(pool processes / pool ms, 1000 / model-process
 ms, the model's ceiling).
+
+**Under a nanny** (as LocalCUDACluster and ``dask cuda worker`` start workers): the same job
+through a real ``dask scheduler`` and a nanny-started ``dask worker`` (Dask's defaults), its
+pool's CPU ms per image against the plain process's (goal <= 1.1x: the nanny's
+``MALLOC_TRIM_THRESHOLD_`` must not reach the decode processes).
 """
 
 from __future__ import annotations
@@ -161,12 +166,68 @@ def job_once(shards_dir: Path, out: Path, config_path: Path, ckpt: Path, weights
             "pool_cpu_ms": 1000 * (pool_after - pool_before) / images if children else None}
 
 
+def launcher_tree_cpu_s() -> float:
+    """CPU seconds of every decode pool process on this machine (the launchers and their forks)."""
+    import psutil
+
+    total = 0.0
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if "aesthetic_dask.pipeline.launcher" in " ".join(p.info["cmdline"] or []):
+                total += sum(p.cpu_times()[:2])
+        except psutil.Error:
+            continue
+    return total
+
+
+def nanny_runs(shards_dir: Path, work: Path, config_path: Path, ckpt: Path, weights: Path, cores: int,
+               repeat: int) -> list[dict]:
+    """The job through `dask scheduler` + a nanny-started `dask worker` (Dask's defaults, its own
+    environment): images/s and the pool's CPU ms per image, best of ``repeat`` after a warm-up."""
+    import subprocess
+
+    from aesthetic_dask.config import load_config
+    from aesthetic_dask.image_job import run_job
+
+    dask = Path(sys.executable).parent / "dask"
+    sched = work / "scheduler.json"
+    sched.unlink(missing_ok=True)
+    procs = [subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+                               "--scheduler-file", sched], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        while not sched.exists():
+            time.sleep(0.1)
+        procs.append(subprocess.Popen([dask, "worker", "--scheduler-file", sched, "--nthreads", str(cores + 1),
+                                       "--no-dashboard", "--host", "127.0.0.1"],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        config = load_config(clip_model_config=str(config_path), clip_pretrained=str(ckpt), aesthetic_weights=str(weights),
+                             threshold=0.0, model_dir=str(work / "models"), report=False, scheduler_file=str(sched))
+        runs = []
+        for i in range(repeat + 1):  # the first warms the worker (pool start, model load)
+            out = work / f"out-nanny-{i}"
+            before = launcher_tree_cpu_s()
+            manifest, code = run_job([str(shards_dir)], out, config, progress=False)
+            after = launcher_tree_cpu_s()
+            assert code == 0, manifest
+            images = manifest["this_run"]["rows_processed"]
+            if i:
+                runs.append({"images_per_s": images / manifest["this_run"]["compute_s"],
+                             "pool_cpu_ms": 1000 * (after - before) / images})
+            shutil.rmtree(out, ignore_errors=True)
+        return runs
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+            p.wait(timeout=30)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shards", type=int, default=12)
     parser.add_argument("--per-shard", type=int, default=400)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "aesthetic-dask-bench-feed")
+    parser.add_argument("--no-nanny", action="store_true", help="skip the run under a nanny-started dask worker")
     args = parser.parse_args()
     cores = len(os.sched_getaffinity(0))
     work = args.work
@@ -208,6 +269,13 @@ def main() -> None:
     print(f"  of which normalising and the model's forward (on a GPU: its kernels): {device_ms:.2f}; "
           f"the rest (what a GPU worker's process spends): {model_ms - device_ms:.2f}")
     print(f"CPU ms per image in the pool's processes: {pool_ms:.2f}")
+    if not args.no_nanny:
+        nanny = nanny_runs(shards[0].parent, work, config, ckpt, weights, cores, args.repeat)
+        nanny_ms = min(r["pool_cpu_ms"] for r in nanny)
+        pool_default_ms = min(r["pool_cpu_ms"] for r in runs["default"] if r["pool_cpu_ms"] is not None)
+        print(f"pool CPU ms per image under a nanny-started dask worker / in a plain process, best of {args.repeat}: "
+              f"{nanny_ms / pool_default_ms:.2f} ({nanny_ms:.2f} vs {pool_default_ms:.2f}; "
+              f"{max(r['images_per_s'] for r in nanny):,.0f} images/s there)   goal <= 1.1")
     print("per-stage CPU ms per image, one core: " + ", ".join(f"{k} {v}" for k, v in per_stage.items()))
     host_ms = max(model_ms - device_ms, 1e-3) if device_ms == device_ms else model_ms
     for n in (16,):

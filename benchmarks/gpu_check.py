@@ -28,7 +28,18 @@ the JSON rewritten after each (a step that fails records its error, the rest sti
   (``nvidia-smi``) and the host pool's processes and CPU use sampled during the run; the same
   run eager (``clip_compile: false``) where time is left.
 
-Writes benchmarks/results/gpu-<yyyymmdd>-<device>.json and .log.
+- ``score_max_abs_diff_fp16_vs_fp32``: the real default head's scores of the same crops through the
+  tower in the precision the job uses (fp16 or bf16 matrix products, fp32 LayerNorm) against fp32
+  (on a CPU dry run, fp16 as torch emulates it);
+- ``first_batch_after_s``: from the command's start to the first batch on the model.
+
+It cannot waste the device's minutes: the heads are found (``$AESTHETIC_WEIGHTS``, a file or a
+folder, then ``.gpu/``, then ``../shared``) and checked before any device work (none: one line,
+exit 2, in seconds); every step is bounded by ``--deadline`` (a run that reaches it is stopped
+cleanly and reports the steady rate so far); one compiled shape serves the ceiling and the
+cosine; every key is written (null where a step did not run); the last line is a one-line
+summary. Results go to ``--results`` (default ``$OUT`` where it is set, as on the device machine,
+whose ``$OUT`` comes back; else benchmarks/results): gpu-<yyyymmdd>-<device>.json and .log.
 """
 
 from __future__ import annotations
@@ -63,6 +74,17 @@ PINNED_WHEELS = (
 )
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "cat", "immunohistochemistry", "hubble_deep_field", "retina",
           "camera", "brick", "grass", "gravel", "horse", "moon", "page")
+# Every key a device run writes; a dry run (or a step that did not run) writes them as null.
+RESULT_KEYS = (
+    "device", "command", "versions", "cpu_cores", "inputs", "model", "heads", "embedding_cosine_min",
+    "model_ceiling", "model_ceiling_images_per_s", "model_ceiling_compiled_images_per_s", "compiled_vs_eager_cosine_min",
+    "decode_images_per_s", "score_max_abs_diff_cupy_vs_numpy", "score_max_abs_diff_by_head",
+    "score_max_abs_diff_fp16_vs_fp32", "precision", "run", "images", "run_images_per_s", "steady_images_per_s", "fixed_s",
+    "first_batch_after_s", "run_vs_ceiling", "run_steady_vs_ceiling", "run_eager", "summary",
+)
+# Rough seconds each optional step needs on an H100 (the run takes what is left, less a margin).
+STEP_S = {"cosines": 60, "ceiling": 90, "decode": 40, "scores": 30, "precision": 40, "run_eager": 150}
+RUN_MARGIN_S = 45  # left after the run for its clean stop and the rest
 TINY_CLIP = {
     "embed_dim": 768, "quick_gelu": True,
     "vision_cfg": {"image_size": 224, "layers": 2, "width": 128, "patch_size": 16},
@@ -115,6 +137,22 @@ def ensure_packages() -> None:
 
 # ---------------------------------------------------------------------------------------------
 # There: build the inputs.
+
+def find_heads() -> list[Path]:
+    """The real predictor heads: ``$AESTHETIC_WEIGHTS`` (a file or a folder of them), else the
+    carried ``.gpu/``, else ``../shared``. The default head comes first."""
+    given = os.environ.get("AESTHETIC_WEIGHTS")
+    if given:
+        where = Path(given)
+        if where.is_file():
+            return [where]
+        return [where / h for h in HEADS if (where / h).is_file()]
+    for folder in (HEADS_DIR, SHARED):
+        found = [folder / h for h in HEADS if (folder / h).is_file()]
+        if found:
+            return found
+    return []
+
 
 def make_photo(i: int) -> bytes:
     """Distinct JPEG number ``i``: a crop of a sample photo at one of several sizes and qualities."""
@@ -203,6 +241,14 @@ class Check:
     def left(self) -> float:
         return self.deadline_s - (time.perf_counter() - self.t0)
 
+    def fits(self, name: str, needs_s: float) -> bool:
+        """Whether a step needing ``needs_s`` fits in what is left of the deadline (else recorded as skipped)."""
+        if self.left() >= needs_s:
+            return True
+        self.results["errors"][name] = f"skipped: {self.left():.0f}s left of the deadline, the step needs ~{needs_s:.0f}s"
+        self.log(f"skip {name}")
+        return False
+
     @contextmanager
     def step(self, name: str, optional_s: float | None = None):
         """Run a step; with ``optional_s``, skip it unless that much of the deadline is left."""
@@ -273,8 +319,11 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=200_000, help="images in the run (default 200,000)")
     parser.add_argument("--distinct-images", type=int, default=32_000,
                         help="images in distinct shards; the rest are hard links under other names (default 32,000)")
-    parser.add_argument("--deadline", type=float, default=480, help="seconds after which optional steps skip")
-    parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--deadline", type=float, default=480,
+                        help="seconds the whole check may take: steps that would pass it skip, the run stops at it")
+    parser.add_argument("--results", type=Path,
+                        default=Path(os.environ["OUT"]) if os.environ.get("OUT") else REPO / "benchmarks" / "results",
+                        help="where the JSON and log go (default $OUT where set, else benchmarks/results)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/gpu-check"))
     parser.add_argument("--steps", default="all",
                         help="comma-separated steps to run (default all): cosines,ceiling,decode,scores,run,run_eager")
@@ -283,6 +332,11 @@ def main() -> int:
     if args.fetch:
         fetch()
         return 0
+    heads = find_heads()
+    if not heads:  # before any device work: a run without heads would be minutes lost
+        print(f"gpu_check: no predictor heads: set AESTHETIC_WEIGHTS to a head file or folder, or run "
+              f"`python benchmarks/gpu_check.py --fetch` (copies them from {SHARED} into {HEADS_DIR})", file=sys.stderr)
+        return 2
     ensure_packages()
     if args.quick:
         args.distinct, args.images, args.distinct_images = min(args.distinct, 64), min(args.images, 512), 256
@@ -293,7 +347,8 @@ def main() -> int:
     cuda = torch.cuda.is_available()
     device = torch.cuda.get_device_name(0) if cuda else "cpu"
     check.name(device + ("-quick" if args.quick else "") + (f"-{args.tag}" if args.tag else ""))
-    wanted = set(args.steps.split(",")) if args.steps != "all" else {"cosines", "ceiling", "decode", "scores", "run", "run_eager"}
+    wanted = set(args.steps.split(",")) if args.steps != "all" else {"cosines", "ceiling", "decode", "scores", "precision",
+                                                                     "run", "run_eager"}
     r = check.results
     r["device"] = device
     r["command"] = " ".join(["python3", "benchmarks/gpu_check.py", *sys.argv[1:]])
@@ -358,7 +413,7 @@ def main() -> int:
 
     cos = r["embedding_cosine_min"] = {}
     sample = photos[:64]
-    if "cosines" in wanted:
+    if "cosines" in wanted and check.fits("cosines", STEP_S["cosines"]):
         with check.step("cosine_device_vs_cpu_fp32"):
             from open_clip.transform import PreprocessCfg, image_transform_v2
             from PIL import Image
@@ -383,17 +438,18 @@ def main() -> int:
             check.log(f"cosines {cos}")
     del cpu_model
 
-    if "ceiling" in wanted:
+    if "ceiling" in wanted and check.fits("ceiling", STEP_S["ceiling"]):
         with check.step("model_ceiling"):
             # The job's own image tower: fp16 weights on the GPU, as the run computes.
             dev, dtype = encoder.device, encoder.dtype
             ceiling = r["model_ceiling"] = {"weights": str(dtype)}
             sync = torch.cuda.synchronize if cuda else (lambda: None)
+            # One compiled shape (batch 256) serves both its ceiling and its cosine: each shape compiles anew.
             compiled = torch.compile(encoder.visual, dynamic=False) if cuda else None
             for batch in (32, 256) if cuda else (8,):
                 x = torch.randn(batch, 3, *encoder.input.size, device=dev, dtype=dtype)
                 n = max(8, 4096 // batch) if cuda else 2
-                for label, fn in (("eager", encoder.visual), ("compiled", compiled)):
+                for label, fn in (("eager", encoder.visual), ("compiled", compiled if batch == 256 else None)):
                     if fn is None:
                         continue
                     with torch.inference_mode():
@@ -411,13 +467,13 @@ def main() -> int:
             if compiled is not None:
                 r["model_ceiling_compiled_images_per_s"] = ceiling["compiled_batch256"]
                 with torch.inference_mode():
-                    x = torch.randn(64, 3, *encoder.input.size, device=dev, dtype=dtype)
+                    x = torch.randn(256, 3, *encoder.input.size, device=dev, dtype=dtype)
                     a, b = encoder.visual(x).float(), compiled(x).float()
                 r["compiled_vs_eager_cosine_min"] = round(cosine_min(a.cpu().numpy(), b.cpu().numpy()), 6)
             check.log(f"ceiling {ceiling}")
     encoder = None
 
-    if "decode" in wanted:
+    if "decode" in wanted and check.fits("decode", STEP_S["decode"]):
         with check.step("decode"):
             procs = r["cpu_cores"]
             dec = r["decode_images_per_s"] = {"processes": procs}
@@ -429,11 +485,10 @@ def main() -> int:
                     dec[name] = images_per_s(len(photos), lambda: pool.map(decode_rate, share), repeat=2)
             check.log(f"decode {dec}")
 
-    heads = [HEADS_DIR / h for h in HEADS if (HEADS_DIR / h).exists()] or [SHARED / h for h in HEADS if (SHARED / h).exists()]
     r["heads"] = [h.name for h in heads]
     if "scores" in wanted and not cuda:
         r["errors"]["scores_cupy_vs_numpy"] = "skipped: no CUDA device (cupy computes on one)"
-    elif "scores" in wanted:
+    elif "scores" in wanted and check.fits("scores", STEP_S["scores"]):
         with check.step("scores_cupy_vs_numpy"):
             import cupy
             import pyarrow as pa
@@ -456,6 +511,12 @@ def main() -> int:
             r["score_max_abs_diff_by_head"] = diffs
             check.log(f"score diffs {diffs}")
 
+    if "precision" in wanted and check.fits("precision", STEP_S["precision"]):
+        with check.step("precision"):
+            r["precision"] = precision_error(spec, photos[:256], heads[0], work, "cuda" if cuda else "cpu")
+            r["score_max_abs_diff_fp16_vs_fp32"] = r["precision"]["score_max_abs_diff"]
+            check.log(f"precision {r['precision']}")
+
     import gc
 
     gc.collect()
@@ -463,22 +524,75 @@ def main() -> int:
         torch.cuda.empty_cache()
     if "run" in wanted:
         with check.step("run"):
-            r["run"] = run_job(check, work, shards, spec, heads, "default", [])
-            for key in ("images", "steady_images_per_s", "fixed_s"):
+            budget = check.left() - RUN_MARGIN_S - (STEP_S["run_eager"] if "run_eager" in wanted and not args.quick else 0)
+            r["run"] = run_job(check, work, shards, spec, heads, "default", [], max(60.0, budget))
+            for key in ("images", "steady_images_per_s", "fixed_s", "first_batch_after_s"):
                 r[key] = r["run"][key]
             r["run_images_per_s"] = r["run"]["images_per_s"]
             if "model_ceiling_images_per_s" in r:
                 r["run_vs_ceiling"] = round(r["run_images_per_s"] / r["model_ceiling_images_per_s"], 3)
                 r["run_steady_vs_ceiling"] = round(r["steady_images_per_s"] / r["model_ceiling_images_per_s"], 3)
     if "run_eager" in wanted:
-        with check.step("run_eager", optional_s=150) as go:
+        with check.step("run_eager", optional_s=STEP_S["run_eager"]) as go:
             if go:
                 eager = work / "eager.yaml"
                 eager.write_text("clip_compile: false\n")
-                r["run_eager"] = run_job(check, work, shards, spec, heads, "eager", ["--config", str(eager)])
-    check.log(f"done: {json.dumps({k: r.get(k) for k in ('model_ceiling_images_per_s', 'model_ceiling_compiled_images_per_s', 'run_images_per_s', 'steady_images_per_s', 'fixed_s')})}")
+                r["run_eager"] = run_job(check, work, shards, spec, heads, "eager", ["--config", str(eager)],
+                                         max(30.0, check.left() - 15))
+    for key in RESULT_KEYS:
+        r.setdefault(key, None)
+    r["summary"] = summary_line(r)
+    check.log(r["summary"])
     check.save()
     return 0
+
+
+def summary_line(r: dict) -> str:
+    """The check in one line: what a reader of the log needs first."""
+    def show(key: str, fmt: str = "{:,.0f}") -> str:
+        value = r.get(key)
+        return "n/a" if value is None else fmt.format(value)
+
+    return (f"gpu_check {r.get('device')}: ceiling {show('model_ceiling_images_per_s')} eager / "
+            f"{show('model_ceiling_compiled_images_per_s')} compiled images/s; run {show('run_images_per_s')} "
+            f"({show('steady_images_per_s')} steady, first batch after {show('first_batch_after_s', '{:.1f}')}s, "
+            f"fixed {show('fixed_s', '{:.1f}')}s); score error vs fp32 {show('score_max_abs_diff_fp16_vs_fp32', '{:.2g}')}; "
+            f"{len(r.get('errors') or {})} step(s) failed or skipped")
+
+
+def precision_error(spec, photos: list[bytes], head: Path, work: Path, device: str) -> dict:
+    """The real head's scores of the same crops through the tower in the job's reduced precision
+    (fp16 or bf16 products, fp32 LayerNorm; fp16 where the job computes in fp32, as on a CPU) and
+    in fp32: the largest score difference and the smallest embedding cosine."""
+    import copy
+
+    import numpy as np
+    import torch
+
+    from aesthetic_dask.models.clip import compute_precision
+    from aesthetic_dask.models.load import load_predictor
+    from aesthetic_dask.pipeline.decode import make_decoder
+    from aesthetic_dask.pipeline.encoder import load_image_tower, reduced_precision, torch_dtype
+    from aesthetic_dask.pipeline.preprocess import InputSpec, Normalizer
+
+    compute = compute_precision(spec.precision, device)
+    reduced = compute.split("-")[1] if not compute.endswith("fp32") else "fp16"
+    visual, cfg = load_image_tower(spec, device)
+    model_input = InputSpec.of(cfg)
+    decoder = make_decoder("pil", model_input, 10**9)
+    crops = [d.crop for d in map(decoder.decode, photos) if d.reason is None]
+    batch = torch.from_numpy(np.stack(crops)).to(device)
+    features = {}
+    with torch.inference_mode():
+        for name, tower in (("fp32", visual), (reduced, reduced_precision(copy.deepcopy(visual), torch_dtype(reduced)))):
+            normalize = Normalizer(model_input, device, torch_dtype(name))
+            out = torch.cat([tower(normalize(batch[i:i + 32])).float() for i in range(0, len(batch), 32)])
+            features[name] = (out / out.norm(dim=-1, keepdim=True)).cpu().numpy()
+    predictor = load_predictor(str(head), work / "models")
+    scores = {name: predictor.score_raw(f, np.einsum("ij,ij->i", f, f)) for name, f in features.items()}
+    return {"compared": f"{device}-{reduced} vs {device}-fp32", "job_compute": compute, "head": head.name,
+            "images": len(crops), "score_max_abs_diff": float(np.abs(scores["fp32"] - scores[reduced]).max()),
+            "embedding_cosine_min": round(cosine_min(features["fp32"], features[reduced]), 7)}
 
 
 class Sampler:
@@ -529,8 +643,11 @@ class Sampler:
                 "job_processes": stats(self.processes)}
 
 
-def run_job(check: Check, work: Path, shards: list[Path], spec, heads: list[Path], label: str, extra: list[str]) -> dict:
-    """The whole `aesthetic-dask run` CLI over ``shards`` with the defaults; what it did, from its manifest and records."""
+def run_job(check: Check, work: Path, shards: list[Path], spec, heads: list[Path], label: str, extra: list[str],
+            budget_s: float) -> dict:
+    """The whole `aesthetic-dask run` CLI over ``shards`` with the defaults; what it did, from its
+    manifest and records. At ``budget_s`` it is stopped cleanly (SIGTERM: the partitions done stay
+    done) and the rates are those of the partitions finished by then."""
     out = work / f"out-{label}"
     cmd = [sys.executable, "-m", "aesthetic_dask", "run", *map(str, shards), "-o", str(out), "--clip-model", spec.model,
            "--clip-pretrained", spec.pretrained, "--model-dir", str(work / "models"), *extra]
@@ -544,14 +661,26 @@ def run_job(check: Check, work: Path, shards: list[Path], spec, heads: list[Path
     # In the work directory: the repository's own aesthetic_dask/ must not shadow the installed package.
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=work)
     sampler.root = proc.pid
-    _, stderr = proc.communicate()
+    stopped = False
+    try:
+        _, stderr = proc.communicate(timeout=budget_s)
+    except subprocess.TimeoutExpired:
+        stopped = True
+        proc.terminate()  # the job's clean stop: finished partitions stay, the manifest is written
+        try:
+            _, stderr = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, stderr = proc.communicate()
     wall = time.perf_counter() - t
     sampler.stop.set()
-    check.log(f"run {label}: exit {proc.returncode} in {wall:.1f}s\n{stderr[-3000:]}")
-    manifest = json.loads((out / "manifest.json").read_text())
+    check.log(f"run {label}: exit {proc.returncode} in {wall:.1f}s{' (stopped at the deadline)' if stopped else ''}"
+              f"\n{stderr[-3000:]}")
+    manifest_path = out / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
     records = [json.loads(p.read_text()) for p in sorted((out / "_parts").glob("*.json"))]
     spans = sorted((rec["finished_at"] - rec["seconds"], rec["finished_at"]) for rec in records)
-    rows = manifest["totals"]["rows_in"]
+    rows = sum(rec.get("rows_in") or 0 for rec in records)
     # Steady: between the end of the first tenth of the partitions and the last one's end.
     ends = sorted(b for _, b in spans)
     cut = ends[len(ends) // 10] if ends else None
@@ -566,6 +695,7 @@ def run_job(check: Check, work: Path, shards: list[Path], spec, heads: list[Path
     busy = (ends[-1] - spans[0][0]) if spans else 0
     return {
         "exit_code": proc.returncode,
+        "stopped_at_deadline": stopped,
         "images": rows,
         "wall_s": round(wall, 1),
         "images_per_s": round(rows / wall, 1),
@@ -579,10 +709,10 @@ def run_job(check: Check, work: Path, shards: list[Path], spec, heads: list[Path
         "sampled": sampler.summary(),
         "stage_s_summed_over_partitions": stages,
         "partition_seconds_summed": round(sum(rec["seconds"] for rec in records), 1),
-        "settings": {k: manifest["settings"].get(k) for k in ("clip_compute", "image_decoder")},
+        "settings": {k: manifest.get("settings", {}).get(k) for k in ("clip_compute", "image_decoder")},
         "manifest_timings": manifest.get("timings"),
         "cluster": manifest.get("cluster"),
-        "totals": manifest["totals"],
+        "totals": manifest.get("totals"),
     }
 
 

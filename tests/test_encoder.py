@@ -143,3 +143,41 @@ def test_a_notebook_without_widgets_gets_the_text_bar_and_no_warning(monkeypatch
     bar.update({"rows_in": 5})
     bar.close()
     assert not [w for w in recwarn if "IProgress" in str(w.message)]
+
+
+# --- Precision (issue 28) -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_reduced_precision_runs_products_in_it_and_layernorm_in_fp32(spec, tiny_weights, precision):
+    """clip_precision fp16 / bf16: the tower's weights in that type, every LayerNorm in fp32; on a
+    CPU torch runs both, so their error against fp32 is measured here (the device check measures
+    it on the GPU as score_max_abs_diff_fp16_vs_fp32)."""
+    from dataclasses import replace
+
+    from aesthetic_dask.models.heads import AestheticPredictor, infer_spec
+
+    reduced = ClipEncoder(replace(spec, precision=precision), 8, "false")
+    full = ClipEncoder(replace(spec, precision="fp32"), 8, "false")
+    assert reduced.compute == f"cpu-{precision}" and full.compute == "cpu-fp32"
+    norms = [m for m in reduced.visual.modules() if isinstance(m, torch.nn.LayerNorm)]
+    linears = [m for m in reduced.visual.modules() if isinstance(m, torch.nn.Linear)]
+    assert norms and all(m.weight.dtype == torch.float32 for m in norms)
+    assert linears and all(m.weight.dtype == encoder_module.torch_dtype(precision) for m in linears)
+    x = crops(8, seed=3)
+    a = reduced.encode(x).result().numpy().astype(np.float64)
+    b = full.encode(x).result().numpy().astype(np.float64)
+    assert a.dtype == b.dtype and np.isfinite(a).all()
+    cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cosine.min() > (0.999 if precision == "fp16" else 0.99), cosine.min()
+    head = AestheticPredictor.from_state_dict(tiny_weights["state"], infer_spec(tiny_weights["state"]), "tiny", "0")
+    scores = [head.score_raw(m.astype(np.float32), np.einsum("ij,ij->i", m, m).astype(np.float32)) for m in (a, b)]
+    assert np.abs(scores[0] - scores[1]).max() < 0.05
+
+
+def test_precision_is_what_the_config_asks_and_auto_follows_the_device():
+    from aesthetic_dask.models.clip import compute_precision
+
+    assert compute_precision("auto", "cuda") == "cuda-fp16" and compute_precision("auto", "cpu") == "cpu-fp32"
+    assert compute_precision("bf16", "cuda") == "cuda-bf16" and compute_precision("fp16", "cpu") == "cpu-fp16"
+    assert ad.load_config(clip_precision="bf16").clip_precision == "bf16"

@@ -222,9 +222,11 @@ def download_clip(config: Config) -> str:
 
 
 def compute_precision(precision: str, device: str) -> str:
-    """What the model really computes in, e.g. ``cuda-fp16`` or ``cpu-fp32`` (fp16 is CUDA-only)."""
-    half = precision == "fp16" or (precision == "auto" and device == "cuda")
-    return f"{device}-{'fp16' if half and device == 'cuda' else 'fp32'}"
+    """What the model really computes in, e.g. ``cuda-fp16`` or ``cpu-fp32``: ``auto`` is fp16 on
+    CUDA and fp32 on a CPU; ``fp16``, ``bf16`` and ``fp32`` are taken as asked (a CPU runs fp16 and
+    bf16 too, slowly: for checking their error)."""
+    name = ("fp16" if device == "cuda" else "fp32") if precision == "auto" else precision
+    return f"{device}-{name}"
 
 
 @contextmanager

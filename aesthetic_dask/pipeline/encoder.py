@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import types
 import threading
 import time
 import warnings
@@ -108,6 +109,37 @@ def load_image_tower(spec: ClipSpec, device: str) -> tuple[Any, dict[str, Any]]:
     return visual.to(device), cfg
 
 
+TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def torch_dtype(name: str) -> Any:
+    """The torch dtype of a precision name (fp32, fp16, bf16)."""
+    import torch
+
+    return getattr(torch, TORCH_DTYPES[name])
+
+
+def reduced_precision(visual: Any, dtype: Any) -> Any:
+    """``visual`` with its weights in ``dtype`` (fp16 or bf16) but every LayerNorm in fp32, as
+    open_clip's ``LayerNormFp32`` computes: fp16 statistics of ViT activations lose the bits the
+    heads read (the default head's folded weight has norm 18). The attention's softmax runs in
+    torch's scaled-dot-product kernels, which accumulate it in fp32 on CUDA."""
+    import torch
+
+    visual = visual.to(dtype)
+    for module in visual.modules():
+        if isinstance(module, torch.nn.LayerNorm):
+            module.float()
+            module.forward = types.MethodType(_layer_norm_fp32, module)
+    return visual
+
+
+def _layer_norm_fp32(self: Any, x: Any) -> Any:
+    import torch.nn.functional as F
+
+    return F.layer_norm(x.float(), self.normalized_shape, self.weight, self.bias, self.eps).to(x.dtype)
+
+
 _TOWERS: dict[tuple[ClipSpec, str], Future] = {}
 _TOWERS_LOCK = threading.Lock()
 
@@ -124,7 +156,9 @@ def shared_tower(spec: ClipSpec, device: str, dtype: Any) -> tuple[Any, dict[str
         t0 = time.perf_counter()
         try:
             visual, cfg = load_image_tower(spec, device)
-            future.set_result((visual.to(dtype), cfg, round(time.perf_counter() - t0, 3)))
+            if dtype != torch_dtype("fp32"):
+                visual = reduced_precision(visual, dtype)
+            future.set_result((visual, cfg, round(time.perf_counter() - t0, 3)))
         except BaseException as exc:  # noqa: BLE001 - every encoder waiting for it gets it
             with _TOWERS_LOCK:
                 _TOWERS.pop(key, None)  # a later config may try again
@@ -190,8 +224,9 @@ class ClipEncoder:
         self.device = model_device()
         self.compute = compute_precision(spec.precision, self.device)
         # fp16 weights (as OpenAI's CLIP was released), not autocast: ~1.35x the images/s of
-        # ViT-L/14 on an H100, and half the bytes per batch (benchmarks/gpu_check.py).
-        self.dtype = torch.float16 if self.compute.endswith("fp16") else torch.float32
+        # ViT-L/14 on an H100, and half the bytes per batch (benchmarks/gpu_check.py); LayerNorm
+        # in fp32 (reduced_precision).
+        self.dtype = torch_dtype(self.compute.split("-", 1)[1])
         self.visual, cfg, self.load_s = shared_tower(spec, self.device, self.dtype)
         self.input = InputSpec.of(cfg)
         self.embed_dim = int(self.visual.output_dim)
@@ -230,7 +265,10 @@ class ClipEncoder:
 
     def encode(self, crops: np.ndarray, release: Any = None) -> Future:
         """Features of ``crops`` (n, 3, H, W uint8): a future of a float32 (n, dim) tensor, L2-normalised,
-        on the model's device. ``release`` is called once the crops are copied out."""
+        on the model's device. ``release`` is called once the crops are copied out. At most
+        ``batch_size`` crops (the pool's chunks are no larger)."""
+        if len(crops) > self.batch_size:  # refused here: the model's thread must never meet it
+            raise ValueError(f"{len(crops)} crops in one request; this encoder's batch holds {self.batch_size}")
         future: Future = Future()
         self.queue.put(_Request(crops, release, future))
         return future
@@ -309,7 +347,9 @@ class ClipEncoder:
             features = features / features.norm(dim=-1, keepdim=True)
             event = None
             if stream is not None:
-                event = torch.cuda.Event()
+                # Blocking: collecting it sleeps in the driver instead of spinning a core that the
+                # decode processes beside this one need.
+                event = torch.cuda.Event(blocking=True)
                 event.record(stream)
         return features, event
 
