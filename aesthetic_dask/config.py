@@ -238,9 +238,12 @@ def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> Conf
     if path is not None:
         p = Path(path)
         try:
-            text = p.read_text()
+            text = p.read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError(f"{p}: cannot read config file: {exc.strerror}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{p}: not a UTF-8 text file (byte {exc.start}: {exc.reason}); "
+                              "a config file is YAML in UTF-8") from None
         _merge(values, _read_yaml(text, str(p)), str(p))
     _merge(values, {k: v for k, v in overrides.items() if v is not None}, "override")
     config = Config(**values)

@@ -12,6 +12,7 @@ import base64
 import html
 import io
 import json
+import os
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -37,12 +38,33 @@ def write_report(out: str | Path, path: str | Path | None = None, storage_option
     if text is None:
         raise InputError(f"{out}: no manifest.json; is this the output directory of an aesthetic-dask job?")
     manifest = json.loads(text)
+    if path is not None:
+        _refuse_overwriting(layout, manifest, str(path), storage_options)
     page = render(manifest, _load_samples(layout, manifest), layout.url())
     if path is None:
         atomic_write_bytes(layout.path("report.html"), page.encode("utf-8"), layout.tmp, layout.fs)
         return layout.url("report.html")
     atomic_write_bytes(str(path), page.encode("utf-8"))
     return str(path)
+
+
+def _refuse_overwriting(layout: OutputLayout, manifest: dict[str, Any], path: str,
+                        storage_options: dict[str, Any] | None) -> None:
+    """``report -o`` never overwrites the job's own files (its report page aside) or an input."""
+    from . import storage
+
+    fs, target = storage.split(path, storage_options)
+    if storage.is_local(fs):
+        target = os.path.realpath(target)
+    root = (os.path.realpath(layout.root) if layout.local else layout.root).rstrip("/")
+    relative = target[len(root) + 1:] if type(fs) is type(layout.fs) and target.startswith(root + "/") else None
+    if relative and relative != "report.html" and layout.written_by_a_job(layout.path(relative)):
+        raise InputError(f"report -o {path}: that is one of the job's own files in {layout.root_url}; "
+                         "write the page elsewhere (or leave -o out for OUT/report.html)")
+    inputs = {os.path.realpath(i) if storage.is_local(fs) and not storage.is_url(i) else i
+              for i in manifest.get("inputs_listed") or manifest.get("inputs", {})}
+    if target in inputs or path in inputs:
+        raise InputError(f"report -o {path}: that is one of the job's inputs; write the page elsewhere")
 
 
 def kept_table(manifest: dict[str, Any]) -> list[tuple[float, int, float, bool]]:

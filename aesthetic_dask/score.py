@@ -102,6 +102,7 @@ def classify_and_score(
     if matrix.shape[0] == 0:
         return results[0] if single else results
     sq_norm = xp.einsum("ij,ij->i", matrix, matrix)
+    matrix, sq_norm = _rescaled_where_the_norm_over_or_underflows(xp, matrix, sq_norm)
     finite = xp.isfinite(sq_norm)
     nonzero = sq_norm > 0
     ok = finite & nonzero
@@ -116,6 +117,26 @@ def classify_and_score(
             scores[cand_idx[ok_h]] = np.concatenate(
                 [_to_numpy(head.score_raw(rows[i:i + step], norms[i:i + step], xp)) for i in range(0, rows.shape[0], step)])
     return results[0] if single else results
+
+
+def _rescaled_where_the_norm_over_or_underflows(xp: Any, matrix: Any, sq_norm: Any) -> tuple[Any, Any]:
+    """Rows of finite, non-zero values whose float32 squared norm overflows (values near 1e20) or
+    underflows (near 1e-23) to inf or 0, divided by their largest magnitude: the direction, and so
+    the score, is the same, and the row is no longer taken for NaN/inf or zero. Checked only where
+    a norm is not a finite positive number (the common case costs one test)."""
+    suspect = ~xp.isfinite(sq_norm) | (sq_norm == 0)
+    if not bool(suspect.any()):
+        return matrix, sq_norm
+    rows = xp.flatnonzero(suspect)
+    peak = xp.abs(matrix[rows]).max(axis=1)
+    fixable = xp.isfinite(peak) & (peak > 0)  # NaN, inf and all-zero rows keep their reason
+    if not bool(fixable.any()):
+        return matrix, sq_norm
+    fix = rows[fixable]
+    matrix, sq_norm = matrix.copy(), sq_norm.copy()  # the matrix may be Arrow's read-only memory
+    matrix[fix] = matrix[fix] / peak[fixable][:, None]
+    sq_norm[fix] = xp.einsum("ij,ij->i", matrix[fix], matrix[fix])
+    return matrix, sq_norm
 
 
 def _to_numpy(a: Any) -> np.ndarray:

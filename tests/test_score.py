@@ -87,3 +87,27 @@ def test_lazy_api_on_a_dask_frame(tmp_path, tiny_weights, rng):
     full = scored.compute(scheduler="sync")
     assert len(kept) == int((full["aesthetic_score"] >= t).sum())
     assert full.loc[full["key"] == "a00007", "error"].item() == "embedding has zero norm"
+
+
+def test_huge_and_tiny_finite_embeddings_score_as_their_direction(tiny_weights):
+    """Finite values whose float32 squared norm over- or underflows (issue 29): scored like the
+    same direction at unit scale, not called NaN/inf or zero; real NaN, inf and zero rows keep
+    their reasons."""
+    import pyarrow as pa
+
+    from aesthetic_dask.models.heads import AestheticPredictor, infer_spec
+    from aesthetic_dask.score import score_arrow
+
+    state = tiny_weights["state"]
+    head = AestheticPredictor.from_state_dict(state, infer_spec(state), "tiny", "0")
+    unit = np.random.default_rng(7).standard_normal((3, 768)).astype(np.float32)
+    unit /= np.linalg.norm(unit, axis=1, keepdims=True)
+    nan_row, inf_row, zero_row = unit[0].copy(), unit[0].copy(), np.zeros(768, np.float32)
+    nan_row[5], inf_row[9] = np.nan, np.inf
+    rows = np.stack([unit[0], unit[1] * np.float32(1e20), unit[2] * np.float32(1e-25), nan_row, inf_row, zero_row])
+    chunk = pa.FixedSizeListArray.from_arrays(pa.array(rows.reshape(-1)), 768)
+    scores, reasons, _ = score_arrow([chunk], head, xp=np)
+    expected, _, _ = score_arrow([pa.FixedSizeListArray.from_arrays(pa.array(unit.reshape(-1)), 768)], head, xp=np)
+    np.testing.assert_allclose(scores[:3], expected, atol=1e-5)
+    assert list(reasons[:3]) == [None, None, None]
+    assert list(reasons[3:]) == ["embedding contains NaN or inf"] * 2 + ["embedding has zero norm"]
