@@ -8,7 +8,9 @@
 - **Stale-lock rule.** A lease is stale, and is taken over (the summary says so), when its job's
   process is gone (same host: its pid no longer runs, e.g. after SIGKILL) or its heartbeat is
   older than :data:`STALE_S` seconds (any host). Otherwise a second job stops in seconds, with
-  one line naming the running one.
+  one line naming the running one. A lease file that cannot be read (empty, cut short, not JSON:
+  e.g. a disk that filled as a job started) and is older than :data:`DAMAGED_S` is no lease at
+  all: it is taken over too (a lease being written is complete in microseconds).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ LOCK_NAME = "_lock.json"
 HEARTBEAT_S = 10.0
 STALE_S = 90.0
 SETTLE_S = 0.5  # object stores: how long a written lease settles before it is read back
+DAMAGED_S = 2.0  # an unreadable lease file older than this is damaged, not being written
 
 
 @dataclass
@@ -77,9 +80,11 @@ class OutLock:
                         raise InputError(_busy(self.layout.root_url, held or {}))
                 return self._start()
             current = self.read()
-            if current is None:  # its holder is writing it this instant
-                time.sleep(0.05)
-                continue
+            if current is None:
+                if not self._damaged():  # its holder is writing it this instant
+                    time.sleep(0.05)
+                    continue
+                current = {"run_id": "unknown (its lease file was unreadable)", "heartbeat": None}
             if not stale(current):
                 raise InputError(_busy(self.layout.root_url, current))
             self.took_over = current
@@ -98,11 +103,19 @@ class OutLock:
             json.dump(self.record(), f)
         return True
 
+    def _damaged(self) -> bool:
+        """The lease file exists, cannot be read, and is older than :data:`DAMAGED_S`."""
+        try:
+            return time.time() - os.path.getmtime(self.path) > DAMAGED_S and self.read() is None
+        except FileNotFoundError:
+            return False
+
     def read(self) -> dict[str, Any] | None:
         try:
-            return json.loads(self.layout.fs.cat_file(self.path))
+            lease = json.loads(self.layout.fs.cat_file(self.path))
         except (FileNotFoundError, ValueError):
             return None
+        return lease if isinstance(lease, dict) else None
 
     def _write(self) -> None:
         storage.write_bytes(self.layout.fs, self.path, json.dumps(self.record()).encode(), self.layout.tmp)
@@ -130,7 +143,8 @@ class OutLock:
 
 
 def stale(lease: dict[str, Any]) -> bool:
-    """The stale-lock rule: its process is gone (same host), or its heartbeat is too old."""
+    """The stale-lock rule: its process is gone (same host), or its heartbeat is too old (or
+    absent: a damaged lease)."""
     if lease.get("host") == socket.gethostname() and isinstance(lease.get("pid"), int):
         try:
             os.kill(lease["pid"], 0)

@@ -73,10 +73,46 @@ def test_two_jobs_started_at_once_into_one_out_one_runs(tmp_path, tiny_weights):
 
 
 def test_a_lease_being_written_is_never_taken_over(tmp_path, tiny_weights):
-    """An existing lease not yet readable (its holder is writing it) is waited for, not replaced."""
+    """An existing lease not yet readable (its holder is writing it: the file is fresh) is waited
+    for, not replaced."""
+    import threading
+
     inp, out = inputs(tmp_path), tmp_path / "out"
     out.mkdir()
     (out / "_lock.json").write_text("")
-    proc = run_cli_process(argv(tmp_path, inp, out, tiny_weights))
+    done = threading.Event()
+
+    def being_written():  # its holder is at it: the file stays fresh
+        while not done.wait(0.2):
+            os.utime(out / "_lock.json")
+
+    writer = threading.Thread(target=being_written, daemon=True)
+    writer.start()
+    try:
+        proc = run_cli_process(argv(tmp_path, inp, out, tiny_weights))
+    finally:
+        done.set()
+        writer.join()
     assert_one_clear_line(proc, 2, "is in use by another job")
     assert (out / "_lock.json").read_text() == "" and not (out / "manifest.json").exists()
+
+
+def test_an_unreadable_lease_is_no_lease_and_is_taken_over(tmp_path, tiny_weights):
+    """An empty, cut-short or non-JSON `_lock.json` (a disk that filled as a job started) used to
+    block OUT for ever (issue 29): older than a moment, it is taken over, and the summary says so."""
+    inp = inputs(tmp_path, files=1)
+    for i, content in enumerate((b"", b'{"run_id": "ab', b"\x00\xff\xfe", b"[1, 2]")):
+        out = tmp_path / f"out{i}"
+        out.mkdir()
+        (out / "_lock.json").write_bytes(content)
+        old = time.time() - 60
+        os.utime(out / "_lock.json", (old, old))
+        proc = subprocess.run([sys.executable, "-m", "aesthetic_dask", "score", str(inp), "-o", str(out),
+                               "--aesthetic-weights", str(tiny_weights["safetensors"]), "--model-dir",
+                               str(tmp_path / "models"), "--threshold", "0", "--no-report"],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == EXIT_OK, proc.stderr
+        m = json.loads((out / "manifest.json").read_text())
+        assert "unreadable" in m["lock"]["took_over"]["run_id"] and m["totals"]["rows_in"] == 50
+        assert "taken over from run unknown (its lease file was unreadable)" in proc.stderr
+        assert not (out / "_lock.json").exists()  # released at the end
