@@ -29,11 +29,14 @@ class InputFiles:
     files: list[str]
     duplicates: list[str] = field(default_factory=list)
     skipped_outputs: list[str] = field(default_factory=list)  # earlier jobs' OUTs found under an input
+    skipped_special: list[str] = field(default_factory=list)  # FIFOs, sockets, devices found under an input
 
     def notes(self) -> list[str]:
-        """One line per earlier job's OUT skipped."""
+        """One line per earlier job's OUT and per special file skipped."""
         return [f"note: skipped {where}: an earlier aesthetic-dask job's output (manifest.json and _parts/), "
-                "never read as input" for where in self.skipped_outputs]
+                "never read as input" for where in self.skipped_outputs] + \
+            [f"note: skipped {where}: {_special_kind(where)}, not a regular file (reading it could wait for ever)"
+             for where in self.skipped_special]
 
 
 def list_inputs(
@@ -54,6 +57,7 @@ def list_inputs(
         inputs = [str(inputs)]
     files: list[tuple[str, str]] = []  # (identity, url)
     skipped: list[str] = []
+    special: list[str] = []
     for raw in inputs:
         storage.check_reachable(raw, storage_options, "input")
         fs, path = storage.split(str(raw) if storage.is_url(raw) else str(Path(str(raw).removeprefix("file://")).expanduser()),
@@ -76,19 +80,27 @@ def list_inputs(
             raise InputError(f"input {raw}: cannot list it: {type(exc).__name__}: {exc}") from None
         if _inside(path, excluded, local):
             raise InputError(f"input {raw} lies inside the job's output directory; it is never read as input")
+        if local and not os.path.isdir(path) and _special_kind(path):
+            raise InputError(f"input {raw}: {_special_kind(path)}, not a regular file; reading it could wait for ever")
         found = _expand_one(fs, path, suffixes, excluded, local, skipped)
         if not found:
             raise InputError(f"input {raw}: no {'/'.join(suffixes)} files under this directory")
         files.extend(found)
     seen: set[str] = set()
     unique, duplicates = [], []
+    regular = []
     for identity, url in files:
+        if not storage.is_url(url) and _special_kind(url):
+            special.append(url)  # found by a directory or a glob: said, never opened
+        else:
+            regular.append((identity, url))
+    for identity, url in regular:
         if identity in seen:
             duplicates.append(url)
             continue
         seen.add(identity)
         unique.append(url)
-    return InputFiles(unique, duplicates, sorted(set(skipped)))
+    return InputFiles(unique, duplicates, sorted(set(skipped)), sorted(set(special)))
 
 
 def check_not_inside(raw: str, exclude: Iterable[str | Path], storage_options: dict[str, Any] | None = None) -> None:
@@ -128,6 +140,22 @@ def _expand_one(fs: Any, path: str, suffixes: tuple[str, ...], excluded: list[st
         ]
         return [_identify(fs, p, local) for p in sorted(found)]
     return [_identify(fs, path, local)]
+
+
+def _special_kind(path: str) -> str | None:
+    """What a local path is when it is not a regular file or a directory (a FIFO, a socket, a
+    device), else None."""
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    for test, kind in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return kind
+    return None
 
 
 def earlier_outputs(paths: list[str]) -> list[str]:

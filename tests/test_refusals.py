@@ -37,3 +37,24 @@ def test_report_output_never_overwrites_outs_own_files_or_an_input(tmp_path, rng
     for target in (out / "report.html", tmp_path / "elsewhere.html"):
         assert main(["report", str(out), "-o", str(target)]) == 0 and target.read_text().startswith("<!DOCTYPE")
     assert json.loads((out / "manifest.json").read_text())["totals"]["rows_in"] == 20
+
+
+def test_a_fifo_among_the_inputs_never_hangs_a_job(tmp_path, rng, tiny_weights):
+    """A FIFO named `*.parquet` (or a socket or device) used to hang `score` and `run` with no
+    output (issue 29): named directly it is refused in one line; found in a directory it is
+    skipped, said in one line, and the rest is read."""
+    import os
+
+    inp = tmp_path / "in"
+    write_embeddings(inp / "f.parquet", rng.standard_normal((20, 768)).astype(np.float32))
+    os.mkfifo(inp / "pipe.parquet")
+    common = ["--aesthetic-weights", str(tiny_weights["safetensors"]), "--model-dir", str(tmp_path / "models"),
+              "--threshold", "0", "--no-report"]
+    proc = subprocess.run([sys.executable, "-m", "aesthetic_dask", "score", str(inp / "pipe.parquet"),
+                           "-o", str(tmp_path / "out1"), *common], capture_output=True, text=True, timeout=60)
+    assert_one_clear_line(proc, 2, "a FIFO, not a regular file")
+    proc = subprocess.run([sys.executable, "-m", "aesthetic_dask", "score", str(inp), "-o", str(tmp_path / "out2"), *common],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert [line for line in proc.stderr.splitlines() if "pipe.parquet" in line][0].startswith("note: skipped")
+    assert json.loads((tmp_path / "out2" / "manifest.json").read_text())["totals"]["rows_in"] == 20
