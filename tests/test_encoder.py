@@ -181,3 +181,16 @@ def test_precision_is_what_the_config_asks_and_auto_follows_the_device():
     assert compute_precision("auto", "cuda") == "cuda-fp16" and compute_precision("auto", "cpu") == "cpu-fp32"
     assert compute_precision("bf16", "cuda") == "cuda-bf16" and compute_precision("fp16", "cpu") == "cpu-fp16"
     assert ad.load_config(clip_precision="bf16").clip_precision == "bf16"
+
+
+def test_open_clips_no_weights_note_stays_quiet_while_any_thread_expects_it(caplog):
+    """A worker's partition threads and its model load expect random weights at once (the demo
+    CLIP, the meta-device model): one leaving must not let another's note through."""
+    from aesthetic_dask.models.clip import random_weights_expected
+
+    with random_weights_expected():
+        with random_weights_expected():  # another thread's, leaving first
+            pass
+        logging.warning("No pretrained weights loaded for model 'x'. Model initialized randomly.")
+    logging.warning("No pretrained weights loaded for model 'y'. Model initialized randomly.")
+    assert "'x'" not in caplog.text and "'y'" in caplog.text
