@@ -301,7 +301,11 @@ def torch_threads() -> int:
     benchmarks/results/*-torch-threads-1.json): batches are stacked and converted on the host.
     AESTHETIC_DASK_TORCH_THREADS overrides (e.g. several model workers on one node).
     """
+    forced = forced_torch_threads()
+    return forced if forced is not None else max(1, _cores())
+
+
+def forced_torch_threads() -> int | None:
+    """``AESTHETIC_DASK_TORCH_THREADS`` where set: the model's torch threads, fixed."""
     forced = os.environ.get("AESTHETIC_DASK_TORCH_THREADS")
-    if forced:
-        return max(1, int(forced))
-    return max(1, _cores())
+    return max(1, int(forced)) if forced else None

@@ -21,7 +21,7 @@ from . import storage
 from .config import Config
 from .embed import attach_embedded
 from .columns import written_by
-from .parquet_plan import EmbeddingPart, plan_parquet
+from .parquet_plan import PARQUET_SUFFIXES, EmbeddingPart, plan_parquet
 from .models.clip import ClipSpec, compute_precision, prepare_clip_weights
 from .pipeline.decode import resolve_decoder
 from .pipeline.host import ParquetJob, ShardJob
@@ -41,7 +41,6 @@ from .sources import list_inputs
 
 # Rows per partition of image Parquet: all their image bytes are in memory at once.
 IMAGE_PARQUET_ROWS = 4096
-PARQUET_SUFFIXES = (".parquet", ".pq")
 # What the run job's manifest records besides the packages every job does.
 CLIP_PACKAGES = ("torch", "torchvision", "open_clip_torch", "pillow")
 

@@ -28,6 +28,7 @@ from .sources import check_not_inside, list_inputs
 
 
 EMBEDDING_TYPE = pa.list_(pa.float32())
+PARQUET_SUFFIXES = (".parquet", ".pq")  # what a listed input must end with to be read as Parquet
 
 
 _NPY_NAME = re.compile(r"img_emb_(\d+)\.npy$")
@@ -193,7 +194,7 @@ def plan_parquet(
 
     Input columns named in ``reserved`` (columns the job writes) are read as ``NAME_input``.
     """
-    listed = list_inputs(inputs, (".parquet", ".pq"), exclude, storage_options)
+    listed = list_inputs(inputs, PARQUET_SUFFIXES, exclude, storage_options)
     parts, schemas, failed = _plan_parquet_files(listed.files, column, check, partition_rows, storage_options)
     schema = rename_reserved(_unify(schemas, column, canonical), reserved, column)
     return EmbeddingPlan(parts, schema, column, failed, listed.duplicates, listed.notes())
@@ -216,7 +217,7 @@ def plan_embeddings(
     is_folder = {i: _is_clip_retrieval_folder(i, storage_options) for i in inputs}
     folders = [i if storage.is_url(i) else storage.local_path(i) for i in inputs if is_folder[i]]
     others = [i for i in inputs if not is_folder[i]]
-    listed = list_inputs(others, (".parquet", ".pq"), exclude, storage_options) if others else None
+    listed = list_inputs(others, PARQUET_SUFFIXES, exclude, storage_options) if others else None
     try:
         parts, schemas, failed = _plan_parquet_files(
             listed.files if listed else [], embedding_column, _check_embedding_type, partition_rows, storage_options

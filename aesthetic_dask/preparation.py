@@ -84,7 +84,8 @@ def stamp(work: list[Any], job: Job, heads: Heads, threshold: float, clip: dict[
     once the :class:`Job` does)."""
     from . import provenance
 
-    stamped = provenance.metadata(provenance.describe(job.kind, heads, threshold, job.run_id, clip))
+    version = job.info["versions"].get("aesthetic-dask")  # read once, for the manifest
+    stamped = provenance.metadata(provenance.describe(job.kind, heads, threshold, job.run_id, clip, version))
     for w in work:
         w.kwargs["opts"] = dataclasses.replace(w.kwargs["opts"], metadata=stamped)
 

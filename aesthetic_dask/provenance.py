@@ -15,15 +15,11 @@ from typing import Any
 KEY = b"aesthetic_dask"
 
 
-def describe(job_kind: str, heads: Any, threshold: float, run_id: str, clip: dict[str, Any] | None) -> dict[str, Any]:
+def describe(job_kind: str, heads: Any, threshold: float, run_id: str, clip: dict[str, Any] | None,
+             version: str | None) -> dict[str, Any]:
     """The provenance of a job's files (``clip``: the manifest's record of the CLIP; None for
-    ``score``, whose embeddings were made elsewhere)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        mine = version("aesthetic-dask")
-    except PackageNotFoundError:
-        mine = None
+    ``score``, whose embeddings were made elsewhere; ``version``: this package's, as the manifest
+    records it)."""
     return {
         "job": job_kind,
         "head": {"name": heads.weights["name"], "sha256": heads.weights["sha256"]},
@@ -33,7 +29,7 @@ def describe(job_kind: str, heads: Any, threshold: float, run_id: str, clip: dic
                                            "demo": bool(clip.get("demo"))},
         "score_threshold": threshold,
         "run_id": run_id,
-        "aesthetic_dask": mine,
+        "aesthetic_dask": version,
     }
 
 

@@ -30,11 +30,11 @@ import pyarrow as pa
 
 from . import storage
 from .columns import ERROR_COLUMN
-from .image_reader import image_values, safe_member_name
-from .output import OutputLayout, WriteOptions, rows_to_write, write_kept_shard, write_parquet_file
+from .image_reader import SHARD_SUFFIXES, image_values, safe_member_name
+from .output import OutputLayout, WriteOptions, rows_to_write, write_json, write_kept_shard, write_parquet_file
+from .parquet_plan import PARQUET_SUFFIXES
 from .score import table_keep_mask
 
-SHARD_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 # Pillow's format names -> the extensions WebDataset consumers decode by.
 EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif"}
 
@@ -68,7 +68,7 @@ def _path(source: str) -> str:
 
 def _strip_suffix(name: str) -> str:
     lower = name.lower()
-    for suffix in SHARD_SUFFIXES + (".parquet", ".pq"):
+    for suffix in sorted(SHARD_SUFFIXES + PARQUET_SUFFIXES, key=len, reverse=True):  # .tar.gz before .tar
         if lower.endswith(suffix):
             return name[: -len(suffix)]
     return name
@@ -113,7 +113,7 @@ def write_shard_outputs(directory: str, stem: str, part: Any, table: pa.Table, o
     }
     stats_path = storage.join(directory, f"{stem}_stats.json")
     fs, path = storage.split(stats_path, storage_options)
-    storage.write_bytes(fs, path, (json.dumps(stats, indent=2) + "\n").encode(), layout.tmp)
+    write_json(path, stats, layout.tmp, fs)
     return [target, rows_path, stats_path]
 
 

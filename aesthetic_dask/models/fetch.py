@@ -134,7 +134,11 @@ def registered_entry(name_or_path: str) -> RegisteredWeights | None:
     path = Path(name_or_path).expanduser()
     if not path.is_file():
         return None
-    digest = sha256_file(path)
+    return entry_by_sha256(sha256_file(path))
+
+
+def entry_by_sha256(digest: str) -> RegisteredWeights | None:
+    """The registered head one of whose pinned sources has ``digest``."""
     return next((e for e in REGISTRY.values() for src in e.sources if src.sha256 == digest), None)
 
 
@@ -158,7 +162,7 @@ def resolve_weights(name_or_path: str, model_dir: Path) -> ResolvedWeights:
             raise WeightsError(f"{path}: expected a .pth or .safetensors file")
         digest = sha256_file(path)
         # A registered head downloaded by hand is that head: its spec, license and expected CLIP.
-        known = next((e for e in REGISTRY.values() for src in e.sources if src.sha256 == digest), None)
+        known = entry_by_sha256(digest)
         return ResolvedWeights(path, digest, str(path.resolve()), known.spec if known else None, known)
     cached = _cached(entry, model_dir)
     if cached is not None:

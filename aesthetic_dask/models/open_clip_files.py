@@ -97,9 +97,3 @@ def model_config(name: str, extra_config: str | None = None) -> dict[str, Any] |
             if all(k in config for k in ("embed_dim", "vision_cfg", "text_cfg")):
                 return config
     return None
-
-
-def image_size(config: dict[str, Any]) -> int:
-    """The model's input size in pixels, from its vision config (open_clip's default 224)."""
-    size = config.get("vision_cfg", {}).get("image_size", 224)
-    return int(size[0] if isinstance(size, (list, tuple)) else size)

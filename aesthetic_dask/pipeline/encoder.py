@@ -35,7 +35,7 @@ import numpy as np
 
 from ..models.clip import ClipSpec, compute_precision, random_weights_expected
 from .preprocess import InputSpec, Normalizer
-from ..cluster import _cores, configure_model_process, torch_threads
+from ..cluster import configure_model_process, forced_torch_threads, torch_threads
 from .device import model_device
 
 log = logging.getLogger("aesthetic_dask")
@@ -232,7 +232,7 @@ class ClipEncoder:
         self.embed_dim = int(self.visual.output_dim)
         self.batch_size = batch_size
         self.normalize = Normalizer(self.input, self.device, self.dtype)
-        self.threads = CpuThreads(torch_threads(), fixed=self.device != "cpu" or _threads_fixed())
+        self.threads = CpuThreads(torch_threads(), fixed=self.device != "cpu" or forced_torch_threads() is not None)
         self.forward, self.compiled = self.visual, False
         if compile_mode == "true" or (compile_mode == "auto" and self.device == "cuda"):
             self._compile(compile_mode)
@@ -362,9 +362,3 @@ class ClipEncoder:
             k = len(request.crops)
             request.future.set_result(features[offset:offset + k])
             offset += k
-
-
-def _threads_fixed() -> bool:
-    import os
-
-    return bool(os.environ.get("AESTHETIC_DASK_TORCH_THREADS"))
