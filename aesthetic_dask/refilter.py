@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import provenance, storage
+from . import provenance, shard_sink, storage
 from .columns import SCORE_COLUMN
 from .errors import EXIT_OK, InputError
 from .job import fingerprint
@@ -53,6 +53,10 @@ def refilter(out: str, threshold: float, storage_options: dict[str, Any] | None 
     if manifest.get("status") == "refiltering" and manifest["refilter"]["to"] != threshold:
         raise InputError(f"{layout.root_url} is being re-split at {manifest['refilter']['to']:g} (interrupted); "
                          f"finish that first: aesthetic-dask refilter {layout.root_url} --threshold {manifest['refilter']['to']:g}")
+    if threshold < recorded and settings.get("write_shards"):
+        raise InputError(f"{layout.root_url}: lowering the threshold from {recorded:g} to {threshold:g} would add samples "
+                         f"to the --write-shards tars in {settings['write_shards']} that they never held; re-run the "
+                         "job at the lower threshold (--overwrite), or raise the threshold")
     if threshold < recorded and not settings.get("keep_rejected"):
         raise InputError(f"{layout.root_url}: lowering the threshold from {recorded:g} to {threshold:g} needs the rows "
                          "below it, and the job ran without --keep-rejected; re-run it with --keep-rejected "
@@ -78,7 +82,8 @@ def _refilter_locked(layout: OutputLayout, manifest: dict[str, Any], threshold: 
     done = 0
     for name, rec in sorted(records.items()):
         if (rec.threshold if rec.threshold is not None else recorded) != threshold:
-            _resplit(layout, rec, threshold, existing, bool(settings.get("keep_rejected")), run_id)
+            _resplit(layout, rec, threshold, existing, bool(settings.get("keep_rejected")), run_id, recorded,
+                     storage_options)
             rec.threshold, rec.run_id = threshold, run_id
             write_record(layout, rec.to_json())  # last: the partition is at the new threshold
             done += 1
@@ -95,7 +100,8 @@ def _refilter_locked(layout: OutputLayout, manifest: dict[str, Any], threshold: 
     manifest.pop("refilter", None)
     manifest["this_run"] = {"run_id": run_id, "refilter": {"from": recorded, "to": threshold},
                             "partitions_processed": done, "partitions_skipped": len(records) - done,
-                            "rows_processed": 0, "compute_s": round(time.perf_counter() - t0, 3)}
+                            "rows_processed": 0, "compute_s": round(time.perf_counter() - t0, 3),
+                            "elapsed_s": round(time.perf_counter() - t0, 3)}
     write_json(layout.manifest, manifest, layout.tmp, layout.fs)
     if report:
         from .report import write_report
@@ -105,35 +111,74 @@ def _refilter_locked(layout: OutputLayout, manifest: dict[str, Any], threshold: 
     return manifest, EXIT_OK
 
 
-def _read(layout: OutputLayout, path: str, existing: set[str]) -> pa.Table | None:
+def _read(layout: OutputLayout, path: str, existing: set[str], at: float) -> tuple[pa.Table, float] | None:
+    """A partition's kept or rejected file, with the threshold it was split at: its provenance
+    stamp (a refilter killed between a partition's two files leaves them at different thresholds),
+    else ``at``, its record's."""
     if path not in existing:
         return None
     with layout.fs.open(path, "rb") as f:
-        return pq.read_table(f)
+        table = pq.read_table(f)
+    stamp = json.loads((table.schema.metadata or {}).get(provenance.KEY, b"{}")).get("score_threshold")
+    return table, float(stamp) if stamp is not None else at
+
+
+def _scores(table: pa.Table) -> np.ndarray:
+    return table.column(SCORE_COLUMN).to_numpy(zero_copy_only=False).astype(np.float32)
+
+
+def _at(table: pa.Table, threshold: float) -> np.ndarray:
+    """The rows of kept/rejected ``table`` (they hold no errors) that the keep rule keeps at ``threshold``."""
+    scores = _scores(table)
+    return keep_mask(scores, np.zeros(len(scores), bool), threshold)
+
+
+def partition_rows(kept: tuple[pa.Table, float] | None, rejected: tuple[pa.Table, float] | None,
+                   where: str) -> pa.Table | None:
+    """Every scored row of a partition, once, from its kept file (split at ``t_k``: rows >= t_k) and
+    its rejected file (at ``t_r``: rows < t_r). A refilter writes the file that grows first, so a
+    kill between the two leaves them overlapping (t_k <= t_r: the kept rows below t_r are also in
+    rejected, and are taken from there), never apart."""
+    if kept is None or rejected is None:
+        found = kept or rejected
+        return None if found is None else found[0]
+    (k, t_k), (r, t_r) = kept, rejected
+    if t_k > t_r:  # rows in [t_r, t_k) are in neither file
+        raise InputError(f"{where}: its kept rows are split at {t_k:g} and its rejected rows at {t_r:g}; the rows "
+                         "between are in neither file: re-run the job with --overwrite to recompute them")
+    return pa.concat_tables([k.filter(pa.array(_at(k, t_r))), r], promote_options="default")
 
 
 def _resplit(layout: OutputLayout, rec: Record, threshold: float, existing: set[str], keep_rejected: bool,
-             run_id: str) -> None:
-    """One partition's kept and rejected rows at ``threshold``, each file written whole, its
-    provenance metadata stamped with the new threshold and this run."""
+             run_id: str, recorded: float, storage_options: dict[str, Any] | None) -> None:
+    """One partition's rows at ``threshold``: every file written whole, the one that grows first (see
+    :func:`partition_rows`), each stamped with the new threshold and this run, then the
+    ``--write-shards`` tar (:func:`shard_sink.resplit`). The counts are set on ``rec``, whose
+    record the caller writes last."""
+    at = rec.threshold if rec.threshold is not None else recorded
     kept_path = storage.join(layout.kept, f"{rec.name}.parquet")
     rejected_path = storage.join(layout.rejected, f"{rec.name}.parquet")
-    parts = [t for t in (_read(layout, kept_path, existing), _read(layout, rejected_path, existing)) if t is not None]
-    rows = pa.concat_tables(parts, promote_options="default") if parts else None
-    if rows is None:
-        return
-    scores = rows.column(SCORE_COLUMN).to_numpy(zero_copy_only=False).astype(np.float32)
-    keep = keep_mask(scores, np.zeros(len(scores), bool), threshold)  # kept and rejected rows hold no errors
-    metadata = provenance.restamped(rows.schema.metadata, threshold, run_id)
-    write_parquet(rows.filter(pa.array(keep)), layout, kept_path, metadata)
-    rejected = f"rejected/{rec.name}.parquet"
-    if keep_rejected:  # as the jobs write it: every partition's file, with no rows where none are below
-        write_parquet(rows.filter(pa.array(~keep)), layout, rejected_path, metadata)
-        if rejected not in rec.files:
-            rec.files.append(rejected)
-    elif rejected in rec.files:
-        rec.files.remove(rejected)
-    rec.rows_kept, rec.rows_below_threshold = int(keep.sum()), int((~keep).sum())
+    rows = partition_rows(_read(layout, kept_path, existing, at), _read(layout, rejected_path, existing, at),
+                          layout.url("kept", f"{rec.name}.parquet"))
+    # Scored rows (kept or below) do not change; without the rejected file, the below ones are
+    # only counted: all that were below before, and what this split moves below.
+    scored = (rec.rows_kept or 0) + (rec.rows_below_threshold or 0)
+    if rows is not None:
+        keep = _at(rows, threshold)
+        metadata = provenance.restamped(rows.schema.metadata, threshold, run_id)
+        writes = [(kept_path, rows.filter(pa.array(keep)))]
+        rejected = f"rejected/{rec.name}.parquet"
+        if keep_rejected:  # as the jobs write it: every partition's file, with no rows where none are below
+            writes.append((rejected_path, rows.filter(pa.array(~keep))))
+            if rejected not in rec.files:
+                rec.files.append(rejected)
+        elif rejected in rec.files:
+            rec.files.remove(rejected)
+        for path, table in (reversed(writes) if threshold > at else writes):  # the file that grows first
+            write_parquet(table, layout, path, metadata)
+        rec.rows_kept = int(keep.sum())
+    rec.rows_below_threshold = scored - (rec.rows_kept or 0)
+    shard_sink.resplit(rec.files, threshold, run_id, layout.tmp, storage_options)
 
 
 def _recount(manifest: dict[str, Any], records: Any) -> dict[str, Any]:

@@ -13,6 +13,9 @@ input, with img2dataset's companions beside it.
 - Shards' members are copied with their original bytes (:func:`output.write_kept_shard`); an
   image-Parquet row becomes ``KEY.EXT`` (its image bytes, the extension from the image's format)
   and ``KEY.json`` (its other columns and scores).
+- ``refilter`` to a higher threshold re-splits them (:func:`resplit`): the tar's own rows file says
+  each sample's score, so neither the inputs nor CLIP are needed. A lower threshold would need the
+  images of samples the tar never held, so it is refused for a job with ``--write-shards``.
 """
 
 from __future__ import annotations
@@ -27,13 +30,15 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
-from . import storage
-from .columns import ERROR_COLUMN
-from .image_reader import SHARD_SUFFIXES, image_values, safe_member_name
+from . import provenance, storage
+from .columns import ERROR_COLUMN, SCORE_COLUMN
+from .errors import InputError
+from .image_reader import SHARD_SUFFIXES, TarStream, image_values, iter_members, open_shard, safe_member_name
 from .output import OutputLayout, WriteOptions, rows_to_write, write_json, write_kept_shard, write_parquet_file
 from .parquet_plan import PARQUET_SUFFIXES
-from .score import table_keep_mask
+from .score import keep_mask, table_keep_mask
 
 # Pillow's format names -> the extensions WebDataset consumers decode by.
 EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif"}
@@ -143,3 +148,45 @@ def _write_rows_tar(part: Any, column: str, table: pa.Table, keep: np.ndarray, t
                 info = tarfile.TarInfo(name)
                 info.size, info.mode, info.mtime = len(payload), 0o644, int(time.time())
                 tar.addfile(info, io.BytesIO(payload))
+
+
+def resplit(files: list[str], threshold: float, run_id: str, tmp_dir: str | None,
+            storage_options: dict[str, Any] | None = None) -> None:
+    """Re-split the ``--write-shards`` tars among a partition's ``files`` at a higher ``threshold``:
+    the tar keeps the samples whose row in ``STEM.parquet`` (its samples, in order, with their
+    scores) is kept, then that file and ``STEM_stats.json`` follow. Tar first: a refilter killed
+    between them leaves a tar that already holds exactly the rows kept at ``threshold``, which a
+    second pass tells by its sample count and leaves as it is."""
+    for tar in (f for f in files if f.endswith(".tar")):
+        stem = tar[: -len(".tar")]
+        fs, rows_path = storage.split(f"{stem}.parquet", storage_options)
+        with fs.open(rows_path, "rb") as f:
+            rows = pq.read_table(f)
+        scores = rows.column(SCORE_COLUMN).to_numpy(zero_copy_only=False).astype(np.float32)
+        keep = keep_mask(scores, np.zeros(len(scores), bool), threshold)
+        held = _sample_count(tar, storage_options)
+        if held == len(rows) and not keep.all():
+            write_kept_shard(tar, set(np.flatnonzero(keep).tolist()), tar, tmp_dir, storage_options)
+        elif held not in (len(rows), int(keep.sum())):
+            raise InputError(f"{tar}: holds {held} samples but {stem}.parquet lists {len(rows)}; it was changed "
+                             "outside aesthetic-dask: re-run the job with --overwrite")
+        metadata = provenance.restamped(rows.schema.metadata, threshold, run_id)
+        write_parquet_file(rows.filter(pa.array(keep)), fs, rows_path, tmp_dir, metadata)
+        _restate(f"{stem}_stats.json", int(keep.sum()), threshold, tmp_dir, storage_options)
+
+
+def _sample_count(tar: str, storage_options: dict[str, Any] | None) -> int:
+    fs, path = storage.split(tar, storage_options)
+    with fs.open(path, "rb") as raw, open_shard(stream := TarStream(raw)) as members:
+        return len({index for index, *_ in iter_members(members, stream)})
+
+
+def _restate(stats_url: str, kept: int, threshold: float, tmp_dir: str | None,
+             storage_options: dict[str, Any] | None) -> None:
+    """``STEM_stats.json`` with the tar's new count of kept samples (the rest of its rows are below)."""
+    fs, path = storage.split(stats_url, storage_options)
+    stats = json.loads(fs.cat_file(path))
+    below = stats["count"] - stats["rows_error"] - kept
+    stats.update(successes=kept, rows_below_threshold=below, score_threshold=threshold)
+    stats["status_dict"].update(kept=kept, below_threshold=below)
+    write_json(path, stats, tmp_dir, fs)

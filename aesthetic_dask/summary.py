@@ -35,7 +35,8 @@ def summary(manifest: dict[str, Any], out: Path, unit: str = "rows") -> str:
         ("partitions", f"{parts['planned']:,} planned: {run.get('partitions_processed', 0):,} run now{_why(run)}, "
                        f"{run.get('partitions_skipped', 0):,} skipped (finished before), {parts['failed']:,} failed"),
         ("throughput", throughput),
-        ("elapsed", f"{manifest.get('timings', {}).get('elapsed_s', 0):.1f}s"),
+        # A refilter's own time, not the job's it re-split.
+        ("elapsed", f"{run.get('elapsed_s', manifest.get('timings', {}).get('elapsed_s', 0)):.1f}s"),
         ("output", f"{str(out).rstrip('/')}/kept"),
         ("manifest", f"{str(out).rstrip('/')}/manifest.json"),
     ]
@@ -44,7 +45,8 @@ def summary(manifest: dict[str, Any], out: Path, unit: str = "rows") -> str:
     caveats = clip_caveats(manifest)
     rows[0:0] = caveats  # first: they qualify every number below
     demo = " (demo CLIP: the scores mean nothing)" if is_demo(manifest) else ""
-    lines = [f"aesthetic-dask {manifest['job']}: {manifest['status']}{demo}"] + [f"  {k + ':':<22}{v}" for k, v in rows]
+    command = f"refilter (of a {manifest['job']} job)" if run.get("refilter") else manifest["job"]
+    lines = [f"aesthetic-dask {command}: {manifest['status']}{demo}"] + [f"  {k + ':':<22}{v}" for k, v in rows]
     if manifest.get("report"):
         lines.append(f"  {'report:':<22}{manifest['report']}")
     lines += threshold_warning(manifest)

@@ -400,3 +400,36 @@ def assert_last_line_names(stderr: str, what: str) -> None:
     errors = [line for line in stderr.splitlines() if line.startswith("aesthetic-dask: error:")]
     assert len(errors) == 1 and what in errors[0], stderr[-2000:]
     assert "Traceback" not in stderr
+
+
+def test_a_refilter_on_s3_stopped_at_any_write_and_run_again_equals_a_clean_run(tmp_path, s3, bucket, embeddings,
+                                                                                tiny_weights):
+    """Issue 29 on S3: each object appears whole or not at all, and the refilter's write order
+    makes any stop recoverable there too (more seeds: benchmarks/bench_faults.py)."""
+    import random
+    import shutil
+
+    from aesthetic_dask.refilter import refilter
+    from faults import Killed, full_disk, stopped_at_write
+
+    options, fs = s3
+    common = ["--aesthetic-weights", tiny_weights["safetensors"], "--keep-rejected", "--partition-rows", "100",
+              "--no-report", "--storage-options", json.dumps(options)]
+    assert cli("score", embeddings, "-o", f"s3://{bucket}/job", *common, "--threshold", "5.25").returncode == 0
+    clean = cli("score", embeddings, "-o", tmp_path / "clean", *common, "--threshold", "5.4")
+    assert clean.returncode == 0, clean.stderr
+    for seed in range(3):
+        out = f"s3://{bucket}/out{seed}"
+        fs.copy(f"{bucket}/job", out.removeprefix("s3://"), recursive=True)
+        pick = random.Random(seed)
+        with stopped_at_write(pick.randrange(20), pick.random() < 0.5, pick.choice((Killed(), full_disk()))):
+            try:
+                refilter(out, 5.4, options, report=False)
+            except (Killed, OSError):
+                pass
+        fs.invalidate_cache()
+        _, code = refilter(out, 5.4, options, report=False)
+        assert code == 0
+        assert comparable(manifest(out, fs)) == comparable(manifest(str(tmp_path / "clean")))
+        for d in ("kept", "rejected"):
+            pd.testing.assert_frame_equal(table(out, d, options), table(str(tmp_path / "clean"), d))
