@@ -27,9 +27,9 @@ from datetime import datetime, timezone
 from typing import Any, Callable
 
 from . import histogram, interrupts, logs, samples
-from .errors import FAILURE_ERROR, InputError, job_outcome
+from .errors import EXIT_FAILED, FAILURE_ERROR, InputError, job_outcome
 from .output import COUNT_KEYS, OutputLayout, read_records, remove_partition_files, remove_unplanned, reset_output, write_json
-from .lock import OutLock
+from .lock import OutLock, check_held
 from .partition import Record
 from .submit import Progress, cluster_info, submit_parts
 
@@ -272,6 +272,8 @@ class Job:
         }
 
     def write_manifest(self, status: str) -> dict[str, Any]:
+        if self.lock is not None:
+            check_held(self.layout, self.run_id)
         manifest = self.manifest(status)
         write_json(self.layout.manifest, manifest, self.layout.tmp, self.layout.fs)
         self._last_manifest = time.time()
@@ -282,8 +284,19 @@ class Job:
         with interrupts.deferred():  # a first signal waits: never a manifest saying done without its report
             return self._finish()
 
-    def _finish(self) -> tuple[dict[str, Any], int]:
-        status, code = self.outcome()
+    def interrupted(self) -> None:
+        """Ctrl-C or SIGTERM during the work: a true manifest (``status: interrupted``, counting every
+        partition committed so far: their records, which workers may have written after the
+        client's last result), the report, no temporary files. A re-run resumes from the records."""
+        with interrupts.deferred():
+            finished = read_records(self.layout, self.layout.existing())
+            for name in set(self.planned) - set(self.records):
+                if name in finished and name not in self.failures:
+                    self.records[name] = Record.from_json(finished[name])
+            self._finish("interrupted")
+
+    def _finish(self, status: str | None = None) -> tuple[dict[str, Any], int]:
+        status, code = (status, EXIT_FAILED) if status else self.outcome()
         manifest = self.write_manifest(status)
         if self.report:
             from .report import write_report
@@ -340,6 +353,10 @@ def run_parts(
         bar.close()
         job.timings["compute_s"] = round(time.perf_counter() - t0, 3)
         return job.finish()
+    except KeyboardInterrupt:  # Ctrl-C, SIGTERM (interrupts.Terminated)
+        if job.planned:
+            job.interrupted()
+        raise
     finally:
         job.lock.release()  # however the job ends: OUT is free for the next one
 

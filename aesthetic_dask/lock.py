@@ -11,6 +11,11 @@
   one line naming the running one. A lease file that cannot be read (empty, cut short, not JSON:
   e.g. a disk that filled as a job started) and is older than :data:`DAMAGED_S` is no lease at
   all: it is taken over too (a lease being written is complete in microseconds).
+- **Fenced commits.** A job paused past the stale bound (SIGSTOP, a suspended VM, a long GC
+  pause) may have lost OUT to another job by the time it resumes. So every commit checks the
+  lease first (:func:`check_held`): a partition's files and its record (on the workers, which
+  learn the run from :func:`holding`), the manifest and refilter's records (on the client). A job
+  that finds its lease gone writes nothing more and stops with one line (:class:`LeaseLost`).
 """
 
 from __future__ import annotations
@@ -20,17 +25,60 @@ import os
 import socket
 import threading
 import time
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 from . import storage
-from .errors import InputError
+from .errors import AestheticDaskError, InputError
 
 LOCK_NAME = "_lock.json"
 HEARTBEAT_S = 10.0
 STALE_S = 90.0
 SETTLE_S = 0.5  # object stores: how long a written lease settles before it is read back
 DAMAGED_S = 2.0  # an unreadable lease file older than this is damaged, not being written
+
+
+# The run whose lease a task on a worker commits under (set by :func:`holding` around each task).
+_RUN: ContextVar[str | None] = ContextVar("aesthetic_dask_lease_run", default=None)
+
+
+class LeaseLost(AestheticDaskError):
+    """This job's lease on OUT was taken over (it was paused past the stale bound): it stops
+    without writing anything more. Exit code 1."""
+
+
+@contextmanager
+def holding(run_id: str) -> Iterator[None]:
+    """Run a task's commits under ``run_id``'s lease: :func:`check_held` checks it before each."""
+    token = _RUN.set(run_id)
+    try:
+        yield
+    finally:
+        _RUN.reset(token)
+
+
+def check_held(layout: Any, run_id: str | None = None) -> None:
+    """Raise :class:`LeaseLost` unless ``layout``'s OUT is still leased to ``run_id`` (default: the
+    run of the task this thread runs, if any; outside a job's task, e.g. the notebook API's own
+    writes, there is no lease to check)."""
+    run_id = run_id or _RUN.get()
+    if run_id is None:
+        return
+    try:
+        lease = json.loads(layout.fs.cat_file(layout.path(LOCK_NAME)))
+    except FileNotFoundError:
+        lease = None
+    except ValueError:  # being rewritten by its holder this instant: read once more
+        time.sleep(0.05)
+        return check_held(layout, run_id)
+    if not isinstance(lease, dict) or lease.get("run_id") != run_id:
+        holder = f"run {lease.get('run_id')} (pid {lease.get('pid')} on {lease.get('host')})" if isinstance(lease, dict) \
+            else "nobody (its lease file is gone)"
+        raise LeaseLost(f"{layout.root_url}: this job (run {run_id}) lost its lease on OUT to {holder}, most likely "
+                        f"while it was paused for over {STALE_S:.0f}s; it stopped without writing anything more: "
+                        "the other job's output stands (re-run this command once it is done)")
 
 
 @dataclass

@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from .errors import FAILURE_DATA, FAILURE_ERROR, DataError
+from .lock import check_held
 from .output import OutputLayout, WriteOptions, split_and_write, write_record
 from .embeddings_reader import read_embedding_table
 
@@ -111,6 +112,7 @@ def finish_record(layout: OutputLayout, record: Record, started: float) -> Recor
     if record.failure:
         record.failure_kind = record.failure_kind or FAILURE_DATA
     else:
+        check_held(layout)  # the commit, fenced: never after this job's lease on OUT was lost
         write_record(layout, record.to_json())
     return record
 

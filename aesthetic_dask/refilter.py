@@ -25,7 +25,7 @@ from . import provenance, shard_sink, storage
 from .columns import SCORE_COLUMN
 from .errors import EXIT_OK, InputError
 from .job import fingerprint
-from .lock import OutLock
+from .lock import OutLock, check_held
 from .output import OutputLayout, read_records, write_json, write_parquet, write_record
 from .score import keep_mask
 from .partition import Record
@@ -48,8 +48,8 @@ def refilter(out: str, threshold: float, storage_options: dict[str, Any] | None 
     manifest = json.loads(text)
     settings = manifest["settings"]
     recorded = manifest.get("refilter", {}).get("from", settings["score_threshold"])
-    if manifest.get("status") == "running":
-        raise InputError(f"{layout.root_url}: its job has not finished (status running); re-run the job first")
+    if manifest.get("status") in ("running", "interrupted"):
+        raise InputError(f"{layout.root_url}: its job has not finished (status {manifest['status']}); re-run the job first")
     if manifest.get("status") == "refiltering" and manifest["refilter"]["to"] != threshold:
         raise InputError(f"{layout.root_url} is being re-split at {manifest['refilter']['to']:g} (interrupted); "
                          f"finish that first: aesthetic-dask refilter {layout.root_url} --threshold {manifest['refilter']['to']:g}")
@@ -85,6 +85,7 @@ def _refilter_locked(layout: OutputLayout, manifest: dict[str, Any], threshold: 
             _resplit(layout, rec, threshold, existing, bool(settings.get("keep_rejected")), run_id, recorded,
                      storage_options)
             rec.threshold, rec.run_id = threshold, run_id
+            check_held(layout, run_id)
             write_record(layout, rec.to_json())  # last: the partition is at the new threshold
             done += 1
         # A rejected file its record no longer lists (nothing below now): removed after the record.
@@ -98,6 +99,7 @@ def _refilter_locked(layout: OutputLayout, manifest: dict[str, Any], threshold: 
     manifest["fingerprint"] = fingerprint(settings)
     manifest["status"] = status_before
     manifest.pop("refilter", None)
+    check_held(layout, run_id)
     manifest["this_run"] = {"run_id": run_id, "refilter": {"from": recorded, "to": threshold},
                             "partitions_processed": done, "partitions_skipped": len(records) - done,
                             "rows_processed": 0, "compute_s": round(time.perf_counter() - t0, 3),

@@ -11,9 +11,13 @@ from typing import Any, Callable, Iterator
 log = logging.getLogger("aesthetic_dask")
 
 
-def _call(process: Callable[..., Any], part: Any, kwargs: dict[str, Any]) -> Any:
-    """The task: one partition through its process function."""
-    return process(part, **kwargs)
+def _call(process: Callable[..., Any], part: Any, kwargs: dict[str, Any], run_id: str | None = None) -> Any:
+    """The task: one partition through its process function, its commits fenced by the job's
+    lease on OUT (:func:`lock.check_held`)."""
+    from .lock import holding
+
+    with holding(run_id):
+        return process(part, **kwargs)
 
 
 def submit_parts(
@@ -44,7 +48,7 @@ def submit_parts(
                 part, work = next(pending)
             except StopIteration:
                 return
-            future = client.submit(_call, work.process, part, work.kwargs, key=(prefix, part.name),
+            future = client.submit(_call, work.process, part, work.kwargs, run_id, key=(prefix, part.name),
                                    retries=retries, resources=resources, pure=False)
             by_key[future.key] = part
             running.add(future)

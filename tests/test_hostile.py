@@ -276,6 +276,16 @@ def test_sigterm_is_handled_like_ctrl_c(tmp_path, tiny_clip, tiny_weights):
     # Besides the progress output, that one line: nothing of distributed's or tornado's.
     assert not [line for line in err.splitlines() if "distributed." in line or "tornado" in line or "CancelledError" in line], err
     assert "terminated (SIGTERM)" in (tmp_path / "out" / "job.log").read_text()
+    # OUT tells the truth (issue 29): interrupted, counting what was committed, its report, no _tmp.
+    out = tmp_path / "out"
+    m = json.loads((out / "manifest.json").read_text())
+    committed = {p.stem for p in parts.glob("*.json")}
+    assert m["status"] == "interrupted" and 1 <= m["partitions"]["done"] <= len(committed)
+    assert set(m["partitions"]["done_names"]) <= committed and m["totals"]["rows_in"] == 8 * m["partitions"]["done"]
+    assert (out / "report.html").exists() and not (out / "_tmp").exists() and not (out / "_lock.json").exists()
+    refused = subprocess.run([sys.executable, "-m", "aesthetic_dask", "refilter", str(out), "--threshold", "5"],
+                             capture_output=True, text=True, timeout=120)
+    assert_one_clear_line(refused, 2, "its job has not finished (status interrupted); re-run the job first")
     # Ctrl-C twice while the job stops: exit 1 (never death by signal, 130), one line, no traceback.
     argv[argv.index(str(tmp_path / "out"))] = str(tmp_path / "out2")
     parts = tmp_path / "out2" / "_parts"

@@ -116,3 +116,40 @@ def test_an_unreadable_lease_is_no_lease_and_is_taken_over(tmp_path, tiny_weight
         assert "unreadable" in m["lock"]["took_over"]["run_id"] and m["totals"]["rows_in"] == 50
         assert "taken over from run unknown (its lease file was unreadable)" in proc.stderr
         assert not (out / "_lock.json").exists()  # released at the end
+
+
+def test_a_job_paused_past_a_takeover_commits_nothing_more_and_stops_in_one_line(tmp_path, rng, tiny_weights):
+    """Issue 29: SIGSTOP (a suspended laptop, a GC pause) past the stale bound, another job takes
+    OUT over, then SIGCONT: the first job writes no record, data file or manifest after the loss."""
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import write_embeddings
+
+    for i in range(40):
+        write_embeddings(tmp_path / "emb" / f"f{i:02d}.parquet", rng.standard_normal((400, 768)).astype(np.float32), f"f{i}-")
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "aesthetic_dask", "score", str(tmp_path / "emb"), "-o", str(out),
+                             "--aesthetic-weights", str(tiny_weights["safetensors"]), "--no-report", "--n-workers", "1",
+                             "--threads-per-worker", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((out / "_parts").glob("*.json"))) < 2:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGSTOP)
+    time.sleep(0.5)  # a task that was mid-commit finishes (a worker process is not stopped with its client)
+    # Another job took OUT over, as it would after 90 s without a heartbeat: its lease, alive.
+    (out / "_lock.json").unlink()
+    (out / "_lock.json").write_text(json.dumps({"run_id": "the-other-job", "host": socket.gethostname(),
+                                                "pid": os.getpid(), "heartbeat": time.time()}))
+    lost_at = time.time()
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and "_tmp" not in p.parts}
+    os.kill(proc.pid, signal.SIGCONT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err
+    assert "lost its lease on OUT to run the-other-job" in err and "Traceback" not in err
+    after = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and "_tmp" not in p.parts and p.name != "job.log"}
+    assert {p: t for p, t in after.items() if t / 1e9 > lost_at} == {}, "written after the lease was lost"
+    assert set(after) <= set(before) | {out / "job.log"}
+    assert json.loads((out / "_lock.json").read_text())["run_id"] == "the-other-job"  # never removed by the loser
