@@ -72,6 +72,7 @@ class Job:
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])  # tells this run's records apart
     report: bool = True  # write OUT/report.html at the end
     note: str | None = None  # a warning to say before the work (a threshold outside the head's range)
+    rebuilt_from: int | None = None  # manifest.json was lost or torn: rebuilt from this many records
     _last_manifest: float = 0.0
 
     @property
@@ -115,12 +116,13 @@ class Job:
             try:
                 old = json.loads(old_text)
             except ValueError:
-                old = {}
-            self._check_same_job(old)
+                old = {"torn": True}
+            if not old.get("torn"):
+                self._check_same_job(old)
         existing = layout.existing()
-        if old_text is None and not overwrite and any(
-                p.rsplit("/", 1)[0] in (layout.kept, layout.rejected, layout.errors) for p in existing):
-            raise InputError(f"{layout.root_url} holds files but no manifest.json; pass --overwrite to replace them")
+        if not overwrite and (old_text is None or old.get("torn")):
+            self._check_records_are_ours(existing, "unreadable" if old_text is not None else "missing")
+            old = {}
         logs.accept_out()  # OUT is this job's now: its job.log may be written there
         layout.clear_tmp()  # orphans of a killed run
         if layout.local:
@@ -152,6 +154,25 @@ class Job:
         before = set(old.get("partitions", {}).get("done_names", [])) | set(old.get("partitions", {}).get("failed_names", []))
         self.new = sum(1 for name in todo if name not in before and name not in self.changed)
         return todo
+
+    def _check_records_are_ours(self, existing: set[str], manifest: str) -> None:
+        """With manifest.json ``manifest`` (missing or unreadable), the partition records are the
+        truth: if every one is this job's (its fingerprint), the job resumes from them and the
+        manifest is rebuilt; files of unknown or other jobs are refused, never removed."""
+        layout = self.layout
+        records = read_records(layout, existing)
+        jobs = {rec.get("job") for rec in records.values()}
+        if records and jobs == {self.fingerprint}:
+            log.warning("%s: manifest.json was %s; rebuilt from its %d partition records", layout.root_url, manifest,
+                        len(records))
+            self.rebuilt_from = len(records)
+            return
+        if not any(p.rsplit("/", 1)[0] in (layout.kept, layout.rejected, layout.errors, layout.records) for p in existing):
+            return  # nothing written yet
+        whose = ("records of a different job" if records and None not in jobs else
+                 "no partition record naming this job")
+        raise InputError(f"{layout.root_url} holds files but its manifest.json is {manifest} and it has {whose}; "
+                         "pass --overwrite to replace them, or choose another output directory")
 
     def _check_only_ours(self, existing: set[str]) -> None:
         """Refuse an OUT holding anything a job did not write: nothing of the user's is ever removed."""
@@ -261,6 +282,7 @@ class Job:
                 "partitions_new": self.new,
                 "partitions_changed": len(self.changed),
                 "changed_names": self.changed,
+                **({"manifest_rebuilt_from_records": self.rebuilt_from} if self.rebuilt_from is not None else {}),
                 "rows_processed": sum(r.rows_in or 0 for r in processed),
                 "compute_s": compute_s,
             },
@@ -345,7 +367,8 @@ def run_parts(
         threads = max(1, job.cluster.get("threads") or 1)
         t0 = time.perf_counter()
         bar = Progress(len(tasks), progress, unit)
-        for part, record, exc in submit_parts(client, tasks, job.run_id, job.kind, retries, resources, max(8, 4 * threads)):
+        for part, record, exc in submit_parts(client, tasks, job.run_id, job.kind, retries, resources, max(8, 4 * threads),
+                                              job.fingerprint):
             collect(job, part, record, exc)
             bar.update(job.records.get(part.name) or job.failures.get(part.name))
             if time.time() - job._last_manifest > 2:

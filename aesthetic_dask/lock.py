@@ -40,8 +40,10 @@ SETTLE_S = 0.5  # object stores: how long a written lease settles before it is r
 DAMAGED_S = 2.0  # an unreadable lease file older than this is damaged, not being written
 
 
-# The run whose lease a task on a worker commits under (set by :func:`holding` around each task).
-_RUN: ContextVar[str | None] = ContextVar("aesthetic_dask_lease_run", default=None)
+# What a task on a worker commits under (set by :func:`holding` around each task): the run whose
+# lease fences its writes, and the job's fingerprint, which its record carries (a manifest lost or
+# torn is rebuilt from records of this job alone).
+_RUN: ContextVar[tuple[str, str | None] | None] = ContextVar("aesthetic_dask_commit", default=None)
 
 
 class LeaseLost(AestheticDaskError):
@@ -50,20 +52,26 @@ class LeaseLost(AestheticDaskError):
 
 
 @contextmanager
-def holding(run_id: str) -> Iterator[None]:
-    """Run a task's commits under ``run_id``'s lease: :func:`check_held` checks it before each."""
-    token = _RUN.set(run_id)
+def holding(run_id: str | None, job_fingerprint: str | None = None) -> Iterator[None]:
+    """Run a task's commits under ``run_id``'s lease (:func:`check_held` checks it before each) for
+    the job ``job_fingerprint`` (:func:`committing_as`)."""
+    token = _RUN.set((run_id, job_fingerprint) if run_id else None)
     try:
         yield
     finally:
         _RUN.reset(token)
 
 
+def committing_as() -> tuple[str | None, str | None]:
+    """(run id, job fingerprint) of the task this thread runs; (None, None) outside a job's task."""
+    return _RUN.get() or (None, None)
+
+
 def check_held(layout: Any, run_id: str | None = None) -> None:
     """Raise :class:`LeaseLost` unless ``layout``'s OUT is still leased to ``run_id`` (default: the
     run of the task this thread runs, if any; outside a job's task, e.g. the notebook API's own
     writes, there is no lease to check)."""
-    run_id = run_id or _RUN.get()
+    run_id = run_id or committing_as()[0]
     if run_id is None:
         return
     try:

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from .errors import FAILURE_DATA, FAILURE_ERROR, DataError
-from .lock import check_held
+from .lock import check_held, committing_as
 from .output import OutputLayout, WriteOptions, split_and_write, write_record
 from .embeddings_reader import read_embedding_table
 
@@ -70,6 +70,7 @@ class Record:
     # many tasks shared a GPU at once.
     finished_at: float | None = None
     run_id: str | None = None  # the run that processed it
+    job: str | None = None  # the fingerprint of the job it belongs to: a lost manifest is rebuilt from these
     input: str | None = None  # the identity of what it read (storage.identity): a change redoes it
     threshold: float | None = None  # the threshold its kept/rejected split is at (refilter changes it)
 
@@ -113,6 +114,7 @@ def finish_record(layout: OutputLayout, record: Record, started: float) -> Recor
         record.failure_kind = record.failure_kind or FAILURE_DATA
     else:
         check_held(layout)  # the commit, fenced: never after this job's lease on OUT was lost
+        record.run_id, record.job = committing_as()
         write_record(layout, record.to_json())
     return record
 

@@ -85,6 +85,7 @@ def _refilter_locked(layout: OutputLayout, manifest: dict[str, Any], threshold: 
             _resplit(layout, rec, threshold, existing, bool(settings.get("keep_rejected")), run_id, recorded,
                      storage_options)
             rec.threshold, rec.run_id = threshold, run_id
+            rec.job = fingerprint({**settings, "score_threshold": threshold}) if rec.job else None
             check_held(layout, run_id)
             write_record(layout, rec.to_json())  # last: the partition is at the new threshold
             done += 1

@@ -11,12 +11,13 @@ from typing import Any, Callable, Iterator
 log = logging.getLogger("aesthetic_dask")
 
 
-def _call(process: Callable[..., Any], part: Any, kwargs: dict[str, Any], run_id: str | None = None) -> Any:
+def _call(process: Callable[..., Any], part: Any, kwargs: dict[str, Any], run_id: str | None = None,
+          job_fingerprint: str | None = None) -> Any:
     """The task: one partition through its process function, its commits fenced by the job's
-    lease on OUT (:func:`lock.check_held`)."""
+    lease on OUT (:func:`lock.check_held`), its record stamped with the run and the job."""
     from .lock import holding
 
-    with holding(run_id):
+    with holding(run_id, job_fingerprint):
         return process(part, **kwargs)
 
 
@@ -28,6 +29,7 @@ def submit_parts(
     retries: int = 2,
     resources: dict[str, float] | None = None,
     max_in_flight: int = 64,
+    job_fingerprint: str | None = None,
 ) -> Iterator[tuple[Any, dict[str, Any] | None, BaseException | None]]:
     """Run each ``(part, work)`` as one task; yield ``(part, record, None)`` or ``(part, None, exception)``.
 
@@ -48,7 +50,7 @@ def submit_parts(
                 part, work = next(pending)
             except StopIteration:
                 return
-            future = client.submit(_call, work.process, part, work.kwargs, run_id, key=(prefix, part.name),
+            future = client.submit(_call, work.process, part, work.kwargs, run_id, job_fingerprint, key=(prefix, part.name),
                                    retries=retries, resources=resources, pure=False)
             by_key[future.key] = part
             running.add(future)

@@ -238,3 +238,36 @@ def test_the_nightly_pattern_through_jobs_scheduled(tmp_path, tiny_weights):
     assert proc.returncode == 0, proc.stderr
     run = manifest(tmp_path / "out")["this_run"]
     assert run["partitions_new"] == 1 and run["partitions_skipped"] == 1
+
+
+@pytest.mark.parametrize("damage", ["deleted", "torn", "emptied"])
+def test_a_lost_or_torn_manifest_is_rebuilt_from_the_records(tmp_path, tiny_weights, damage):
+    """Issue 29: the records are the truth, the manifest is derived: a re-run resumes from them
+    (nothing redone) and writes the manifest a clean run does; files of another job, or records
+    that do not name their job, are refused in one line and never removed."""
+    inp, out = first_run(tmp_path, tiny_weights, "f")
+    before = manifest(out)
+    path = out / "manifest.json"
+    {"deleted": path.unlink, "torn": lambda: path.write_text(path.read_text()[:200]),
+     "emptied": lambda: path.write_text("")}[damage]()
+    assert score(tmp_path, tiny_weights, inp, out, "--threshold", "5") == EXIT_OK
+    after = manifest(out)
+    assert after["this_run"]["partitions_processed"] == 0 and after["this_run"]["manifest_rebuilt_from_records"] == 3
+    for key in ("totals", "inputs", "score_histogram", "fingerprint", "status", "partitions"):
+        assert after[key] == before[key], key
+    # Another job's command finds records that are not its own: refused, nothing touched.
+    path.unlink()
+    other = subprocess.run([sys.executable, "-m", "aesthetic_dask", "score", str(inp), "-o", str(out),
+                            "--aesthetic-weights", str(tiny_weights["safetensors"]), "--threshold", "5", "--keep-rejected"],
+                           capture_output=True, text=True, timeout=120)
+    assert_one_clear_line(other, EXIT_USAGE, "its manifest.json is missing and it has records of a different job")
+    # Records written before they named their job: not guessed either.
+    for record in (out / "_parts").glob("*.json"):
+        data = json.loads(record.read_text())
+        data.pop("job")
+        record.write_text(json.dumps(data))
+    old = subprocess.run([sys.executable, "-m", "aesthetic_dask", "score", str(inp), "-o", str(out),
+                          "--aesthetic-weights", str(tiny_weights["safetensors"]), "--threshold", "5"],
+                         capture_output=True, text=True, timeout=120)
+    assert_one_clear_line(old, EXIT_USAGE, "no partition record naming this job; pass --overwrite")
+    assert len(kept(out)) == before["totals"]["rows_kept"]

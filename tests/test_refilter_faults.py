@@ -109,6 +109,11 @@ def test_without_rejected_rows_the_totals_still_add_up_and_the_summary_names_ref
     elapsed = next(line for line in proc.stderr.splitlines() if "elapsed:" in line)
     assert float(elapsed.split()[-1].rstrip("s")) == pytest.approx(manifest(out)["this_run"]["elapsed_s"], abs=0.1)
     same_out(out, clean, keep_rejected=False)
+    # Its records now name the job at 5.4: a lost manifest is rebuilt from them by that job.
+    (out / "manifest.json").unlink()
+    score(tmp_path, outs["weights"], outs["inputs"], out, 5.4, False)
+    assert manifest(out)["this_run"]["manifest_rebuilt_from_records"] == 4
+    same_out(out, clean, keep_rejected=False)
 
 
 def test_a_partition_left_between_two_thresholds_is_refused_in_one_line(tmp_path, outs):
