@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable
 
-from . import histogram, interrupts, logs, samples
+from . import histogram, interrupts, logs, samples, storage
 from .errors import EXIT_FAILED, FAILURE_ERROR, InputError, job_outcome
 from .output import COUNT_KEYS, OutputLayout, read_records, remove_partition_files, remove_unplanned, reset_output, write_json
 from .lock import OutLock, check_held
@@ -142,7 +142,7 @@ class Job:
         for name, rec in complete.items():
             if name in planned:
                 identity = planned[name][0]
-                if rec.input is not None and identity is not None and rec.input != identity:
+                if rec.input is not None and identity is not None and not storage.same_version(rec.input, identity):
                     changed_inputs.add(rec.source)
                 else:
                     self.records[name] = rec

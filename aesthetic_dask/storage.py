@@ -109,7 +109,10 @@ def local_path(path: str | Path) -> str:
 
 def identity(info: dict[str, Any]) -> str:
     """A file's version as its filesystem reports it (fsspec ``info``): a version id or ETag where
-    the store has one (with the size), else the size and modification time."""
+    the store has one (with the size), else the size and modification time, and locally also what
+    a user cannot set back: the inode and the change time. A file rewritten with the same size and
+    its old mtime restored (``cp -p``, ``rsync -t``, ``tar -x``) is a new version; so, harmlessly
+    (the partition is redone), is one that was chmod-ed, renamed or hard-linked."""
     size = info.get("size")
     for key in ("VersionId", "version_id", "generation", "ETag", "etag", "md5Hash"):
         if info.get(key):
@@ -117,7 +120,21 @@ def identity(info: dict[str, Any]) -> str:
     mtime = info.get("mtime") or info.get("LastModified") or info.get("last_modified") or info.get("created")
     if hasattr(mtime, "timestamp"):
         mtime = mtime.timestamp()
-    return f"size={size};mtime={mtime}"
+    local = f";ino={info['ino']};ctime={info.get('created')}" if info.get("ino") is not None else ""
+    return f"size={size};mtime={mtime}{local}"
+
+
+def same_version(recorded: str, now: str) -> bool:
+    """Whether an input's identity ``now`` is the version a record read (``recorded``). A record
+    written before local identities named the inode and change time is compared on what it has
+    (size and mtime): upgrading never redoes a finished OUT, and such a partition gets the full
+    identity when it is next redone."""
+    if recorded == now:
+        return True
+    pairs = list(zip(recorded.split("|"), now.split("|")))  # a part may read two files (preparation)
+    return len(pairs) == len(now.split("|")) == len(recorded.split("|")) and all(
+        old == new or (";ino=" not in old and old.startswith("size=") and new.split(";ino=", 1)[0] == old)
+        for old, new in pairs)
 
 
 def identities(paths: Iterable[str], storage_options: dict[str, Any] | None = None) -> dict[str, str]:

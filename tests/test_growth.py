@@ -271,3 +271,60 @@ def test_a_lost_or_torn_manifest_is_rebuilt_from_the_records(tmp_path, tiny_weig
                          capture_output=True, text=True, timeout=120)
     assert_one_clear_line(old, EXIT_USAGE, "no partition record naming this job; pass --overwrite")
     assert len(kept(out)) == before["totals"]["rows_kept"]
+
+
+@pytest.mark.parametrize("how", ["cp -p", "rsync -t", "tar -x"])
+def test_an_input_rewritten_with_its_size_and_mtime_restored_is_redone(tmp_path, tiny_weights, how):
+    """Issue 29: what a user (or cp -p, rsync -t, tar -x) can set back does not identify a local
+    file; its inode and change time do."""
+    import os
+    import shutil
+    import tarfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def version(path: Path, sign: float) -> Path:  # uncompressed: the same rows give the same size
+        emb = np.random.default_rng(1).standard_normal((200, 768)).astype(np.float32) * sign
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.table({"key": [f"k{i:03d}" for i in range(200)], "embedding": list(emb)}), path,
+                       compression="none")
+        return path
+
+    inp, out = tmp_path / "in", tmp_path / "out"
+    embeddings(inp / "f0.parquet", 0)
+    target = version(inp / "f1.parquet", 1.0)
+    assert score(tmp_path, tiny_weights, inp, out, "--threshold", "0") == EXIT_OK
+    scores_before = kept(out).set_index("key")["aesthetic_score"]
+    stat = target.stat()
+    same_size = version(tmp_path / "staging" / "f1.parquet", -1.0)
+    assert same_size.stat().st_size == stat.st_size
+    if how == "cp -p":  # rewritten in place: the same inode
+        shutil.copyfile(same_size, target)
+    elif how == "rsync -t":  # a temporary file renamed over it
+        shutil.copyfile(same_size, inp / ".f1.parquet.tmp")
+        os.replace(inp / ".f1.parquet.tmp", target)
+    else:
+        with tarfile.open(tmp_path / "a.tar", "w") as tar:
+            tar.add(same_size, arcname="f1.parquet")
+        target.unlink()
+        with tarfile.open(tmp_path / "a.tar") as tar:
+            tar.extractall(inp, filter="data")
+    os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # the old mtime, restored
+    assert target.stat().st_size == stat.st_size and target.stat().st_mtime_ns == stat.st_mtime_ns
+    assert score(tmp_path, tiny_weights, inp, out, "--threshold", "0") == EXIT_OK
+    assert manifest(out)["this_run"]["partitions_changed"] == 1
+    scores_after = kept(out).set_index("key")["aesthetic_score"]
+    assert (scores_after["k000":"k199"] != scores_before["k000":"k199"]).all()  # the new values, scored
+
+
+def test_records_from_before_inode_identities_are_not_redone(tmp_path, tiny_weights):
+    """Compatibility: a record holding the older size-and-mtime identity still matches its unchanged input."""
+    inp, out = first_run(tmp_path, tiny_weights, "f")
+    for record in (out / "_parts").glob("*.json"):
+        data = json.loads(record.read_text())
+        assert ";ino=" in data["input"] and ";ctime=" in data["input"]
+        data["input"] = data["input"].split(";ino=", 1)[0]
+        record.write_text(json.dumps(data))
+    assert score(tmp_path, tiny_weights, inp, out, "--threshold", "5") == EXIT_OK
+    assert manifest(out)["this_run"]["partitions_processed"] == 0
