@@ -24,16 +24,33 @@ from .parquet_plan import INPUT_NAME_KEY, EmbeddingPart, EmbeddingPlan, npy_head
 
 
 def read_npy_rows(url: str, start: int, stop: int, storage_options: dict[str, Any] | None = None) -> np.ndarray:
-    """Rows ``[start, stop)`` of a 2-D .npy file, reading only their bytes (local or remote)."""
+    """Rows ``[start, stop)`` of a 2-D .npy file, reading only their bytes (local or remote). A
+    Fortran-ordered (column-major) file, valid though clip-retrieval never writes one, holds each
+    column whole: its rows are one slice per column."""
     fs, path = storage.split(url, storage_options)
+    rows = stop - start
     with fs.open(path, "rb") as f:
-        shape, dtype, offset = npy_header(f)
+        shape, dtype, offset, fortran = npy_header(f)
+        if fortran and len(shape) == 2:
+            columns = []
+            for j in range(shape[1]):
+                f.seek(offset + (j * shape[0] + start) * dtype.itemsize)
+                columns.append(f.read(rows * dtype.itemsize))
+            data = b"".join(columns)
+            if len(data) != rows * shape[1] * dtype.itemsize:
+                raise ValueError(f"file ends before rows {start}-{stop} of its last column")
+            return _native(np.frombuffer(data, dtype=dtype).reshape((shape[1], rows)).T)
         row_bytes = int(np.prod(shape[1:])) * dtype.itemsize
         f.seek(offset + start * row_bytes)
-        data = f.read((stop - start) * row_bytes)
-    if len(data) != (stop - start) * row_bytes:
+        data = f.read(rows * row_bytes)
+    if len(data) != rows * row_bytes:
         raise ValueError(f"file ends after {len(data) // max(row_bytes, 1)} of rows {start}-{stop}")
-    return np.frombuffer(data, dtype=dtype).reshape((stop - start, *shape[1:]))
+    return _native(np.frombuffer(data, dtype=dtype).reshape((rows, *shape[1:])))
+
+
+def _native(array: np.ndarray) -> np.ndarray:
+    """``array`` in this machine's byte order (a big-endian .npy is valid; Arrow takes native only)."""
+    return array if array.dtype.isnative else array.astype(array.dtype.newbyteorder("="))
 
 
 def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:

@@ -275,15 +275,13 @@ def _plan_clip_retrieval(
     return parts, schemas, failed
 
 
-def npy_header(f: Any) -> tuple[tuple[int, ...], np.dtype, int]:
-    """(shape, dtype, data offset) of an .npy file object, from its header alone."""
+def npy_header(f: Any) -> tuple[tuple[int, ...], np.dtype, int, bool]:
+    """(shape, dtype, data offset, Fortran order) of an .npy file object, from its header alone."""
     fmt = np.lib.format
     version = fmt.read_magic(f)
     read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
     shape, fortran, dtype = read(f)
-    if fortran:
-        raise ValueError("Fortran-ordered arrays are not supported")
-    return shape, dtype, f.tell()
+    return shape, dtype, f.tell(), bool(fortran)
 
 
 def _open_clip_retrieval_pair(fs: Any, npy: str, meta_url: str, storage_options: dict[str, Any] | None
@@ -294,7 +292,7 @@ def _open_clip_retrieval_pair(fs: Any, npy: str, meta_url: str, storage_options:
         raise DataError(f"no row-aligned metadata file {meta_url}")
     try:
         with fs.open(npy, "rb") as f:
-            shape, dtype, _ = npy_header(f)
+            shape, dtype, _, _ = npy_header(f)
     except (ValueError, OSError) as exc:
         raise DataError(f"not a readable .npy array: {exc}") from None
     if len(shape) != 2 or dtype.kind != "f":

@@ -250,13 +250,29 @@ def endpoint_of(storage_options: dict[str, Any] | None) -> str | None:
     return so.get("endpoint_url") or (so.get("client_kwargs") or {}).get("endpoint_url")
 
 
+PROBE_S = 10.0  # how long the first request to a named endpoint may go unanswered
+
+
 def check_reachable(url: str, storage_options: dict[str, Any] | None, what: str) -> None:
-    """Fail in seconds, not after a client's retries, when a named endpoint does not answer."""
+    """Fail in seconds, not after a client's retries, when a named endpoint does not answer: one
+    that refuses connections, and one that accepts them and never replies (a hung proxy, a
+    firewall that holds connections, a wrong port): one request, bounded by :data:`PROBE_S`."""
     from .network import reachable
 
     endpoint = endpoint_of(storage_options)
-    if "://" in str(url) and endpoint and not reachable(endpoint):
+    if "://" not in str(url) or not endpoint:
+        return
+    if not reachable(endpoint):
         raise InputError(f"{what} {url}: cannot reach the storage endpoint {endpoint}")
+    timeout = min(PROBE_S, (storage_options or {}).get(BOUND_KEY, {}).get("timeout", PROBE_S))
+    fs, path = split(url, with_bound(storage_options, timeout, 1))
+    try:
+        fs.info(path.split("/", 1)[0])  # the bucket: one small request
+    except Exception as exc:  # noqa: BLE001 - botocore's and aiohttp's timeouts share no base class
+        if "timeout" in f"{type(exc).__name__} {exc}".lower():
+            raise InputError(f"{what} {url}: the storage endpoint {endpoint} accepts connections but did not answer "
+                             f"within {timeout:g}s") from None
+        # Anything else (no such bucket, no access) is said by the checks that follow.
 
 
 def check_output(url: str, storage_options: dict[str, Any] | None = None) -> None:

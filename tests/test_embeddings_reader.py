@@ -47,6 +47,22 @@ def test_clip_retrieval_folder(tmp_path, rng):
     np.testing.assert_array_equal(np.asarray(df["embedding"].iloc[20], np.float32), first)
 
 
+@pytest.mark.parametrize("dtype", ["<f4", ">f2"])
+def test_a_fortran_order_npy_reads_the_same_rows(tmp_path, rng, dtype):
+    """Issue 29: a valid column-major .npy (np.save of a transposed view) is read, not refused."""
+    root = tmp_path / "laion"
+    (root / "img_emb").mkdir(parents=True)
+    (root / "metadata").mkdir()
+    emb = rng.standard_normal((37, 768)).astype(dtype)
+    np.save(root / "img_emb" / "img_emb_0.npy", np.asfortranarray(emb))
+    assert np.load(root / "img_emb" / "img_emb_0.npy").flags.f_contiguous
+    pq.write_table(pa.table({"url": [f"u{i}" for i in range(37)]}), root / "metadata" / "metadata_0.parquet")
+    df = read_embeddings(str(root), partition_rows=10).compute(scheduler="sync")
+    assert len(df) == 37 and df["url"].iloc[23] == "u23"
+    np.testing.assert_array_equal(np.stack(df["embedding"].map(lambda e: np.asarray(e, np.float32))),
+                                  emb.astype(np.float32))
+
+
 def test_unusable_clip_retrieval_pairs_are_failed_inputs_like_a_bad_parquet(tmp_path, rng):
     """One taxonomy: a misaligned pair, a bad .npy and a bad metadata Parquet are all unreadable
     inputs (recorded, exit 3), as a bad Parquet footer is; the readable pair still plans."""

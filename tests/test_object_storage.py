@@ -219,6 +219,19 @@ def test_wrong_endpoint_missing_bucket_and_missing_filesystem_are_one_line_exit_
     proc = run_cli_process(["score", f"s3://{bucket}/emb", "-o", str(tmp_path / "o"), *w, "--storage-options",
                             json.dumps(options | {"endpoint_url": dead})])
     assert_one_clear_line(proc, 2, f"input s3://{bucket}/emb: cannot reach the storage endpoint {dead}")
+    # An endpoint that accepts connections and never answers (issue 29: it took 335 s): in seconds.
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    held = f"http://127.0.0.1:{silent.getsockname()[1]}"
+    try:
+        for argv in (["score", f"s3://{bucket}/emb", "-o", str(tmp_path / "o")],
+                     ["score", str(embeddings), "-o", f"s3://{bucket}/out"]):
+            # (run_cli_process's timeout bounds it; the retries it replaced took minutes)
+            proc = run_cli_process([*argv, *w, "--storage-options", json.dumps(options | {"endpoint_url": held})])
+            assert_one_clear_line(proc, 2, f"the storage endpoint {held} accepts connections but did not answer within 10s")
+    finally:
+        silent.close()
     proc = run_cli_process(["score", str(embeddings), "-o", "s3://no-such-bucket-here/out", *w, "--storage-options", json.dumps(options)])
     assert_one_clear_line(proc, 2, "-o s3://no-such-bucket-here/out: the bucket 'no-such-bucket-here' does not exist")
     proc = run_cli_process(["score", "s3://no-such-bucket-here/emb", "-o", str(tmp_path / "o"), *w, "--storage-options", json.dumps(options)])
