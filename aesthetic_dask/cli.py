@@ -285,6 +285,6 @@ def _run(handler: Callable[[argparse.Namespace], int], args: argparse.Namespace)
         return _fail(f"{what}; re-run the same command to resume", EXIT_FAILED)
     except Exception as exc:  # noqa: BLE001 - one clear line; the traceback goes to the log
         log.debug("job failed\n%s", traceback.format_exc())  # the job log: the console gets the one line
-        if _job_log is None:
+        if _job_log is None and not isinstance(exc, OSError):  # a full or read-only disk is the machine's, not a bug
             traceback.print_exc()
         return _fail(f"{type(exc).__name__}: {exc}", EXIT_FAILED)

@@ -4,6 +4,7 @@ naming the cause; a re-run once the disk is fine equals a clean run. Real filesy
 tmpfs mounted by the test (skipped where mounting is not permitted)."""
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -115,6 +116,30 @@ def test_a_read_only_out_mid_run_fails_the_partitions_it_hits_and_a_rerun_comple
     assert len(list((out / "_parts").glob("*.json"))) < 8
     rerun = subprocess.run([*argv, "-o", str(out)], capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
+    got, want = consumer_view(out), consumer_view(clean)
+    assert got[:3] == want[:3]
+    pd.testing.assert_frame_equal(got[3], want[3])
+
+
+def test_a_refilter_that_fills_the_disk_is_finished_by_running_it_again(tmpfs, job, tmp_path):
+    """Issue 29, a real ENOSPC: refilter stops with one line when OUT's disk fills part way; once
+    there is room, the same command finishes it, equal to a clean run at that threshold."""
+    argv, _ = job
+    assert mount("-o", "remount,size=64m", str(tmpfs))
+    out = tmpfs / "out"
+    assert subprocess.run([*argv, "-o", str(out)], capture_output=True, timeout=300).returncode == 0
+    clean = tmp_path / "clean-5.3"
+    threshold = [*argv[:argv.index("--threshold") + 1], "5.3", *argv[argv.index("--threshold") + 2:]]
+    assert subprocess.run([*threshold, "-o", str(clean)], capture_output=True, timeout=300).returncode == 0
+    free = os.statvfs(tmpfs).f_bavail * os.statvfs(tmpfs).f_frsize
+    (tmpfs / "filler").write_bytes(b"\0" * (free - 1_200_000))  # room for about one new file
+    refilter = [sys.executable, "-m", "aesthetic_dask", "refilter", str(out), "--threshold", "5.3", "--no-report"]
+    full = subprocess.run(refilter, capture_output=True, text=True, timeout=300)
+    assert full.returncode == 1 and "No space left on device" in one_error_line(full.stderr)
+    assert json.loads((out / "manifest.json").read_text())["status"] == "refiltering"
+    (tmpfs / "filler").unlink()
+    again = subprocess.run(refilter, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
     got, want = consumer_view(out), consumer_view(clean)
     assert got[:3] == want[:3]
     pd.testing.assert_frame_equal(got[3], want[3])
