@@ -73,6 +73,7 @@ class Job:
     report: bool = True  # write OUT/report.html at the end
     note: str | None = None  # a warning to say before the work (a threshold outside the head's range)
     rebuilt_from: int | None = None  # manifest.json was lost or torn: rebuilt from this many records
+    finished: bool = False  # the final manifest and report are written
     _last_manifest: float = 0.0
 
     @property
@@ -330,6 +331,7 @@ class Job:
                 log.error("could not write the report", exc_info=True)
             self.timings["report_s"] = round(time.perf_counter() - t0, 3)
         self.layout.clear_tmp()
+        self.finished = True
         return manifest, code
 
 
@@ -377,7 +379,7 @@ def run_parts(
         job.timings["compute_s"] = round(time.perf_counter() - t0, 3)
         return job.finish()
     except KeyboardInterrupt:  # Ctrl-C, SIGTERM (interrupts.Terminated)
-        if job.planned:
+        if job.planned and not job.finished:  # (a signal deferred past the final writes leaves them as they are)
             job.interrupted()
         raise
     finally:
