@@ -124,7 +124,7 @@ def main() -> None:
                 ok += why is None
                 failures += [f"seed {seed}: {why}"] if why else []
                 shutil.rmtree(out)
-            killed_ok, kill_failures = 0, []
+            killed_ok, kill_failures, mid_work = 0, [], 0
             for seed in range(args.kills):
                 out = work / "out"
                 shutil.copytree(job, out)
@@ -132,6 +132,7 @@ def main() -> None:
                 time.sleep(random.Random(seed).uniform(0.5, seconds))  # imports take the first half second or so
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()
+                mid_work += json.loads((out / "manifest.json").read_text())["status"] == "refiltering"
                 again = refilter_cli(out, threshold)
                 _, err = again.communicate()
                 why = differs(out, clean, keep_rejected) if again.returncode == 0 else f"exit {again.returncode}: {err[-300:]}"
@@ -139,7 +140,7 @@ def main() -> None:
                 kill_failures += [f"kill {seed}: {why}"] if why else []
                 shutil.rmtree(out)
             print(f"{case:<22} {writes} writes, refilter {seconds:.1f}s: injected stops {ok}/{args.seeds} equal a clean "
-                  f"run, SIGKILLs {killed_ok}/{args.kills}")
+                  f"run, SIGKILLs {killed_ok}/{args.kills} ({mid_work} of them mid-split)")
             for line in (failures + kill_failures)[:5]:
                 print(f"    {line}")
     finally:
