@@ -50,7 +50,7 @@ class Config:
                                    output=("score",), metavar="NAME")
     keep_embeddings: bool = option("--keep-embeddings", "write the embedding column", output=BOTH)
     keep_rejected: bool = option("--keep-rejected", "write below-threshold rows to OUT/rejected/", output=BOTH)
-    partition_rows: int = option("--partition-rows", "rows per partition (Parquet row groups are not split)",
+    partition_rows: int = option("--partition-rows", "rows per partition (a Parquet row group is split only when over twice this)",
                                  output=BOTH, metavar="N")
     scheduler: str | None = option("--scheduler", "existing Dask scheduler, e.g. tcp://host:8786", metavar="ADDRESS")
     scheduler_file: str | None = option("--scheduler-file", "existing Dask cluster's scheduler file", metavar="FILE")

@@ -84,7 +84,7 @@ def process_image_parquet_part(part: EmbeddingPart, schema: pa.Schema, column: s
                                shard_names: dict[str, str] | None = None) -> Record:
     """Read, embed, score and write rows of an image Parquet file; return its record. This process
     reads the other columns; a host process of the pool reads the image column itself."""
-    source = ParquetJob(part.source, part.start, part.stop, part.row_groups, column, storage_options)
+    source = ParquetJob(part.source, part.start, part.stop, part.row_groups, column, storage_options, part.group_start)
     started = time.time()
 
     def score(table: pa.Table) -> tuple[pa.Table, dict[int, bytes] | None]:

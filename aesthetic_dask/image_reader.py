@@ -8,6 +8,8 @@ text, and fields named in ``json_fields`` become typed columns.
 
 from __future__ import annotations
 
+from functools import cached_property
+
 import json
 import posixpath
 import tarfile
@@ -45,7 +47,7 @@ class ShardPart:
     rows: int | None = None  # unknown until the shard is read
     identity: str | None = field(default=None, compare=False)  # what was planned: storage.identities
 
-    @property
+    @cached_property  # a digest of the path: computed once per part, however often it is asked
     def name(self) -> str:
         """``stem-digest`` of the shard's path: a pure function of it, same on every machine."""
         return source_name(self.source)

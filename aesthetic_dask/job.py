@@ -26,9 +26,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable
 
+import numpy as np
+
 from . import histogram, interrupts, logs, samples, storage
 from .errors import EXIT_FAILED, FAILURE_ERROR, InputError, job_outcome
-from .output import COUNT_KEYS, OutputLayout, read_records, remove_partition_files, remove_unplanned, reset_output, write_json
+from .output import COUNT_KEYS, OutputLayout, remove_partition_files, remove_unplanned, reset_output, write_json
+from .records import read_records, read_records_counted, write_index
 from .lock import OutLock, check_held
 from .partition import Record
 from .submit import Progress, cluster_info, submit_parts
@@ -37,6 +40,25 @@ log = logging.getLogger("aesthetic_dask")
 
 def fingerprint(settings: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class Tally:
+    """The job's running totals, kept as records arrive: what the manifest written while the job runs
+    says, at a cost that does not grow with the partitions done (the full per-input manifest is
+    built once, at the end)."""
+
+    def __init__(self) -> None:
+        self.totals = {k: 0 for k in COUNT_KEYS} | {"rows_unknown_partitions": 0}
+        self.scores = np.zeros(len(histogram.EDGES) + 1, dtype=np.int64)
+
+    def add(self, rec: Record, sign: int = 1) -> None:
+        if rec.rows_in is None:
+            self.totals["rows_unknown_partitions"] += sign
+        else:
+            for k in COUNT_KEYS:
+                self.totals[k] += sign * (getattr(rec, k) or 0)
+        if rec.histogram:
+            self.scores += sign * np.asarray(rec.histogram, dtype=np.int64)
 
 
 @dataclass
@@ -73,8 +95,12 @@ class Job:
     report: bool = True  # write OUT/report.html at the end
     note: str | None = None  # a warning to say before the work (a threshold outside the head's range)
     rebuilt_from: int | None = None  # manifest.json was lost or torn: rebuilt from this many records
+    records_read: int = 0  # records read from their own files, not the index: the index is rewritten
+    tally: Tally = field(default_factory=Tally)  # totals of the counted records, kept as they arrive
+    processed: list[int] = field(default_factory=lambda: [0, 0])  # this run's partitions and rows
     finished: bool = False  # the final manifest and report are written
     _last_manifest: float = 0.0
+    _manifest_cost: float = 0.0
 
     @property
     def fingerprint(self) -> str:
@@ -97,17 +123,18 @@ class Job:
                 raise InputError(f"inputs {planned[p.name][1]} and {p.source} map to the same output name {p.name}; "
                                  "give each input once")
             planned[p.name] = (p.identity, str(p.source))
-        self._check_only_ours(layout.existing())  # before anything is written there, the lock included
+        listing = layout.listing()  # the one listing of OUT this job needs (with the details the record index checks)
+        self._check_only_ours(set(listing))  # before anything is written there, the lock included
         self.lock = OutLock(layout, self.run_id)
         self.lock.acquire()  # one job per OUT: what follows is decided by this job alone
         try:
-            return self._prepare_locked(planned, sources, overwrite, prune_missing)
+            return self._prepare_locked(planned, sources, overwrite, prune_missing, listing)
         except BaseException:
             self.lock.release()
             raise
 
     def _prepare_locked(self, planned: dict[str, tuple[str | None, str]], sources: set[str], overwrite: bool,
-                        prune_missing: bool) -> set[str]:
+                        prune_missing: bool, listing: dict[str, dict[str, Any]]) -> set[str]:
         layout = self.layout
         old_text = None if overwrite else layout.read_text(layout.manifest)
         old: dict[str, Any] = {}
@@ -120,7 +147,7 @@ class Job:
                 old = {"torn": True}
             if not old.get("torn"):
                 self._check_same_job(old)
-        existing = layout.existing()
+        existing = layout.listing() if overwrite else listing
         if not overwrite and (old_text is None or old.get("torn")):
             self._check_records_are_ours(existing, "unreadable" if old_text is not None else "missing")
             old = {}
@@ -128,14 +155,16 @@ class Job:
         layout.clear_tmp()  # orphans of a killed run
         if layout.local:
             os.makedirs(layout.root, exist_ok=True)
-        complete = {k: Record.from_json(v) for k, v in read_records(layout, existing).items()}
+        found, self.records_read = read_records_counted(layout, existing)
+        complete = {k: Record.from_json(v) for k, v in found.items()}
         # A curated dataset does not shrink because a source moved: a gone input's output stays.
         self.missing = {} if prune_missing else {
             name: rec for name, rec in complete.items() if name not in planned and rec.source and rec.source not in sources}
         removed = remove_unplanned(layout, set(planned) | set(self.missing), existing)
         if removed:
             log.info("removed the output of %d partitions this job no longer plans", len(removed))
-            existing = layout.existing()
+            existing = layout.listing()
+            self.records_read += len(removed)  # the index lists them: rewrite it
         self.records = {}
         # Inputs read before that are not what they were: a finished partition of one is redone,
         # never skipped (and one whose rows moved, a Parquet file that grew, has new names).
@@ -152,8 +181,11 @@ class Job:
         remove_partition_files(layout, todo, existing)
         self.planned = list(planned)
         self.skipped = len(planned) - len(todo)
-        before = set(old.get("partitions", {}).get("done_names", [])) | set(old.get("partitions", {}).get("failed_names", []))
+        # Seen before: finished (its record) or failed (the last manifest's names; the running one has them too).
+        before = set(complete) | set(old.get("partitions", {}).get("failed_names", []))
         self.new = sum(1 for name in todo if name not in before and name not in self.changed)
+        for rec in (*self.records.values(), *self.missing.values()):
+            self.tally.add(rec)
         return todo
 
     def _check_records_are_ours(self, existing: set[str], manifest: str) -> None:
@@ -211,6 +243,13 @@ class Job:
 
     def add(self, record: Record) -> None:
         """A partition's record from this run: finished, or failed."""
+        before = self.records.get(record.name) or self.failures.get(record.name)
+        if before is not None:
+            self.tally.add(before, -1)
+        self.tally.add(record)
+        if record.run_id == self.run_id:
+            self.processed[0] += 1
+            self.processed[1] += record.rows_in or 0
         if record.failure:
             self.failures[record.name] = record
             self.records.pop(record.name, None)
@@ -294,6 +333,47 @@ class Job:
             "updated_at": datetime.now(timezone.utc).isoformat(),
         }
 
+    def running_manifest(self) -> dict[str, Any]:
+        """What ``manifest.json`` says while the job runs: status, settings, running totals and score
+        histogram, partition counts and names, this run so far: no per-input entries, histograms or
+        error reasons to merge (``inputs`` and the rest are written once, at the end; a re-run
+        takes the finished partitions from their records, never from this). It is written at most
+        every 2 s, and never more than 1/20 of the time (:meth:`due`)."""
+        return {
+            "job": self.kind,
+            "status": "running",
+            "fingerprint": self.fingerprint,
+            "settings": self.settings,
+            **self.info,
+            "totals": dict(self.tally.totals),
+            "score_histogram": {"edges": histogram.EDGES, "counts": self.tally.scores.tolist()},
+            "failed_inputs": self.failed_inputs,
+            "partitions": {"planned": len(self.planned), "done": len(self.records), "failed": len(self.failures),
+                           "done_names": [n for n in self.planned if n in self.records],
+                           "failed_names": [n for n in self.planned if n in self.failures],
+                           "missing": len(self.missing)},
+            "this_run": {"run_id": self.run_id, "partitions_processed": self.processed[0],
+                         "partitions_skipped": self.skipped, "partitions_new": self.new,
+                         "partitions_changed": len(self.changed), "rows_processed": self.processed[1]},
+            "cluster": self.cluster,
+            "lock": {"took_over": self.lock.took_over} if self.lock and self.lock.took_over else {},
+            "timings": {**self.timings, "elapsed_s": round(time.time() - self.started, 3)},
+            "started_at": datetime.fromtimestamp(self.started, timezone.utc).isoformat(),
+            "updated_at": datetime.now(timezone.utc).isoformat(),
+        }
+
+    def write_running(self) -> None:
+        """The running manifest (:meth:`running_manifest`), written whole."""
+        t0 = time.perf_counter()
+        if self.lock is not None:
+            check_held(self.layout, self.run_id)
+        write_json(self.layout.manifest, self.running_manifest(), self.layout.tmp, self.layout.fs, durable=False)
+        self._last_manifest, self._manifest_cost = time.time(), time.perf_counter() - t0
+
+    def due(self) -> bool:
+        """Whether the running manifest is due: 2 s since the last, and 20 times what that one cost."""
+        return time.time() - self._last_manifest > max(2.0, 20 * self._manifest_cost)
+
     def write_manifest(self, status: str) -> dict[str, Any]:
         if self.lock is not None:
             check_held(self.layout, self.run_id)
@@ -320,6 +400,12 @@ class Job:
 
     def _finish(self, status: str | None = None) -> tuple[dict[str, Any], int]:
         status, code = (status, EXIT_FAILED) if status else self.outcome()
+        if self.processed[0] or self.records_read or self.changed:  # else the index holds every record already
+            if self.lock is not None:
+                check_held(self.layout, self.run_id)
+            t0 = time.perf_counter()
+            write_index(self.layout, {name: rec.to_json() for name, rec in {**self.records, **self.missing}.items()})
+            self.timings["index_s"] = round(time.perf_counter() - t0, 3)
         manifest = self.write_manifest(status)
         if self.report:
             from .report import write_report
@@ -365,7 +451,7 @@ def run_parts(
             print(start_line, file=sys.stderr)
         else:
             log.info(start_line)
-        job.write_manifest("running")
+        job.write_running()
         threads = max(1, job.cluster.get("threads") or 1)
         t0 = time.perf_counter()
         bar = Progress(len(tasks), progress, unit)
@@ -373,8 +459,8 @@ def run_parts(
                                               job.fingerprint):
             collect(job, part, record, exc)
             bar.update(job.records.get(part.name) or job.failures.get(part.name))
-            if time.time() - job._last_manifest > 2:
-                job.write_manifest("running")
+            if job.due():
+                job.write_running()
         bar.close()
         job.timings["compute_s"] = round(time.perf_counter() - t0, 3)
         return job.finish()

@@ -7,6 +7,8 @@ planned partitions is :mod:`.embeddings_reader`.
 
 from __future__ import annotations
 
+from functools import cached_property
+
 import hashlib
 import os
 import posixpath
@@ -44,8 +46,9 @@ class EmbeddingPart:
     row_groups: tuple[int, ...] | None = None  # Parquet input: the row groups holding the rows
     metadata: str | None = None  # clip-retrieval input: the row-aligned metadata Parquet
     identity: str | None = field(default=None, compare=False)  # what was planned: storage.identities
+    group_start: int | None = None  # a slice of one big row group: the group's first row (streamed)
 
-    @property
+    @cached_property  # a digest of the path: computed once per part, however often it is asked
     def name(self) -> str:
         """Deterministic output name: file stem, a digest of its (absolute) path, the row range.
 
@@ -117,15 +120,23 @@ def _check_embedding_type(dtype: pa.DataType, column: str, where: str) -> None:
 
 
 def _group_row_groups(meta: pq.FileMetaData, target_rows: int) -> list[tuple[int, int, tuple[int, ...]]]:
-    """Consecutive row groups, about ``target_rows`` rows per group: (start, stop, row groups)."""
+    """Consecutive row groups, about ``target_rows`` rows per group: (start, stop, row groups). A
+    row group of over twice ``target_rows`` (files written by other tools often have one, of
+    millions of rows) is split into row ranges of ``target_rows``, which the reader streams
+    (:func:`embeddings_reader.read_parquet_rows`): memory follows the partition, not the row group."""
     groups: list[tuple[int, int, tuple[int, ...]]] = []
     start = stop = 0
     current: list[int] = []
     for i in range(meta.num_row_groups):
         n = meta.row_group(i).num_rows
-        if current and stop - start + n > target_rows:
+        if current and (stop - start + n > target_rows or n > 2 * target_rows):
             groups.append((start, stop, tuple(current)))
             start, current = stop, []
+        if n > 2 * target_rows:  # (a range inside one row group: see _plan_parquet_files)
+            groups += [(stop + a, stop + b, (i,)) for a, b in _row_ranges(n, target_rows)]
+            stop += n
+            start = stop
+            continue
         current.append(i)
         stop += n
     if current:
@@ -175,8 +186,11 @@ def _plan_parquet_files(
             raise MissingColumnError(str(path), column, schema.names, _other_job_hint(schema, check))
         check(schema.field(column).type, column, str(path))
         schemas.append((str(path), schema))
+        offsets = np.cumsum([0] + [meta.row_group(i).num_rows for i in range(meta.num_row_groups)])
         for start, stop, groups in _group_row_groups(meta, partition_rows):
-            parts.append(EmbeddingPart(str(path), start, stop, row_groups=groups))
+            first = int(offsets[groups[0]]) if groups else start
+            whole = len(groups) != 1 or (start, stop) == (first, int(offsets[groups[0] + 1]))
+            parts.append(EmbeddingPart(str(path), start, stop, row_groups=groups, group_start=None if whole else first))
     return parts, schemas, failed
 
 

@@ -17,7 +17,8 @@ import numpy as np
 
 from .errors import FAILURE_DATA, FAILURE_ERROR, DataError
 from .lock import check_held, committing_as
-from .output import OutputLayout, WriteOptions, split_and_write, write_record
+from .output import OutputLayout, WriteOptions, split_and_write
+from .records import write_record
 from .embeddings_reader import read_embedding_table
 
 
@@ -100,10 +101,13 @@ class Record:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Record:
-        known = {f.name for f in fields(cls)} - {"stats"}
+        known = _RECORD_FIELDS
         record = cls(**({"source": ""} | {k: v for k, v in data.items() if k in known}))
         record.stats = Stats(data.get("stage_s"))
         return record
+
+
+_RECORD_FIELDS = frozenset(f.name for f in fields(Record)) - {"stats"}
 
 
 def finish_record(layout: OutputLayout, record: Record, started: float) -> Record:

@@ -26,7 +26,8 @@ from .columns import SCORE_COLUMN
 from .errors import EXIT_OK, InputError
 from .job import fingerprint
 from .lock import OutLock, check_held
-from .output import OutputLayout, read_records, write_json, write_parquet, write_record
+from .output import OutputLayout, write_json, write_parquet
+from .records import read_records, write_index, write_record
 from .score import keep_mask
 from .partition import Record
 
@@ -77,8 +78,9 @@ def _refilter_locked(layout: OutputLayout, manifest: dict[str, Any], threshold: 
     manifest.update(status="refiltering", refilter={"from": recorded, "to": threshold, "status_before": status_before})
     write_json(layout.manifest, manifest, layout.tmp, layout.fs)
 
-    existing = layout.existing()
-    records = {name: Record.from_json(data) for name, data in read_records(layout, existing).items()}
+    listing = layout.listing()
+    existing = set(listing)
+    records = {name: Record.from_json(data) for name, data in read_records(layout, listing).items()}
     done = 0
     for name, rec in sorted(records.items()):
         if (rec.threshold if rec.threshold is not None else recorded) != threshold:
@@ -101,6 +103,8 @@ def _refilter_locked(layout: OutputLayout, manifest: dict[str, Any], threshold: 
     manifest["status"] = status_before
     manifest.pop("refilter", None)
     check_held(layout, run_id)
+    if done:
+        write_index(layout, {name: rec.to_json() for name, rec in records.items()})
     manifest["this_run"] = {"run_id": run_id, "refilter": {"from": recorded, "to": threshold},
                             "partitions_processed": done, "partitions_skipped": len(records) - done,
                             "rows_processed": 0, "compute_s": round(time.perf_counter() - t0, 3),

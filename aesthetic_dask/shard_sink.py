@@ -129,12 +129,13 @@ def _write_rows_tar(part: Any, column: str, table: pa.Table, keep: np.ndarray, t
 
     from .embeddings_reader import read_parquet_rows
 
-    images = read_parquet_rows(part.source, part.start, part.stop, part.row_groups, storage_options, columns=[column])
+    images = read_parquet_rows(part.source, part.start, part.stop, part.row_groups, storage_options, columns=[column],
+                               group_start=part.group_start)
     values = image_values(images.column(column))
     rows = table.drop_columns([c for c in (ERROR_COLUMN, "embedding") if c in table.column_names])
     records = rows.to_pylist()
     fs, path = storage.split(target, storage_options)
-    with storage.atomic_open(fs, path, tmp_dir) as out, tarfile.open(fileobj=out, mode="w|") as tar:
+    with storage.atomic_open(fs, path, tmp_dir, durable=False) as out, tarfile.open(fileobj=out, mode="w|") as tar:
         for i in np.flatnonzero(keep):
             data = values[i]
             key = safe_member_name(str(records[i].get("key") or f"{part.start + i:010d}"))

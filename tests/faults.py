@@ -26,12 +26,12 @@ def stopped_at_write(index: int | None, after: bool, error: BaseException) -> It
     real, count = storage.atomic_open, [0]
 
     @contextmanager
-    def atomic_open(fs, path, tmp_dir=None):
+    def atomic_open(fs, path, tmp_dir=None, durable=True):
         n = count[0]
         count[0] += 1
         if n == index and not after:
             raise error
-        with real(fs, path, tmp_dir) as f:
+        with real(fs, path, tmp_dir, durable) as f:
             yield f
         if n == index and after:
             raise error

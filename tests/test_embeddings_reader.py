@@ -21,6 +21,25 @@ def test_row_groups_are_grouped_into_partitions(tmp_path, rng):
     assert len({p.name for p in plan.parts}) == 5
 
 
+def test_a_huge_row_group_is_split_into_streamed_row_ranges(tmp_path, rng):
+    """Issue 32: files written by other tools often have one row group of millions of rows; it
+    becomes partitions of about partition_rows, each read in batches (memory: bench_scale.py).
+    Row groups up to twice partition_rows stay whole (names of such OUTs do not change)."""
+    emb = rng.standard_normal((1000, 768)).astype(np.float32)
+    write_embeddings(tmp_path / "one.parquet", emb, row_group_size=1000)
+    write_embeddings(tmp_path / "mixed.parquet", emb[:530], row_group_size=150)  # 150, 150, 150, 80
+    plan = plan_embeddings([str(tmp_path / "one.parquet")], partition_rows=100)
+    assert [(p.start, p.stop, p.row_groups, p.group_start) for p in plan.parts] == \
+        [(s, s + 100, (0,), 0) for s in range(0, 1000, 100)]
+    plan = plan_embeddings([str(tmp_path / "mixed.parquet")], partition_rows=100)
+    assert all(p.group_start is None for p in plan.parts)
+    df = read_embeddings(str(tmp_path / "one.parquet"), partition_rows=100).compute(scheduler="sync")
+    assert df["key"].tolist() == [f"k{i:05d}" for i in range(1000)]
+    np.testing.assert_array_equal(np.stack(df["embedding"].map(lambda e: np.asarray(e, np.float32))), emb)
+    projected = read_embeddings(str(tmp_path / "one.parquet"), partition_rows=100)[["key"]].compute(scheduler="sync")
+    assert projected["key"].iloc[537] == "k00537"
+
+
 def test_files_with_different_columns_share_one_schema(tmp_path, rng):
     write_embeddings(tmp_path / "a.parquet", rng.standard_normal((5, 768)).astype(np.float32), "a")
     write_embeddings(tmp_path / "b.parquet", rng.standard_normal((5, 768)).astype(np.float16).astype(np.float32), "b", width=pa.array(range(5)))

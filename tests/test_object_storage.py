@@ -446,3 +446,38 @@ def test_a_refilter_on_s3_stopped_at_any_write_and_run_again_equals_a_clean_run(
         assert comparable(manifest(out, fs)) == comparable(manifest(str(tmp_path / "clean")))
         for d in ("kept", "rejected"):
             pd.testing.assert_frame_equal(table(out, d, options), table(str(tmp_path / "clean"), d))
+
+
+def test_a_no_op_rerun_on_s3_reads_one_index_not_every_record(tmp_path, s3, bucket, embeddings, tiny_weights, monkeypatch):
+    """Issue 32: a re-run with nothing new costs one listing and the record index, not a request
+    per finished partition; without the index (a cache) it reads each record and is still right."""
+    import s3fs
+
+    from aesthetic_dask.cli import main
+
+    options, fs = s3
+    out = f"s3://{bucket}/out"
+    argv = ["score", str(embeddings), "-o", out, "--aesthetic-weights", str(tiny_weights["safetensors"]),
+            "--partition-rows", "50", "--no-report", "--storage-options", json.dumps(options)]
+    assert main(argv) == 0
+    calls = []
+    real = s3fs.S3FileSystem._call_s3
+
+    async def counting(self, method, *args, **kwargs):
+        calls.append((method, kwargs.get("Key", ""), kwargs.get("Prefix", "")))
+        return await real(self, method, *args, **kwargs)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", counting)
+    for index in (True, False):
+        calls.clear()
+        fs.invalidate_cache()
+        assert main(argv) == 0
+        m = manifest(out, fs)
+        assert m["this_run"]["partitions_processed"] == 0 and m["partitions"]["done"] == 9
+        record_reads = [k for method, k, _ in calls if method == "get_object" and "/_parts/" in k and k.endswith(".json")]
+        out_listings = [p for method, _, p in calls if method == "list_objects_v2" and p.startswith("out")]
+        if index:
+            assert record_reads == [] and len(out_listings) == 1, (record_reads, out_listings)
+            fs.rm(f"{bucket}/out/_parts/_index.json.gz")
+        else:
+            assert len(record_reads) == 9

@@ -65,6 +65,7 @@ class ParquetJob:
     row_groups: tuple[int, ...] | None
     column: str
     storage_options: dict[str, Any] | None = None
+    group_start: int | None = None  # a slice of one big row group (parquet_plan.EmbeddingPart)
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,7 @@ def items(source: Any, failure: list[str]) -> Iterator[Item]:
                 failure.append("unread")
     elif isinstance(source, ParquetJob):
         table = read_parquet_rows(source.source, source.start, source.stop, source.row_groups,
-                                  source.storage_options, columns=[source.column, "key"])
+                                  source.storage_options, columns=[source.column, "key"], group_start=source.group_start)
         keys = table.column("key").cast("string").to_pylist() if "key" in table.column_names else None
         for i, data in enumerate(image_values(table.column(source.column))):
             yield Item(None, keys[i] if keys else None, data)

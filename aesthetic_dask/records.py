@@ -1,0 +1,137 @@
+"""The partitions' completion records (``OUT/_parts/NAME.json``) and their index.
+
+A record is written last, after its partition's files, and is the truth a re-run resumes from.
+Reading 100,000 of them one by one costs 100,000 requests on an object store, so a finished job
+also writes ``OUT/_parts/_index.json.gz``: every record with the version (:func:`storage.identity`,
+as the one listing of OUT reports it) of the file it was taken from. A re-run lists OUT once,
+takes each record whose file is still that version from the index, and reads only the others
+(new since, rewritten by ``refilter``, or from a run the index missed). The index is a cache: a
+missing, stale or unreadable one costs requests, never correctness.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+from typing import Any
+
+from . import storage
+
+log = logging.getLogger("aesthetic_dask")
+
+INDEX_NAME = "_index.json.gz"
+DATA_DIRS = ("kept/", "rejected/", "errors/", "samples/")
+
+
+def write_record(layout: Any, record: dict[str, Any]) -> None:
+    """A partition's record (its JSON form) as ``OUT/_parts/NAME.json``: its completion marker,
+    written last, after its data files are in place.
+
+    Durability costs one sync per partition, not one per file: its local data files were written
+    without fsync and are made durable here together (:func:`storage.sync_files`: one syncfs);
+    the record itself needs none (a record lost to a power cut only means the partition is
+    redone). Object stores commit each object on upload."""
+    if layout.local:
+        storage.sync_files(layout.file(f) for f in record.get("files", []) if not storage.is_url(f))
+    data = (json.dumps(record, indent=2, default=str) + "\n").encode()  # as output.write_json writes JSON
+    storage.write_bytes(layout.fs, storage.join(layout.records, f"{record['name']}.json"), data, layout.tmp, durable=False)
+
+
+def index_path(layout: Any) -> str:
+    return storage.join(layout.records, INDEX_NAME)
+
+
+def read_records(layout: Any, existing: set[str] | dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
+    """Records of finished partitions whose files are all in place, by name.
+
+    ``existing``: the one listing of OUT (:meth:`OutputLayout.listing`; with each file's details,
+    the index is used). An unreadable record, a record of a failed partition, or one whose output
+    files went missing means "not finished": resume trusts complete records alone.
+    """
+    return read_records_counted(layout, existing)[0]
+
+
+def read_records_counted(layout: Any, existing: set[str] | dict[str, dict[str, Any]] | None = None
+                         ) -> tuple[dict[str, dict[str, Any]], int]:
+    """:func:`read_records`, and how many records were read from their own files (0: the index
+    held them all)."""
+    existing = layout.listing() if existing is None else existing
+    paths = sorted(p for p in existing if p.startswith(layout.records + "/") and p.endswith(".json"))
+    contents: dict[str, Any] = {}
+    if isinstance(existing, dict) and index_path(layout) in existing:
+        index = _read_index(layout)
+        for path in paths:
+            entry = index.get(path)
+            if entry is not None and entry[0] == storage.identity(existing[path]):
+                contents[path] = entry[1]
+    unread = [p for p in paths if p not in contents]
+    if unread:
+        contents.update(layout.fs.cat(unread, on_error="omit"))
+    external = _external_files(layout, contents.values())
+    records = {}
+    for path, data in contents.items():
+        try:
+            rec = json.loads(data) if isinstance(data, (bytes, str)) else data
+            if rec.get("failure") or rec["name"] != _stem(path):
+                continue
+            files = [layout.file(f) for f in rec.get("files", [])]
+            if all(f in existing or f in external for f in files):
+                records[rec["name"]] = rec
+        except (ValueError, KeyError, TypeError, AttributeError):
+            continue
+    return records, len(unread)
+
+
+def _external_files(layout: Any, contents: Any) -> set[str]:
+    """The files records list outside OUT (``--write-shards``) that exist: one listing per
+    directory, not a request per file."""
+    wanted: dict[tuple[int, str], set[str]] = {}
+    filesystems: dict[int, Any] = {}
+    for data in contents:
+        try:
+            rec = json.loads(data) if isinstance(data, (bytes, str)) else data
+            for listed in rec.get("files", []):
+                fs, path = storage.split(listed, layout.storage_options) if storage.is_url(listed) \
+                    else (layout.fs, layout.file(listed))
+                if fs is layout.fs and path.startswith(layout.root + "/"):
+                    continue
+                filesystems[id(fs)] = fs
+                wanted.setdefault((id(fs), path.rsplit("/", 1)[0]), set()).add(path)
+        except (ValueError, TypeError, AttributeError):
+            continue
+    found: set[str] = set()
+    for (key, directory), paths in wanted.items():
+        fs = filesystems[key]
+        try:
+            fs.invalidate_cache(directory)
+            listed = {fs._strip_protocol(p).rstrip("/") for p in fs.ls(directory, detail=False)}
+        except OSError:
+            listed = set()
+        found |= paths & listed
+    return found
+
+
+def _read_index(layout: Any) -> dict[str, list[Any]]:
+    try:
+        return json.loads(gzip.decompress(layout.fs.cat_file(index_path(layout))))["records"]
+    except (OSError, ValueError, KeyError, TypeError, EOFError, gzip.BadGzipFile):
+        log.info("%s: its record index is unreadable; reading the records one by one", layout.root_url)
+        return {}
+
+
+def write_index(layout: Any, records: dict[str, dict[str, Any]]) -> None:
+    """Index ``records`` (name -> record as JSON) by the version of each one's file, as one listing
+    of ``OUT/_parts`` reports it now."""
+    try:
+        listed = layout.fs.find(layout.records, detail=True)
+    except FileNotFoundError:
+        return
+    entries = {path: [storage.identity(info), records[_stem(path)]] for path, info in listed.items()
+               if path.endswith(".json") and _stem(path) in records}
+    data = gzip.compress(json.dumps({"records": entries}, separators=(",", ":"), default=str).encode(), compresslevel=3)
+    storage.write_bytes(layout.fs, index_path(layout), data, layout.tmp)
+
+
+def _stem(path: str) -> str:
+    return path.rsplit("/", 1)[-1].rsplit(".", 1)[0]
