@@ -367,8 +367,14 @@ class Job:
         t0 = time.perf_counter()
         if self.lock is not None:
             check_held(self.layout, self.run_id)
-        write_json(self.layout.manifest, self.running_manifest(), self.layout.tmp, self.layout.fs, durable=False)
+        write_json(self.layout.manifest, self.running_manifest(), self.layout.tmp, self.layout.fs, durable=False,
+                   indent=self.manifest_indent)
         self._last_manifest, self._manifest_cost = time.time(), time.perf_counter() - t0
+
+    @property
+    def manifest_indent(self) -> int | None:
+        """Indented for reading by eye up to 1,000 partitions; on one line beyond (see write_json)."""
+        return 2 if len(self.planned) <= 1000 else None
 
     def due(self) -> bool:
         """Whether the running manifest is due: 2 s since the last, and 20 times what that one cost."""
@@ -378,7 +384,7 @@ class Job:
         if self.lock is not None:
             check_held(self.layout, self.run_id)
         manifest = self.manifest(status)
-        write_json(self.layout.manifest, manifest, self.layout.tmp, self.layout.fs)
+        write_json(self.layout.manifest, manifest, self.layout.tmp, self.layout.fs, indent=self.manifest_indent)
         self._last_manifest = time.time()
         return manifest
 

@@ -147,6 +147,8 @@ def _group_row_groups(meta: pq.FileMetaData, target_rows: int) -> list[tuple[int
 def _open_footer(url: str, storage_options: dict[str, Any] | None = None) -> pq.FileMetaData | str:
     """The footer of a Parquet file (local or remote), or why it cannot be read."""
     try:
+        if not storage.is_url(url):
+            return pq.read_metadata(storage.local_path(url))
         fs, path = storage.split(url, storage_options)
         return pq.ParquetFile(path, filesystem=storage.pyarrow_filesystem(fs)).metadata
     except (pa.ArrowException, OSError, ValueError) as exc:
@@ -175,8 +177,11 @@ def _plan_parquet_files(
     parts: list[EmbeddingPart] = []
     schemas: list[tuple[str, pa.Schema]] = []
     failed: dict[str, str] = {}
-    with ThreadPoolExecutor(16) as pool:  # footers are small reads: many at once, for object storage
-        footers = list(pool.map(lambda f: _open_footer(f, storage_options), files))
+    if any(storage.is_url(f) for f in files):
+        with ThreadPoolExecutor(16) as pool:  # footers are small reads: many at once, for object storage
+            footers = list(pool.map(lambda f: _open_footer(f, storage_options), files))
+    else:  # a local footer is a fraction of a millisecond: a pool's hand-offs cost more (0.37 s vs 1.4 s for 5,000)
+        footers = [_open_footer(f) for f in files]
     for path, meta in zip(files, footers):
         if isinstance(meta, str):
             failed[str(path)] = meta

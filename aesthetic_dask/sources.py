@@ -10,6 +10,7 @@ naming a file inside one is refused. An earlier job's OUT found inside an input 
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +56,7 @@ def list_inputs(
     """
     if isinstance(inputs, (str, Path)):
         inputs = [str(inputs)]
+    _real_directory.cache_clear()  # what the directories resolve to now
     files: list[tuple[str, str]] = []  # (identity, url)
     skipped: list[str] = []
     special: list[str] = []
@@ -120,8 +122,23 @@ def _excluded(exclude: Iterable[str | Path], fs: Any, storage_options: dict[str,
     return out
 
 
+@functools.lru_cache(maxsize=65536)
+def _real_directory(directory: str) -> str:
+    return os.path.realpath(directory)
+
+
+def _realpath(path: str) -> str:
+    """``os.path.realpath`` at the cost of one lstat per file: its directory is resolved once per
+    listing (realpath walks every component: 0.46 s for 5,000 files, twice)."""
+    absolute = os.path.abspath(path)
+    if os.path.islink(absolute):
+        return os.path.realpath(absolute)
+    head, tail = os.path.split(absolute)
+    return os.path.join(_real_directory(head), tail) if tail else _real_directory(head)
+
+
 def _inside(path: str, excluded: list[str], local: bool) -> bool:
-    resolved = os.path.realpath(path) if local else path.rstrip("/")
+    resolved = _realpath(path) if local else path.rstrip("/")
     return any(resolved == e or resolved.startswith(e.rstrip("/") + "/") for e in excluded)
 
 
@@ -130,7 +147,7 @@ def _expand_one(fs: Any, path: str, suffixes: tuple[str, ...], excluded: list[st
     """(identity, url) of the file, or of the matching files under the directory, sorted; earlier
     jobs' OUTs under the directory go to ``skipped`` (as URLs) and are not listed."""
     if fs.isdir(path):
-        everything = fs.find(path)
+        everything = sorted(storage.local_find(path)) if local else fs.find(path)
         outs = [o for o in earlier_outputs(everything) if not _inside(o, excluded, local)]
         skipped.extend(_identify(fs, o, local)[1] for o in outs)
         found = [
@@ -169,6 +186,6 @@ def earlier_outputs(paths: list[str]) -> list[str]:
 def _identify(fs: Any, path: str, local: bool) -> tuple[str, str]:
     if local:
         absolute = os.path.abspath(path)
-        return os.path.realpath(absolute), absolute
+        return _realpath(absolute), absolute
     url = fs.unstrip_protocol(path)
     return url, url
