@@ -458,6 +458,10 @@ def run_parts(
         else:
             log.info(start_line)
         job.write_running()
+        if job.report and tasks:
+            from .report import warm_up
+
+            warm_up()  # the page's imports overlap the work, off the end of the job
         threads = max(1, job.cluster.get("threads") or 1)
         t0 = time.perf_counter()
         bar = Progress(len(tasks), progress, unit)

@@ -105,6 +105,21 @@ def _load_samples(layout: OutputLayout, manifest: dict[str, Any]) -> dict[int, l
     return dict(sorted(by_band.items(), reverse=True))
 
 
+def warm_up() -> None:
+    """Import what the page draws with (matplotlib, its SVG backend: about 0.4 s) in a background
+    thread while the job's partitions run, so the report at the end does not wait for it."""
+    import threading
+
+    def load() -> None:
+        try:
+            import matplotlib.backends.backend_svg  # noqa: F401
+            import matplotlib.figure  # noqa: F401
+        except Exception:  # noqa: BLE001 - the report says what is missing when it is written
+            pass
+
+    threading.Thread(target=load, name="aesthetic-dask-report-imports", daemon=True).start()
+
+
 def _svg(fig: Any) -> str:
     import matplotlib
 
