@@ -31,7 +31,7 @@ import numpy as np
 from . import histogram, interrupts, logs, samples, storage
 from .errors import EXIT_FAILED, FAILURE_ERROR, InputError, job_outcome
 from .output import COUNT_KEYS, OutputLayout, remove_partition_files, remove_unplanned, reset_output, write_json
-from .records import read_records, read_records_counted, write_index
+from .records import read_records, read_records_counted, write_footers, write_index
 from .lock import OutLock, check_held
 from .partition import Record
 from .submit import Progress, cluster_info, submit_parts
@@ -96,6 +96,8 @@ class Job:
     note: str | None = None  # a warning to say before the work (a threshold outside the head's range)
     rebuilt_from: int | None = None  # manifest.json was lost or torn: rebuilt from this many records
     records_read: int = 0  # records read from their own files, not the index: the index is rewritten
+    footers: dict[str, list[Any]] | None = None  # the inputs' footers as planned: kept in OUT for the next run
+    footers_changed: bool = False
     tally: Tally = field(default_factory=Tally)  # totals of the counted records, kept as they arrive
     processed: list[int] = field(default_factory=lambda: [0, 0])  # this run's partitions and rows
     finished: bool = False  # the final manifest and report are written
@@ -412,6 +414,8 @@ class Job:
             t0 = time.perf_counter()
             write_index(self.layout, {name: rec.to_json() for name, rec in {**self.records, **self.missing}.items()})
             self.timings["index_s"] = round(time.perf_counter() - t0, 3)
+        if self.footers is not None and self.footers_changed:
+            write_footers(self.layout, self.footers)
         manifest = self.write_manifest(status)
         if self.report:
             from .report import write_report

@@ -32,7 +32,7 @@ from . import histogram, samples, storage
 from .columns import ERROR_COLUMN, ROW_COLUMN, SCORE_COLUMN, SOURCE_COLUMN
 from .lock import check_held
 from .image_reader import ShardBomb, TarStream, iter_members, open_shard, safe_member_name
-from .records import INDEX_NAME
+from .records import FOOTERS_NAME, INDEX_NAME
 from .score import table_keep_mask
 
 COUNT_KEYS = ("rows_in", "rows_kept", "rows_below_threshold", "rows_error")
@@ -82,7 +82,7 @@ class OutputLayout:
         if "/" in name:
             return False
         return (directory in ("kept", "rejected", "errors", "samples") and name.endswith(".parquet")) or \
-            (directory == "_parts" and (name.endswith(".json") or name == INDEX_NAME))
+            (directory == "_parts" and (name.endswith(".json") or name in (INDEX_NAME, FOOTERS_NAME)))
 
     def data_dirs(self) -> tuple[str, ...]:
         return (self.kept, self.rejected, self.errors, self.samples, self.records) + ((self.tmp,) if self.local else ())

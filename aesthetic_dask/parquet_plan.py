@@ -95,6 +95,7 @@ class EmbeddingPlan:
     failed: dict[str, str]
     duplicates: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # e.g. an earlier job's OUT skipped
+    footers: dict[str, list[Any]] = field(default_factory=dict)  # what each file's footer said (FOOTER_CACHE)
 
 
 def _other_job_hint(schema: pa.Schema, check: Callable) -> str:
@@ -119,7 +120,7 @@ def _check_embedding_type(dtype: pa.DataType, column: str, where: str) -> None:
         )
 
 
-def _group_row_groups(meta: pq.FileMetaData, target_rows: int) -> list[tuple[int, int, tuple[int, ...]]]:
+def _group_row_groups(rows: list[int], target_rows: int) -> list[tuple[int, int, tuple[int, ...]]]:
     """Consecutive row groups, about ``target_rows`` rows per group: (start, stop, row groups). A
     row group of over twice ``target_rows`` (files written by other tools often have one, of
     millions of rows) is split into row ranges of ``target_rows``, which the reader streams
@@ -127,8 +128,7 @@ def _group_row_groups(meta: pq.FileMetaData, target_rows: int) -> list[tuple[int
     groups: list[tuple[int, int, tuple[int, ...]]] = []
     start = stop = 0
     current: list[int] = []
-    for i in range(meta.num_row_groups):
-        n = meta.row_group(i).num_rows
+    for i, n in enumerate(rows):
         if current and (stop - start + n > target_rows or n > 2 * target_rows):
             groups.append((start, stop, tuple(current)))
             start, current = stop, []
@@ -172,31 +172,60 @@ def _is_clip_retrieval_folder(url: str, storage_options: dict[str, Any] | None =
 
 def _plan_parquet_files(
     files: list[str], column: str, check: Callable[[pa.DataType, str, str], None], partition_rows: int,
-    storage_options: dict[str, Any] | None = None,
-) -> tuple[list[EmbeddingPart], list[tuple[str, pa.Schema]], dict[str, str]]:
+    storage_options: dict[str, Any] | None = None, footer_cache: dict[str, list[Any]] | None = None,
+) -> tuple[list[EmbeddingPart], list[tuple[str, pa.Schema]], dict[str, str], dict[str, list[Any]]]:
+    """Parts, schemas and unreadable files of Parquet ``files``, and what their footers said.
+
+    With ``footer_cache`` (a job's OUT keeps one: :data:`FOOTER_CACHE`), each file is first
+    identified (one listing per directory) and a file whose identity is unchanged is planned from
+    the cache: a nightly re-run reads the footers of new and changed files only.
+    """
     parts: list[EmbeddingPart] = []
     schemas: list[tuple[str, pa.Schema]] = []
     failed: dict[str, str] = {}
-    if any(storage.is_url(f) for f in files):
+    ids = storage.identities(files, storage_options) if footer_cache is not None else {}
+    known = {f: footer_cache[f] for f in files if ids.get(f) and (footer_cache or {}).get(f, [None])[0] == ids[f]}
+    unread = [f for f in files if f not in known]
+    if any(storage.is_url(f) for f in unread):
         with ThreadPoolExecutor(16) as pool:  # footers are small reads: many at once, for object storage
-            footers = list(pool.map(lambda f: _open_footer(f, storage_options), files))
+            read = list(pool.map(lambda f: _open_footer(f, storage_options), unread))
     else:  # a local footer is a fraction of a millisecond: a pool's hand-offs cost more (0.37 s vs 1.4 s for 5,000)
-        footers = [_open_footer(f) for f in files]
-    for path, meta in zip(files, footers):
+        read = [_open_footer(f) for f in unread]
+    footers = dict(known)
+    for path, meta in zip(unread, read):
         if isinstance(meta, str):
             failed[str(path)] = meta
+        else:
+            footers[path] = [ids.get(path), [meta.row_group(i).num_rows for i in range(meta.num_row_groups)],
+                             _schema_text(meta.schema.to_arrow_schema())]
+    for path in files:
+        if path not in footers:
             continue
-        schema = meta.schema.to_arrow_schema()
+        _, rows, schema = footers[path]
+        schema = _schema_of(schema)
         if column not in schema.names:
             raise MissingColumnError(str(path), column, schema.names, _other_job_hint(schema, check))
         check(schema.field(column).type, column, str(path))
         schemas.append((str(path), schema))
-        offsets = np.cumsum([0] + [meta.row_group(i).num_rows for i in range(meta.num_row_groups)])
-        for start, stop, groups in _group_row_groups(meta, partition_rows):
+        offsets = np.cumsum([0] + rows)
+        for start, stop, groups in _group_row_groups(rows, partition_rows):
             first = int(offsets[groups[0]]) if groups else start
             whole = len(groups) != 1 or (start, stop) == (first, int(offsets[groups[0] + 1]))
-            parts.append(EmbeddingPart(str(path), start, stop, row_groups=groups, group_start=None if whole else first))
-    return parts, schemas, failed
+            parts.append(EmbeddingPart(str(path), start, stop, row_groups=groups, group_start=None if whole else first,
+                                       identity=ids.get(path)))
+    return parts, schemas, failed, {f: e for f, e in footers.items() if e[0]}
+
+
+def _schema_text(schema: pa.Schema) -> str:
+    import base64
+
+    return base64.b64encode(schema.serialize().to_pybytes()).decode()
+
+
+def _schema_of(text: str) -> pa.Schema:
+    import base64
+
+    return pa.ipc.read_schema(pa.py_buffer(base64.b64decode(text)))
 
 
 def plan_parquet(
@@ -208,15 +237,17 @@ def plan_parquet(
     exclude: tuple[str, ...] = (),
     reserved: tuple[str, ...] = (),
     storage_options: dict[str, Any] | None = None,
+    footer_cache: dict[str, list[Any]] | None = None,
 ) -> EmbeddingPlan:
     """Partitions and shared schema of Parquet files/dirs/globs that must hold ``column``.
 
     Input columns named in ``reserved`` (columns the job writes) are read as ``NAME_input``.
     """
     listed = list_inputs(inputs, PARQUET_SUFFIXES, exclude, storage_options)
-    parts, schemas, failed = _plan_parquet_files(listed.files, column, check, partition_rows, storage_options)
+    parts, schemas, failed, footers = _plan_parquet_files(listed.files, column, check, partition_rows, storage_options,
+                                                          footer_cache)
     schema = rename_reserved(_unify(schemas, column, canonical), reserved, column)
-    return EmbeddingPlan(parts, schema, column, failed, listed.duplicates, listed.notes())
+    return EmbeddingPlan(parts, schema, column, failed, listed.duplicates, listed.notes(), footers)
 
 
 def plan_embeddings(
@@ -226,6 +257,7 @@ def plan_embeddings(
     exclude: tuple[str, ...] = (),
     reserved: tuple[str, ...] = written_by("score"),
     storage_options: dict[str, Any] | None = None,
+    footer_cache: dict[str, list[Any]] | None = None,
 ) -> EmbeddingPlan:
     """Partitions and the shared schema of Parquet files/dirs/globs and clip-retrieval folders.
 
@@ -238,9 +270,9 @@ def plan_embeddings(
     others = [i for i in inputs if not is_folder[i]]
     listed = list_inputs(others, PARQUET_SUFFIXES, exclude, storage_options) if others else None
     try:
-        parts, schemas, failed = _plan_parquet_files(
-            listed.files if listed else [], embedding_column, _check_embedding_type, partition_rows, storage_options
-        )
+        parts, schemas, failed, footers = _plan_parquet_files(
+            listed.files if listed else [], embedding_column, _check_embedding_type, partition_rows, storage_options,
+            footer_cache)
     except MissingColumnError as exc:
         raise InputError(f"{exc}; choose one with --embedding-column") from None
     seen_folders: set[str] = set()
@@ -260,7 +292,7 @@ def plan_embeddings(
     if not schemas and not failed:
         raise InputError(f"no embedding files found in {', '.join(map(str, inputs))}")
     schema = rename_reserved(_unify(schemas, embedding_column, EMBEDDING_TYPE), reserved, embedding_column)
-    return EmbeddingPlan(parts, schema, embedding_column, failed, duplicates, listed.notes() if listed else [])
+    return EmbeddingPlan(parts, schema, embedding_column, failed, duplicates, listed.notes() if listed else [], footers)
 
 
 def _plan_clip_retrieval(

@@ -39,10 +39,11 @@ def threshold_note(threshold: float, predictor: Any, weights: str) -> str | None
 def with_identities(parts: list[Any], storage_options: dict[str, Any] | None = None) -> list[Any]:
     """``parts`` carrying the identity of what each will read (its file's, and a clip-retrieval
     part's metadata file's), listed once per directory."""
-    paths = {p.source for p in parts} | {p.metadata for p in parts if getattr(p, "metadata", None)}
+    todo = [p for p in parts if p.identity is None or getattr(p, "metadata", None)]  # (planning may have listed them)
+    paths = {p.source for p in todo} | {p.metadata for p in todo if getattr(p, "metadata", None)}
     ids = storage.identities(sorted(paths), storage_options)
     return [dataclasses.replace(p, identity="|".join(filter(None, (ids.get(p.source), ids.get(getattr(p, "metadata", None)))))
-                                or None) for p in parts]
+                                or None) if p.identity is None or getattr(p, "metadata", None) else p for p in parts]
 
 
 def package_versions(extra: tuple[str, ...] = ()) -> dict[str, str]:

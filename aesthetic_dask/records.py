@@ -21,6 +21,7 @@ from . import storage
 log = logging.getLogger("aesthetic_dask")
 
 INDEX_NAME = "_index.json.gz"
+FOOTERS_NAME = "_inputs.json.gz"  # what each Parquet input's footer said, by its identity (parquet_plan)
 DATA_DIRS = ("kept/", "rejected/", "errors/", "samples/")
 
 
@@ -140,6 +141,20 @@ def write_index(layout: Any, records: dict[str, dict[str, Any]]) -> None:
                if path.endswith(".json") and _stem(path) in records}
     data = gzip.compress(json.dumps({"records": entries}, separators=(",", ":"), default=str).encode(), compresslevel=3)
     storage.write_bytes(layout.fs, index_path(layout), data, layout.tmp)
+
+
+def read_footers(layout: Any) -> dict[str, list[Any]]:
+    """The footer cache a finished job left (input -> [identity, row group sizes, schema]); empty
+    if there is none or it is unreadable: a cache, validated input by input against its identity."""
+    try:
+        return json.loads(gzip.decompress(layout.fs.cat_file(storage.join(layout.records, FOOTERS_NAME))))
+    except (OSError, ValueError, TypeError, EOFError, gzip.BadGzipFile):
+        return {}
+
+
+def write_footers(layout: Any, footers: dict[str, list[Any]]) -> None:
+    data = gzip.compress(json.dumps(footers, separators=(",", ":")).encode(), compresslevel=3)
+    storage.write_bytes(layout.fs, storage.join(layout.records, FOOTERS_NAME), data, layout.tmp)
 
 
 def _packed(record: dict[str, Any]) -> dict[str, Any]:

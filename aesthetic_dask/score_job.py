@@ -19,6 +19,7 @@ from .job import Work, run_parts
 from .preparation import Heads, new_job, stamp, with_identities
 from .output import OutputLayout, WriteOptions
 from .partition import Record, process_parquet_part
+from .records import read_footers
 from .models.heads import AestheticPredictor
 from .score import check_extra_score_names, score_table
 
@@ -49,14 +50,16 @@ def score_job(inputs: list[str], out: str | Path, config: Config, overwrite: boo
 
     started, t0 = started or time.time(), time.perf_counter()
     layout = OutputLayout(out, config.storage_options)
+    cached = read_footers(layout)  # a re-run reads the footers of new and changed inputs only
     plan = plan_embeddings(inputs, config.embedding_column, config.partition_rows, exclude=(layout.url(),),
-                           storage_options=config.storage_options)
+                           storage_options=config.storage_options, footer_cache=cached)
     heads = Heads.load(config)
     parts = with_identities(plan.parts, config.storage_options)
     check_extra_score_names(heads.extras, plan.schema.names)
     opts = heads.write_options(config, config.embedding_column)
     sources = sorted({p.source for p in plan.parts} | set(plan.failed))
     job = new_job("score", config, layout, heads, sources, started, plan.failed, plan.duplicates, notes=plan.notes)
+    job.footers, job.footers_changed = plan.footers, plan.footers != cached
     job.timings["plan_s"] = round(time.perf_counter() - t0, 3)
     cluster_opts = ClusterOptions.from_config(config)
     with dask_client(cluster_opts) as (client, device):

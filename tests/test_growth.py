@@ -328,3 +328,25 @@ def test_records_from_before_inode_identities_are_not_redone(tmp_path, tiny_weig
         record.write_text(json.dumps(data))
     assert score(tmp_path, tiny_weights, inp, out, "--threshold", "5") == EXIT_OK
     assert manifest(out)["this_run"]["partitions_processed"] == 0
+
+
+def test_a_rerun_reads_the_footers_of_new_and_changed_inputs_only(tmp_path, tiny_weights, monkeypatch):
+    """Issue 32: OUT keeps what each input's footer said, by the input's identity; a nightly re-run
+    plans unchanged inputs from it (no footer read), and a new or rewritten one from its footer."""
+    from aesthetic_dask import parquet_plan
+
+    inp, out = first_run(tmp_path, tiny_weights, "f", files=4)
+    read, real = [], parquet_plan._open_footer
+    monkeypatch.setattr(parquet_plan, "_open_footer", lambda url, *a: read.append(Path(url).name) or real(url, *a))
+    assert score(tmp_path, tiny_weights, inp, out, "--threshold", "5") == EXIT_OK
+    assert read == [] and manifest(out)["this_run"]["partitions_skipped"] == 4
+    embeddings(inp / "f9.parquet", 9)  # tonight's file
+    embeddings(inp / "f1.parquet", 99, n=150, prefix="again-")  # and one rewritten
+    assert score(tmp_path, tiny_weights, inp, out, "--threshold", "5") == EXIT_OK
+    assert sorted(read) == ["f1.parquet", "f9.parquet"]
+    assert score(tmp_path, tiny_weights, inp, tmp_path / "clean", "--threshold", "5") == EXIT_OK
+    same_output(out, tmp_path / "clean")
+    (out / "_parts" / "_inputs.json.gz").write_bytes(b"not gzip")  # a damaged cache is only a cache
+    read.clear()
+    assert score(tmp_path, tiny_weights, inp, out, "--threshold", "5") == EXIT_OK
+    assert len(read) == 5 and manifest(out)["this_run"]["partitions_processed"] == 0
