@@ -137,8 +137,10 @@ def read_embedding_table(part: EmbeddingPart, schema: pa.Schema, column: str,
     columns = [(f.metadata or {}).get(INPUT_NAME_KEY, b"").decode() or f.name for f in schema]
     try:
         if part.metadata is None:
+            # (group_start only for a slice of a big row group: the common call keeps its shape)
+            sliced = {} if part.group_start is None else {"group_start": part.group_start}
             table = read_parquet_rows(part.source, part.start, part.stop, part.row_groups, storage_options, columns,
-                                      part.group_start)
+                                      **sliced)
         else:
             table = read_parquet_rows(part.metadata, part.start, part.stop, None, storage_options, columns)
             if column in schema.names:  # a projection without the embedding never reads the .npy
