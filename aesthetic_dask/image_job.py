@@ -33,6 +33,7 @@ from .preparation import Heads, new_job, stamp, with_identities
 from .output import OutputLayout, WriteOptions, split_and_write
 from .shard_sink import shard_names, write_shard_outputs
 from .partition import Record, finish_record, process_parquet_part
+from .records import read_footers
 from .models.heads import AestheticPredictor
 from .models.fetch import registered_entry
 from .columns import SCORE_COLUMN
@@ -120,8 +121,10 @@ def run_job(inputs: list[str], out: str | Path, config: Config, overwrite: bool 
     tars = [f for f in listed.files if not f.lower().endswith(PARQUET_SUFFIXES)]
     parquets = [f for f in listed.files if f.lower().endswith(PARQUET_SUFFIXES)]
     shard_parts = [ShardPart(t) for t in tars]
+    cached = read_footers(layout) if parquets else {}  # a re-run reads the footers of new and changed inputs only
     pq_plan = plan_parquet(parquets, config.image_column, check_image_type, min(config.partition_rows, IMAGE_PARQUET_ROWS),
-                           pa.binary(), reserved=written_by("run"), storage_options=so) if parquets else None
+                           pa.binary(), reserved=written_by("run"), storage_options=so,
+                           footer_cache=cached) if parquets else None
 
     # Compatibility first: a head trained on another CLIP (by name, or a file that is a registered
     # head by its sha256) is refused before any availability check or download.
@@ -158,6 +161,8 @@ def run_job(inputs: list[str], out: str | Path, config: Config, overwrite: bool 
         job = new_job("run", config, layout, heads, sorted(str(f) for f in listed.files), started, failed_inputs,
                       listed.duplicates, derived, {"clip": clip_info}, versions=CLIP_PACKAGES, notes=listed.notes())
         stamp(work, job, heads, config.score_threshold, clip_info)
+        if pq_plan:
+            job.footers, job.footers_changed = pq_plan.footers, pq_plan.footers != cached
         local = client.cluster is not None
         resources = None
         if not local:  # the user's cluster: every thread of a GPU worker runs a partition; say where a pool starves

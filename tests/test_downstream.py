@@ -124,6 +124,10 @@ def test_write_shards_follow_the_inputs_for_webdataset_brace_patterns(tmp_path, 
     assert main(["run", str(mixed_inputs), "-o", str(out), *clip_args(tiny_clip, tiny_weights, tmp_path),
                  "--threshold", "0", "--write-shards", str(shards)]) == 0
     assert manifest(out)["this_run"]["partitions_processed"] == 0
+    import gzip  # the image Parquet's footer is kept for the next run (issue 32)
+
+    footers = json.loads(gzip.decompress((out / "_parts" / "_inputs.json.gz").read_bytes()))
+    assert list(footers) == [str(mixed_inputs / "imgs.parquet")] and footers[str(mixed_inputs / "imgs.parquet")][1] == [3]
 
 
 def test_shard_names_keep_the_relative_path_and_suffix_only_what_collides():
