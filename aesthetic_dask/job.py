@@ -23,14 +23,11 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Any, Callable
 
-import numpy as np
-
-from . import histogram, interrupts, logs, samples, storage
+from . import interrupts, logs, manifests, storage
 from .errors import EXIT_FAILED, FAILURE_ERROR, InputError, job_outcome
-from .output import COUNT_KEYS, OutputLayout, remove_partition_files, remove_unplanned, reset_output, write_json
+from .output import OutputLayout, remove_partition_files, remove_unplanned, reset_output, write_json
 from .records import read_records, read_records_counted, write_footers, write_index
 from .lock import OutLock, check_held
 from .partition import Record
@@ -40,25 +37,6 @@ log = logging.getLogger("aesthetic_dask")
 
 def fingerprint(settings: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
-
-
-class Tally:
-    """The job's running totals, kept as records arrive: what the manifest written while the job runs
-    says, at a cost that does not grow with the partitions done (the full per-input manifest is
-    built once, at the end)."""
-
-    def __init__(self) -> None:
-        self.totals = {k: 0 for k in COUNT_KEYS} | {"rows_unknown_partitions": 0}
-        self.scores = np.zeros(len(histogram.EDGES) + 1, dtype=np.int64)
-
-    def add(self, rec: Record, sign: int = 1) -> None:
-        if rec.rows_in is None:
-            self.totals["rows_unknown_partitions"] += sign
-        else:
-            for k in COUNT_KEYS:
-                self.totals[k] += sign * (getattr(rec, k) or 0)
-        if rec.histogram:
-            self.scores += sign * np.asarray(rec.histogram, dtype=np.int64)
 
 
 @dataclass
@@ -98,7 +76,7 @@ class Job:
     records_read: int = 0  # records read from their own files, not the index: the index is rewritten
     footers: dict[str, list[Any]] | None = None  # the inputs' footers as planned: kept in OUT for the next run
     footers_changed: bool = False
-    tally: Tally = field(default_factory=Tally)  # totals of the counted records, kept as they arrive
+    tally: manifests.Tally = field(default_factory=manifests.Tally)  # totals of the counted records, kept as they arrive
     processed: list[int] = field(default_factory=lambda: [0, 0])  # this run's partitions and rows
     finished: bool = False  # the final manifest and report are written
     _last_manifest: float = 0.0
@@ -264,105 +242,10 @@ class Job:
         return job_outcome(len(self.planned), len(self.records), kinds, len(self.failed_inputs))
 
     def manifest(self, status: str) -> dict[str, Any]:
-        counted = [r for r in (self.records.get(n) or self.failures.get(n) for n in self.planned) if r is not None]
-        counted += list(self.missing.values())
-        per_input: dict[str, dict[str, Any]] = {}
-        unknown = 0
-        for rec in counted:
-            entry = per_input.setdefault(
-                rec.source, {k: 0 for k in COUNT_KEYS} | {"partitions_done": 0, "partitions_failed": 0}
-            )
-            if rec.rows_in is None:
-                unknown += 1
-                entry["rows_unknown_partitions"] = entry.get("rows_unknown_partitions", 0) + 1
-            else:
-                for k in COUNT_KEYS:
-                    entry[k] += getattr(rec, k)
-            entry["partitions_failed" if rec.failure else "partitions_done"] += 1
-            if rec.name in self.missing:
-                entry["missing"] = True  # the input is gone; its output is kept
-            if rec.failure:
-                entry.setdefault("failures", []).append(rec.failure)
-            if rec.note:
-                entry.setdefault("notes", []).append(rec.note)
-        totals = {k: sum(e[k] for e in per_input.values()) for k in COUNT_KEYS} | {"rows_unknown_partitions": unknown}
-        scores = histogram.summary(histogram.merge([r.histogram for r in counted]))
-        extra_columns = sorted({c for r in counted for c in r.extra_histograms})
-        processed = [r for r in (*self.records.values(), *self.failures.values()) if r.run_id == self.run_id]
-        compute_s = self.timings.get("compute_s")
-        return {
-            "job": self.kind,
-            "status": status,
-            "fingerprint": self.fingerprint,
-            "settings": self.settings,
-            **self.info,
-            "totals": totals,
-            "inputs": per_input,
-            "score_histogram": {"edges": scores["edges"], "counts": scores["counts"]},
-            "score_quantiles": scores["quantiles"],
-            "extra_score_histograms": {
-                c: histogram.summary(histogram.merge([r.extra_histograms.get(c) for r in counted]))
-                for c in extra_columns
-            },
-            "error_reasons": samples.merge_error_reasons([r.error_reasons for r in counted]),
-            "failed_inputs": self.failed_inputs,
-            "missing_inputs": sorted({r.source for r in self.missing.values()}),
-            "duplicate_inputs": self.duplicate_inputs,
-            "partitions": {
-                "planned": len(self.planned),
-                "done": len(self.records),
-                "failed": len(self.failures),
-                "done_names": [n for n in self.planned if n in self.records],
-                "failed_names": [n for n in self.planned if n in self.failures],
-                "missing": len(self.missing),
-                "missing_names": sorted(self.missing),
-            },
-            "this_run": {
-                "run_id": self.run_id,
-                "partitions_processed": len(processed),
-                "partitions_skipped": self.skipped,
-                "partitions_new": self.new,
-                "partitions_changed": len(self.changed),
-                "changed_names": self.changed,
-                **({"manifest_rebuilt_from_records": self.rebuilt_from} if self.rebuilt_from is not None else {}),
-                "rows_processed": sum(r.rows_in or 0 for r in processed),
-                "compute_s": compute_s,
-            },
-            "cluster": self.cluster,
-            "lock": {"took_over": self.lock.took_over} if self.lock and self.lock.took_over else {},
-            "timings": {**self.timings, "elapsed_s": round(time.time() - self.started, 3)},
-            "started_at": datetime.fromtimestamp(self.started, timezone.utc).isoformat(),
-            "updated_at": datetime.now(timezone.utc).isoformat(),
-        }
+        return manifests.full(self, status)
 
     def running_manifest(self) -> dict[str, Any]:
-        """What ``manifest.json`` says while the job runs: status, settings, running totals and score
-        histogram, partition counts and names, this run so far: no per-input entries, histograms or
-        error reasons to merge (``inputs`` and the rest are written once, at the end; a re-run
-        takes the finished partitions from their records, never from this). It is written at most
-        every 2 s, and never more than 1/20 of the time (:meth:`due`)."""
-        return {
-            "job": self.kind,
-            "status": "running",
-            "fingerprint": self.fingerprint,
-            "settings": self.settings,
-            **self.info,
-            "totals": dict(self.tally.totals),
-            "score_histogram": {"edges": histogram.EDGES, "counts": self.tally.scores.tolist()},
-            "failed_inputs": self.failed_inputs,
-            "partitions": {"planned": len(self.planned), "done": len(self.records), "failed": len(self.failures),
-                           "done_names": [n for n in self.planned if n in self.records],
-                           "failed_names": [n for n in self.planned if n in self.failures],
-                           "missing": len(self.missing)},
-            "this_run": {"run_id": self.run_id, "partitions_processed": self.processed[0],
-                         "partitions_skipped": self.skipped, "partitions_new": self.new,
-                         "partitions_changed": len(self.changed), "rows_processed": self.processed[1]},
-            "cluster": self.cluster,
-            "lock": {"took_over": self.lock.took_over} if self.lock and self.lock.took_over else {},
-            "timings": {**self.timings, "elapsed_s": round(time.time() - self.started, 3)},
-            "started_at": datetime.fromtimestamp(self.started, timezone.utc).isoformat(),
-            "updated_at": datetime.now(timezone.utc).isoformat(),
-        }
+        return manifests.running(self)
 
     def write_running(self) -> None:
         """The running manifest (:meth:`running_manifest`), written whole."""
