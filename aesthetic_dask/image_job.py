@@ -28,7 +28,7 @@ from .pipeline.host import ParquetJob, ShardJob
 from .pipeline.stage import EmbedOptions, ModelPlugin, embed_source
 from .errors import FAILURE_DATA, DataError, InputError
 from .image_reader import SHARD_SUFFIXES, ShardPart, check_image_type, parse_json_fields, samples_table, shard_schema
-from .job import Work, run_parts
+from .job import Work, run_parts, tasks_stopped_then_cleared
 from .preparation import Heads, new_job, stamp, with_identities
 from .output import OutputLayout, WriteOptions, split_and_write
 from .shard_sink import shard_names, write_shard_outputs
@@ -152,7 +152,7 @@ def run_job(inputs: list[str], out: str | Path, config: Config, overwrite: bool 
     plan_s = round(time.perf_counter() - t0, 3)
 
     cluster_opts = ClusterOptions.from_config(config)
-    with dask_client(cluster_opts, model_work=True) as (client, device):
+    with tasks_stopped_then_cleared(layout), dask_client(cluster_opts, model_work=True) as (client, device):
         derived = dict(write_shards=shards_dir, clip_model_config_sha256=_file_digest(clip_spec.model_config),
                        clip_compute=compute_precision(config.clip_precision, device),
                        image_decoder=resolve_decoder(config.image_decoder))

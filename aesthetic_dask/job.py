@@ -23,7 +23,8 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 from . import interrupts, logs, manifests, storage
 from .errors import EXIT_FAILED, FAILURE_ERROR, InputError, job_outcome
@@ -312,6 +313,18 @@ class Job:
         self.layout.clear_tmp()
         self.finished = True
         return manifest, code
+
+
+@contextmanager
+def tasks_stopped_then_cleared(layout: OutputLayout) -> Iterator[None]:
+    """Around a job's cluster: when Ctrl-C or SIGTERM ends the job, ``OUT/_tmp`` is cleared once
+    more after the cluster has stopped, since tasks still running when the job wrote its
+    interrupted manifest may have staged files there since (their commits fail the lease check)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        layout.clear_tmp()
+        raise
 
 
 def run_parts(

@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from .config import Config
 from .parquet_plan import EmbeddingPart, plan_embeddings
-from .job import Work, run_parts
+from .job import Work, run_parts, tasks_stopped_then_cleared
 from .preparation import Heads, new_job, stamp, with_identities
 from .output import OutputLayout, WriteOptions
 from .partition import Record, process_parquet_part
@@ -62,7 +62,7 @@ def score_job(inputs: list[str], out: str | Path, config: Config, overwrite: boo
     job.footers, job.footers_changed = plan.footers, plan.footers != cached
     job.timings["plan_s"] = round(time.perf_counter() - t0, 3)
     cluster_opts = ClusterOptions.from_config(config)
-    with dask_client(cluster_opts) as (client, device):
+    with tasks_stopped_then_cleared(layout), dask_client(cluster_opts) as (client, device):
         job.timings["cluster_s"] = round(time.perf_counter() - t0 - job.timings["plan_s"], 3)
         kwargs = dict(schema=plan.schema, column=config.embedding_column, predictor=heads.predictor, out=layout.url(),
                       storage_options=config.storage_options, opts=opts, extras=heads.extras,
