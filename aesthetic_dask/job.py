@@ -28,7 +28,8 @@ from typing import Any, Callable, Iterator
 
 from . import interrupts, logs, manifests, storage
 from .errors import EXIT_FAILED, FAILURE_ERROR, InputError, job_outcome
-from .output import OutputLayout, remove_partition_files, remove_unplanned, reset_output, write_json
+from .output import OutputLayout, remove_partition_files, remove_unplanned, reset_output
+from .storage import write_json
 from .records import read_records, read_records_counted, write_footers, write_index
 from .lock import OutLock, check_held
 from .partition import Record

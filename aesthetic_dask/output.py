@@ -32,7 +32,7 @@ from . import histogram, samples, storage
 from .columns import ERROR_COLUMN, ROW_COLUMN, SCORE_COLUMN, SOURCE_COLUMN
 from .lock import check_held
 from .image_reader import ShardBomb, TarStream, iter_members, open_shard, safe_member_name
-from .records import FOOTERS_NAME, INDEX_NAME
+from .records import FOOTERS_NAME, INDEX_NAME, stem as _stem
 from .score import table_keep_mask
 
 COUNT_KEYS = ("rows_in", "rows_kept", "rows_below_threshold", "rows_error")
@@ -122,22 +122,6 @@ class OutputLayout:
     def clear_tmp(self) -> None:
         if self.local:
             shutil.rmtree(self.tmp, ignore_errors=True)
-
-
-def atomic_write_bytes(path: str | Path, data: bytes, tmp_dir: str | Path | None = None,
-                       fs: Any = None, durable: bool = True) -> None:
-    """Write ``data`` to ``path`` so that it appears whole or not at all (:func:`storage.atomic_open`)."""
-    if fs is None:
-        fs, path = storage.split(str(path))
-    storage.write_bytes(fs, str(path), data, str(tmp_dir) if tmp_dir else None, durable)
-
-
-def write_json(path: str | Path, obj: Any, tmp_dir: str | Path | None = None, fs: Any = None,
-               durable: bool = True, indent: int | None = 2) -> None:
-    """``obj`` as JSON at ``path``, whole or not at all; ``indent=None``: one line, through json's C
-    encoder (Python's own encoder does the indenting, about 5x slower on a 100,000-partition manifest)."""
-    text = json.dumps(obj, indent=indent, sort_keys=False, default=str)
-    atomic_write_bytes(path, (text + "\n").encode(), tmp_dir, fs, durable)
 
 
 def write_parquet(table: pa.Table, layout: OutputLayout, path: str, metadata: dict[bytes, bytes] | None = None) -> None:
@@ -294,10 +278,6 @@ def _with_provenance(err: pa.Table, source: str, rows: np.ndarray) -> pa.Table:
     out = out.add_column(0, SOURCE_COLUMN, pa.array([source] * err.num_rows, pa.string()))
     out = out.add_column(1, ROW_COLUMN, pa.array(rows.astype(np.int64)))
     return out.append_column(ERROR_COLUMN, err.column(ERROR_COLUMN).cast(pa.string()))
-
-
-def _stem(path: str) -> str:
-    return path.rsplit("/", 1)[-1].rsplit(".", 1)[0]
 
 
 def remove_unplanned(layout: OutputLayout, planned: set[str], existing: set[str]) -> list[str]:

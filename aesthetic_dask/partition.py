@@ -101,8 +101,7 @@ class Record:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Record:
-        known = _RECORD_FIELDS
-        record = cls(**({"source": ""} | {k: v for k, v in data.items() if k in known}))
+        record = cls(**({"source": ""} | {k: v for k, v in data.items() if k in _RECORD_FIELDS}))
         record.stats = Stats(data.get("stage_s"))
         return record
 

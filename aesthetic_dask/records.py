@@ -22,7 +22,6 @@ log = logging.getLogger("aesthetic_dask")
 
 INDEX_NAME = "_index.json.gz"
 FOOTERS_NAME = "_inputs.json.gz"  # what each Parquet input's footer said, by its identity (parquet_plan)
-DATA_DIRS = ("kept/", "rejected/", "errors/", "samples/")
 
 
 def write_record(layout: Any, record: dict[str, Any]) -> None:
@@ -35,12 +34,15 @@ def write_record(layout: Any, record: dict[str, Any]) -> None:
     redone). Object stores commit each object on upload."""
     if layout.local:
         storage.sync_files(layout.file(f) for f in record.get("files", []) if not storage.is_url(f))
-    data = (json.dumps(record, indent=2, default=str) + "\n").encode()  # as output.write_json writes JSON
-    storage.write_bytes(layout.fs, storage.join(layout.records, f"{record['name']}.json"), data, layout.tmp, durable=False)
+    storage.write_json(storage.join(layout.records, f"{record['name']}.json"), record, layout.tmp, layout.fs, durable=False)
 
 
 def index_path(layout: Any) -> str:
     return storage.join(layout.records, INDEX_NAME)
+
+
+def footers_path(layout: Any) -> str:
+    return storage.join(layout.records, FOOTERS_NAME)
 
 
 def read_records(layout: Any, existing: set[str] | dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
@@ -81,7 +83,7 @@ def read_records_counted(layout: Any, existing: set[str] | dict[str, dict[str, A
     records = {}
     for path, rec in parsed.items():
         try:
-            if rec.get("failure") or rec["name"] != _stem(path):
+            if rec.get("failure") or rec["name"] != stem(path):
                 continue
             # Relative entries are OUT's own files (the common case, joined here without the layout's helpers).
             files = [root + f if not (f.startswith("/") or storage.is_url(f)) else layout.file(f) for f in rec.get("files", [])]
@@ -137,8 +139,8 @@ def write_index(layout: Any, records: dict[str, dict[str, Any]]) -> None:
         listed = layout.fs.find(layout.records, detail=True)
     except FileNotFoundError:
         return
-    entries = {path: [storage.identity(info), _packed(records[_stem(path)])] for path, info in listed.items()
-               if path.endswith(".json") and _stem(path) in records}
+    entries = {path: [storage.identity(info), _packed(records[stem(path)])] for path, info in listed.items()
+               if path.endswith(".json") and stem(path) in records}
     data = gzip.compress(json.dumps({"records": entries}, separators=(",", ":"), default=str).encode(), compresslevel=3)
     storage.write_bytes(layout.fs, index_path(layout), data, layout.tmp)
 
@@ -147,14 +149,14 @@ def read_footers(layout: Any) -> dict[str, list[Any]]:
     """The footer cache a finished job left (input -> [identity, row group sizes, schema]); empty
     if there is none or it is unreadable: a cache, validated input by input against its identity."""
     try:
-        return json.loads(gzip.decompress(layout.fs.cat_file(storage.join(layout.records, FOOTERS_NAME))))
+        return json.loads(gzip.decompress(layout.fs.cat_file(footers_path(layout))))
     except (OSError, ValueError, TypeError, EOFError, gzip.BadGzipFile):
         return {}
 
 
 def write_footers(layout: Any, footers: dict[str, list[Any]]) -> None:
     data = gzip.compress(json.dumps(footers, separators=(",", ":")).encode(), compresslevel=3)
-    storage.write_bytes(layout.fs, storage.join(layout.records, FOOTERS_NAME), data, layout.tmp)
+    storage.write_bytes(layout.fs, footers_path(layout), data, layout.tmp)
 
 
 def _packed(record: dict[str, Any]) -> dict[str, Any]:
@@ -185,5 +187,6 @@ def _dense(packed: list[Any] | None) -> list[int] | None:
     return counts
 
 
-def _stem(path: str) -> str:
+def stem(path: str) -> str:
+    """A file's name without its last suffix: a partition's name, from any of its files."""
     return path.rsplit("/", 1)[-1].rsplit(".", 1)[0]

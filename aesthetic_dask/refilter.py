@@ -17,18 +17,17 @@ import time
 import uuid
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import provenance, shard_sink, storage
-from .columns import SCORE_COLUMN
 from .errors import EXIT_OK, InputError
 from .job import fingerprint
 from .lock import OutLock, check_held
-from .output import OutputLayout, write_json, write_parquet
+from .output import OutputLayout, write_parquet
+from .storage import write_json
 from .records import read_records, write_index, write_record
-from .score import keep_mask
+from .score import table_keep_mask
 from .partition import Record
 
 log = logging.getLogger("aesthetic_dask")
@@ -130,16 +129,6 @@ def _read(layout: OutputLayout, path: str, existing: set[str], at: float) -> tup
     return table, float(stamp) if stamp is not None else at
 
 
-def _scores(table: pa.Table) -> np.ndarray:
-    return table.column(SCORE_COLUMN).to_numpy(zero_copy_only=False).astype(np.float32)
-
-
-def _at(table: pa.Table, threshold: float) -> np.ndarray:
-    """The rows of kept/rejected ``table`` (they hold no errors) that the keep rule keeps at ``threshold``."""
-    scores = _scores(table)
-    return keep_mask(scores, np.zeros(len(scores), bool), threshold)
-
-
 def partition_rows(kept: tuple[pa.Table, float] | None, rejected: tuple[pa.Table, float] | None,
                    where: str) -> pa.Table | None:
     """Every scored row of a partition, once, from its kept file (split at ``t_k``: rows >= t_k) and
@@ -153,7 +142,7 @@ def partition_rows(kept: tuple[pa.Table, float] | None, rejected: tuple[pa.Table
     if t_k > t_r:  # rows in [t_r, t_k) are in neither file
         raise InputError(f"{where}: its kept rows are split at {t_k:g} and its rejected rows at {t_r:g}; the rows "
                          "between are in neither file: re-run the job with --overwrite to recompute them")
-    return pa.concat_tables([k.filter(pa.array(_at(k, t_r))), r], promote_options="default")
+    return pa.concat_tables([k.filter(pa.array(table_keep_mask(k, t_r)[0])), r], promote_options="default")
 
 
 def _resplit(layout: OutputLayout, rec: Record, threshold: float, existing: set[str], keep_rejected: bool,
@@ -171,7 +160,7 @@ def _resplit(layout: OutputLayout, rec: Record, threshold: float, existing: set[
     # only counted: all that were below before, and what this split moves below.
     scored = (rec.rows_kept or 0) + (rec.rows_below_threshold or 0)
     if rows is not None:
-        keep = _at(rows, threshold)
+        keep = table_keep_mask(rows, threshold)[0]
         metadata = provenance.restamped(rows.schema.metadata, threshold, run_id)
         writes = [(kept_path, rows.filter(pa.array(keep)))]
         rejected = f"rejected/{rec.name}.parquet"

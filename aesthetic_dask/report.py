@@ -22,7 +22,8 @@ import numpy as np
 from . import histogram, storage
 from .summary import clip_caveats, is_demo
 from .errors import InputError
-from .output import OutputLayout, atomic_write_bytes
+from .output import OutputLayout
+from .storage import atomic_write_bytes
 
 GUIDE_THRESHOLDS = (4.5, 5.0, 5.5, 6.0, 6.5, 7.0)
 PER_BAND = 12  # samples shown per score band

@@ -289,9 +289,11 @@ def keep_mask(scores: np.ndarray, is_error: np.ndarray, threshold: float) -> np.
 
 
 def table_keep_mask(table: pa.Table, threshold: float) -> tuple[np.ndarray, np.ndarray]:
-    """(kept, error) row masks of a scored Arrow table."""
-    scores = table.column(SCORE_COLUMN).to_numpy(zero_copy_only=False)
-    is_error = table.column(ERROR_COLUMN).is_valid().to_numpy(zero_copy_only=False)
+    """(kept, error) row masks of a scored Arrow table; one without an ``error`` column (a kept or
+    rejected file, which hold valid rows only) has no error rows."""
+    scores = table.column(SCORE_COLUMN).to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    is_error = table.column(ERROR_COLUMN).is_valid().to_numpy(zero_copy_only=False) \
+        if ERROR_COLUMN in table.column_names else np.zeros(table.num_rows, bool)
     return keep_mask(scores, is_error, threshold), is_error
 
 

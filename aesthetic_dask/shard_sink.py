@@ -33,12 +33,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import provenance, storage
-from .columns import ERROR_COLUMN, SCORE_COLUMN
+from .columns import ERROR_COLUMN
 from .errors import InputError
 from .image_reader import SHARD_SUFFIXES, TarStream, image_values, iter_members, open_shard, safe_member_name
-from .output import OutputLayout, WriteOptions, rows_to_write, write_json, write_kept_shard, write_parquet_file
+from .output import OutputLayout, WriteOptions, rows_to_write, write_kept_shard, write_parquet_file
+from .storage import write_json
 from .parquet_plan import PARQUET_SUFFIXES
-from .score import keep_mask, table_keep_mask
+from .score import table_keep_mask
 
 # Pillow's format names -> the extensions WebDataset consumers decode by.
 EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif"}
@@ -163,8 +164,7 @@ def resplit(files: list[str], threshold: float, run_id: str, tmp_dir: str | None
         fs, rows_path = storage.split(f"{stem}.parquet", storage_options)
         with fs.open(rows_path, "rb") as f:
             rows = pq.read_table(f)
-        scores = rows.column(SCORE_COLUMN).to_numpy(zero_copy_only=False).astype(np.float32)
-        keep = keep_mask(scores, np.zeros(len(scores), bool), threshold)
+        keep = table_keep_mask(rows, threshold)[0]
         held = _sample_count(tar, storage_options)
         if held == len(rows) and not keep.all():
             write_kept_shard(tar, set(np.flatnonzero(keep).tolist()), tar, tmp_dir, storage_options)

@@ -12,6 +12,7 @@ renamed into place. :func:`atomic_open` is the one helper behind every file the 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import uuid
@@ -328,6 +329,22 @@ def sync_files(paths: Iterable[str]) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes, tmp_dir: str | Path | None = None,
+                       fs: Any = None, durable: bool = True) -> None:
+    """Write ``data`` to ``path`` so that it appears whole or not at all (:func:`atomic_open`)."""
+    if fs is None:
+        fs, path = split(str(path))
+    write_bytes(fs, str(path), data, str(tmp_dir) if tmp_dir else None, durable)
+
+
+def write_json(path: str | Path, obj: Any, tmp_dir: str | Path | None = None, fs: Any = None,
+               durable: bool = True, indent: int | None = 2) -> None:
+    """``obj`` as JSON at ``path``, whole or not at all; ``indent=None``: one line, through json's C
+    encoder (Python's own encoder does the indenting, about 5x slower on a 100,000-partition manifest)."""
+    text = json.dumps(obj, indent=indent, sort_keys=False, default=str)
+    atomic_write_bytes(path, (text + "\n").encode(), tmp_dir, fs, durable)
 
 
 def endpoint_of(storage_options: dict[str, Any] | None) -> str | None:
