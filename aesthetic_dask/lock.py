@@ -13,9 +13,12 @@
   all: it is taken over too (a lease being written is complete in microseconds).
 - **Fenced commits.** A job paused past the stale bound (SIGSTOP, a suspended VM, a long GC
   pause) may have lost OUT to another job by the time it resumes. So every commit checks the
-  lease first (:func:`check_held`): a partition's files and its record (on the workers, which
-  learn the run from :func:`holding`), the manifest and refilter's records (on the client). A job
-  that finds its lease gone writes nothing more and stops with one line (:class:`LeaseLost`).
+  lease first: each file a task writes (a partition's data files and its record) checks it
+  right before its rename or upload commits (:func:`holding`, which the worker runs each task
+  under), and the client checks it before the manifest and refilter's records
+  (:func:`check_held`). A job that finds its lease gone writes nothing more and stops with one
+  line (:class:`LeaseLost`). What is left: the microseconds between a check and its rename (a
+  filesystem offers no conditional rename; an object store no conditional put here).
 """
 
 from __future__ import annotations
@@ -52,12 +55,20 @@ class LeaseLost(AestheticDaskError):
 
 
 @contextmanager
-def holding(run_id: str | None, job_fingerprint: str | None = None) -> Iterator[None]:
-    """Run a task's commits under ``run_id``'s lease (:func:`check_held` checks it before each) for
-    the job ``job_fingerprint`` (:func:`committing_as`)."""
+def holding(run_id: str | None, job_fingerprint: str | None = None, out: str | None = None,
+            storage_options: dict[str, Any] | None = None) -> Iterator[None]:
+    """Run a task's commits under ``run_id``'s lease on ``out`` for the job ``job_fingerprint``
+    (:func:`committing_as`): every file the task commits checks the lease right before its
+    rename or upload commits (:func:`storage.commits_fenced_by`), so a task that was mid-write
+    when the lease was lost commits nothing more, not even the file it was writing."""
     token = _RUN.set((run_id, job_fingerprint) if run_id else None)
+    fence = None
+    if run_id and out:
+        fs, root = storage.split(out, storage_options)
+        fence = lambda: _check_lease(fs, storage.join(root, LOCK_NAME), out, run_id)  # noqa: E731
     try:
-        yield
+        with storage.commits_fenced_by(fence):
+            yield
     finally:
         _RUN.reset(token)
 
@@ -72,19 +83,22 @@ def check_held(layout: Any, run_id: str | None = None) -> None:
     run of the task this thread runs, if any; outside a job's task, e.g. the notebook API's own
     writes, there is no lease to check)."""
     run_id = run_id or committing_as()[0]
-    if run_id is None:
-        return
+    if run_id is not None:
+        _check_lease(layout.fs, layout.path(LOCK_NAME), layout.root_url, run_id)
+
+
+def _check_lease(fs: Any, lease_path: str, root_url: str, run_id: str) -> None:
     try:
-        lease = json.loads(layout.fs.cat_file(layout.path(LOCK_NAME)))
+        lease = json.loads(fs.cat_file(lease_path))
     except FileNotFoundError:
         lease = None
     except ValueError:  # being rewritten by its holder this instant: read once more
         time.sleep(0.05)
-        return check_held(layout, run_id)
+        return _check_lease(fs, lease_path, root_url, run_id)
     if not isinstance(lease, dict) or lease.get("run_id") != run_id:
         holder = f"run {lease.get('run_id')} (pid {lease.get('pid')} on {lease.get('host')})" if isinstance(lease, dict) \
             else "nobody (its lease file is gone)"
-        raise LeaseLost(f"{layout.root_url}: this job (run {run_id}) lost its lease on OUT to {holder}, most likely "
+        raise LeaseLost(f"{root_url}: this job (run {run_id}) lost its lease on OUT to {holder}, most likely "
                         f"while it was paused for over {STALE_S:.0f}s; it stopped without writing anything more: "
                         "the other job's output stands (re-run this command once it is done)")
 

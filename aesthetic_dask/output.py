@@ -30,7 +30,6 @@ import pyarrow.parquet as pq
 
 from . import histogram, samples, storage
 from .columns import ERROR_COLUMN, ROW_COLUMN, SCORE_COLUMN, SOURCE_COLUMN
-from .lock import check_held
 from .image_reader import ShardBomb, TarStream, iter_members, open_shard, safe_member_name
 from .records import FOOTERS_NAME, INDEX_NAME, stem as _stem
 from .score import table_keep_mask
@@ -220,7 +219,6 @@ def split_and_write(
     score histogram(s), its error reasons, and (in ``OUT/samples/``) a few rows per score band,
     with ``thumbnails`` (row index -> JPEG) where the job made them.
     """
-    check_held(layout)  # a job that lost OUT while paused writes nothing more
     keep, is_error = table_keep_mask(table, opts.threshold)
     below = ~is_error & ~keep
 

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from .errors import FAILURE_DATA, FAILURE_ERROR, DataError
-from .lock import check_held, committing_as
+from .lock import committing_as
 from .output import OutputLayout, WriteOptions, split_and_write
 from .records import write_record
 from .embeddings_reader import read_embedding_table
@@ -116,8 +116,7 @@ def finish_record(layout: OutputLayout, record: Record, started: float) -> Recor
     if record.failure:
         record.failure_kind = record.failure_kind or FAILURE_DATA
     else:
-        check_held(layout)  # the commit, fenced: never after this job's lease on OUT was lost
-        record.run_id, record.job = committing_as()
+        record.run_id, record.job = committing_as()  # its commit fenced by the run's lease (lock.holding)
         write_record(layout, record.to_json())
     return record
 

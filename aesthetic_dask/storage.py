@@ -17,8 +17,9 @@ import os
 import re
 import uuid
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from .errors import InputError
 
@@ -254,6 +255,29 @@ def pyarrow_filesystem(fs: Any) -> Any:
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
 
 
+# What every commit of this thread's task checks first (set by :func:`commits_fenced_by`; the
+# job's tasks check their lease on OUT: :func:`lock.holding`). A contextvar, so that each of a
+# worker's threads fences its own task's writes.
+_COMMIT_FENCE: ContextVar[Callable[[], None] | None] = ContextVar("aesthetic_dask_commit_fence", default=None)
+
+
+@contextmanager
+def commits_fenced_by(check: Callable[[], None] | None) -> Iterator[None]:
+    """Call ``check()`` right before each file :func:`atomic_open` commits in this context; an
+    exception from it aborts that commit (nothing appears) and propagates."""
+    token = _COMMIT_FENCE.set(check)
+    try:
+        yield
+    finally:
+        _COMMIT_FENCE.reset(token)
+
+
+def _fence() -> None:
+    check = _COMMIT_FENCE.get()
+    if check is not None:
+        check()
+
+
 @contextmanager
 def atomic_open(fs: Any, path: str, tmp_dir: str | None = None, durable: bool = True) -> Iterator[Any]:
     """A binary file to write ``path`` through; the file appears whole, or not at all.
@@ -261,7 +285,8 @@ def atomic_open(fs: Any, path: str, tmp_dir: str | None = None, durable: bool = 
     Local: written under ``tmp_dir`` (or beside ``path``) and renamed into place; ``durable``:
     fsync-ed before the rename (a partition's data files are not: one :func:`sync_files` before
     its record covers them all). Object stores: written straight to ``path``, committed on
-    close; on an error the upload is discarded.
+    close; on an error the upload is discarded. The commit (the rename, the close) is fenced
+    (:func:`commits_fenced_by`): the check runs after the bytes are written, right before it.
     """
     if is_local(fs):
         directory = tmp_dir or os.path.dirname(path)
@@ -274,6 +299,7 @@ def atomic_open(fs: Any, path: str, tmp_dir: str | None = None, durable: bool = 
                 if durable:
                     f.flush()
                     os.fsync(f.fileno())
+            _fence()
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
@@ -282,10 +308,12 @@ def atomic_open(fs: Any, path: str, tmp_dir: str | None = None, durable: bool = 
     f = fs.open(path, "wb")
     try:
         yield f
+        _fence()
     except BaseException:
         discard = getattr(f, "discard", None)
         if discard is not None:
             discard()  # abort a multipart upload: nothing appears
+            f.closed = True  # and its __del__ must not try to upload what discard dropped
         raise
     f.close()
 

@@ -17,7 +17,7 @@ def _call(process: Callable[..., Any], part: Any, kwargs: dict[str, Any], run_id
     lease on OUT (:func:`lock.check_held`), its record stamped with the run and the job."""
     from .lock import holding
 
-    with holding(run_id, job_fingerprint):
+    with holding(run_id, job_fingerprint, kwargs.get("out"), kwargs.get("storage_options")):
         return process(part, **kwargs)
 
 

@@ -153,3 +153,46 @@ def test_a_job_paused_past_a_takeover_commits_nothing_more_and_stops_in_one_line
     assert {p: t for p, t in after.items() if t / 1e9 > lost_at} == {}, "written after the lease was lost"
     assert set(after) <= set(before) | {out / "job.log"}
     assert json.loads((out / "_lock.json").read_text())["run_id"] == "the-other-job"  # never removed by the loser
+
+
+def _lease(run_id: str) -> bytes:
+    return json.dumps({"run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(), "heartbeat": time.time()}).encode()
+
+
+def assert_a_write_spanning_the_loss_commits_nothing(out_url: str, fs, root: str, storage_options=None, tmp_dir=None):
+    """A task whose write began under the lease and ended after another job took OUT over: that
+    file never appears (the check runs at the commit, not when the task began), and the record
+    after it is refused too. CI caught the class once: a task checked once, then wrote on."""
+    import pytest
+
+    from aesthetic_dask import storage
+    from aesthetic_dask.lock import LOCK_NAME, LeaseLost, holding
+
+    fs.pipe_file(f"{root}/{LOCK_NAME}", _lease("this-run"))
+    target, record = f"{root}/kept/p0.parquet", f"{root}/_parts/p0.json"
+    with holding("this-run", "job-fp", out_url, storage_options):
+        storage.write_bytes(fs, f"{root}/kept/before.parquet", b"committed while held", tmp_dir, durable=False)
+        with pytest.raises(LeaseLost, match="lost its lease on OUT to run the-other-job"):
+            with storage.atomic_open(fs, target, tmp_dir, durable=False) as f:
+                f.write(b"half a partition")
+                fs.pipe_file(f"{root}/{LOCK_NAME}", _lease("the-other-job"))  # taken over mid-write
+                f.write(b" and the rest")
+        with pytest.raises(LeaseLost):
+            storage.write_json(record, {"name": "p0"}, tmp_dir, fs, durable=False)
+    fs.invalidate_cache()
+    assert fs.cat_file(f"{root}/kept/before.parquet") == b"committed while held"
+    assert not fs.exists(target) and not fs.exists(record)
+    if tmp_dir:
+        assert os.listdir(tmp_dir) == []  # nothing staged left behind
+    # Outside a job's task (the notebook API) nothing is fenced.
+    storage.write_bytes(fs, target, b"notebook", tmp_dir, durable=False)
+    assert fs.cat_file(target) == b"notebook"
+
+
+def test_a_file_being_written_when_the_lease_is_lost_never_appears(tmp_path):
+    from aesthetic_dask import storage
+
+    out = tmp_path / "out"
+    (out / "_tmp").mkdir(parents=True)
+    fs, root = storage.split(str(out))
+    assert_a_write_spanning_the_loss_commits_nothing(str(out), fs, root, tmp_dir=str(out / "_tmp"))

@@ -294,6 +294,14 @@ def test_one_job_per_out_on_s3(tmp_path, s3, bucket, embeddings, tiny_weights):
     assert fs.cat(f"{bucket}/mine/notes.txt") == b"my notes" and fs.ls(f"{bucket}/mine") == [f"{bucket}/mine/notes.txt"]
 
 
+def test_an_upload_under_way_when_the_lease_is_lost_never_appears(s3, bucket):
+    """The commit fence on an object store: the upload is discarded, not completed."""
+    from test_lock import assert_a_write_spanning_the_loss_commits_nothing
+
+    options, fs = s3
+    assert_a_write_spanning_the_loss_commits_nothing(f"s3://{bucket}/out", fs, f"{bucket}/out", options)
+
+
 def test_the_hubs_offline_switch_concerns_the_hub_only(tmp_path, s3, bucket, embeddings, tiny_weights):
     """HF_HUB_OFFLINE=1 must not make a reachable S3 endpoint "unreachable" (issue 21)."""
     options, fs = s3
