@@ -7,7 +7,7 @@ Notebook API (lazy Dask frames)::
     ddf = ad.read_embeddings("laion/embeddings/", embedding_column="embedding")
     scored = ad.score_embeddings(ddf, cfg)
     ad.score_histogram(scored)             # exact histogram, bins of 0.05 (small pandas frame)
-    good = ad.filter_by_score(scored, cfg.score_threshold)
+    good = ad.filter_by_score(scored, cfg.score_threshold, cfg.filters)
     ad.write_report("out/")                # OUT/report.html of a finished job
 """
 
@@ -25,7 +25,7 @@ _EXPORTS = {
     "load_config": "config",
     "read_embeddings": "embeddings_reader",
     "score_embeddings": "score",
-    "filter_by_score": "score",
+    "filter_by_score": "filters",
     "score_partition": "score",
     "read_webdataset": "image_reader",
     "read_image_parquet": "image_reader",

@@ -44,6 +44,8 @@ def _add_job_options(p: argparse.ArgumentParser, job: str) -> None:
                 kwargs["type"] = int if kind.startswith("int") else float
             if f.name in CHOICES:
                 kwargs["choices"], kwargs["metavar"] = CHOICES[f.name], None
+            if meta["repeat"]:
+                kwargs["action"] = "append"
         p.add_argument(*names, **kwargs)
     p.add_argument("--config", metavar="FILE", help="YAML config (see conf/default.yaml)")
     p.add_argument("--overwrite", action="store_true", help="replace an OUT written by a different job")

@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .filters import parse_all
 from .storage import redact, with_bound, without_bound
 
 # The values an option may take, where they are few (the CLI's choices are these).
@@ -25,12 +26,13 @@ BOTH = ("score", "run")
 
 
 def option(flag: str | None = None, help: str = "", jobs: tuple[str, ...] = BOTH, output: tuple[str, ...] = (),
-           metavar: str | None = None, aliases: tuple[str, ...] = ()) -> Any:
+           metavar: str | None = None, aliases: tuple[str, ...] = (), repeat: bool = False) -> Any:
     """A :class:`Config` field's schema: its CLI ``flag`` (None: config file and API only) for the
     ``jobs`` (subcommands) that take it, its ``help``, the jobs whose output it changes (``output``:
-    in their fingerprint, so a re-run with it changed is refused), and former names (``aliases``)."""
+    in their fingerprint, so a re-run with it changed is refused), former names (``aliases``), and
+    whether the flag is given once per value (``repeat``: a list option)."""
     return dataclasses.field(metadata={"flag": flag, "help": help, "jobs": jobs, "output": output, "metavar": metavar,
-                                       "aliases": aliases})
+                                       "aliases": aliases, "repeat": repeat})
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,9 @@ class Config:
     aesthetic_weights: str = option("--aesthetic-weights", "registry name or local .pth/.safetensors", metavar="W")
     embedding_column: str = option("--embedding-column", "embedding column (default: embedding)", jobs=("score",),
                                    output=("score",), metavar="NAME")
+    filters: list[str] = option("--filter", "also keep only rows with NAME>=T (or >, <, <=) on a score column: "
+                                "aesthetic_score or an --extra-scores NAME; repeatable, each ANDed with --threshold",
+                                output=BOTH, metavar="NAME>=T", repeat=True)
     keep_embeddings: bool = option("--keep-embeddings", "write the embedding column", output=BOTH)
     keep_rejected: bool = option("--keep-rejected", "write below-threshold rows to OUT/rejected/", output=BOTH)
     partition_rows: int = option("--partition-rows", "rows per partition (a Parquet row group is split only when over twice this)",
@@ -128,10 +133,16 @@ ALIASES = {alias: f.name for f in fields(Config)
            if alias and alias != f.name}
 
 
+# Output options added after OUTs were written, at a default that writes what those OUTs hold:
+# left out of the settings (and so the fingerprint) at that default, so those OUTs still resume.
+ADDED_AT_DEFAULT = {"filters": []}
+
+
 def output_settings(config: Config, job: str, **derived: Any) -> dict[str, Any]:
     """What one job's output depends on: its :data:`OUTPUT_OPTIONS` plus ``derived`` values
     (inputs, weights sha256, file digests, the precision actually used)."""
-    return {name: getattr(config, name) for name in OUTPUT_OPTIONS[job]} | derived
+    return {name: getattr(config, name) for name in OUTPUT_OPTIONS[job]
+            if ADDED_AT_DEFAULT.get(name, ...) != getattr(config, name)} | derived
 
 
 def default_cache_dir() -> Path:
@@ -258,6 +269,7 @@ def _validate(config: Config) -> None:
 
     if not math.isfinite(config.score_threshold):
         raise ConfigError(f"score_threshold (--threshold) must be a finite number, got {config.score_threshold}")
+    parse_all(config.filters, config.extra_scores)
     for name, flag in (("n_workers", "--n-workers"), ("threads_per_worker", "--threads-per-worker"),
                        ("decode_processes", "--decode-processes")):
         value = getattr(config, name)

@@ -3,7 +3,7 @@
 ``EDGES`` are 0.00, 0.05, ..., 10.00 (201 values); ``counts`` has ``len(EDGES) + 1`` bins:
 ``counts[0]`` holds scores below 0, ``counts[i]`` holds ``EDGES[i-1] <= score < EDGES[i]`` and
 ``counts[-1]`` holds scores ``>= 10``. Scores are compared in float32, exactly as the keep rule
-(:func:`score.keep_mask`) compares them with a threshold, so the rows at or above any edge are
+(:func:`filters.keep_mask`) compares them with a threshold, so the rows at or above any edge are
 exactly the rows a job with that threshold keeps. Summing partitions' counts is exact at any scale
 and survives resume (each partition's counts live in its completion marker).
 """

@@ -60,6 +60,10 @@ def full(job: Any, status: str) -> dict[str, Any]:
     totals = {k: sum(e[k] for e in per_input.values()) for k in COUNT_KEYS} | {"rows_unknown_partitions": unknown}
     scores = histogram.summary(histogram.merge([r.histogram for r in counted]))
     extra_columns = sorted({c for r in counted for c in r.extra_histograms})
+    failing: dict[str, int] = {}
+    for rec in counted:
+        for criterion, n in (rec.rows_failing_filters or {}).items():
+            failing[criterion] = failing.get(criterion, 0) + n
     processed = [r for r in (*job.records.values(), *job.failures.values()) if r.run_id == job.run_id]
     compute_s = job.timings.get("compute_s")
     return {
@@ -69,6 +73,7 @@ def full(job: Any, status: str) -> dict[str, Any]:
         "settings": job.settings,
         **job.info,
         "totals": totals,
+        **({"rows_failing_filters": failing} if failing or job.settings.get("filters") else {}),
         "inputs": per_input,
         "score_histogram": {"edges": scores["edges"], "counts": scores["counts"]},
         "score_quantiles": scores["quantiles"],

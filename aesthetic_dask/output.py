@@ -32,7 +32,7 @@ from . import histogram, samples, storage
 from .columns import ERROR_COLUMN, ROW_COLUMN, SCORE_COLUMN, SOURCE_COLUMN
 from .image_reader import ShardBomb, TarStream, iter_members, open_shard, safe_member_name
 from .records import FOOTERS_NAME, INDEX_NAME, stem as _stem
-from .score import table_keep_mask
+from .filters import Criterion, failing, table_keep_mask
 
 COUNT_KEYS = ("rows_in", "rows_kept", "rows_below_threshold", "rows_error")
 
@@ -188,6 +188,7 @@ class WriteOptions:
     keep_rejected: bool
     embed_dim: int = 768
     extra_score_columns: tuple[str, ...] = ()  # --extra-scores: written for scored rows only
+    filters: tuple[Criterion, ...] = ()  # --filter: more criteria of the keep rule (filters.py)
     samples: bool = True  # keep a small sample per score band for the report (OUT/samples/)
     columns: pa.Schema | None = None  # the job's input columns written (all partitions'), see uniform()
     metadata: tuple[tuple[bytes, bytes], ...] = ()  # each file's key-value metadata (provenance)
@@ -219,8 +220,8 @@ def split_and_write(
     score histogram(s), its error reasons, and (in ``OUT/samples/``) a few rows per score band,
     with ``thumbnails`` (row index -> JPEG) where the job made them.
     """
-    keep, is_error = table_keep_mask(table, opts.threshold)
-    below = ~is_error & ~keep
+    keep, is_error = table_keep_mask(table, opts.threshold, opts.filters)
+    below = ~is_error & ~keep  # below the threshold, or failing a filter
 
     metadata = dict(opts.metadata)
     files = [f"kept/{name}.parquet"]
@@ -260,6 +261,7 @@ def split_and_write(
         "extra_histograms": {c: histogram.histogram_counts(table.column(c).to_numpy(zero_copy_only=False)[~is_error])
                              for c in opts.extra_score_columns},
         "error_reasons": reasons,
+        **({"rows_failing_filters": failing(table, is_error, opts.filters)} if opts.filters else {}),
     }
 
 

@@ -53,6 +53,7 @@ class Record:
     rows_kept: int | None = None
     rows_below_threshold: int | None = None
     rows_error: int | None = None
+    rows_failing_filters: dict[str, int] | None = None  # --filter: valid rows failing each criterion
     files: list[str] = field(default_factory=list)  # relative to OUT, or full paths/URLs (--write-shards)
     histogram: list[int] | None = None
     extra_histograms: dict[str, list[int]] = field(default_factory=dict)

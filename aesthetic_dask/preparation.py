@@ -11,6 +11,7 @@ from typing import Any
 
 from . import storage
 from .config import output_settings
+from .filters import parse_all
 from .job import Job
 from .models.load import load_extra_heads, load_head
 from .output import OutputLayout, WriteOptions
@@ -76,8 +77,8 @@ class Heads:
         """How the job's partitions are split and written (``columns``: the input columns every
         partition's files hold, see :func:`output.uniform`)."""
         return WriteOptions(config.score_threshold, embedding_column, config.keep_embeddings, config.keep_rejected,
-                            self.predictor.embed_dim, tuple(self.extras), samples=config.report_samples,
-                            columns=columns)
+                            self.predictor.embed_dim, tuple(self.extras), parse_all(config.filters, self.extras),
+                            samples=config.report_samples, columns=columns)
 
 
 def stamp(work: list[Any], job: Job, heads: Heads, threshold: float, clip: dict[str, Any] | None = None) -> None:
@@ -86,9 +87,11 @@ def stamp(work: list[Any], job: Job, heads: Heads, threshold: float, clip: dict[
     from . import provenance
 
     version = job.info["versions"].get("aesthetic-dask")  # read once, for the manifest
-    stamped = provenance.metadata(provenance.describe(job.kind, heads, threshold, job.run_id, clip, version))
     for w in work:
-        w.kwargs["opts"] = dataclasses.replace(w.kwargs["opts"], metadata=stamped)
+        opts = w.kwargs["opts"]
+        stamped = provenance.metadata(provenance.describe(job.kind, heads, threshold, job.run_id, clip, version,
+                                                          opts.filters))
+        w.kwargs["opts"] = dataclasses.replace(opts, metadata=stamped)
 
 
 def new_job(kind: str, config: Any, layout: OutputLayout, heads: Heads, inputs: list[str], started: float,

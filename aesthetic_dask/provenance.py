@@ -16,10 +16,10 @@ KEY = b"aesthetic_dask"
 
 
 def describe(job_kind: str, heads: Any, threshold: float, run_id: str, clip: dict[str, Any] | None,
-             version: str | None) -> dict[str, Any]:
+             version: str | None, filters: Any = ()) -> dict[str, Any]:
     """The provenance of a job's files (``clip``: the manifest's record of the CLIP; None for
     ``score``, whose embeddings were made elsewhere; ``version``: this package's, as the manifest
-    records it)."""
+    records it; ``filters``: the ``--filter`` criteria, also part of the split)."""
     return {
         "job": job_kind,
         "head": {"name": heads.weights["name"], "sha256": heads.weights["sha256"]},
@@ -28,6 +28,7 @@ def describe(job_kind: str, heads: Any, threshold: float, run_id: str, clip: dic
         "clip": None if clip is None else {"model": clip["model"], "pretrained": clip["pretrained"],
                                            "demo": bool(clip.get("demo"))},
         "score_threshold": threshold,
+        **({"filters": [str(c) for c in filters]} if filters else {}),
         "run_id": run_id,
         "aesthetic_dask": version,
     }

@@ -27,7 +27,7 @@ from .lock import OutLock, check_held
 from .output import OutputLayout, write_parquet
 from .storage import write_json
 from .records import read_records, write_index, write_record
-from .score import table_keep_mask
+from .filters import as_criteria, table_keep_mask
 from .partition import Record
 
 log = logging.getLogger("aesthetic_dask")
@@ -80,10 +80,11 @@ def _refilter_locked(layout: OutputLayout, manifest: dict[str, Any], threshold: 
     listing = layout.listing()
     existing = set(listing)
     records = {name: Record.from_json(data) for name, data in read_records(layout, listing).items()}
+    criteria = as_criteria(settings.get("filters", ()))  # the job's --filter criteria hold at any threshold
     done = 0
     for name, rec in sorted(records.items()):
         if (rec.threshold if rec.threshold is not None else recorded) != threshold:
-            _resplit(layout, rec, threshold, existing, bool(settings.get("keep_rejected")), run_id, recorded,
+            _resplit(layout, rec, threshold, criteria, existing, bool(settings.get("keep_rejected")), run_id, recorded,
                      storage_options)
             rec.threshold, rec.run_id = threshold, run_id
             rec.job = fingerprint({**settings, "score_threshold": threshold}) if rec.job else None
@@ -145,8 +146,8 @@ def partition_rows(kept: tuple[pa.Table, float] | None, rejected: tuple[pa.Table
     return pa.concat_tables([k.filter(pa.array(table_keep_mask(k, t_r)[0])), r], promote_options="default")
 
 
-def _resplit(layout: OutputLayout, rec: Record, threshold: float, existing: set[str], keep_rejected: bool,
-             run_id: str, recorded: float, storage_options: dict[str, Any] | None) -> None:
+def _resplit(layout: OutputLayout, rec: Record, threshold: float, criteria: tuple[Any, ...], existing: set[str],
+             keep_rejected: bool, run_id: str, recorded: float, storage_options: dict[str, Any] | None) -> None:
     """One partition's rows at ``threshold``: every file written whole, the one that grows first (see
     :func:`partition_rows`), each stamped with the new threshold and this run, then the
     ``--write-shards`` tar (:func:`shard_sink.resplit`). The counts are set on ``rec``, whose
@@ -160,7 +161,7 @@ def _resplit(layout: OutputLayout, rec: Record, threshold: float, existing: set[
     # only counted: all that were below before, and what this split moves below.
     scored = (rec.rows_kept or 0) + (rec.rows_below_threshold or 0)
     if rows is not None:
-        keep = table_keep_mask(rows, threshold)[0]
+        keep = table_keep_mask(rows, threshold, criteria)[0]
         metadata = provenance.restamped(rows.schema.metadata, threshold, run_id)
         writes = [(kept_path, rows.filter(pa.array(keep)))]
         rejected = f"rejected/{rec.name}.parquet"
@@ -174,7 +175,7 @@ def _resplit(layout: OutputLayout, rec: Record, threshold: float, existing: set[
             write_parquet(table, layout, path, metadata)
         rec.rows_kept = int(keep.sum())
     rec.rows_below_threshold = scored - (rec.rows_kept or 0)
-    shard_sink.resplit(rec.files, threshold, run_id, layout.tmp, storage_options)
+    shard_sink.resplit(rec.files, threshold, criteria, run_id, layout.tmp, storage_options)
 
 
 def _recount(manifest: dict[str, Any], records: Any) -> dict[str, Any]:

@@ -22,6 +22,7 @@ import numpy as np
 from . import histogram, storage
 from .summary import clip_caveats, is_demo
 from .errors import InputError
+from .filters import parse
 from .output import OutputLayout
 from .storage import atomic_write_bytes
 
@@ -70,14 +71,17 @@ def _refuse_overwriting(layout: OutputLayout, manifest: dict[str, Any], path: st
 
 def kept_table(manifest: dict[str, Any]) -> list[tuple[float, int, float, bool]]:
     """(threshold, rows kept, fraction of scored rows, is the job's) at the guide thresholds and the
-    job's own, from the exact histogram."""
+    job's own, from the exact histogram. With ``--filter`` criteria every row counts by
+    aesthetic_score alone (the job's own too, where its threshold is a bin edge), so the column is
+    one measure; what the job kept is in the summary."""
     counts = manifest["score_histogram"]["counts"]
     scored = sum(counts)
     chosen = manifest["config"]["score_threshold"]
+    filtered = "rows_failing_filters" in manifest
     rows = []
     for t in sorted(set(GUIDE_THRESHOLDS) | {chosen}):
         kept = histogram.kept_at(counts, t)
-        if t == chosen:
+        if t == chosen and not (filtered and kept is not None):
             kept = manifest["totals"]["rows_kept"]
         if kept is not None:
             rows.append((t, kept, kept / scored if scored else 0.0, t == chosen))
@@ -131,8 +135,9 @@ def _svg(fig: Any) -> str:
     return text[text.index("<svg"):]
 
 
-def _charts(counts: list[int], threshold: float, title: str) -> tuple[str, str]:
-    """(histogram with the threshold marked, fraction kept as a function of the threshold) as SVG."""
+def _charts(counts: list[int], threshold: float, title: str, label: str | None = None) -> tuple[str, str]:
+    """(histogram with the threshold (or ``label``'s value) marked, fraction kept as a function of
+    the threshold) as SVG."""
     from matplotlib.figure import Figure
 
     edges = np.asarray(histogram.EDGES)
@@ -143,7 +148,7 @@ def _charts(counts: list[int], threshold: float, title: str) -> tuple[str, str]:
     fig = Figure(figsize=(8, 3.2))
     ax = fig.subplots()
     ax.stairs(inner, edges, fill=True, color="#4c72b0")  # one path, not 200 bars: small SVG, fast
-    ax.axvline(threshold, color="#c44e52", linewidth=2, label=f"threshold {_t(threshold)}")
+    ax.axvline(threshold, color="#c44e52", linewidth=2, label=label or f"threshold {_t(threshold)}")
     ax.set_xlim(lo, hi)
     ax.set_xlabel(f"{title} (bins of 0.05)")
     ax.set_ylabel("rows")
@@ -219,13 +224,15 @@ def render(manifest: dict[str, Any], samples: dict[int, list[dict[str, Any]]], o
     clip = manifest.get("clip")
     unit = "images" if manifest["job"] == "run" else "rows"
     rate = run.get("rows_processed", 0) / run["compute_s"] if run.get("compute_s") else None
+    failing = manifest.get("rows_failing_filters")  # --filter: each criterion and the valid rows failing it
     summary_rows = [
         [f"{unit} in", f"{t['rows_in']:,}" + (f" (+ rows unknown in {t['rows_unknown_partitions']} failed partitions)"
                                               if t.get("rows_unknown_partitions") else "")],
-        ["kept (>= threshold)", f"{t['rows_kept']:,}"],
-        ["below threshold", f"{t['rows_below_threshold']:,}"],
+        ["kept (all criteria)" if failing is not None else "kept (>= threshold)", f"{t['rows_kept']:,}"],
+        ["below or filtered" if failing is not None else "below threshold", f"{t['rows_below_threshold']:,}"],
         ["errors", f"{t['rows_error']:,}"],
         ["threshold", _t(threshold)],
+        *([["filters", "; ".join(f"{c} (failed by {n:,} rows)" for c, n in failing.items())]] if failing is not None else []),
         ["status", manifest["status"]],
         ["predictor", f"{weights.get('name') or weights.get('source')} (sha256 {weights.get('sha256')})"],
     ]
@@ -255,12 +262,20 @@ def render(manifest: dict[str, Any], samples: dict[int, list[dict[str, Any]]], o
         label = f"{band}.0 – {band + 1}.0" if band < 10 else ">= 10"
         sections.append(f"<h3>score {label}</h3><div class='cards'>{''.join(_sample_card(r) for r in rows)}</div>")
 
+    if failing:
+        guide_html += ("<p class='muted'>Rows kept by aesthetic_score alone: the filters "
+                       f"({_e(', '.join(failing))}) keep fewer.</p>")
+    marks = {}  # a filtered column's line marks its own criterion
+    for criterion in map(parse, failing or {}):
+        marks.setdefault(criterion.column, (criterion.value, str(criterion)))
     extra = ""
     for column, entry in manifest.get("extra_score_histograms", {}).items():
-        svg, _ = _charts(entry["counts"], threshold, column)
+        value, criterion = marks.get(column, (threshold, None))
+        svg, _ = _charts(entry["counts"], value, column, criterion and f"filter {criterion}")
         extra += f"<h3>{_e(column)}</h3>{svg}"
     if extra:
-        extra = "<h2>Extra heads</h2><p class='muted'>Histograms of the --extra-scores columns (the line marks the aesthetic_score threshold, for scale).</p>" + extra
+        extra = ("<h2>Extra heads</h2><p class='muted'>Histograms of the --extra-scores columns (the line marks the "
+                 "column's --filter, else the aesthetic_score threshold, for scale).</p>" + extra)
 
     reasons = manifest.get("error_reasons", {})
     errors = "<h2>Errors</h2>"

@@ -280,30 +280,6 @@ def _score_cudf_partition(df: Any, predictor: AestheticPredictor, embedding_colu
     return out
 
 
-def keep_mask(scores: np.ndarray, is_error: np.ndarray, threshold: float) -> np.ndarray:
-    """The one keep rule: no error and ``score >= threshold`` (NaN scores never pass)."""
-    scores = np.asarray(scores)
-    with np.errstate(invalid="ignore"):
-        # Compared in the scores' own dtype (float32), as the histogram bins are: exact agreement.
-        return ~is_error & (scores >= scores.dtype.type(threshold))
-
-
-def table_keep_mask(table: pa.Table, threshold: float) -> tuple[np.ndarray, np.ndarray]:
-    """(kept, error) row masks of a scored Arrow table; one without an ``error`` column (a kept or
-    rejected file, which hold valid rows only) has no error rows."""
-    scores = table.column(SCORE_COLUMN).to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-    is_error = table.column(ERROR_COLUMN).is_valid().to_numpy(zero_copy_only=False) \
-        if ERROR_COLUMN in table.column_names else np.zeros(table.num_rows, bool)
-    return keep_mask(scores, is_error, threshold), is_error
-
-
-def filter_partition(df: Any, threshold: float) -> Any:
-    """Partition function of :func:`filter_by_score`: the rows the jobs would keep."""
-    scores = np.asarray(df[SCORE_COLUMN].to_numpy(dtype="float32", na_value=np.nan))
-    is_error = df[ERROR_COLUMN].notna().to_numpy(dtype=bool) if ERROR_COLUMN in df.columns else np.zeros(len(df), bool)
-    return df[keep_mask(scores, is_error, threshold)]
-
-
 def _scored_meta(meta: pd.DataFrame, extra_columns: tuple[str, ...] = ()) -> pd.DataFrame:
     added = (SCORE_COLUMN, *extra_columns)
     meta = meta.drop(columns=[c for c in (*added, ERROR_COLUMN) if c in meta.columns])
@@ -329,13 +305,3 @@ def score_embeddings(ddf, config=None, predictor: AestheticPredictor | None = No
     return ddf.map_partitions(
         score_partition, predictor, column, extras, meta=_scored_meta(ddf._meta, tuple(extras)), enforce_metadata=False
     )
-
-
-def filter_by_score(ddf, threshold: float = 0.5):
-    """Rows with ``aesthetic_score >= threshold`` and no error: exactly what the jobs keep.
-
-    Lazy on a Dask frame; a pandas (or cudf) frame is filtered at once.
-    """
-    if not hasattr(ddf, "map_partitions"):
-        return filter_partition(ddf, threshold)
-    return ddf.map_partitions(filter_partition, threshold, meta=ddf._meta, enforce_metadata=False)

@@ -39,7 +39,7 @@ from .image_reader import SHARD_SUFFIXES, TarStream, image_values, iter_members,
 from .output import OutputLayout, WriteOptions, rows_to_write, write_kept_shard, write_parquet_file
 from .storage import write_json
 from .parquet_plan import PARQUET_SUFFIXES
-from .score import table_keep_mask
+from .filters import table_keep_mask
 
 # Pillow's format names -> the extensions WebDataset consumers decode by.
 EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif"}
@@ -94,7 +94,7 @@ def write_shard_outputs(directory: str, stem: str, part: Any, table: pa.Table, o
     """Write ``DIR/STEM.tar`` (the kept samples), ``STEM.parquet`` and ``STEM_stats.json``; return
     their paths (URLs) for the partition's record. ``table`` is the scored partition: shards give
     ``sample_indices`` (each row's sample index in the tar), image Parquet its ``image_column``."""
-    keep, is_error = table_keep_mask(table, opts.threshold)
+    keep, is_error = table_keep_mask(table, opts.threshold, opts.filters)
     target = storage.join(directory, f"{stem}.tar")
     if sample_indices is not None:
         write_kept_shard(part.source, set(sample_indices[keep].tolist()), target, layout.tmp, storage_options)
@@ -111,6 +111,7 @@ def write_shard_outputs(directory: str, stem: str, part: Any, table: pa.Table, o
         "rows_below_threshold": int((~keep & ~is_error).sum()),
         "rows_error": int(is_error.sum()),
         "score_threshold": opts.threshold,
+        **({"filters": [str(c) for c in opts.filters]} if opts.filters else {}),
         "status_dict": {"kept": int(keep.sum()), "below_threshold": int((~keep & ~is_error).sum()),
                         **{reason: entry["count"] if isinstance(entry, dict) else entry for reason, entry in reasons.items()}},
         "start_time": started,
@@ -152,9 +153,10 @@ def _write_rows_tar(part: Any, column: str, table: pa.Table, keep: np.ndarray, t
                 tar.addfile(info, io.BytesIO(payload))
 
 
-def resplit(files: list[str], threshold: float, run_id: str, tmp_dir: str | None,
+def resplit(files: list[str], threshold: float, criteria: tuple[Any, ...], run_id: str, tmp_dir: str | None,
             storage_options: dict[str, Any] | None = None) -> None:
-    """Re-split the ``--write-shards`` tars among a partition's ``files`` at a higher ``threshold``:
+    """Re-split the ``--write-shards`` tars among a partition's ``files`` at a higher ``threshold``
+    (with the job's ``criteria``, which its rows already pass):
     the tar keeps the samples whose row in ``STEM.parquet`` (its samples, in order, with their
     scores) is kept, then that file and ``STEM_stats.json`` follow. Tar first: a refilter killed
     between them leaves a tar that already holds exactly the rows kept at ``threshold``, which a
@@ -164,7 +166,7 @@ def resplit(files: list[str], threshold: float, run_id: str, tmp_dir: str | None
         fs, rows_path = storage.split(f"{stem}.parquet", storage_options)
         with fs.open(rows_path, "rb") as f:
             rows = pq.read_table(f)
-        keep = table_keep_mask(rows, threshold)[0]
+        keep = table_keep_mask(rows, threshold, criteria)[0]
         held = _sample_count(tar, storage_options)
         if held == len(rows) and not keep.all():
             write_kept_shard(tar, set(np.flatnonzero(keep).tolist()), tar, tmp_dir, storage_options)

@@ -27,10 +27,13 @@ def summary(manifest: dict[str, Any], out: Path, unit: str = "rows") -> str:
         throughput = f"{processed / max(compute_s, 1e-9):,.0f} {unit}/s ({processed:,} {unit} processed in {compute_s:.1f}s)"
     else:
         throughput = "nothing processed in this run"
+    filtered = "rows_failing_filters" in manifest
     rows = [
         (f"{unit} in", rows_in),
-        ("kept (>= threshold)", f"{t['rows_kept']:,}"),
-        ("below threshold", f"{t['rows_below_threshold']:,}"),
+        ("kept (all criteria)" if filtered else "kept (>= threshold)", f"{t['rows_kept']:,}"),
+        ("below or filtered" if filtered else "below threshold", f"{t['rows_below_threshold']:,}"),
+        # Each --filter criterion, with the valid rows it fails (below or filtered counts them too).
+        *(("filter", f"{c} (failed by {n:,} rows)") for c, n in manifest.get("rows_failing_filters", {}).items()),
         ("errors", f"{t['rows_error']:,}"),
         ("partitions", f"{parts['planned']:,} planned: {run.get('partitions_processed', 0):,} run now{_why(run)}, "
                        f"{run.get('partitions_skipped', 0):,} skipped (finished before), {parts['failed']:,} failed"),
@@ -107,5 +110,8 @@ def threshold_warning(manifest: dict[str, Any]) -> list[str]:
     threshold = manifest["config"]["score_threshold"]
     options = ", ".join(f"{t:.1f} keeps {histogram.kept_at(counts, t):,} ({histogram.kept_at(counts, t) / scored:.1%})"
                         for t in (5.0, 5.5, 6.0, 6.5))
+    if "rows_failing_filters" in manifest:  # the histogram knows aesthetic_score alone, not the filters
+        return [f"  warning: threshold {threshold:g} and the filters kept {kept / scored:.1%} of the scored rows;",
+                f"           by aesthetic_score alone, {options}"]
     return [f"  warning: threshold {threshold:g} kept {kept / scored:.1%} of the scored rows (scores land roughly in 1..10);",
             f"           instead {options}"]
