@@ -18,80 +18,11 @@ from typing import Any, Iterator
 
 from .config import Config
 from .errors import InputError
+from .hardware import cores, decode_processes, pick_device, visible_gpu_count
 
 log = logging.getLogger("aesthetic_dask")
 
 GPU_RESOURCE = "GPU"
-
-
-def visible_gpu_count() -> int:
-    """GPUs this process can see, counted as dask-cuda counts them (NVML, honouring
-    CUDA_VISIBLE_DEVICES: MIG ids, ``NoDevFiles``, containers without /dev/nvidia*)."""
-    try:
-        from dask_cuda.utils import get_n_gpus
-
-        return int(get_n_gpus())
-    except Exception:  # noqa: BLE001 - no dask-cuda, no NVML, no driver: no GPU for a CUDA cluster
-        return 0
-
-
-def _has_dask_cuda() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("dask_cuda") is not None
-
-
-_ARRAY_MODULE: Any = None
-
-
-def array_module() -> Any:
-    """The array module this process computes with: cupy when it has cupy and a CUDA device,
-    else numpy. Decided where the work runs (a worker), by what that process really has, never
-    from a resource name; both give the same result."""
-    global _ARRAY_MODULE
-    if _ARRAY_MODULE is None:
-        cupy, devices = None, 0
-        try:
-            import cupy
-
-            devices = cupy.cuda.runtime.getDeviceCount()
-        except Exception:  # noqa: BLE001 - no cupy, no driver, no device: numpy
-            pass
-        _ARRAY_MODULE = choose_array_module(cupy, devices)
-    return _ARRAY_MODULE
-
-
-def choose_array_module(cupy: Any, devices: int) -> Any:
-    """cupy when it is installed and there is a CUDA device, else numpy."""
-    import numpy
-
-    return cupy if cupy is not None and devices > 0 else numpy
-
-
-def pick_device() -> str:
-    """``cuda`` when a GPU and the ``gpu`` extra are present, else ``cpu``."""
-    return "cuda" if visible_gpu_count() > 0 and _has_dask_cuda() else "cpu"
-
-
-def _cores() -> int:
-    """The cores this process may run on (its CPU affinity, as dask-cuda pins it)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
-def decode_processes(configured: int | None, device: str) -> int:
-    """Host processes of one model worker's decode pool: ``decode_processes`` when set; else, on a
-    GPU worker, the cores per GPU (dask-cuda pins each worker to its GPU's cores) less one for the
-    model's own process; on a CPU worker all its cores (the pool and the model share them, and the
-    decoders wait when the model is the bound)."""
-    if configured:
-        return configured
-    if device != "cuda":
-        return max(1, _cores())
-    per_gpu = min(_cores(), (os.cpu_count() or 1) // max(1, visible_gpu_count()))
-    return max(1, per_gpu - 1)
 
 
 @dataclass(frozen=True)
@@ -251,7 +182,7 @@ def dask_client(config: ClusterOptions, model_work: bool = False) -> Iterator[tu
     else:
         from distributed import LocalCluster
 
-        threads = partitions_per_worker(config, device) if model_work else config.threads_per_worker or _cores()
+        threads = partitions_per_worker(config, device) if model_work else config.threads_per_worker or cores()
         cluster = LocalCluster(n_workers=config.n_workers or 1, threads_per_worker=threads, processes=False, **common)
     client = Client(cluster)
     try:
@@ -266,46 +197,3 @@ def _cluster_device(client: Any) -> str:
     workers = client.scheduler_info().get("workers", {})
     has_gpu = any(GPU_RESOURCE in w.get("resources", {}) for w in workers.values())
     return "cuda" if has_gpu else "cpu"
-
-
-_TRIM_THRESHOLD = 128 * 1024 * 1024
-
-
-def configure_model_process() -> None:
-    """Undo, once per process, what Dask's nanny sets for its workers and slows the model down.
-
-    The nanny starts workers with OMP_NUM_THREADS=1 (torch on one core) and
-    MALLOC_TRIM_THRESHOLD_=65536 (glibc returns freed memory at once, so every large activation is
-    page-faulted again: ~15% of ViT-L/14 speed on CPU). Called where the model loads, so it holds
-    for local clusters and for `dask worker` processes alike.
-    """
-    import torch
-
-    torch.set_num_threads(torch_threads())
-    if os.environ.get("MALLOC_TRIM_THRESHOLD_"):
-        try:
-            import ctypes
-
-            libc = ctypes.CDLL("libc.so.6")
-            libc.mallopt(-1, _TRIM_THRESHOLD)  # M_TRIM_THRESHOLD
-        except (OSError, AttributeError):
-            pass  # not glibc
-
-
-def torch_threads() -> int:
-    """Threads torch uses for its CPU operations in a worker process.
-
-    Dask's nanny sets OMP_NUM_THREADS=1 in the workers it starts, which would leave torch on one
-    core; a worker running the model should use the cores it was given. On GPU workers too: one
-    thread there made the run slower on an H100 (264 against 364 images/s, see
-    benchmarks/results/*-torch-threads-1.json): batches are stacked and converted on the host.
-    AESTHETIC_DASK_TORCH_THREADS overrides (e.g. several model workers on one node).
-    """
-    forced = forced_torch_threads()
-    return forced if forced is not None else max(1, _cores())
-
-
-def forced_torch_threads() -> int | None:
-    """``AESTHETIC_DASK_TORCH_THREADS`` where set: the model's torch threads, fixed."""
-    forced = os.environ.get("AESTHETIC_DASK_TORCH_THREADS")
-    return max(1, int(forced)) if forced else None

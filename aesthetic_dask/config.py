@@ -145,6 +145,14 @@ def output_settings(config: Config, job: str, **derived: Any) -> dict[str, Any]:
             if ADDED_AT_DEFAULT.get(name, ...) != getattr(config, name)} | derived
 
 
+def fingerprint(settings: dict[str, Any]) -> str:
+    """The job's fingerprint: a digest of its :func:`output_settings` (an OUT is this job's when equal)."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def default_cache_dir() -> Path:
     """The per-user cache directory: ``$XDG_CACHE_HOME/aesthetic-dask`` (usually ~/.cache/aesthetic-dask)."""
     cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"

@@ -15,7 +15,6 @@ This module is generic over them:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -26,7 +25,8 @@ from dataclasses import dataclass, field
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
-from . import interrupts, logs, manifests, storage
+from . import interrupts, logs, manifests, versions
+from .config import fingerprint
 from .errors import EXIT_FAILED, FAILURE_ERROR, InputError, job_outcome
 from .output import OutputLayout, remove_partition_files, remove_unplanned, reset_output
 from .storage import write_json
@@ -36,9 +36,6 @@ from .partition import Record
 from .submit import Progress, cluster_info, submit_parts
 
 log = logging.getLogger("aesthetic_dask")
-
-def fingerprint(settings: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
 
 
 @dataclass
@@ -154,7 +151,7 @@ class Job:
         for name, rec in complete.items():
             if name in planned:
                 identity = planned[name][0]
-                if rec.input is not None and identity is not None and not storage.same_version(rec.input, identity):
+                if rec.input is not None and identity is not None and not versions.same_version(rec.input, identity):
                     changed_inputs.add(rec.source)
                 else:
                     self.records[name] = rec

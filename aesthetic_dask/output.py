@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,9 +27,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import histogram, samples, storage
+from . import histogram, samples, storage, versions
 from .columns import ERROR_COLUMN, ROW_COLUMN, SCORE_COLUMN, SOURCE_COLUMN
-from .image_reader import ShardBomb, TarStream, iter_members, open_shard, safe_member_name
 from .records import FOOTERS_NAME, INDEX_NAME, stem as _stem
 from .filters import Criterion, failing, table_keep_mask
 
@@ -99,7 +97,7 @@ class OutputLayout:
     def listing(self) -> dict[str, dict[str, Any]]:
         """Every file under OUT with what the listing says of it (size, version): one listing."""
         if self.local:
-            return storage.local_find(self.root)
+            return versions.local_find(self.root)
         try:
             return self.fs.find(self.root, detail=True)
         except FileNotFoundError:
@@ -321,24 +319,3 @@ def remove_partition_files(layout: OutputLayout, names: set[str], existing: set[
     dirs = (layout.kept, layout.rejected, layout.errors, layout.samples, layout.records)
     doomed = [p for p in existing if _stem(p) in names and p.rsplit("/", 1)[0] in dirs]
     layout.remove(doomed)
-
-
-def write_kept_shard(source: str, kept: set[int], target: str, tmp_dir: str | None,
-                     storage_options: dict[str, Any] | None = None) -> None:
-    """Copy the regular-file members of the kept samples (by sample index: a key may repeat
-    non-consecutively in a tar) with their original bytes into a new tar, streamed and written
-    whole or not at all (:func:`storage.atomic_open`). Members are written afresh: a safe name
-    (:func:`image_reader.safe_member_name`: a naive extraction stays in its directory), mode
-    0644, the original mtime; no owner, link or PAX header of the source is carried over."""
-    src_fs, src_path = storage.split(source, storage_options)
-    dst_fs, dst_path = storage.split(target, storage_options)
-    with src_fs.open(src_path, "rb") as raw, open_shard(stream := TarStream(raw)) as src, \
-            storage.atomic_open(dst_fs, dst_path, tmp_dir, durable=False) as out, tarfile.open(fileobj=out, mode="w|") as dst:
-        try:
-            for index, _, _, member in iter_members(src, stream):
-                if index in kept and member.isfile() and not member.issparse():
-                    copy = tarfile.TarInfo(safe_member_name(member.name))
-                    copy.size, copy.mtime, copy.mode = member.size, member.mtime, 0o644
-                    dst.addfile(copy, src.extractfile(member))
-        except (tarfile.TarError, EOFError, OSError, ShardBomb):
-            pass  # a truncated source or a bomb: its readable part was what got scored

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from .columns import written_by
 from .errors import DataError, InputError, MissingColumnError
-from . import storage
+from . import storage, versions
 from .sources import check_not_inside, list_inputs
 
 
@@ -183,7 +183,7 @@ def _plan_parquet_files(
     parts: list[EmbeddingPart] = []
     schemas: list[tuple[str, pa.Schema]] = []
     failed: dict[str, str] = {}
-    ids = storage.identities(files, storage_options) if footer_cache is not None else {}
+    ids = versions.identities(files, storage_options) if footer_cache is not None else {}
     known = {f: footer_cache[f] for f in files if ids.get(f) and (footer_cache or {}).get(f, [None])[0] == ids[f]}
     unread = [f for f in files if f not in known]
     if any(storage.is_url(f) for f in unread):

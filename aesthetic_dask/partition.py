@@ -9,9 +9,8 @@ its data files: resume trusts those markers alone, so a failed partition is retr
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 
@@ -19,26 +18,8 @@ from .errors import FAILURE_DATA, FAILURE_ERROR, DataError
 from .lock import committing_as
 from .output import OutputLayout, WriteOptions, split_and_write
 from .records import write_record
+from .stage_stats import Stats
 from .embeddings_reader import read_embedding_table
-
-
-class Stats:
-    """Seconds per stage of one partition (datatrove's per-step stats): what its thread spent waiting
-    for decodes and features, scoring, writing. Recorded as ``stage_s``."""
-
-    def __init__(self, seconds: dict[str, float] | None = None) -> None:
-        self.seconds: dict[str, float] = dict(seconds or {})
-
-    def add(self, stage: str, seconds: float) -> None:
-        self.seconds[stage] = round(self.seconds.get(stage, 0.0) + seconds, 4)
-
-    @contextmanager
-    def time(self, stage: str) -> Iterator[None]:
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.add(stage, time.perf_counter() - t0)
 
 
 @dataclass
@@ -73,7 +54,7 @@ class Record:
     finished_at: float | None = None
     run_id: str | None = None  # the run that processed it
     job: str | None = None  # the fingerprint of the job it belongs to: a lost manifest is rebuilt from these
-    input: str | None = None  # the identity of what it read (storage.identity): a change redoes it
+    input: str | None = None  # the identity of what it read (versions.identity): a change redoes it
     threshold: float | None = None  # the threshold its kept/rejected split is at (refilter changes it)
 
     @classmethod

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
 
-from . import storage
+from . import versions
 from .config import output_settings
 from .filters import parse_all
 from .job import Job
@@ -42,7 +42,7 @@ def with_identities(parts: list[Any], storage_options: dict[str, Any] | None = N
     part's metadata file's), listed once per directory."""
     todo = [p for p in parts if p.identity is None or getattr(p, "metadata", None)]  # (planning may have listed them)
     paths = {p.source for p in todo} | {p.metadata for p in todo if getattr(p, "metadata", None)}
-    ids = storage.identities(sorted(paths), storage_options)
+    ids = versions.identities(sorted(paths), storage_options)
     return [dataclasses.replace(p, identity="|".join(filter(None, (ids.get(p.source), ids.get(getattr(p, "metadata", None)))))
                                 or None) if p.identity is None or getattr(p, "metadata", None) else p for p in parts]
 

@@ -2,7 +2,7 @@
 
 A record is written last, after its partition's files, and is the truth a re-run resumes from.
 Reading 100,000 of them one by one costs 100,000 requests on an object store, so a finished job
-also writes ``OUT/_parts/_index.json.gz``: every record with the version (:func:`storage.identity`,
+also writes ``OUT/_parts/_index.json.gz``: every record with the version (:func:`versions.identity`,
 as the one listing of OUT reports it) of the file it was taken from. A re-run lists OUT once,
 takes each record whose file is still that version from the index, and reads only the others
 (new since, rewritten by ``refilter``, or from a run the index missed). The index is a cache: a
@@ -16,7 +16,7 @@ import json
 import logging
 from typing import Any
 
-from . import storage
+from . import storage, versions
 
 log = logging.getLogger("aesthetic_dask")
 
@@ -67,7 +67,7 @@ def read_records_counted(layout: Any, existing: set[str] | dict[str, dict[str, A
         index = _read_index(layout)
         for path in paths:
             entry = index.get(path)
-            if entry is not None and entry[0] == storage.identity(existing[path]):
+            if entry is not None and entry[0] == versions.identity(existing[path]):
                 contents[path] = _unpacked(entry[1])
     unread = [p for p in paths if p not in contents]
     if unread:
@@ -139,7 +139,7 @@ def write_index(layout: Any, records: dict[str, dict[str, Any]]) -> None:
         listed = layout.fs.find(layout.records, detail=True)
     except FileNotFoundError:
         return
-    entries = {path: [storage.identity(info), _packed(records[stem(path)])] for path, info in listed.items()
+    entries = {path: [versions.identity(info), _packed(records[stem(path)])] for path, info in listed.items()
                if path.endswith(".json") and stem(path) in records}
     data = gzip.compress(json.dumps({"records": entries}, separators=(",", ":"), default=str).encode(), compresslevel=3)
     storage.write_bytes(layout.fs, index_path(layout), data, layout.tmp)

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from . import provenance, shard_sink, storage
 from .errors import EXIT_OK, InputError
-from .job import fingerprint
+from .config import fingerprint
 from .lock import OutLock, check_held
 from .output import OutputLayout, write_parquet
 from .storage import write_json

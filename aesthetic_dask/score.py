@@ -17,7 +17,7 @@ from .errors import InputError, MissingColumnError
 from .models.heads import AestheticPredictor
 
 from .columns import ERROR_COLUMN, RESERVED_SCORE_NAMES, SCORE_COLUMN
-from .cluster import array_module
+from .pipeline.device import array_module
 from .config import load_config
 from .models.load import load_extra_heads, load_predictor
 ERROR_DTYPE = pd.ArrowDtype(pa.string())

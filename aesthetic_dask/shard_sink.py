@@ -10,7 +10,7 @@ input, with img2dataset's companions beside it.
   ``NAME.parquet`` (the tar's samples: its kept rows, with their scores).
 - Every partition gets its tar, an empty one where nothing was kept: a brace pattern never meets
   a hole.
-- Shards' members are copied with their original bytes (:func:`output.write_kept_shard`); an
+- Shards' members are copied with their original bytes (:func:`write_kept_shard`); an
   image-Parquet row becomes ``KEY.EXT`` (its image bytes, the extension from the image's format)
   and ``KEY.json`` (its other columns and scores).
 - ``refilter`` to a higher threshold re-splits them (:func:`resplit`): the tar's own rows file says
@@ -35,8 +35,9 @@ import pyarrow.parquet as pq
 from . import provenance, storage
 from .columns import ERROR_COLUMN
 from .errors import InputError
-from .image_reader import SHARD_SUFFIXES, TarStream, image_values, iter_members, open_shard, safe_member_name
-from .output import OutputLayout, WriteOptions, rows_to_write, write_kept_shard, write_parquet_file
+from .image_reader import SHARD_SUFFIXES, image_values
+from .output import OutputLayout, WriteOptions, rows_to_write, write_parquet_file
+from .tar_stream import ShardBomb, TarStream, iter_members, open_shard, safe_member_name
 from .storage import write_json
 from .parquet_plan import PARQUET_SUFFIXES
 from .filters import table_keep_mask
@@ -122,6 +123,27 @@ def write_shard_outputs(directory: str, stem: str, part: Any, table: pa.Table, o
     fs, path = storage.split(stats_path, storage_options)
     write_json(path, stats, layout.tmp, fs)
     return [target, rows_path, stats_path]
+
+
+def write_kept_shard(source: str, kept: set[int], target: str, tmp_dir: str | None,
+                     storage_options: dict[str, Any] | None = None) -> None:
+    """Copy the regular-file members of the kept samples (by sample index: a key may repeat
+    non-consecutively in a tar) with their original bytes into a new tar, streamed and written
+    whole or not at all (:func:`storage.atomic_open`). Members are written afresh: a safe name
+    (:func:`tar_stream.safe_member_name`: a naive extraction stays in its directory), mode
+    0644, the original mtime; no owner, link or PAX header of the source is carried over."""
+    src_fs, src_path = storage.split(source, storage_options)
+    dst_fs, dst_path = storage.split(target, storage_options)
+    with src_fs.open(src_path, "rb") as raw, open_shard(stream := TarStream(raw)) as src, \
+            storage.atomic_open(dst_fs, dst_path, tmp_dir, durable=False) as out, tarfile.open(fileobj=out, mode="w|") as dst:
+        try:
+            for index, _, _, member in iter_members(src, stream):
+                if index in kept and member.isfile() and not member.issparse():
+                    copy = tarfile.TarInfo(safe_member_name(member.name))
+                    copy.size, copy.mtime, copy.mode = member.size, member.mtime, 0o644
+                    dst.addfile(copy, src.extractfile(member))
+        except (tarfile.TarError, EOFError, OSError, ShardBomb):
+            pass  # a truncated source or a bomb: its readable part was what got scored
 
 
 def _write_rows_tar(part: Any, column: str, table: pa.Table, keep: np.ndarray, target: str, tmp_dir: str | None,

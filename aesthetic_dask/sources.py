@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from . import storage
+from . import storage, versions
 from .errors import InputError
 
 _GLOB_CHARS = set("*?[")
@@ -147,7 +147,7 @@ def _expand_one(fs: Any, path: str, suffixes: tuple[str, ...], excluded: list[st
     """(identity, url) of the file, or of the matching files under the directory, sorted; earlier
     jobs' OUTs under the directory go to ``skipped`` (as URLs) and are not listed."""
     if fs.isdir(path):
-        everything = sorted(storage.local_find(path)) if local else fs.find(path)
+        everything = sorted(versions.local_find(path)) if local else fs.find(path)
         outs = [o for o in earlier_outputs(everything) if not _inside(o, excluded, local)]
         skipped.extend(_identify(fs, o, local)[1] for o in outs)
         found = [

@@ -61,7 +61,7 @@ def synthetic_out(root: Path, n: int) -> list:
     import numpy as np
 
     from aesthetic_dask import histogram
-    from aesthetic_dask.job import fingerprint
+    from aesthetic_dask.config import fingerprint
     from aesthetic_dask.parquet_plan import EmbeddingPart
     from aesthetic_dask.partition import Record
 

@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 
-from aesthetic_dask.cluster import array_module
+from aesthetic_dask.pipeline.device import array_module
 from aesthetic_dask.models.heads import AestheticPredictor
 from aesthetic_dask.score import score_arrow
 from aesthetic_dask.models.heads import LAYOUTS
@@ -45,7 +45,7 @@ def test_the_device_code_path_gives_the_numpy_result(rng):
 
 
 def test_the_array_module_is_cupy_only_with_cupy_and_a_device():
-    from aesthetic_dask.cluster import choose_array_module
+    from aesthetic_dask.pipeline.device import choose_array_module
 
     cupy = DeviceArrays()
     assert choose_array_module(None, 0) is np and choose_array_module(None, 2) is np  # no cupy
@@ -72,17 +72,17 @@ def test_workers_advertising_gpu_without_one_give_the_cpu_result(tmp_path, rng, 
 
 
 def test_the_decode_pool_and_the_partitions_per_worker_are_sized_from_the_cores(monkeypatch):
-    from aesthetic_dask import cluster
+    from aesthetic_dask import cluster, hardware
     from aesthetic_dask.config import load_config
 
-    monkeypatch.setattr(cluster.os, "sched_getaffinity", lambda pid: set(range(16)))
-    monkeypatch.setattr(cluster.os, "cpu_count", lambda: 16)
-    assert cluster.decode_processes(None, "cpu") == 16  # the pool and the model share a CPU worker's cores
-    monkeypatch.setattr(cluster, "visible_gpu_count", lambda: 1)
-    assert cluster.decode_processes(None, "cuda") == 15  # one core for the model's own process
-    monkeypatch.setattr(cluster, "visible_gpu_count", lambda: 8)
-    assert cluster.decode_processes(None, "cuda") == 1
-    assert cluster.decode_processes(6, "cuda") == 6
+    monkeypatch.setattr(hardware.os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.setattr(hardware.os, "cpu_count", lambda: 16)
+    assert hardware.decode_processes(None, "cpu") == 16  # the pool and the model share a CPU worker's cores
+    monkeypatch.setattr(hardware, "visible_gpu_count", lambda: 1)
+    assert hardware.decode_processes(None, "cuda") == 15  # one core for the model's own process
+    monkeypatch.setattr(hardware, "visible_gpu_count", lambda: 8)
+    assert hardware.decode_processes(None, "cuda") == 1
+    assert hardware.decode_processes(6, "cuda") == 6
     config = cluster.ClusterOptions.from_config(load_config(decode_processes=5))
     assert cluster.partitions_per_worker(config, "cuda") == 6  # one shard per host process, one waiting
     assert load_config(decode_threads=3).decode_processes == 3  # the former name still works

@@ -186,7 +186,7 @@ def test_precision_is_what_the_config_asks_and_auto_follows_the_device():
 def test_open_clips_no_weights_note_stays_quiet_while_any_thread_expects_it(caplog):
     """A worker's partition threads and its model load expect random weights at once (the demo
     CLIP, the meta-device model): one leaving must not let another's note through."""
-    from aesthetic_dask.models.clip import random_weights_expected
+    from aesthetic_dask.models.quiet import random_weights_expected
 
     with random_weights_expected():
         with random_weights_expected():  # another thread's, leaving first

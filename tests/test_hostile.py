@@ -387,7 +387,7 @@ def test_write_shards_writes_safe_member_names(tmp_path, tiny_clip, tiny_weights
     written tar holds an injective escape of each, that extracts inside its directory."""
     from urllib.parse import unquote
 
-    from aesthetic_dask.image_reader import safe_member_name
+    from aesthetic_dask.tar_stream import safe_member_name
 
     names = ["../escape.jpg", "/etc/abs.jpg", "ok/./dot.jpg", "back\\slash.jpg", "per%2E%2Ecent.jpg", "plain.jpg"]
     write_shard(tmp_path / "names.tar", [(n, photo_bytes("coffee")) for n in names])
@@ -421,19 +421,19 @@ def test_compressed_members_that_expand_like_bombs_are_bounded(tmp_path, suffix,
     """Zeros inflate 1000:1 and more: an image expanding past 50x is its sample's error and never
     read whole; once bombs inflated past their bound in all, the shard stops with the reason, and
     the samples before count."""
-    from aesthetic_dask import image_reader
+    from aesthetic_dask import tar_stream
 
     # The real bounds (16 MiB, 256 MiB) are tested below, in the job.
-    monkeypatch.setattr(image_reader, "EXPANSION_FLOOR", 1 << 20)
-    monkeypatch.setattr(image_reader, "MAX_BOMB_BYTES", 8 << 20)
+    monkeypatch.setattr(tar_stream, "EXPANSION_FLOOR", 1 << 20)
+    monkeypatch.setattr(tar_stream, "MAX_BOMB_BYTES", 8 << 20)
     shard = tmp_path / f"bomb{suffix}"
     shard.write_bytes(COMPRESSORS[suffix](tar_bytes([
         ("good.jpg", photo_bytes("rocket")), ("good.txt", b"caption"), ("small_bomb.jpg", b"\0" * (4 << 20)),
         ("mid.jpg", photo_bytes("coffee")), ("big_bomb.jpg", b"\0" * (64 << 20)), ("after.jpg", photo_bytes("coffee"))])))
     assert shard.stat().st_size < 200_000
     inflated = []
-    real_read = image_reader.TarStream.read
-    monkeypatch.setattr(image_reader.TarStream, "read", lambda self, n=-1: inflated.append(len(r := real_read(self, n))) or r)
+    real_read = tar_stream.TarStream.read
+    monkeypatch.setattr(tar_stream.TarStream, "read", lambda self, n=-1: inflated.append(len(r := real_read(self, n))) or r)
     reader = ShardReader(str(shard))
     samples = list(reader)
     assert [s.key for s in samples] == ["good", "small_bomb", "mid", "big_bomb"]
@@ -449,7 +449,7 @@ def test_compressed_members_that_expand_like_bombs_are_bounded(tmp_path, suffix,
 def test_honest_compressed_shards_are_never_taken_for_bombs(tmp_path, tiny_clip, tiny_weights, monkeypatch):
     """Image data is compressed already (about 1:1); tar headers and tiny sidecars compress 80:1 and
     more, and are not measured; a bomb at the real bound ends its shard in the job (exit 3)."""
-    from aesthetic_dask import image_reader
+    from aesthetic_dask import tar_stream
 
     rng = np.random.default_rng(0)
     honest = tmp_path / "in" / "honest.tar.gz"
@@ -459,7 +459,7 @@ def test_honest_compressed_shards_are_never_taken_for_bombs(tmp_path, tiny_clip,
     samples = list(reader := ShardReader(str(honest)))
     assert reader.failure is None and len(samples) == 20002
     assert len(samples[0].image) == 20 << 20 and samples[1].error is None  # incompressible bytes: read whole
-    monkeypatch.setattr(image_reader, "EXPANSION_FLOOR", 64 << 10)
+    monkeypatch.setattr(tar_stream, "EXPANSION_FLOOR", 64 << 10)
     assert ShardReader(str(honest)).failure is None and sum(1 for _ in ShardReader(str(honest))) == 20002
     monkeypatch.undo()
     bomb = tmp_path / "in" / "bomb.tar.gz"
@@ -482,7 +482,7 @@ def test_honest_compressed_shards_are_never_taken_for_bombs(tmp_path, tiny_clip,
 def test_an_oversized_extended_header_is_skipped_unread(tmp_path, fmt, monkeypatch):
     """tarfile reads a PAX or GNU long-name header whole: one over 4 MiB is skipped instead, and its
     member is its own sample's error; the samples around it are read as usual."""
-    from aesthetic_dask import image_reader
+    from aesthetic_dask import tar_stream
 
     shard = tmp_path / "long.tar.gz"
     shard.write_bytes(gzip.compress(tar_bytes([("fine.jpg", photo_bytes("rocket")), ("x" * (6 << 20) + ".jpg", b"\xff\xd8"),
@@ -492,7 +492,7 @@ def test_an_oversized_extended_header_is_skipped_unread(tmp_path, fmt, monkeypat
         real = getattr(tarfile.TarInfo, name)
         monkeypatch.setattr(tarfile.TarInfo, name, lambda self, tar, real=real: seen.append(self.size) or real(self, tar))
     samples = list(reader := ShardReader(str(shard)))
-    assert reader.failure is None and not any(size > image_reader.MAX_HEADER_BYTES for size in seen)
+    assert reader.failure is None and not any(size > tar_stream.MAX_HEADER_BYTES for size in seen)
     assert [s.key.startswith("(a member with a ") for s in samples] == [False, True, True, False]
     assert samples[0].error is None and samples[3].error is None and samples[3].key == "after"
     assert all(s.error.startswith("member header is ") and s.error.endswith("over the limit of 4194304; not read")

@@ -8,13 +8,10 @@ as data by :mod:`.open_clip_files`: the client never imports torch or open_clip.
 
 from __future__ import annotations
 
-import logging
 import os
-import threading
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from ..config import Config
 from ..errors import InputError
@@ -228,31 +225,3 @@ def compute_precision(precision: str, device: str) -> str:
     bf16 too, slowly: for checking their error)."""
     name = ("fp16" if device == "cuda" else "fp32") if precision == "auto" else precision
     return f"{device}-{name}"
-
-
-_QUIET = threading.Lock()
-_quiet_users = 0
-
-
-@contextmanager
-def random_weights_expected() -> Iterator[None]:
-    """Within: open_clip's root-logger note that a model got no pretrained weights is dropped,
-    where that is meant (a meta-device model to be loaded later, the demo CLIP). Counted: a
-    worker's threads enter it at once (partitions and the model's load), and the filter stays
-    until the last one leaves."""
-    global _quiet_users
-    root = logging.getLogger()
-    with _QUIET:
-        _quiet_users += 1
-        root.addFilter(_no_weights_note)
-    try:
-        yield
-    finally:
-        with _QUIET:
-            _quiet_users -= 1
-            if not _quiet_users:
-                root.removeFilter(_no_weights_note)
-
-
-def _no_weights_note(record: logging.LogRecord) -> bool:
-    return "No pretrained weights loaded" not in record.getMessage()

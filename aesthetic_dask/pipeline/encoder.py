@@ -33,9 +33,10 @@ from typing import Any
 
 import numpy as np
 
-from ..models.clip import ClipSpec, compute_precision, random_weights_expected
+from ..models.clip import ClipSpec, compute_precision
+from ..models.quiet import random_weights_expected
 from .preprocess import InputSpec, Normalizer
-from ..cluster import configure_model_process, forced_torch_threads, torch_threads
+from .device import configure_model_process, forced_torch_threads, torch_threads
 from .device import model_device
 
 log = logging.getLogger("aesthetic_dask")

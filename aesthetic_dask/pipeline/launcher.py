@@ -33,9 +33,28 @@ import socket
 import sys
 import traceback
 
+# Set by Dask's nanny for its workers; wrong for decoding: every decoded image's buffers would
+# page-fault again (see pool.py). The launcher and its decode processes start without it.
+WORKER_ONLY_ENV = ("MALLOC_TRIM_THRESHOLD_",)
 # What the launcher imports once, so each decode process starts with them loaded.
 PRELOAD = ("torch", "torchvision", "PIL.Image", "open_clip", "aesthetic_dask.pipeline.host")
 MAX_FDS = 3
+
+
+def decode_environment() -> dict[str, str]:
+    """The launcher's environment: the worker's, less what is set for the worker alone, with the
+    worker's import path (so the package imports as it does in the worker)."""
+    env = {k: v for k, v in os.environ.items() if k not in WORKER_ONLY_ENV}
+    paths = [p or os.getcwd() for p in sys.path]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    return env
+
+
+def describe_exit(code: int | None) -> str:
+    """How a decode process ended, from its ``("exit", pid, code)`` message (None: the launcher itself did)."""
+    if code is None:
+        return "its launcher exited"
+    return f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
 
 
 def main(fd: int) -> None:

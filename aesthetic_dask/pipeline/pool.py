@@ -27,19 +27,19 @@ import itertools
 import logging
 import os
 import pickle
-import queue
-import signal
 import socket
 import subprocess
 import sys
 import threading
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
+from .handles import Chunk, Done, JobHandle
 from .host import DecodeSettings, Job, crops_view
+from .launcher import decode_environment, describe_exit
 
 log = logging.getLogger("aesthetic_dask")
 
@@ -47,53 +47,10 @@ SLOTS = 3  # per process: one being filled, one being read by the model's side, 
 MAX_CHUNK = 64  # crops per chunk at most
 SLOT_BYTES = MAX_CHUNK * 3 * 224 * 224  # 9.2 MiB: 64 crops of 224 px, 28 of 336 px
 MAX_DEATHS_PER_JOB = 3  # then the partition fails with the reason instead of looping on a poison input
-# Set by Dask's nanny for its workers; wrong for decoding (see the module's docstring).
-WORKER_ONLY_ENV = ("MALLOC_TRIM_THRESHOLD_",)
 
 
 class PoolError(RuntimeError):
     """The pool cannot start here; the message is one line naming the fix."""
-
-
-@dataclass
-class Chunk:
-    """Up to ``chunk`` consecutive samples of a job, decoded."""
-
-    metas: list[Any] | None  # shard samples without bytes, else None
-    reasons: list[str | None]  # per sample: None where a crop was made
-    thumbnails: dict[int, bytes]  # by position in the chunk
-    crops: np.ndarray | None  # (samples without a reason, 3, H, W) uint8, in shared memory until released
-    _release: Any = None
-
-    def release(self) -> None:
-        """Give the crops' slot back to its process (call once they are copied out)."""
-        if self._release is not None:
-            self._release()
-            self._release = None
-
-
-@dataclass
-class Done:
-    failure: str | None
-    kind: str | None = None  # None, "unread" (rows unknown) or "crash" (see host)
-
-
-class JobHandle:
-    """A submitted job: iterate it for its :class:`Chunk`s in order; then ``failure`` says whether
-    its source was read whole."""
-
-    def __init__(self) -> None:
-        self.events: queue.Queue = queue.Queue()
-        self.failure: str | None = None
-        self.failure_kind: str | None = None
-
-    def __iter__(self) -> Iterator[Chunk]:
-        while True:
-            event = self.events.get()
-            if isinstance(event, Done):
-                self.failure, self.failure_kind = event.failure, event.kind
-                return
-            yield event
 
 
 @dataclass
@@ -320,7 +277,7 @@ class HostPool:
     def _on_launcher_lost(self) -> None:
         """The launcher died (its processes die with it): start another and every process again."""
         code = self.launcher.wait()
-        how = _how(code)
+        how = describe_exit(code)
         if not self.started_ok and self.launcher_starts >= 2:
             self._break(f"the decode pool's launcher ({sys.executable} -m aesthetic_dask.pipeline.launcher) "
                         f"exited ({how}) before starting a process; its error is in the worker's log")
@@ -364,7 +321,7 @@ class HostPool:
                 self._on_message(seat, seat.from_child.recv())
             except (EOFError, OSError):
                 break
-        how = _how(code)
+        how = describe_exit(code)
         reason = reason or f"decode process died ({how}) while decoding this sample"
         if not seat.ready and not self.started_ok and code is not None:
             self.failed_starts += 1
@@ -424,21 +381,6 @@ class HostPool:
         with self.lock:
             for state in [s.state for s in self.seats if s.state] + list(self.pending):
                 state.handle.events.put(Done("the decode pool was closed", "crash"))
-
-
-def _how(code: int | None) -> str:
-    if code is None:
-        return "its launcher exited"
-    return f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
-
-
-def decode_environment() -> dict[str, str]:
-    """The launcher's environment: the worker's, less what is set for the worker alone, with the
-    worker's import path (so the package imports as it does in the worker)."""
-    env = {k: v for k, v in os.environ.items() if k not in WORKER_ONLY_ENV}
-    paths = [p or os.getcwd() for p in sys.path]
-    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
-    return env
 
 
 _POOL: HostPool | None = None

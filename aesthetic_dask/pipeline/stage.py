@@ -21,11 +21,11 @@ import pyarrow as pa
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from ..models.clip import ClipSpec
-from ..partition import Stats
+from ..stage_stats import Stats
 from .decode import resolve_decoder
 from .host import BytesJob, DecodeSettings
-from ..cluster import array_module, decode_processes
-from .device import model_device
+from ..hardware import decode_processes
+from .device import array_module, model_device
 from ..errors import InputError
 from ..score import classify_and_score
 from .encoder import ClipEncoder, input_spec
