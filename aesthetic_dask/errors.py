@@ -7,7 +7,7 @@ Every error the project raises on purpose is an :class:`AestheticDaskError` carr
 
 from __future__ import annotations
 
-# Exit codes of the CLI (README, "Exit codes").
+# Exit codes of the CLI (docs/production.md, "Exit codes").
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2

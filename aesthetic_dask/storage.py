@@ -4,7 +4,7 @@ Paths are URLs (``s3://bucket/key``, ``gs://``, ``abfs://``, ``hf://``, ``file:/
 for inputs) or local paths. ``storage_options`` (``--storage-options``) go to the filesystem;
 without them its standard credential chain applies.
 
-Commit protocol (README, "Object storage"): object stores have no atomic rename, so a file is
+Commit protocol (docs/object-storage.md): object stores have no atomic rename, so a file is
 written once under its final name and appears whole or not at all (a single PUT, or a multipart
 upload completed on close and aborted on error); locally it is written under ``OUT/_tmp/`` and
 renamed into place. :func:`atomic_open` is the one helper behind every file the project writes.
@@ -31,7 +31,7 @@ _SECRET_WORDS = ("key", "secret", "token", "pass", "credential", "sas", "connect
                  "session", "signature", "private", "headers")
 
 
-# Every S3 request is bounded (README, "Object storage"): a store that stops answering fails a
+# Every S3 request is bounded (docs/object-storage.md): a store that stops answering fails a
 # request after STORAGE_TIMEOUT s without an answer, and an operation after STORAGE_ATTEMPTS tries
 # in all: s3fs's own retries (which also cover a body cut mid-read) times botocore's (standard
 # mode: exponential backoff). Left alone they multiply: 5 x botocore's x a 15 s read timeout was

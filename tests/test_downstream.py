@@ -92,7 +92,7 @@ def test_every_reader_reads_every_output_directory_with_the_manifests_counts(tmp
         counts = read_with_every_reader(out / d, tmp_path)
         if expected[d] == 0:
             # Every reader but `datasets` gives the empty table; `datasets` refuses any split with
-            # no rows, its own rule (README: "Reading the output").
+            # no rows, its own rule (docs/output.md).
             assert counts.pop("datasets").startswith("ValueError: Instruction \"train\" corresponds to no data")
         assert counts == {name: expected[d] for name in counts}, (d, counts)
 
