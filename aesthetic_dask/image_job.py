@@ -1,10 +1,11 @@
 """The ``run`` job: WebDataset shards or image Parquet -> CLIP embeddings -> scores -> filtered Parquet.
 
-Per partition (a shard, or a row range of an image Parquet file): stream the samples, embed and
-score them where the model runs (:func:`embed.embed_stream`; image bytes are let go as soon as they
-are embedded, so memory per task does not grow with image sizes), and write
-kept/rejected/errors, plus WebDataset tars of the kept samples with ``--write-shards``. The
-notebook API runs the same stage functions.
+Each partition (a shard, or a row range of an image Parquet file) is one Dask task of the one
+partition pipeline (:func:`partition.process`): its samples streamed, decoded by the worker's pool,
+embedded and scored where the model runs (:class:`rows.ShardRows`, :class:`rows.ImageParquetRows`;
+image bytes are let go as soon as they are embedded, so memory per task does not grow with image
+sizes), then the Parquet sink and, with ``--write-shards``, the shard sink. The notebook API runs
+the same stage functions.
 """
 
 from __future__ import annotations
@@ -14,94 +15,33 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 
 from . import storage
+from .columns import SCORE_COLUMN, written_by
 from .config import Config
-from .embed import attach_embedded
-from .columns import written_by
-from .parquet_plan import PARQUET_SUFFIXES, EmbeddingPart, plan_parquet
-from .models.clip import ClipSpec, compute_precision, prepare_clip_weights
-from .pipeline.decode import resolve_decoder
-from .pipeline.host import ParquetJob, ShardJob
-from .pipeline.stage import EmbedOptions, ModelPlugin, embed_source
-from .errors import FAILURE_DATA, DataError, InputError
-from .image_reader import SHARD_SUFFIXES, ShardPart, check_image_type, parse_json_fields, samples_table, shard_schema
+from .errors import InputError
+from .image_reader import SHARD_SUFFIXES, ShardPart, check_image_type, parse_json_fields, shard_schema
 from .job import Work, run_parts, tasks_stopped_then_cleared
-from .preparation import Heads, new_job, stamp, with_identities
-from .output import OutputLayout, WriteOptions, split_and_write
-from .shard_sink import shard_names, write_shard_outputs
-from .partition import Record, finish_record, process_parquet_part
-from .records import read_footers
-from .models.heads import AestheticPredictor
+from .models.clip import ClipSpec, compute_precision, prepare_clip_weights
 from .models.fetch import registered_entry
-from .columns import SCORE_COLUMN
+from .output import OutputLayout
+from .parquet_plan import PARQUET_SUFFIXES, plan_parquet
+from .parquet_sink import ParquetSink
+from .partition import process
+from .pipeline.decode import resolve_decoder
+from .pipeline.stage import EmbedOptions, ModelPlugin
+from .preparation import Heads, new_job, stamp, with_identities
+from .records import read_footers
+from .image_rows import ImageParquetRows, ShardRows
 from .score import check_extra_score_names
+from .shard_sink import ShardSink, shard_names
 from .sources import list_inputs
 
 # Rows per partition of image Parquet: all their image bytes are in memory at once.
 IMAGE_PARQUET_ROWS = 4096
 # What the run job's manifest records besides the packages every job does.
 CLIP_PACKAGES = ("torch", "torchvision", "open_clip_torch", "pillow")
-
-
-def process_shard(part: ShardPart, fields: dict, clip_spec: ClipSpec, predictor: AestheticPredictor, out: str,
-                  opts: WriteOptions, embed: EmbedOptions, write_shards: str | None,
-                  extras: dict[str, AestheticPredictor] | None = None, max_sidecar_bytes: int = 65536,
-                  storage_options: dict[str, Any] | None = None, shard_names: dict[str, str] | None = None) -> Record:
-    """Read (in a host process of the worker's pool), embed, score and write one WebDataset shard;
-    return its record."""
-    t0, started = time.perf_counter(), time.time()
-    layout = OutputLayout(out, storage_options)
-    embedded = embed_source(ShardJob(part.source, max_sidecar_bytes, storage_options), clip_spec, embed,
-                            predictor.embed_dim, opts.samples, heads=[predictor, *(extras or {}).values()],
-                            keep_embeddings=opts.keep_embeddings)
-    if not embedded.rows_known:  # e.g. deleted after planning: its size is unknown, never a silent 0
-        return finish_record(layout, Record.failed(part, embedded.failure, FAILURE_DATA), t0)
-    samples = embedded.metas
-    base = samples_table(samples, part.source, fields, with_images=False).drop_columns(["image", "image_ext"])
-    table = attach_embedded(base, embedded, extras or {})
-    record = Record.of(part)
-    record.clip_compute, record.image_decoder, record.worker = embedded.compute, embedded.decoder, embedded.worker
-    record.stats = embedded.stats
-    rows = np.array([s.index for s in samples], dtype=np.int64)
-    with record.stats.time("write_s"):
-        record.wrote(split_and_write(table, rows, part.name, part.source, layout, opts, embedded.thumbnails))
-    if embedded.failure:
-        record.failure = embedded.failure
-    elif not samples:
-        record.note = f"{part.source}: empty shard: no samples"
-    if write_shards:  # full paths or URLs: checked on resume like the rest
-        record.files += write_shard_outputs(write_shards, shard_names[part.name], part, table, opts, layout, started,
-                                            record.error_reasons, storage_options=storage_options, sample_indices=rows)
-    return finish_record(layout, record, t0)
-
-
-def process_image_parquet_part(part: EmbeddingPart, schema: pa.Schema, column: str, clip_spec: ClipSpec,
-                               predictor: AestheticPredictor, out: str, opts: WriteOptions, embed: EmbedOptions,
-                               extras: dict[str, AestheticPredictor] | None = None,
-                               storage_options: dict[str, Any] | None = None, write_shards: str | None = None,
-                               shard_names: dict[str, str] | None = None) -> Record:
-    """Read, embed, score and write rows of an image Parquet file; return its record. This process
-    reads the other columns; a host process of the pool reads the image column itself."""
-    source = ParquetJob(part.source, part.start, part.stop, part.row_groups, column, storage_options, part.group_start)
-    started = time.time()
-
-    def score(table: pa.Table) -> tuple[pa.Table, dict[int, bytes] | None]:
-        embedded = embed_source(source, clip_spec, embed, predictor.embed_dim, opts.samples,
-                                heads=[predictor, *(extras or {}).values()], keep_embeddings=opts.keep_embeddings)
-        if embedded.failure:
-            raise DataError(f"{part.source}: cannot read rows {part.start}-{part.stop}: {embedded.failure}")
-        return attach_embedded(table, embedded, extras or {}), embedded.thumbnails if opts.samples else None
-
-    def shards(table: pa.Table, record: Record, layout: OutputLayout) -> None:
-        record.files += write_shard_outputs(write_shards, shard_names[part.name], part, table, opts, layout, started,
-                                            record.error_reasons, image_column=column, storage_options=storage_options)
-
-    others = pa.schema([f for f in schema if f.name != column])
-    return process_parquet_part(part, others, column, out, opts, score, storage_options,
-                                after_write=shards if write_shards else None)
 
 
 def run_job(inputs: list[str], out: str | Path, config: Config, overwrite: bool = False, progress: bool = True,
@@ -137,16 +77,21 @@ def run_job(inputs: list[str], out: str | Path, config: Config, overwrite: bool 
     opts = heads.write_options(config, "embedding", written_columns(fields, bool(shard_parts), pq_plan, config.image_column))
     embed = EmbedOptions.from_config(config)
     failed_inputs = dict(pq_plan.failed) if pq_plan else {}
+    sinks: tuple = (ParquetSink(),)
+    if shards_dir:
+        names = shard_names(shard_parts + (pq_plan.parts if pq_plan else []))
+        sinks += (ShardSink(shards_dir, names, config.image_column, so),)
+    embedded = dict(clip_spec=clip_spec, embed=embed, predictor=heads.predictor, extras=heads.extras, storage_options=so,
+                    thumbnails=opts.samples, keep_embeddings=opts.keep_embeddings)
+    common = dict(out=layout.url(), opts=opts, sinks=sinks, storage_options=so)
     work = []
-    common = dict(clip_spec=clip_spec, predictor=heads.predictor, out=layout.url(), opts=opts, embed=embed,
-                  extras=heads.extras, storage_options=so)
-    names = shard_names(shard_parts + (pq_plan.parts if pq_plan else [])) if shards_dir else None
-    common.update(write_shards=shards_dir, shard_names=names)
     if shard_parts:
-        work.append(Work(with_identities(shard_parts, so), process_shard, dict(fields=fields,
-                                                          max_sidecar_bytes=config.max_sidecar_bytes, **common)))
+        rows = ShardRows(**embedded, fields=fields, max_sidecar_bytes=config.max_sidecar_bytes)
+        work.append(Work(with_identities(shard_parts, so), process, dict(rows=rows, **common)))
     if pq_plan and pq_plan.parts:
-        work.append(Work(with_identities(pq_plan.parts, so), process_image_parquet_part, dict(schema=pq_plan.schema, column=config.image_column, **common)))
+        others = pa.schema([f for f in pq_plan.schema if f.name != config.image_column])
+        rows = ImageParquetRows(**embedded, schema=others, column=config.image_column)
+        work.append(Work(with_identities(pq_plan.parts, so), process, dict(rows=rows, **common)))
     if not work and not failed_inputs:
         raise InputError(f"no shards or image Parquet files found in {', '.join(map(str, inputs))}")
     plan_s = round(time.perf_counter() - t0, 3)

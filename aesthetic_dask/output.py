@@ -1,5 +1,7 @@
-"""Writers: the OUT layout (local or object storage), per-partition Parquet files, the kept samples
-as WebDataset tars (``--write-shards``), completion markers.
+"""The OUT layout (local or object storage), what its sinks share (how a partition is written:
+:class:`WriteOptions`; one schema per directory: :func:`uniform`; files whole or not at all:
+:func:`write_parquet`), and removing a partition's files (redone, no longer planned, --overwrite).
+The sinks themselves: :mod:`.parquet_sink`, :mod:`.shard_sink`.
 
 OUT/kept/, OUT/rejected/ and OUT/errors/ are plain Parquet datasets (one file per input
 partition, named after it). Every file appears whole or not at all (:func:`storage.atomic_open`);
@@ -27,10 +29,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import histogram, samples, storage, versions
-from .columns import ERROR_COLUMN, ROW_COLUMN, SCORE_COLUMN, SOURCE_COLUMN
+from . import storage, versions
+from .columns import ERROR_COLUMN
 from .records import FOOTERS_NAME, INDEX_NAME, stem as _stem
-from .filters import Criterion, failing, table_keep_mask
+from .filters import Criterion
 
 COUNT_KEYS = ("rows_in", "rows_kept", "rows_below_threshold", "rows_error")
 
@@ -161,14 +163,6 @@ def uniform(table: pa.Table, columns: pa.Schema | None) -> pa.Table:
     return pa.Table.from_arrays(arrays, schema=pa.schema(fields, metadata=table.schema.metadata))
 
 
-def error_columns(columns: pa.Schema | None) -> pa.Schema | None:
-    """The leading columns of every ``errors/`` file: where the row came from, then the data's."""
-    if columns is None:
-        return None
-    data = [f for f in columns if f.name not in (SOURCE_COLUMN, ROW_COLUMN)]
-    return pa.schema([pa.field(SOURCE_COLUMN, pa.string()), pa.field(ROW_COLUMN, pa.int64()), *data])
-
-
 def _fixed_size(table: pa.Table, column: str, dim: int) -> pa.Table:
     """Valid embeddings as fixed_size_list<float32>[dim] (every kept row has exactly dim values)."""
     idx = table.schema.get_field_index(column)
@@ -200,82 +194,6 @@ def rows_to_write(table: pa.Table, mask: np.ndarray, opts: WriteOptions) -> pa.T
         # Cast after filtering: only valid rows are sure to hold exactly embed_dim values.
         rows = _fixed_size(rows, opts.embedding_column, opts.embed_dim)
     return uniform(rows, opts.columns)
-
-
-def split_and_write(
-    table: pa.Table,
-    rows: np.ndarray,
-    name: str,
-    source: str,
-    layout: OutputLayout,
-    opts: WriteOptions,
-    thumbnails: dict[int, bytes] | None = None,
-) -> dict[str, Any]:
-    """Write the kept, rejected and error rows of one scored partition; return its record's counts.
-
-    ``table`` has ``aesthetic_score`` and ``error`` columns (error rows: any non-null ``error``);
-    ``rows`` gives each row's position in its source. The record also carries the partition's
-    score histogram(s), its error reasons, and (in ``OUT/samples/``) a few rows per score band,
-    with ``thumbnails`` (row index -> JPEG) where the job made them.
-    """
-    keep, is_error = table_keep_mask(table, opts.threshold, opts.filters)
-    below = ~is_error & ~keep  # below the threshold, or failing a filter
-
-    metadata = dict(opts.metadata)
-    files = [f"kept/{name}.parquet"]
-    write_parquet(rows_to_write(table, keep, opts), layout, storage.join(layout.kept, f"{name}.parquet"), metadata)
-    if opts.keep_rejected:
-        write_parquet(rows_to_write(table, below, opts), layout, storage.join(layout.rejected, f"{name}.parquet"), metadata)
-        files.append(f"rejected/{name}.parquet")
-
-    n_errors = int(is_error.sum())
-    err = table.filter(pa.array(is_error)).drop_columns(
-        [c for c in (opts.embedding_column, SCORE_COLUMN, *opts.extra_score_columns) if c in table.column_names]
-    )
-    err = uniform(_with_provenance(err, source, rows[is_error]), error_columns(opts.columns))
-    write_parquet(err, layout, storage.join(layout.errors, f"{name}.parquet"), metadata)
-    files.append(f"errors/{name}.parquet")
-    reasons = {}
-    if n_errors:
-        keys = err.column("key").cast(pa.string()).to_pylist() if "key" in err.column_names else [str(r) for r in rows[is_error]]
-        reasons = samples.error_reasons(err.column(ERROR_COLUMN), keys)
-    scores = table.column(SCORE_COLUMN).to_numpy(zero_copy_only=False)
-    if opts.samples and (~is_error).any():
-        eligible = ~is_error
-        if thumbnails is not None:
-            eligible &= np.isin(np.arange(table.num_rows), list(thumbnails))
-        chosen = samples.pick(scores, eligible)
-        if len(chosen):
-            write_parquet(samples.sample_table(table, scores, rows, source, chosen, thumbnails),
-                          layout, storage.join(layout.samples, f"{name}.parquet"), metadata)
-            files.append(f"samples/{name}.parquet")
-    return {
-        "files": files,
-        "rows_in": table.num_rows,
-        "rows_kept": int(keep.sum()),
-        "rows_below_threshold": int(below.sum()),
-        "rows_error": n_errors,
-        "histogram": histogram.histogram_counts(scores[~is_error]),
-        "extra_histograms": {c: histogram.histogram_counts(table.column(c).to_numpy(zero_copy_only=False)[~is_error])
-                             for c in opts.extra_score_columns},
-        "error_reasons": reasons,
-        **({"rows_failing_filters": failing(table, is_error, opts.filters)} if opts.filters else {}),
-    }
-
-
-def _with_provenance(err: pa.Table, source: str, rows: np.ndarray) -> pa.Table:
-    """Error rows lead with their source file and row position, then their columns, then ``error``.
-
-    Shards' samples carry the shard as ``source`` already; an input's own ``source`` or ``row``
-    column is kept as ``source_input`` / ``row_input``.
-    """
-    own_source = err.column_names.count(SOURCE_COLUMN) and pa.types.is_string(err.schema.field(SOURCE_COLUMN).type) \
-        and err.column(SOURCE_COLUMN).to_pylist() == [source] * err.num_rows
-    out = err.drop_columns([ERROR_COLUMN] + ([SOURCE_COLUMN] if own_source else []))
-    out = out.rename_columns([f"{c}_input" if c in (SOURCE_COLUMN, ROW_COLUMN) else c for c in out.column_names])
-    out = out.add_column(0, SOURCE_COLUMN, pa.array([source] * err.num_rows, pa.string()))
-    out = out.add_column(1, ROW_COLUMN, pa.array(rows.astype(np.int64)))
-    return out.append_column(ERROR_COLUMN, err.column(ERROR_COLUMN).cast(pa.string()))
 
 
 def remove_unplanned(layout: OutputLayout, planned: set[str], existing: set[str]) -> list[str]:

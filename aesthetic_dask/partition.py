@@ -1,8 +1,9 @@
-"""One partition's unit of work, shared by both jobs: its record, its failure, its completion marker.
+"""One partition's unit of work, shared by every job and input kind: the one pipeline
+(:func:`process`: read and score its rows, hand them to the sinks, write its record last), its
+record, its failure, its completion marker.
 
-A process function (``process(part, **kwargs) -> record``) reads, scores and writes one partition
-and returns its record: the counts, the files written, and a ``failure`` if the input could not be
-read whole. Only a partition without a failure leaves ``OUT/_parts/NAME.json``, written last, after
+The record holds the counts, the files written, and a ``failure`` if the input could not be read
+whole. Only a partition without a failure leaves ``OUT/_parts/NAME.json``, written last, after
 its data files: resume trusts those markers alone, so a failed partition is retried by a re-run.
 """
 
@@ -10,16 +11,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable
-
-import numpy as np
+from typing import Any, Protocol
 
 from .errors import FAILURE_DATA, FAILURE_ERROR, DataError
 from .lock import committing_as
-from .output import OutputLayout, WriteOptions, split_and_write
+from .output import OutputLayout, WriteOptions
 from .records import write_record
 from .stage_stats import Stats
-from .embeddings_reader import read_embedding_table
 
 
 @dataclass
@@ -72,7 +70,7 @@ class Record:
                    input=getattr(part, "identity", None))
 
     def wrote(self, written: dict[str, Any]) -> None:
-        """What :func:`output.split_and_write` wrote: counts, files, histograms, error reasons."""
+        """What :func:`parquet_sink.split_and_write` wrote: counts, files, histograms, error reasons."""
         for key, value in written.items():
             setattr(self, key, value)
 
@@ -103,31 +101,36 @@ def finish_record(layout: OutputLayout, record: Record, started: float) -> Recor
     return record
 
 
-def process_parquet_part(
-    part: Any, schema: Any, column: str, out: str, opts: WriteOptions, score_table: Callable[[Any], Any],
-    storage_options: dict[str, Any] | None = None, after_write: Callable[[Any, Record, Any], None] | None = None,
-) -> Record:
-    """Read rows of a Parquet input, score them with ``score_table(table)``, write, return the record.
+class Sink(Protocol):
+    """Where a scored partition's rows go (:class:`output.ParquetSink`: kept/rejected/errors and
+    samples; :class:`shard_sink.ShardSink`: ``--write-shards`` tars): each writes its files whole,
+    lists them on the record (which is written last, so a partition is done only when every sink
+    is), and re-splits them for ``refilter``."""
 
-    ``score_table`` returns the table with ``aesthetic_score`` and ``error`` columns, and the
-    report's thumbnails by row (or None). An unreadable row range counts all its rows as errors
-    and records why. ``after_write(scored, record, layout)`` writes more of the partition's files
-    (a sink: ``--write-shards``) before its record, which is written last.
-    """
-    t0 = time.perf_counter()
+    def write(self, part: Any, scored: Any, record: Record, layout: OutputLayout, opts: WriteOptions) -> None: ...
+
+    def resplit(self, record: Record, how: Any) -> None: ...  # how: parquet_sink.Resplit
+
+
+def process(part: Any, rows: Any, out: str, opts: WriteOptions, sinks: tuple[Sink, ...],
+            storage_options: dict[str, Any] | None = None) -> Record:
+    """The one partition pipeline, for every job and input kind: read and score the partition's
+    rows (``rows.read(part)``, a :mod:`.rows` reader), give them to each of ``sinks`` in turn, then
+    write its record, last. A partition that cannot be read at all is a failed record whose rows
+    (where known) count as errors, with the reason; one whose source stopped early keeps the rows
+    read and fails with why."""
+    t0, started = time.perf_counter(), time.time()
     layout = OutputLayout(out, storage_options)
     try:
-        table = read_embedding_table(part, schema, column, storage_options)
+        scored = rows.read(part)
     except DataError as exc:
         return finish_record(layout, Record.failed(part, str(exc), FAILURE_DATA), t0)
+    scored.started = started
     record = Record.of(part)
-    record.start, record.stop = part.start, part.stop
-    rows = np.arange(part.start, part.stop, dtype=np.int64)
-    try:
-        scored, thumbnails = score_table(table)
-    except DataError as exc:  # e.g. the image column, read by a host process of the pool
-        return finish_record(layout, Record.failed(part, str(exc), FAILURE_DATA), t0)
-    record.wrote(split_and_write(scored, rows, part.name, part.source, layout, opts, thumbnails))
-    if after_write is not None:
-        after_write(scored, record, layout)
+    for key, value in scored.facts.items():
+        setattr(record, key, value)
+    with record.stats.time("write_s"):
+        for sink in sinks:
+            sink.write(part, scored, record, layout, opts)
+    record.failure, record.note = scored.failure, scored.note
     return finish_record(layout, record, t0)

@@ -17,18 +17,17 @@ import time
 import uuid
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
-from . import provenance, shard_sink, storage
-from .errors import EXIT_OK, InputError
+from . import storage
 from .config import fingerprint
+from .errors import EXIT_OK, InputError
+from .filters import as_criteria
 from .lock import OutLock, check_held
-from .output import OutputLayout, write_parquet
-from .storage import write_json
-from .records import read_records, write_index, write_record
-from .filters import as_criteria, table_keep_mask
+from .output import OutputLayout
+from .parquet_sink import ParquetSink, Resplit
 from .partition import Record
+from .records import read_records, write_index, write_record
+from .shard_sink import ShardSink
+from .storage import write_json
 
 log = logging.getLogger("aesthetic_dask")
 
@@ -81,11 +80,13 @@ def _refilter_locked(layout: OutputLayout, manifest: dict[str, Any], threshold: 
     existing = set(listing)
     records = {name: Record.from_json(data) for name, data in read_records(layout, listing).items()}
     criteria = as_criteria(settings.get("filters", ()))  # the job's --filter criteria hold at any threshold
+    # The sinks the job wrote to (a ShardSink re-splits the tars its records list).
+    sinks = (ParquetSink(),) + ((ShardSink(settings["write_shards"], {}),) if settings.get("write_shards") else ())
     done = 0
     for name, rec in sorted(records.items()):
         if (rec.threshold if rec.threshold is not None else recorded) != threshold:
             _resplit(layout, rec, threshold, criteria, existing, bool(settings.get("keep_rejected")), run_id, recorded,
-                     storage_options)
+                     sinks)
             rec.threshold, rec.run_id = threshold, run_id
             rec.job = fingerprint({**settings, "score_threshold": threshold}) if rec.job else None
             check_held(layout, run_id)
@@ -118,64 +119,15 @@ def _refilter_locked(layout: OutputLayout, manifest: dict[str, Any], threshold: 
     return manifest, EXIT_OK
 
 
-def _read(layout: OutputLayout, path: str, existing: set[str], at: float) -> tuple[pa.Table, float] | None:
-    """A partition's kept or rejected file, with the threshold it was split at: its provenance
-    stamp (a refilter killed between a partition's two files leaves them at different thresholds),
-    else ``at``, its record's."""
-    if path not in existing:
-        return None
-    with layout.fs.open(path, "rb") as f:
-        table = pq.read_table(f)
-    stamp = json.loads((table.schema.metadata or {}).get(provenance.KEY, b"{}")).get("score_threshold")
-    return table, float(stamp) if stamp is not None else at
-
-
-def partition_rows(kept: tuple[pa.Table, float] | None, rejected: tuple[pa.Table, float] | None,
-                   where: str) -> pa.Table | None:
-    """Every scored row of a partition, once, from its kept file (split at ``t_k``: rows >= t_k) and
-    its rejected file (at ``t_r``: rows < t_r). A refilter writes the file that grows first, so a
-    kill between the two leaves them overlapping (t_k <= t_r: the kept rows below t_r are also in
-    rejected, and are taken from there), never apart."""
-    if kept is None or rejected is None:
-        found = kept or rejected
-        return None if found is None else found[0]
-    (k, t_k), (r, t_r) = kept, rejected
-    if t_k > t_r:  # rows in [t_r, t_k) are in neither file
-        raise InputError(f"{where}: its kept rows are split at {t_k:g} and its rejected rows at {t_r:g}; the rows "
-                         "between are in neither file: re-run the job with --overwrite to recompute them")
-    return pa.concat_tables([k.filter(pa.array(table_keep_mask(k, t_r)[0])), r], promote_options="default")
-
-
 def _resplit(layout: OutputLayout, rec: Record, threshold: float, criteria: tuple[Any, ...], existing: set[str],
-             keep_rejected: bool, run_id: str, recorded: float, storage_options: dict[str, Any] | None) -> None:
-    """One partition's rows at ``threshold``: every file written whole, the one that grows first (see
-    :func:`partition_rows`), each stamped with the new threshold and this run, then the
-    ``--write-shards`` tar (:func:`shard_sink.resplit`). The counts are set on ``rec``, whose
-    record the caller writes last."""
-    at = rec.threshold if rec.threshold is not None else recorded
-    kept_path = storage.join(layout.kept, f"{rec.name}.parquet")
-    rejected_path = storage.join(layout.rejected, f"{rec.name}.parquet")
-    rows = partition_rows(_read(layout, kept_path, existing, at), _read(layout, rejected_path, existing, at),
-                          layout.url("kept", f"{rec.name}.parquet"))
-    # Scored rows (kept or below) do not change; without the rejected file, the below ones are
-    # only counted: all that were below before, and what this split moves below.
-    scored = (rec.rows_kept or 0) + (rec.rows_below_threshold or 0)
-    if rows is not None:
-        keep = table_keep_mask(rows, threshold, criteria)[0]
-        metadata = provenance.restamped(rows.schema.metadata, threshold, run_id)
-        writes = [(kept_path, rows.filter(pa.array(keep)))]
-        rejected = f"rejected/{rec.name}.parquet"
-        if keep_rejected:  # as the jobs write it: every partition's file, with no rows where none are below
-            writes.append((rejected_path, rows.filter(pa.array(~keep))))
-            if rejected not in rec.files:
-                rec.files.append(rejected)
-        elif rejected in rec.files:
-            rec.files.remove(rejected)
-        for path, table in (reversed(writes) if threshold > at else writes):  # the file that grows first
-            write_parquet(table, layout, path, metadata)
-        rec.rows_kept = int(keep.sum())
-    rec.rows_below_threshold = scored - (rec.rows_kept or 0)
-    shard_sink.resplit(rec.files, threshold, criteria, run_id, layout.tmp, storage_options)
+             keep_rejected: bool, run_id: str, recorded: float, sinks: tuple[Any, ...]) -> None:
+    """One partition's files at ``threshold``, sink by sink (:meth:`parquet_sink.ParquetSink.resplit`,
+    :meth:`shard_sink.ShardSink.resplit`). The counts are set on ``rec``, whose record the caller
+    writes last."""
+    how = Resplit(layout, threshold, criteria, rec.threshold if rec.threshold is not None else recorded, run_id,
+                  keep_rejected, existing)
+    for sink in sinks:
+        sink.resplit(rec, how)
 
 
 def _recount(manifest: dict[str, Any], records: Any) -> dict[str, Any]:

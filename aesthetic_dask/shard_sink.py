@@ -26,6 +26,7 @@ import json
 import posixpath
 import tarfile
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -86,6 +87,28 @@ def _common_root(sources: list[str]) -> str:
     if len(schemes) != 1 or not sources:
         return ""
     return posixpath.commonpath([posixpath.dirname(_path(s)) for s in sources]).rstrip("/")
+
+
+@dataclass(frozen=True)
+class ShardSink:
+    """``--write-shards DIR``: one tar per partition, its name decided in the client (``names``:
+    part name -> name under DIR, :func:`shard_names`); image Parquet rows take their bytes from
+    ``image_column``."""
+
+    directory: str
+    names: dict[str, str]
+    image_column: str | None = None
+    storage_options: dict[str, Any] | None = None
+
+    def write(self, part: Any, scored: Any, record: Any, layout: OutputLayout, opts: WriteOptions) -> None:
+        # Full paths or URLs on the record: checked on resume like the rest.
+        record.files += write_shard_outputs(
+            self.directory, self.names[part.name], part, scored.table, opts, layout, scored.started,
+            record.error_reasons, image_column=None if scored.from_tar else self.image_column,
+            storage_options=self.storage_options, sample_indices=scored.rows if scored.from_tar else None)
+
+    def resplit(self, record: Any, how: Any) -> None:
+        resplit(record.files, how.threshold, how.criteria, how.run_id, how.layout.tmp, how.layout.storage_options)
 
 
 def write_shard_outputs(directory: str, stem: str, part: Any, table: pa.Table, opts: WriteOptions,

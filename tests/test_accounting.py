@@ -79,17 +79,17 @@ def test_a_failed_partition_is_retried_and_a_repaired_input_completes_the_job(tm
 
 
 def test_a_shard_lost_to_an_exception_has_rows_unknown_not_zero(tmp_path, shard_dir, tiny_clip, tiny_weights, monkeypatch, capsys):
-    from aesthetic_dask import image_job
+    from aesthetic_dask import image_rows
 
     (shard_dir / "c.tar").unlink()
-    real_embed = image_job.embed_source
+    real_embed = image_rows.embed_source
 
     def flaky(source, *args, **kwargs):
         if source.source.endswith("b.tar"):
             raise RuntimeError("NFS hiccup")
         return real_embed(source, *args, **kwargs)
 
-    monkeypatch.setattr(image_job, "embed_source", flaky)
+    monkeypatch.setattr(image_rows, "embed_source", flaky)
     out = tmp_path / "out"
     assert run_cli(tmp_path, tiny_clip, tiny_weights, shard_dir, "-o", out) == EXIT_PARTIAL
     m = manifest(out)
@@ -100,20 +100,20 @@ def test_a_shard_lost_to_an_exception_has_rows_unknown_not_zero(tmp_path, shard_
     assert "rows unknown in 1 failed partitions" in err and "NFS hiccup" in err
     assert "NFS hiccup" in (out / "job.log").read_text()
 
-    monkeypatch.setattr(image_job, "embed_source", real_embed)  # the hiccup is over
+    monkeypatch.setattr(image_rows, "embed_source", real_embed)  # the hiccup is over
     assert run_cli(tmp_path, tiny_clip, tiny_weights, shard_dir, "-o", out) == EXIT_OK
     assert manifest(out)["totals"]["rows_in"] == 8
 
 
 def test_every_partition_failing_with_an_exception_is_exit_1(tmp_path, tiny_weights, rng, monkeypatch):
-    from aesthetic_dask import score_job
+    from aesthetic_dask import rows
 
     write_embeddings(tmp_path / "in" / "a.parquet", rng.standard_normal((10, 768)).astype(np.float32))
 
     def boom(*args, **kwargs):
         raise MemoryError("worker out of memory")
 
-    monkeypatch.setattr(score_job, "score_table", boom)
+    monkeypatch.setattr(rows, "score_table", boom)
     out = tmp_path / "out"
     assert main(["score", str(tmp_path / "in"), "-o", str(out), "--aesthetic-weights", str(tiny_weights["safetensors"])]) == EXIT_FAILED
     m = manifest(out)
@@ -427,9 +427,9 @@ def test_an_input_deleted_or_truncated_mid_run_is_that_partitions_failure(tmp_pa
     files = [write_embeddings(tmp_path / "emb" / f"p{i}.parquet", rng.standard_normal((40, 768)).astype(np.float32), f"p{i}-")
              for i in range(5)]
     originals = {f: f.read_bytes() for f in files}
-    real = score_job.process_embedding_part
+    real = score_job.process
     _DAMAGE.update(real=real, files=files, originals=originals, done=threading.Event())
-    monkeypatch.setattr(score_job, "process_embedding_part", _damaging_process)
+    monkeypatch.setattr(score_job, "process", _damaging_process)
     out = tmp_path / "out"
     argv = ["score", str(tmp_path / "emb"), "-o", str(out), "--aesthetic-weights", str(tiny_weights["safetensors"]),
             "--threshold", "0", "--threads-per-worker", "1", "--no-report"]
@@ -443,7 +443,7 @@ def test_an_input_deleted_or_truncated_mid_run_is_that_partitions_failure(tmp_pa
     assert m["totals"]["rows_kept"] == 120
     for f in files[3:]:  # the damaged inputs are back
         f.write_bytes(originals[f])
-    monkeypatch.setattr(score_job, "process_embedding_part", real)
+    monkeypatch.setattr(score_job, "process", real)
     assert main(argv) == EXIT_OK
     m = manifest(out)
     assert m["totals"]["rows_in"] == m["totals"]["rows_kept"] == 200 and m["this_run"]["partitions_skipped"] == 3
