@@ -22,7 +22,8 @@ from .columns import SCORE_COLUMN, written_by
 from .config import Config
 from .errors import InputError
 from .image_reader import SHARD_SUFFIXES, ShardPart, check_image_type, parse_json_fields, shard_schema
-from .job import Work, run_parts, tasks_stopped_then_cleared
+from .job import Work
+from .launch import Planned, run_planned
 from .models.clip import ClipSpec, compute_precision, prepare_clip_weights
 from .models.fetch import registered_entry
 from .output import OutputLayout
@@ -31,7 +32,7 @@ from .parquet_sink import ParquetSink
 from .partition import process
 from .pipeline.decode import resolve_decoder
 from .pipeline.stage import EmbedOptions, ModelPlugin
-from .preparation import Heads, new_job, stamp, with_identities
+from .preparation import Heads, with_identities
 from .records import read_footers
 from .image_rows import ImageParquetRows, ShardRows
 from .score import check_extra_score_names
@@ -47,8 +48,6 @@ CLIP_PACKAGES = ("torch", "torchvision", "open_clip_torch", "pillow")
 def run_job(inputs: list[str], out: str | Path, config: Config, overwrite: bool = False, progress: bool = True,
             started: float | None = None, prune_missing: bool = False) -> tuple[dict[str, Any], int]:
     """Run the image job over shards and image Parquet; return (manifest, exit code)."""
-    from .cluster import ClusterOptions, dask_client, starved_workers, task_resources, worker_decode_pool
-
     started, t0 = started or time.time(), time.perf_counter()
     require_clip_extra()
     so = config.storage_options
@@ -94,34 +93,19 @@ def run_job(inputs: list[str], out: str | Path, config: Config, overwrite: bool 
         work.append(Work(with_identities(pq_plan.parts, so), process, dict(rows=rows, **common)))
     if not work and not failed_inputs:
         raise InputError(f"no shards or image Parquet files found in {', '.join(map(str, inputs))}")
-    plan_s = round(time.perf_counter() - t0, 3)
-
-    cluster_opts = ClusterOptions.from_config(config)
-    with tasks_stopped_then_cleared(layout), dask_client(cluster_opts, model_work=True) as (client, device):
-        derived = dict(write_shards=shards_dir, clip_model_config_sha256=_file_digest(clip_spec.model_config),
-                       clip_compute=compute_precision(config.clip_precision, device),
-                       image_decoder=resolve_decoder(config.image_decoder))
-        clip_info = {"model": clip_spec.model, "pretrained": clip_spec.pretrained, "model_config": clip_spec.model_config,
-                     "compatibility": compatibility, "weights": clip_weights, "demo": clip_spec.demo}
-        job = new_job("run", config, layout, heads, sorted(str(f) for f in listed.files), started, failed_inputs,
-                      listed.duplicates, derived, {"clip": clip_info}, versions=CLIP_PACKAGES, notes=listed.notes())
-        stamp(work, job, heads, config.score_threshold, clip_info)
-        if pq_plan:
-            job.footers, job.footers_changed = pq_plan.footers, pq_plan.footers != cached
-        local = client.cluster is not None
-        resources = None
-        if not local:  # the user's cluster: every thread of a GPU worker runs a partition; say where a pool starves
-            workers = client.scheduler_info().get("workers", {})
-            resources = task_resources(cluster_opts, device, local, workers)
-            pools = client.run(worker_decode_pool, config.decode_processes)
-            job.note = "\n".join(filter(None, [job.note, *starved_workers(workers, pools, resources)])) or None
-        job.timings["plan_s"] = plan_s
-        job.timings["cluster_s"] = round(time.perf_counter() - t0 - plan_s, 3)
-        return run_parts(job, client, work, overwrite=overwrite, resources=resources,
-                         prune_missing=prune_missing,
-                         # Once OUT is this job's: each worker starts its model and decode pool.
-                         start_workers=lambda: client.register_plugin(ModelPlugin(clip_spec, embed)),
-                         progress=progress and not config.verbose, unit="images")
+    clip_info = {"model": clip_spec.model, "pretrained": clip_spec.pretrained, "model_config": clip_spec.model_config,
+                 "compatibility": compatibility, "weights": clip_weights, "demo": clip_spec.demo}
+    planned = Planned(
+        "run", work, sorted(str(f) for f in listed.files), failed_inputs, listed.duplicates, listed.notes(),
+        pq_plan.footers if pq_plan else None, cached, model_work=True,
+        # What the workers will compute in (``auto`` is fp16 on CUDA) is known once the device is.
+        derived=lambda device: dict(write_shards=shards_dir, clip_model_config_sha256=_file_digest(clip_spec.model_config),
+                                    clip_compute=compute_precision(config.clip_precision, device),
+                                    image_decoder=resolve_decoder(config.image_decoder)),
+        info={"clip": clip_info}, clip=clip_info, versions=CLIP_PACKAGES,
+        # Once OUT is this job's: each worker starts its model and decode pool.
+        start_workers=lambda client: client.register_plugin(ModelPlugin(clip_spec, embed)), unit="images")
+    return run_planned(planned, config, layout, heads, started, t0, overwrite, prune_missing, progress)
 
 
 def written_columns(fields: dict, shards: bool, pq_plan: Any, image_column: str) -> pa.Schema | None:
