@@ -187,7 +187,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                                  prune_missing=args.prune_missing)
     finally:
         _upload_log(args.output, config.storage_options)
-    print(summary(manifest, args.output, unit="images"), file=sys.stderr)
+    print(summary(manifest, args.output), file=sys.stderr)
     return code
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 # What each stage adds to the rows it passes on.
 SHARD_COLUMNS = ("key", "source", "image", "image_ext", "caption", "json")  # read: a WebDataset sample
-EMBED_COLUMNS = ("embedding",)  # embed
+EMBEDDING_COLUMN = "embedding"
+EMBED_COLUMNS = (EMBEDDING_COLUMN,)  # embed
 SCORE_COLUMN, ERROR_COLUMN = "aesthetic_score", "error"
 SCORE_COLUMNS = (SCORE_COLUMN, ERROR_COLUMN)  # score: the score, and why a row has none
 SOURCE_COLUMN, ROW_COLUMN = "source", "row"
@@ -26,3 +27,8 @@ def written_by(job: str) -> tuple[str, ...]:
 RESERVED_SCORE_NAMES = SCORE_COLUMNS + EMBED_COLUMNS + PROVENANCE_COLUMNS
 # A --json-fields name may not take a column a shard's rows already have or the job writes.
 RESERVED_SAMPLE_COLUMNS = tuple(dict.fromkeys(SHARD_COLUMNS + SCORE_COLUMNS + EMBED_COLUMNS + PROVENANCE_COLUMNS))
+
+
+def unit(job: str) -> str:
+    """What a job's rows are called in its summary, progress bar and report: ``run`` scores images."""
+    return "images" if job == "run" else "rows"

@@ -14,9 +14,9 @@ import pyarrow as pa
 
 from .config import Config, load_config
 from .models.clip import ClipSpec
-from .columns import ERROR_COLUMN
+from .columns import EMBEDDING_COLUMN, ERROR_COLUMN
 from .image_reader import image_values
-from .pipeline.host import BytesJob
+from .pipeline.host import BytesImages
 from .pipeline.stage import EmbedOptions, embed_source
 from .score import attach_scores, merge_errors
 
@@ -26,9 +26,9 @@ def attach_embedded(table: pa.Table, result, extra_names: Iterable[str] = ()) ->
     made), the scores (when scored: ``aesthetic_score`` then ``extra_names``), and ``error`` (an
     earlier reason, e.g. "no image", wins)."""
     earlier = table.column(ERROR_COLUMN) if ERROR_COLUMN in table.column_names else None
-    out = table.drop_columns([c for c in (ERROR_COLUMN, "embedding") if c in table.column_names])
+    out = table.drop_columns([c for c in (ERROR_COLUMN, EMBEDDING_COLUMN) if c in table.column_names])
     if result.embeddings is not None:
-        out = out.append_column("embedding", result.embeddings)
+        out = out.append_column(EMBEDDING_COLUMN, result.embeddings)
     error = merge_errors(earlier, result.reasons)
     if result.scores is None:
         return out.append_column(ERROR_COLUMN, error)
@@ -40,7 +40,7 @@ def embed_partition(df: pd.DataFrame, spec: ClipSpec, image_column: str, opts, k
     table = pa.Table.from_pandas(df, preserve_index=False)
     images = image_values(table.column(image_column))
     drop = [c for c in (image_column, "image_ext") if c in table.column_names and not keep_images]
-    out = attach_embedded(table.drop_columns(drop), embed_source(BytesJob(images), spec, opts))
+    out = attach_embedded(table.drop_columns(drop), embed_source(BytesImages(images), spec, opts))
     frame = out.to_pandas(types_mapper=pd.ArrowDtype)
     frame.index = df.index
     return frame
@@ -56,7 +56,7 @@ def embed_images(ddf, config: Config | None = None):
     column = config.image_column if config.image_column in ddf.columns else "image"
     keep = bool(config.write_shards)
     drop = [c for c in (column, "image_ext") if c in ddf.columns and not keep]
-    meta = ddf._meta.drop(columns=drop + [c for c in ("embedding", "error") if c in ddf.columns])
+    meta = ddf._meta.drop(columns=drop + [c for c in (EMBEDDING_COLUMN, ERROR_COLUMN) if c in ddf.columns])
     meta = meta.assign(
         embedding=pd.Series(pd.arrays.ArrowExtensionArray(pa.array([], pa.list_(pa.float32(), spec.embed_dim())))),
         error=pd.Series(pd.arrays.ArrowExtensionArray(pa.array([], pa.string()))),

@@ -20,7 +20,7 @@ import pyarrow.fs  # noqa: F401  (pa.fs)
 from .errors import DataError
 from . import storage
 
-from .parquet_plan import INPUT_NAME_KEY, EmbeddingPart, EmbeddingPlan, npy_header, plan_embeddings
+from .parquet_plan import INPUT_NAME_KEY, ParquetPart, EmbeddingPlan, npy_header, plan_embeddings
 
 
 def read_npy_rows(url: str, start: int, stop: int, storage_options: dict[str, Any] | None = None) -> np.ndarray:
@@ -130,7 +130,7 @@ def _stream_rows(fs: Any, path: str, group: int, start: int, stop: int, columns:
                                      pa.schema([reader.schema_arrow.field(c) for c in columns]))
 
 
-def read_embedding_table(part: EmbeddingPart, schema: pa.Schema, column: str,
+def read_embedding_table(part: ParquetPart, schema: pa.Schema, column: str,
                          storage_options: dict[str, Any] | None = None) -> pa.Table:
     """The Arrow table of one partition, conformed to ``schema``. Raises DataError if unreadable."""
     # Only the columns the schema reads (under their input names): a projection, not every column.
@@ -161,7 +161,7 @@ def table_to_frame(table: pa.Table, start: int = 0) -> pd.DataFrame:
     return df
 
 
-def read_part(part: EmbeddingPart, schema: pa.Schema, column: str, storage_options: dict[str, Any] | None = None,
+def read_part(part: ParquetPart, schema: pa.Schema, column: str, storage_options: dict[str, Any] | None = None,
               columns: list[str] | None = None) -> pd.DataFrame:
     """Partition function of the Parquet readers: one part as a pandas frame, of only ``columns``
     when given. ``dd.from_map`` passes the graph's projection there (``ddf[["key", "caption"]]``
@@ -172,7 +172,7 @@ def read_part(part: EmbeddingPart, schema: pa.Schema, column: str, storage_optio
     return table_to_frame(read_embedding_table(part, schema, column, storage_options), part.start)
 
 
-def parquet_frame(plan: EmbeddingPlan, parts: list[EmbeddingPart] | None = None,
+def parquet_frame(plan: EmbeddingPlan, parts: list[ParquetPart] | None = None,
                   storage_options: dict[str, Any] | None = None):
     """The lazy Dask frame of ``plan`` (or of a subset of its parts)."""
     import dask.dataframe as dd

@@ -18,7 +18,7 @@ from typing import Any
 import pyarrow as pa
 
 from . import storage
-from .columns import SCORE_COLUMN, written_by
+from .columns import EMBEDDING_COLUMN, SCORE_COLUMN, written_by
 from .config import Config
 from .errors import InputError
 from .image_reader import SHARD_SUFFIXES, ShardPart, check_image_type, parse_json_fields, shard_schema
@@ -41,8 +41,9 @@ from .sources import list_inputs
 
 # Rows per partition of image Parquet: all their image bytes are in memory at once.
 IMAGE_PARQUET_ROWS = 4096
-# What the run job's manifest records besides the packages every job does.
-CLIP_PACKAGES = ("torch", "torchvision", "open_clip_torch", "pillow")
+# The `clip` extra (pyproject.toml): import name -> distribution. The job checks the first before
+# any work and records the versions of the second in its manifest.
+CLIP_EXTRA = {"torch": "torch", "torchvision": "torchvision", "open_clip": "open_clip_torch", "PIL": "pillow"}
 
 
 def run_job(inputs: list[str], out: str | Path, config: Config, overwrite: bool = False, progress: bool = True,
@@ -73,7 +74,7 @@ def run_job(inputs: list[str], out: str | Path, config: Config, overwrite: bool 
     clip_spec.check(heads.predictor.embed_dim)
     clip_spec, clip_weights = prepare_clip_weights(clip_spec)  # present or fetchable, before any task
     check_extra_score_names(heads.extras, shard_schema(fields).names + (pq_plan.schema.names if pq_plan else []))
-    opts = heads.write_options(config, "embedding", written_columns(fields, bool(shard_parts), pq_plan, config.image_column))
+    opts = heads.write_options(config, EMBEDDING_COLUMN, written_columns(fields, bool(shard_parts), pq_plan, config.image_column))
     embed = EmbedOptions.from_config(config)
     failed_inputs = dict(pq_plan.failed) if pq_plan else {}
     sinks: tuple = (ParquetSink(),)
@@ -102,9 +103,9 @@ def run_job(inputs: list[str], out: str | Path, config: Config, overwrite: bool 
         derived=lambda device: dict(write_shards=shards_dir, clip_model_config_sha256=_file_digest(clip_spec.model_config),
                                     clip_compute=compute_precision(config.clip_precision, device),
                                     image_decoder=resolve_decoder(config.image_decoder)),
-        info={"clip": clip_info}, clip=clip_info, versions=CLIP_PACKAGES,
+        info={"clip": clip_info}, clip=clip_info, versions=tuple(CLIP_EXTRA.values()),
         # Once OUT is this job's: each worker starts its model and decode pool.
-        start_workers=lambda client: client.register_plugin(ModelPlugin(clip_spec, embed)), unit="images")
+        start_workers=lambda client: client.register_plugin(ModelPlugin(clip_spec, embed)))
     return run_planned(planned, config, layout, heads, started, t0, overwrite, prune_missing, progress)
 
 
@@ -124,7 +125,7 @@ def require_clip_extra() -> None:
     """The ``run`` job needs torch, torchvision, open_clip and Pillow: say so in one line if absent."""
     import importlib.util
 
-    missing = [m for m in ("torch", "torchvision", "open_clip", "PIL") if importlib.util.find_spec(m) is None]
+    missing = [m for m in CLIP_EXTRA if importlib.util.find_spec(m) is None]
     if missing:
         raise InputError(f"aesthetic-dask run needs the clip extra ({', '.join(missing)} missing): "
                          "pip install 'aesthetic-dask[clip]'")

@@ -16,7 +16,7 @@ from .embed import attach_embedded
 from .embeddings_reader import read_embedding_table
 from .errors import DataError
 from .image_reader import samples_table
-from .pipeline.host import ParquetJob, ShardJob
+from .pipeline.host import ParquetImages, ShardImages
 from .pipeline.stage import embed_source
 from .rows import ScoredRows
 
@@ -57,7 +57,7 @@ class ShardRows(_Embedded):
     max_sidecar_bytes: int = 65536
 
     def read(self, part: Any) -> ScoredRows:
-        embedded = self._embed(ShardJob(part.source, self.max_sidecar_bytes, self.storage_options))
+        embedded = self._embed(ShardImages(part.source, self.max_sidecar_bytes, self.storage_options))
         if not embedded.rows_known:  # e.g. deleted after planning: its size is unknown, never a silent 0
             raise DataError(embedded.failure)
         samples = embedded.metas
@@ -77,7 +77,7 @@ class ImageParquetRows(_Embedded):
 
     def read(self, part: Any) -> ScoredRows:
         table = read_embedding_table(part, self.schema, self.column, self.storage_options)
-        embedded = self._embed(ParquetJob(part.source, part.start, part.stop, part.row_groups, self.column,
+        embedded = self._embed(ParquetImages(part.source, part.start, part.stop, part.row_groups, self.column,
                                           self.storage_options, part.group_start))
         if embedded.failure:
             raise DataError(f"{part.source}: cannot read rows {part.start}-{part.stop}: {embedded.failure}")

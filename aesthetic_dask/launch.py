@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from .columns import unit
 from .job import Work, run_parts, tasks_stopped_then_cleared
 from .output import OutputLayout
 from .preparation import Heads, new_job, stamp
@@ -35,7 +36,6 @@ class Planned:
     clip: dict[str, Any] | None = None  # the CLIP's record in each file's provenance
     versions: tuple[str, ...] = ()  # more packages whose versions the manifest records
     start_workers: Callable[[Any], Any] | None = None  # client -> start each worker's model, once OUT is the job's
-    unit: str = "rows"
 
 
 def run_planned(planned: Planned, config: Any, layout: OutputLayout, heads: Heads, started: float, t0: float,
@@ -64,4 +64,4 @@ def run_planned(planned: Planned, config: Any, layout: OutputLayout, heads: Head
         start = planned.start_workers
         return run_parts(job, client, planned.work, overwrite=overwrite, resources=resources, prune_missing=prune_missing,
                          start_workers=(lambda: start(client)) if start else None,
-                         progress=progress and not config.verbose, unit=planned.unit)
+                         progress=progress and not config.verbose, unit=unit(planned.kind))

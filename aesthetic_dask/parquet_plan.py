@@ -37,7 +37,7 @@ _NPY_NAME = re.compile(r"img_emb_(\d+)\.npy$")
 
 
 @dataclass(frozen=True)
-class EmbeddingPart:
+class ParquetPart:
     """Rows ``[start, stop)`` of one input file: one partition, one set of output files."""
 
     source: str
@@ -89,7 +89,7 @@ class EmbeddingPlan:
     """What to read: the partitions, the one schema they share, and inputs that could not be read
     (path -> reason: each is a :class:`DataError`, recorded, and the job goes on)."""
 
-    parts: list[EmbeddingPart]
+    parts: list[ParquetPart]
     schema: pa.Schema
     embedding_column: str
     failed: dict[str, str]
@@ -173,14 +173,14 @@ def _is_clip_retrieval_folder(url: str, storage_options: dict[str, Any] | None =
 def _plan_parquet_files(
     files: list[str], column: str, check: Callable[[pa.DataType, str, str], None], partition_rows: int,
     storage_options: dict[str, Any] | None = None, footer_cache: dict[str, list[Any]] | None = None,
-) -> tuple[list[EmbeddingPart], list[tuple[str, pa.Schema]], dict[str, str], dict[str, list[Any]]]:
+) -> tuple[list[ParquetPart], list[tuple[str, pa.Schema]], dict[str, str], dict[str, list[Any]]]:
     """Parts, schemas and unreadable files of Parquet ``files``, and what their footers said.
 
     With ``footer_cache`` (a job's OUT keeps one: :data:`FOOTER_CACHE`), each file is first
     identified (one listing per directory) and a file whose identity is unchanged is planned from
     the cache: a nightly re-run reads the footers of new and changed files only.
     """
-    parts: list[EmbeddingPart] = []
+    parts: list[ParquetPart] = []
     schemas: list[tuple[str, pa.Schema]] = []
     failed: dict[str, str] = {}
     ids = versions.identities(files, storage_options) if footer_cache is not None else {}
@@ -211,7 +211,7 @@ def _plan_parquet_files(
         for start, stop, groups in _group_row_groups(rows, partition_rows):
             first = int(offsets[groups[0]]) if groups else start
             whole = len(groups) != 1 or (start, stop) == (first, int(offsets[groups[0] + 1]))
-            parts.append(EmbeddingPart(str(path), start, stop, row_groups=groups, group_start=None if whole else first,
+            parts.append(ParquetPart(str(path), start, stop, row_groups=groups, group_start=None if whole else first,
                                        identity=ids.get(path)))
     return parts, schemas, failed, {f: e for f, e in footers.items() if e[0]}
 
@@ -297,7 +297,7 @@ def plan_embeddings(
 
 def _plan_clip_retrieval(
     folder: str, column: str, partition_rows: int, storage_options: dict[str, Any] | None = None,
-) -> tuple[list[EmbeddingPart], list[tuple[str, pa.Schema]], dict[str, str]]:
+) -> tuple[list[ParquetPart], list[tuple[str, pa.Schema]], dict[str, str]]:
     """Parts of a clip-retrieval folder; an unreadable or misaligned file pair is a failed input."""
     fs, root = storage.split(folder, storage_options)
     try:  # listed, never globbed: the folder's own name may hold [ ] or *
@@ -322,7 +322,7 @@ def _plan_clip_retrieval(
             raise InputError(f"{meta_url}: already has a column {column!r}; pick another --embedding-column")
         schemas.append((meta_url, schema.append(pa.field(column, EMBEDDING_TYPE))))
         for start, stop in _row_ranges(shape[0], partition_rows):
-            parts.append(EmbeddingPart(npy_url, start, stop, metadata=meta_url))
+            parts.append(ParquetPart(npy_url, start, stop, metadata=meta_url))
     return parts, schemas, failed
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from . import histogram, storage
+from . import columns, histogram, storage
 from .summary import clip_caveats, is_demo
 from .errors import InputError
 from .filters import parse
@@ -222,7 +222,7 @@ def render(manifest: dict[str, Any], samples: dict[int, list[dict[str, Any]]], o
     run = manifest.get("this_run", {})
     weights = manifest.get("weights", {})
     clip = manifest.get("clip")
-    unit = "images" if manifest["job"] == "run" else "rows"
+    unit = columns.unit(manifest["job"])
     rate = run.get("rows_processed", 0) / run["compute_s"] if run.get("compute_s") else None
     failing = manifest.get("rows_failing_filters")  # --filter: each criterion and the valid rows failing it
     summary_rows = [

@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import provenance, storage
-from .columns import ERROR_COLUMN
+from .columns import EMBEDDING_COLUMN, ERROR_COLUMN
 from .errors import InputError
 from .image_reader import SHARD_SUFFIXES, image_values
 from .output import OutputLayout, WriteOptions, rows_to_write, write_parquet_file
@@ -179,7 +179,7 @@ def _write_rows_tar(part: Any, column: str, table: pa.Table, keep: np.ndarray, t
     images = read_parquet_rows(part.source, part.start, part.stop, part.row_groups, storage_options, columns=[column],
                                group_start=part.group_start)
     values = image_values(images.column(column))
-    rows = table.drop_columns([c for c in (ERROR_COLUMN, "embedding") if c in table.column_names])
+    rows = table.drop_columns([c for c in (ERROR_COLUMN, EMBEDDING_COLUMN) if c in table.column_names])
     records = rows.to_pylist()
     fs, path = storage.split(target, storage_options)
     with storage.atomic_open(fs, path, tmp_dir, durable=False) as out, tarfile.open(fileobj=out, mode="w|") as tar:

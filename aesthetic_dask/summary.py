@@ -5,14 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from . import histogram
+from . import columns, histogram
 
 # Lines of unreadable inputs and failed partitions the summary shows before "and N more".
 SUMMARY_FAILURES = 5
 
 
-def summary(manifest: dict[str, Any], out: Path, unit: str = "rows") -> str:
-    """The one-screen end-of-job summary."""
+def summary(manifest: dict[str, Any], out: Path) -> str:
+    """The one-screen end-of-job summary (of a refilter too: in its job's words)."""
+    unit = columns.unit(manifest["job"])
     t = manifest["totals"]
     parts = manifest["partitions"]
     run = manifest.get("this_run", {})

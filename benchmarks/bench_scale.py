@@ -62,7 +62,7 @@ def synthetic_out(root: Path, n: int) -> list:
 
     from aesthetic_dask import histogram
     from aesthetic_dask.config import fingerprint
-    from aesthetic_dask.parquet_plan import EmbeddingPart
+    from aesthetic_dask.parquet_plan import ParquetPart
     from aesthetic_dask.partition import Record
 
     parts = []
@@ -70,7 +70,7 @@ def synthetic_out(root: Path, n: int) -> list:
         (root / d).mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     for i in range(n):
-        part = EmbeddingPart(f"/data/in/file-{i // 10:06d}.parquet", (i % 10) * 1000, (i % 10 + 1) * 1000,
+        part = ParquetPart(f"/data/in/file-{i // 10:06d}.parquet", (i % 10) * 1000, (i % 10 + 1) * 1000,
                              row_groups=(i % 10,), identity=f"size=123456;mtime={i // 10}.0")
         rec = Record.of(part)
         rec.wrote({"files": [f"kept/{part.name}.parquet", f"errors/{part.name}.parquet"], "rows_in": 1000,

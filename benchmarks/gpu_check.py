@@ -288,10 +288,10 @@ def embed_with(spec, images: list[bytes], decoder: str, compile_mode: str = "fal
     """Embeddings (host, in order) of ``images`` through the job's own pool and encoder; NaN where refused."""
     import numpy as np
 
-    from aesthetic_dask.pipeline.host import BytesJob
+    from aesthetic_dask.pipeline.host import BytesImages
     from aesthetic_dask.pipeline.stage import EmbedOptions, embed_source
 
-    result = embed_source(BytesJob(images), spec, EmbedOptions(32, 10**9, decoder, compile=compile_mode))
+    result = embed_source(BytesImages(images), spec, EmbedOptions(32, 10**9, decoder, compile=compile_mode))
     matrix = result.embeddings.values.to_numpy(zero_copy_only=False).reshape(len(images), -1).copy()
     matrix[[r is not None for r in result.reasons.to_pylist()]] = np.nan
     return matrix

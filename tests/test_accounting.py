@@ -380,7 +380,7 @@ def test_output_names_are_unique_by_construction_and_stable():
     """The stem and a 32-bit digest collided for data.0028584.tar and data.0055774.tar (30% likely
     at 56k same-stem shards): names now keep the whole file name, plus a digest of its directory."""
     from aesthetic_dask.image_reader import ShardPart
-    from aesthetic_dask.parquet_plan import EmbeddingPart, source_name
+    from aesthetic_dask.parquet_plan import ParquetPart, source_name
 
     assert ShardPart("/d/data.0028584.tar").name != ShardPart("/d/data.0055774.tar").name
     shards = [f"s3://bucket/crawl/data.{i:07d}.tar" for i in range(200_000)]
@@ -401,7 +401,7 @@ def test_output_names_are_unique_by_construction_and_stable():
     again = subprocess.run([sys.executable, "-c", "from aesthetic_dask.parquet_plan import source_name; "
                             "print(source_name('/d/data.0028584.tar'))"], capture_output=True, text=True, check=True)
     assert again.stdout.strip() == source_name("/d/data.0028584.tar") == ShardPart("/d/data.0028584.tar").name
-    assert EmbeddingPart("/d/e.parquet", 0, 10).name == f"{source_name('/d/e.parquet')}-0000000000-0000000010"
+    assert ParquetPart("/d/e.parquet", 0, 10).name == f"{source_name('/d/e.parquet')}-0000000000-0000000010"
 
 
 _DAMAGE: dict = {}

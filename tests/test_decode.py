@@ -16,7 +16,7 @@ from aesthetic_dask.cli import main
 from aesthetic_dask.models.clip import ClipSpec
 from aesthetic_dask.pipeline.decode import PilDecoder, TorchDecoder, _tensor_kind, make_decoder, resolve_decoder
 from aesthetic_dask.pipeline.encoder import input_spec
-from aesthetic_dask.pipeline.host import BytesJob
+from aesthetic_dask.pipeline.host import BytesImages
 from aesthetic_dask.pipeline.preprocess import InputSpec
 from aesthetic_dask.pipeline.stage import EmbedOptions, embed_source
 from conftest import photo_bytes, write_shard
@@ -121,7 +121,7 @@ def clip224(tmp_path_factory):
 def embed_all(clip224, images: list[bytes], decoder: str):
     """Embeddings (None where refused) and reasons of ``images`` through the pool and the encoder."""
     spec = clip224[0]
-    result = embed_source(BytesJob(images), spec, EmbedOptions(4, 10**8, decoder, processes=2))
+    result = embed_source(BytesImages(images), spec, EmbedOptions(4, 10**8, decoder, processes=2))
     matrix = result.embeddings.values.to_numpy(zero_copy_only=False).reshape(len(images), -1)
     reasons = result.reasons.to_pylist()
     return [None if r else row for row, r in zip(matrix, reasons)], reasons

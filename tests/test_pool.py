@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from aesthetic_dask.pipeline import pool as pool_module
-from aesthetic_dask.pipeline.host import BytesJob, DecodeSettings, ShardJob
+from aesthetic_dask.pipeline.host import BytesImages, DecodeSettings, ShardImages
 from aesthetic_dask.pipeline.pool import HostPool, PoolError
 from aesthetic_dask.pipeline.preprocess import InputSpec
 from conftest import photo_bytes, write_shard
@@ -32,7 +32,7 @@ def test_a_shard_comes_back_whole_and_in_order(tmp_path, pool):
     photos = [photo_bytes(n) for n in ("astronaut", "coffee", "chelsea")]
     members = [(f"s{i:02d}.jpg", photos[i % 3]) for i in range(7)] + [("s07.jpg", b"not an image"), ("s08.txt", b"no image")]
     write_shard(tmp_path / "a.tar", members)
-    handle = pool.submit(ShardJob(str(tmp_path / "a.tar"), 65536), SETTINGS, 2)
+    handle = pool.submit(ShardImages(str(tmp_path / "a.tar"), 65536), SETTINGS, 2)
     keys, reasons, crops = [], [], 0
     for chunk in handle:
         keys += [m.key for m in chunk.metas]
@@ -52,7 +52,7 @@ def test_a_killed_decode_process_is_replaced_and_its_samples_get_a_reason(tmp_pa
     there, exactly that chunk gets the reason, and the job goes on in the replacement."""
     photo = photo_bytes("coffee")
     write_shard(tmp_path / "b.tar", [(f"k{i:02d}.jpg", photo) for i in range(14)])
-    handle = pool.submit(ShardJob(str(tmp_path / "b.tar"), 65536), SETTINGS, 2)
+    handle = pool.submit(ShardImages(str(tmp_path / "b.tar"), 65536), SETTINGS, 2)
     events = iter(handle)
     first = [next(events) for _ in range(pool_module.SLOTS)]  # every slot filled, none released
     state = pool.seats[0].state
@@ -76,7 +76,7 @@ def test_a_killed_decode_process_is_replaced_and_its_samples_get_a_reason(tmp_pa
 def test_bytes_from_memory_and_a_pool_that_is_reused(pool):
     images = [photo_bytes("rocket"), None, b"", photo_bytes("camera", "PNG")]
     for _ in range(2):
-        handle = pool.submit(BytesJob(images), SETTINGS, 2)
+        handle = pool.submit(BytesImages(images), SETTINGS, 2)
         chunks = list(handle)
         reasons = [r for c in chunks for r in c.reasons]
         assert reasons == [None, "no image", "empty image file", None]
@@ -100,7 +100,7 @@ def test_no_shared_memory_is_one_clear_line(monkeypatch):
 POOL_SCRIPT = """
 import sys
 sys.path.insert(0, {tests!r})
-from aesthetic_dask.pipeline.host import BytesJob, DecodeSettings
+from aesthetic_dask.pipeline.host import BytesImages, DecodeSettings
 from aesthetic_dask.pipeline.pool import HostPool
 from aesthetic_dask.pipeline.preprocess import InputSpec
 from conftest import photo_bytes
@@ -108,7 +108,7 @@ from conftest import photo_bytes
 def decode():
     spec = InputSpec((32, 32), "RGB", (0.5,) * 3, (0.25,) * 3, "bicubic", "shortest", 0)
     pool = HostPool(1)
-    handle = pool.submit(BytesJob([photo_bytes("rocket"), b"junk"]), DecodeSettings("torch", spec, 10**8), 2)
+    handle = pool.submit(BytesImages([photo_bytes("rocket"), b"junk"]), DecodeSettings("torch", spec, 10**8), 2)
     reasons = [r for chunk in handle for r in chunk.reasons]
     pool.close()
     return reasons

@@ -46,48 +46,6 @@ class DecodeSettings:
     thumbnails: bool = False
 
 
-@dataclass(frozen=True)
-class ShardJob:
-    """A WebDataset shard, streamed by the host process."""
-
-    source: str
-    max_sidecar_bytes: int
-    storage_options: dict[str, Any] | None = None
-
-
-@dataclass(frozen=True)
-class ParquetJob:
-    """The image column of rows ``[start, stop)`` of a Parquet file (with ``key`` for thumbnails)."""
-
-    source: str
-    start: int
-    stop: int
-    row_groups: tuple[int, ...] | None
-    column: str
-    storage_options: dict[str, Any] | None = None
-    group_start: int | None = None  # a slice of one big row group (parquet_plan.EmbeddingPart)
-
-
-@dataclass(frozen=True)
-class BytesJob:
-    """Image bytes already in the caller's memory (the notebook API), with their keys."""
-
-    images: list[bytes | None]
-    keys: list[str | None] | None = None
-
-
-@dataclass(frozen=True)
-class Job:
-    """One unit of the pool's work; ``skip`` samples (delivered before a process died) are passed over."""
-
-    id: int
-    source: Any  # ShardJob | ParquetJob | BytesJob
-    decode: DecodeSettings
-    chunk: int  # samples per chunk handed back
-    skip: int = 0
-    thumbnails_made: int = 0
-
-
 @dataclass
 class Item:
     """One sample as the host process reads it: its metadata (what ``hold`` sends) and its image bytes."""
@@ -97,27 +55,69 @@ class Item:
     image: bytes | None
 
 
-def items(source: Any, failure: list[str]) -> Iterator[Item]:
-    """The samples of a job's source, in order; a reason the source stopped early goes in ``failure``."""
-    if isinstance(source, ShardJob):
-        reader = ShardReader(source.source, max_sidecar_bytes=source.max_sidecar_bytes,
-                             storage_options=source.storage_options)
+@dataclass(frozen=True)
+class ShardImages:
+    """A WebDataset shard, streamed by the host process."""
+
+    source: str
+    max_sidecar_bytes: int
+    storage_options: dict[str, Any] | None = None
+
+    def items(self, failure: list[str]) -> Iterator[Item]:
+        """The shard's samples, in order; why it stopped early goes in ``failure`` (and ``unread``
+        when it could not be opened at all: its rows are unknown)."""
+        reader = ShardReader(self.source, max_sidecar_bytes=self.max_sidecar_bytes, storage_options=self.storage_options)
         for sample in reader:
             data, sample.image = sample.image, None
             yield Item(sample, sample.key, None if sample.error else data)
         if reader.failure:
-            failure.append(f"{source.source}: {reader.failure}")
+            failure.append(f"{self.source}: {reader.failure}")
             if not reader.opened:
                 failure.append("unread")
-    elif isinstance(source, ParquetJob):
-        table = read_parquet_rows(source.source, source.start, source.stop, source.row_groups,
-                                  source.storage_options, columns=[source.column, "key"], group_start=source.group_start)
+
+
+@dataclass(frozen=True)
+class ParquetImages:
+    """The image column of rows ``[start, stop)`` of a Parquet file (with ``key`` for thumbnails)."""
+
+    source: str
+    start: int
+    stop: int
+    row_groups: tuple[int, ...] | None
+    column: str
+    storage_options: dict[str, Any] | None = None
+    group_start: int | None = None  # a slice of one big row group (parquet_plan.ParquetPart)
+
+    def items(self, failure: list[str]) -> Iterator[Item]:
+        table = read_parquet_rows(self.source, self.start, self.stop, self.row_groups, self.storage_options,
+                                  columns=[self.column, "key"], group_start=self.group_start)
         keys = table.column("key").cast("string").to_pylist() if "key" in table.column_names else None
-        for i, data in enumerate(image_values(table.column(source.column))):
+        for i, data in enumerate(image_values(table.column(self.column))):
             yield Item(None, keys[i] if keys else None, data)
-    else:
-        for i, data in enumerate(source.images):
-            yield Item(None, source.keys[i] if source.keys else None, data)
+
+
+@dataclass(frozen=True)
+class BytesImages:
+    """Image bytes already in the caller's memory (the notebook API), with their keys."""
+
+    images: list[bytes | None]
+    keys: list[str | None] | None = None
+
+    def items(self, failure: list[str]) -> Iterator[Item]:
+        for i, data in enumerate(self.images):
+            yield Item(None, self.keys[i] if self.keys else None, data)
+
+
+@dataclass(frozen=True)
+class DecodeRequest:
+    """One unit of the pool's work; ``skip`` samples (delivered before a process died) are passed over."""
+
+    id: int
+    source: Any  # ShardImages | ParquetImages | BytesImages: anything with items(failure)
+    decode: DecodeSettings
+    chunk: int  # samples per chunk handed back
+    skip: int = 0
+    thumbnails_made: int = 0
 
 
 class SlotBuffer:
@@ -174,14 +174,14 @@ def serve(to_fd: int, from_fd: int, buffer_fd: int, generation: int, slots: int,
                 return message
 
     while True:
-        job: Job = wait_for("job")[1]
+        job: DecodeRequest = wait_for("job")[1]
         settings = job.decode
         decoder = decoders.get(settings)
         if decoder is None:
             decoder = decoders[settings] = make_decoder(settings.decoder, settings.spec, settings.max_pixels)
         failure: list[str] = []  # the reason, then how many rows are known: "unread" (none) or "crash"
         try:
-            _run(job, decoder, items(job.source, failure), buffer, free, wait_for, from_child)
+            _run(job, decoder, job.source.items(failure), buffer, free, wait_for, from_child)
         except Exception as exc:  # noqa: BLE001 - an exception of this job: the partition's, as in a task
             failure[:] = [f"{type(exc).__name__}: {exc}", "crash"]
         try:
@@ -190,7 +190,7 @@ def serve(to_fd: int, from_fd: int, buffer_fd: int, generation: int, slots: int,
             os._exit(0)
 
 
-def _run(job: Job, decoder: Any, stream: Iterator[Item], buffer: SlotBuffer, free: list[int], wait_for: Any,
+def _run(job: DecodeRequest, decoder: Any, stream: Iterator[Item], buffer: SlotBuffer, free: list[int], wait_for: Any,
          send: Any) -> None:
     made, index, batch = job.thumbnails_made, 0, []
     shape = job.decode.spec.crop_shape

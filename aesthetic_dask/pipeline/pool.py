@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from .handles import Chunk, Done, JobHandle
-from .host import DecodeSettings, Job, crops_view
+from .host import DecodeSettings, DecodeRequest, crops_view
 from .launcher import decode_environment, describe_exit
 
 log = logging.getLogger("aesthetic_dask")
@@ -55,7 +55,7 @@ class PoolError(RuntimeError):
 
 @dataclass
 class _JobState:
-    job: Job
+    job: DecodeRequest
     handle: JobHandle
     delivered: int = 0  # samples handed back (skipped by a replacement)
     held: Any = None  # the chunk being decoded: metas or a count
@@ -191,7 +191,7 @@ class HostPool:
         seat.array = np.frombuffer(mapping, dtype=np.uint8).reshape(SLOTS, SLOT_BYTES)
 
     def submit(self, source: Any, decode: DecodeSettings, chunk: int) -> JobHandle:
-        """Queue a job (:class:`host.ShardJob`, :class:`host.ParquetJob` or :class:`host.BytesJob`)
+        """Queue a job (:class:`host.ShardImages`, :class:`host.ParquetImages` or :class:`host.BytesImages`)
         handed back in chunks of up to ``chunk`` crops (fewer where its crops are larger than a slot
         holds)."""
         if self.broken:
@@ -202,7 +202,7 @@ class HostPool:
         if crop_bytes > SLOT_BYTES:
             raise PoolError(f"a crop of {decode.spec.crop_shape} is larger than a decode slot ({SLOT_BYTES} bytes)")
         chunk = max(1, min(chunk, MAX_CHUNK, SLOT_BYTES // crop_bytes))
-        state = _JobState(Job(next(self.ids), source, decode, chunk), JobHandle())
+        state = _JobState(DecodeRequest(next(self.ids), source, decode, chunk), JobHandle())
         with self.lock:
             self.pending.append(state)
             self._dispatch()
@@ -216,7 +216,7 @@ class HostPool:
             if seat.ready and seat.state is None:
                 seat.state = state = self.pending.popleft()
                 job = state.job
-                seat.send(("job", Job(job.id, job.source, job.decode, job.chunk, state.delivered, state.thumbnails_made)))
+                seat.send(("job", DecodeRequest(job.id, job.source, job.decode, job.chunk, state.delivered, state.thumbnails_made)))
 
     def _wake(self) -> None:
         try:

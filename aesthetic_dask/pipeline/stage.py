@@ -23,7 +23,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from ..models.clip import ClipSpec
 from ..stage_stats import Stats
 from .decode import resolve_decoder
-from .host import BytesJob, DecodeSettings
+from .host import BytesImages, DecodeSettings
 from ..hardware import decode_processes
 from .device import array_module, model_device
 from ..errors import InputError
@@ -156,7 +156,7 @@ class HostJobError(RuntimeError):
 def embed_source(source: Any, spec: ClipSpec, opts: EmbedOptions, expected_dim: int | None = None,
                  thumbnails: bool = False, heads: list[Any] | None = None, keep_embeddings: bool = True) -> Embedded:
     """The embed stage (and, given ``heads``, the score stage where the features are) for one
-    source: a :class:`host.ShardJob`, :class:`host.ParquetJob` or :class:`host.BytesJob`.
+    source: a :class:`host.ShardImages`, :class:`host.ParquetImages` or :class:`host.BytesImages`.
 
     With ``heads`` each batch's features are scored on the model's device (cupy on a GPU) and only
     the scores come back; the embeddings come back only with ``keep_embeddings``.
@@ -165,10 +165,10 @@ def embed_source(source: Any, spec: ClipSpec, opts: EmbedOptions, expected_dim: 
     pool, loading = rt.pool(opts), rt.encoder(spec, opts)
     model_input = input_spec(spec)
     settings = DecodeSettings(opts.decoder, model_input, opts.max_pixels, thumbnails)
-    if isinstance(source, BytesJob) and len(source.images) > opts.chunk:
+    if isinstance(source, BytesImages) and len(source.images) > opts.chunk:
         # Bytes in memory: chunks go to several host processes at once.
         step = opts.chunk
-        handles = [pool.submit(BytesJob(source.images[i:i + step], source.keys[i:i + step] if source.keys else None),
+        handles = [pool.submit(BytesImages(source.images[i:i + step], source.keys[i:i + step] if source.keys else None),
                                settings, step) for i in range(0, len(source.images), step)]
     else:
         handles = [pool.submit(source, settings, opts.chunk)]
