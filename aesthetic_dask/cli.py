@@ -23,11 +23,19 @@ _STARTED = time.time()  # when the command started: the summary's elapsed time c
 
 
 def _add_job_options(p: argparse.ArgumentParser, job: str) -> None:
-    """The job's arguments: inputs and OUT, then one flag per option of the schema
-    (:func:`config.cli_options`); defaults come from the config (None = not given)."""
+    """The job's arguments: inputs and OUT, then one flag per option of the schema."""
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="files, directories or globs")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="output directory")
-    for f in cli_options(job):
+    _add_schema_options(p, job)
+    p.add_argument("--overwrite", action="store_true", help="replace an OUT written by a different job")
+    p.add_argument("--prune-missing", action="store_true",
+                   help="remove the output of inputs that are gone (by default it is kept, and listed)")
+
+
+def _add_schema_options(p: argparse.ArgumentParser, command: str) -> None:
+    """One flag per option of the schema the command takes (:func:`config.cli_options`), then
+    ``--config``; defaults come from the config (None = not given)."""
+    for f in cli_options(command):
         meta, kind = f.metadata, f.type
         names = [meta["flag"], *(f"--{a.replace('_', '-')}" for a in meta["aliases"])]
         if f.name == "verbose":
@@ -46,11 +54,10 @@ def _add_job_options(p: argparse.ArgumentParser, job: str) -> None:
                 kwargs["choices"], kwargs["metavar"] = CHOICES[f.name], None
             if meta["repeat"]:
                 kwargs["action"] = "append"
+        if command in meta["required_by"]:
+            kwargs["required"] = True
         p.add_argument(*names, **kwargs)
     p.add_argument("--config", metavar="FILE", help="YAML config (see conf/default.yaml)")
-    p.add_argument("--overwrite", action="store_true", help="replace an OUT written by a different job")
-    p.add_argument("--prune-missing", action="store_true",
-                   help="remove the output of inputs that are gone (by default it is kept, and listed)")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -102,39 +109,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     refilter = sub.add_parser("refilter", help="re-split a finished OUT at another threshold from its scores (no CLIP)")
     refilter.add_argument("out", metavar="OUT", help="the job's output directory")
-    refilter.add_argument("--threshold", type=float, required=True, metavar="T", help="the new threshold")
-    refilter.add_argument("--storage-options", metavar="JSON", help="fsspec options when OUT is a URL")
-    refilter.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
-                          help="rewrite OUT/report.html (default: on)")
-    refilter.add_argument("--config", metavar="FILE")
+    _add_schema_options(refilter, "refilter")
     refilter.set_defaults(handler=_cmd_refilter)
 
     report = sub.add_parser("report", help="write the HTML report of a job's OUT (histogram, thresholds, samples)")
     report.add_argument("out", metavar="OUT", help="the job's output directory")
     report.add_argument("-o", "--output", metavar="FILE", help="where to write the page (default OUT/report.html)")
-    report.add_argument("--storage-options", metavar="JSON", help="fsspec options when OUT is a URL")
-    report.add_argument("--config", metavar="FILE")
+    _add_schema_options(report, "report")
     report.set_defaults(handler=_cmd_report)
 
     download = sub.add_parser("download", help="prefetch the configured heads and CLIP weights into a model directory")
-    download.add_argument("--model-dir", metavar="DIR", help="target directory (default: the config's model_dir)")
     download.add_argument("--list", action="store_true", help="list the registered heads, and which are cached, and exit")
     download.add_argument("--all", action="store_true", help="every registered head, not only the configured ones")
-    download.add_argument("--aesthetic-weights", metavar="W", help="the head to prefetch (default: the config's)")
-    download.add_argument("--extra-scores", metavar="NAME=W[,NAME=W...]", help="more heads to prefetch")
     download.add_argument("--skip-clip", action="store_true", help="only the aesthetic predictor, not the CLIP weights")
-    download.add_argument("--config", metavar="FILE")
+    _add_schema_options(download, "download")
     download.set_defaults(handler=_cmd_download)
     return parser
 
 
-def _config_from_args(args: argparse.Namespace, keys: tuple[str, ...] | None = None):
-    """The config: defaults, ``--config``, then the flags given (``keys``: those of the command,
-    by default every option of the schema it took)."""
+def _config_from_args(args: argparse.Namespace):
+    """The config: defaults, ``--config``, then the flags the command was given (every option of
+    the schema it takes)."""
     from .config import load_config
 
-    keys = keys if keys is not None else tuple(f.name for f in cli_options(args.command))
-    return load_config(args.config, **{k: getattr(args, k, None) for k in keys})
+    return load_config(args.config, **{f.name: getattr(args, f.name, None) for f in cli_options(args.command)})
 
 
 def _check_output(output: str, storage_options: dict) -> Path | None:
@@ -195,8 +193,8 @@ def _cmd_refilter(args: argparse.Namespace) -> int:
     from .refilter import refilter
     from .summary import summary
 
-    config = _config_from_args(args, ("storage_options",))
-    manifest, code = refilter(args.out, args.threshold, config.storage_options, report=args.report)
+    config = _config_from_args(args)
+    manifest, code = refilter(args.out, config.score_threshold, config.storage_options, report=config.report)
     print(summary(manifest, args.out), file=sys.stderr)
     return code
 
@@ -204,7 +202,7 @@ def _cmd_refilter(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from .report import write_report
 
-    config = _config_from_args(args, ("storage_options",))
+    config = _config_from_args(args)
     print(f"report: {write_report(args.out, args.output, config.storage_options)}")
     return EXIT_OK
 
@@ -213,7 +211,7 @@ def _cmd_download(args: argparse.Namespace) -> int:
     from .models.fetch import cached_weights, download_all
     from .models.registry import REGISTRY
 
-    config = _config_from_args(args, ("model_dir", "aesthetic_weights", "extra_scores"))
+    config = _config_from_args(args)
     model_dir = config.resolved_model_dir
     if args.list:
         for name, entry in REGISTRY.items():

@@ -26,13 +26,15 @@ BOTH = ("score", "run")
 
 
 def option(flag: str | None = None, help: str = "", jobs: tuple[str, ...] = BOTH, output: tuple[str, ...] = (),
-           metavar: str | None = None, aliases: tuple[str, ...] = (), repeat: bool = False) -> Any:
+           metavar: str | None = None, aliases: tuple[str, ...] = (), repeat: bool = False,
+           required_by: tuple[str, ...] = ()) -> Any:
     """A :class:`Config` field's schema: its CLI ``flag`` (None: config file and API only) for the
-    ``jobs`` (subcommands) that take it, its ``help``, the jobs whose output it changes (``output``:
-    in their fingerprint, so a re-run with it changed is refused), former names (``aliases``), and
-    whether the flag is given once per value (``repeat``: a list option)."""
+    ``jobs`` (subcommands: the jobs, and refilter, report, download) that take it, its ``help``, the
+    jobs whose output it changes (``output``: in their fingerprint, so a re-run with it changed is
+    refused), former names (``aliases``), whether the flag is given once per value (``repeat``: a
+    list option), and the subcommands that need it given (``required_by``)."""
     return dataclasses.field(metadata={"flag": flag, "help": help, "jobs": jobs, "output": output, "metavar": metavar,
-                                       "aliases": aliases, "repeat": repeat})
+                                       "aliases": aliases, "repeat": repeat, "required_by": required_by})
 
 
 @dataclass(frozen=True)
@@ -40,14 +42,17 @@ class Config:
     """All options of a job. Build it with :func:`load_config`; the defaults are in conf/default.yaml.
     Each field's :func:`option` is the one place that says its flag, its help and what it changes."""
 
-    score_threshold: float = option("--threshold", "keep rows with aesthetic_score >= T (default 0.5)", output=BOTH,
-                                    metavar="T")
+    score_threshold: float = option("--threshold", "keep rows with aesthetic_score >= T (default 0.5; refilter: "
+                                    "the threshold to re-split at)", jobs=(*BOTH, "refilter"), output=BOTH,
+                                    metavar="T", required_by=("refilter",))
     model_inference_batch_size: int = option("--batch-size", "images (run) or embeddings (score) per model call "
                                              "(default 32, NeMo's)", metavar="N")
     num_gpus_per_worker: float = option()
-    model_dir: str | None = option("--model-dir", "weights download/cache directory", metavar="D")
+    model_dir: str | None = option("--model-dir", "weights download/cache directory", jobs=(*BOTH, "download"),
+                                   metavar="D")
     verbose: bool = option("--verbose", "log per-partition progress")
-    aesthetic_weights: str = option("--aesthetic-weights", "registry name or local .pth/.safetensors", metavar="W")
+    aesthetic_weights: str = option("--aesthetic-weights", "registry name or local .pth/.safetensors",
+                                    jobs=(*BOTH, "download"), metavar="W")
     embedding_column: str = option("--embedding-column", "embedding column (default: embedding)", jobs=("score",),
                                    output=("score",), metavar="NAME")
     filters: list[str] = option("--filter", "also keep only rows with NAME>=T (or >, <, <=) on a score column: "
@@ -61,10 +66,10 @@ class Config:
     scheduler_file: str | None = option("--scheduler-file", "existing Dask cluster's scheduler file", metavar="FILE")
     n_workers: int | None = option("--n-workers", "local cluster: worker count", metavar="N")
     threads_per_worker: int | None = option("--threads-per-worker", "local cluster: threads per worker", metavar="N")
-    clip_model: str = option("--clip-model", "open_clip model name (default ViT-L-14-quickgelu)", jobs=("run",),
+    clip_model: str = option("--clip-model", "open_clip model name (default ViT-L-14-quickgelu)", jobs=("run", "download"),
                              output=("run",), metavar="NAME")
     clip_pretrained: str = option("--clip-pretrained", "open_clip pretrained tag or local checkpoint (default openai)",
-                                  jobs=("run",), output=("run",), metavar="TAG_OR_PATH")
+                                  jobs=("run", "download"), output=("run",), metavar="TAG_OR_PATH")
     clip_model_config: str | None = option("--clip-model-config", "open_clip model-config JSON; its file stem is the "
                                            "model name", jobs=("run",), output=("run",), metavar="JSON")
     demo_clip: bool = option("--demo-clip", "a small randomly initialised CLIP built in model_dir instead of the "
@@ -91,11 +96,12 @@ class Config:
     image_decoder: str = option("--image-decoder", "pil (Pillow), torch (torchvision) or auto (default: torch)",
                                 jobs=("run",))
     extra_scores: dict[str, str] = option("--extra-scores", "more heads scored from the same embedding, one float32 "
-                                          "column NAME each", output=BOTH, metavar="NAME=W[,NAME=W...]")
-    report: bool = option("--report", "write OUT/report.html at the end (default: on)")
+                                          "column NAME each", jobs=(*BOTH, "download"), output=BOTH,
+                                          metavar="NAME=W[,NAME=W...]")
+    report: bool = option("--report", "write OUT/report.html at the end (default: on)", jobs=(*BOTH, "refilter"))
     report_samples: bool = option()
     storage_options: dict[str, Any] = option("--storage-options", "fsspec options for URLs, e.g. '{\"anon\": true}'",
-                                             metavar="JSON")
+                                             jobs=(*BOTH, "refilter", "report"), metavar="JSON")
     dashboard: str = option()
     storage_timeout: float = option("--storage-timeout", "seconds an object-store request may go unanswered before "
                                     "it is tried again (default 20)", metavar="S")
