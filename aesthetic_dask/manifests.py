@@ -113,12 +113,18 @@ def full(job: Any, status: str) -> dict[str, Any]:
     }
 
 
+# Beyond this many planned partitions the running manifest counts them without naming them (the
+# records name them): each write then costs the same at 100,000 partitions as at 100.
+RUNNING_NAMES_MAX = 10_000
+
+
 def running(job: Any) -> dict[str, Any]:
     """What ``manifest.json`` says while the job runs: status, settings, running totals and score
-    histogram, partition counts and names, this run so far: no per-input entries, histograms or
-    error reasons to merge (``inputs`` and the rest are written once, at the end; a re-run
-    takes the finished partitions from their records, never from this). It is written at most
-    every 2 s, and never more than 1/20 of the time (:meth:`due`)."""
+    histogram, partition counts (and names, up to :data:`RUNNING_NAMES_MAX` partitions), this run
+    so far: no per-input entries, histograms or error reasons to merge (``inputs`` and the rest
+    are written once, at the end; a re-run takes the finished partitions from their records,
+    never from this). It is written at most every 2 s, and never more than 1/20 of the time
+    (:meth:`job.Job.due`)."""
     return {
         "job": job.kind,
         "status": "running",
@@ -129,8 +135,9 @@ def running(job: Any) -> dict[str, Any]:
         "score_histogram": {"edges": histogram.EDGES, "counts": job.tally.scores.tolist()},
         "failed_inputs": job.failed_inputs,
         "partitions": {"planned": len(job.planned), "done": len(job.records), "failed": len(job.failures),
-                       "done_names": [n for n in job.planned if n in job.records],
-                       "failed_names": [n for n in job.planned if n in job.failures],
+                       **({"done_names": [n for n in job.planned if n in job.records],
+                           "failed_names": [n for n in job.planned if n in job.failures]}
+                          if len(job.planned) <= RUNNING_NAMES_MAX else {"names": "OUT/_parts/ (the records)"}),
                        "missing": len(job.missing)},
         "this_run": {"run_id": job.run_id, "partitions_processed": job.processed[0],
                      "partitions_skipped": job.skipped, "partitions_new": job.new,
