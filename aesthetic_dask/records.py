@@ -14,6 +14,7 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+from collections import Counter
 from typing import Any
 
 from . import storage, versions
@@ -21,6 +22,8 @@ from . import storage, versions
 log = logging.getLogger("aesthetic_dask")
 
 INDEX_NAME = "_index.json.gz"
+INDEX_FORMAT = 2  # an index of another format is read as none: the records are read one by one, once
+_OWN_DIRS = ("kept", "rejected", "errors", "samples")  # a record's own files: DIR/NAME.parquet
 FOOTERS_NAME = "_inputs.json.gz"  # what each Parquet input's footer said, by its identity (parquet_plan)
 
 
@@ -64,11 +67,12 @@ def read_records_counted(layout: Any, existing: set[str] | dict[str, dict[str, A
     paths = sorted(p for p in existing if p.startswith(prefix) and p.endswith(".json"))
     contents: dict[str, Any] = {}
     if isinstance(existing, dict) and index_path(layout) in existing:
-        index = _read_index(layout)
+        index, job = _read_index(layout)
         for path in paths:
-            entry = index.get(path)
+            name = stem(path)
+            entry = index.get(name)
             if entry is not None and entry[0] == versions.identity(existing[path]):
-                contents[path] = _unpacked(entry[1])
+                contents[path] = _unpacked(name, entry[1], job)
     unread = [p for p in paths if p not in contents]
     if unread:
         contents.update(layout.fs.cat(unread, on_error="omit"))
@@ -124,12 +128,16 @@ def _external_files(layout: Any, contents: Any) -> set[str]:
     return found
 
 
-def _read_index(layout: Any) -> dict[str, list[Any]]:
+def _read_index(layout: Any) -> tuple[dict[str, list[Any]], str | None]:
+    """(name -> [its record file's identity, the record packed], the job most records name)."""
     try:
-        return json.loads(gzip.decompress(layout.fs.cat_file(index_path(layout))))["records"]
-    except (OSError, ValueError, KeyError, TypeError, EOFError, gzip.BadGzipFile):
+        index = json.loads(gzip.decompress(layout.fs.cat_file(index_path(layout))))
+        if index.get("format") == INDEX_FORMAT:
+            return index["records"], index.get("job")
+        log.info("%s: its record index is of an earlier version; reading the records one by one", layout.root_url)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, EOFError, gzip.BadGzipFile):
         log.info("%s: its record index is unreadable; reading the records one by one", layout.root_url)
-        return {}
+    return {}, None
 
 
 def write_index(layout: Any, records: dict[str, dict[str, Any]]) -> None:
@@ -139,9 +147,12 @@ def write_index(layout: Any, records: dict[str, dict[str, Any]]) -> None:
         listed = layout.fs.find(layout.records, detail=True)
     except FileNotFoundError:
         return
-    entries = {path: [versions.identity(info), _packed(records[stem(path)])] for path, info in listed.items()
+    jobs = Counter(r.get("job") for r in records.values())
+    job = jobs.most_common(1)[0][0] if jobs else None
+    entries = {stem(path): [versions.identity(info), _packed(records[stem(path)], job)] for path, info in listed.items()
                if path.endswith(".json") and stem(path) in records}
-    data = gzip.compress(json.dumps({"records": entries}, separators=(",", ":"), default=str).encode(), compresslevel=3)
+    data = gzip.compress(json.dumps({"format": INDEX_FORMAT, "job": job, "records": entries}, separators=(",", ":"),
+                                    default=str).encode(), compresslevel=3)
     storage.write_bytes(layout.fs, index_path(layout), data, layout.tmp)
 
 
@@ -159,32 +170,49 @@ def write_footers(layout: Any, footers: dict[str, list[Any]]) -> None:
     storage.write_bytes(layout.fs, footers_path(layout), data, layout.tmp)
 
 
-def _packed(record: dict[str, Any]) -> dict[str, Any]:
-    """A record as the index holds it: its histograms sparse (most of the 202 bins are empty, and
-    they were most of the index's decoding time), its per-stage timings left out."""
-    out = {k: v for k, v in record.items() if k != "stage_s"}
-    out["histogram"] = _sparse(record.get("histogram"))
-    out["extra_histograms"] = {c: _sparse(h) for c, h in (record.get("extra_histograms") or {}).items()}
+def _packed(record: dict[str, Any], job: str | None) -> dict[str, Any]:
+    """A record as the index holds it, a third of its size (decoding the index is most of a no-op
+    re-run's cost): no per-stage timings, no empty fields, no name (the index's key), no job
+    when it is the index's, OUT's own files by their directory (``kept`` for
+    ``kept/NAME.parquet``), histograms cut to the span of bins that count."""
+    name = record["name"]
+    out = {k: v for k, v in record.items() if v is not None and v != {} and k not in ("stage_s", "name", "job")}
+    if record.get("job") != job:
+        out["job"] = record.get("job")  # None too: a record naming no job stays so
+    own = {f"{d}/{name}.parquet": d for d in _OWN_DIRS}
+    out["files"] = [own.get(f, f) for f in record.get("files", [])]
+    if record.get("histogram") is not None:
+        out["histogram"] = _span(record["histogram"])
+    if record.get("extra_histograms"):
+        out["extra_histograms"] = {c: _span(h) for c, h in record["extra_histograms"].items()}
     return out
 
 
-def _unpacked(record: dict[str, Any]) -> dict[str, Any]:
-    record["histogram"] = _dense(record.get("histogram"))
-    record["extra_histograms"] = {c: _dense(h) for c, h in (record.get("extra_histograms") or {}).items()}
+def _unpacked(name: str, record: dict[str, Any], job: str | None) -> dict[str, Any]:
+    record["name"] = name
+    record.setdefault("job", job)
+    record.setdefault("error_reasons", {})
+    record["files"] = [f"{f}/{name}.parquet" if f in _OWN_DIRS else f for f in record.get("files", [])]
+    record["histogram"] = _whole(record.get("histogram"))
+    record["extra_histograms"] = {c: _whole(h) for c, h in (record.get("extra_histograms") or {}).items()}
     return record
 
 
-def _sparse(counts: list[int] | None) -> list[Any] | None:
-    return None if counts is None else [len(counts), [[i, c] for i, c in enumerate(counts) if c]]
+def _span(counts: list[int] | None) -> list[Any] | None:
+    """[bins, first counted bin, the counts from it to the last counted bin]."""
+    if counts is None:
+        return None
+    nonzero = [i for i, c in enumerate(counts) if c]
+    if not nonzero:
+        return [len(counts), 0, []]
+    return [len(counts), nonzero[0], counts[nonzero[0]:nonzero[-1] + 1]]
 
 
-def _dense(packed: list[Any] | None) -> list[int] | None:
+def _whole(packed: list[Any] | None) -> list[int] | None:
     if packed is None:
         return None
-    counts = [0] * packed[0]
-    for i, c in packed[1]:
-        counts[i] = c
-    return counts
+    size, first, counts = packed
+    return [0] * first + counts + [0] * (size - first - len(counts))
 
 
 def stem(path: str) -> str:
