@@ -30,7 +30,7 @@ from .config import fingerprint
 from .errors import EXIT_FAILED, FAILURE_ERROR, InputError, job_outcome
 from .output import OutputLayout, remove_partition_files, remove_unplanned, reset_output
 from .storage import write_json
-from .records import read_records, read_records_counted, write_footers, write_index
+from .records import collector_paused, read_records, read_records_counted, write_footers, write_index
 from .lock import OutLock, check_held
 from .partition import Record
 from .submit import Progress, cluster_info, submit_parts
@@ -85,6 +85,7 @@ class Job:
     def fingerprint(self) -> str:
         return fingerprint(self.settings)
 
+    @collector_paused()  # the listing and the records are built into many objects at once
     def prepare(self, parts: list[Any], sources: set[str], overwrite: bool, prune_missing: bool = False) -> set[str]:
         """Make OUT this job's; return the names of the planned partitions still to run.
 
