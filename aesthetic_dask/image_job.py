@@ -34,6 +34,7 @@ from .pipeline.decode import resolve_decoder
 from .pipeline.stage import EmbedOptions, ModelPlugin
 from .preparation import Heads, with_identities
 from .records import read_footers
+from .samples import SamplesSink
 from .image_rows import ImageParquetRows, ShardRows
 from .score import check_extra_score_names
 from .shard_sink import ShardSink, shard_names
@@ -77,7 +78,7 @@ def run_job(inputs: list[str], out: str | Path, config: Config, overwrite: bool 
     opts = heads.write_options(config, EMBEDDING_COLUMN, written_columns(fields, bool(shard_parts), pq_plan, config.image_column))
     embed = EmbedOptions.from_config(config)
     failed_inputs = dict(pq_plan.failed) if pq_plan else {}
-    sinks: tuple = (ParquetSink(),)
+    sinks: tuple = (ParquetSink(), SamplesSink())
     if shards_dir:
         names = shard_names(shard_parts + (pq_plan.parts if pq_plan else []))
         sinks += (ShardSink(shards_dir, names, config.image_column, so),)

@@ -1,7 +1,7 @@
 """The Parquet sink: each partition's ``kept/`` and ``rejected/`` rows (split by the keep rule,
-:mod:`.filters`), its ``errors/`` rows (where each came from, and why), and a few rows per score
-band in ``samples/`` for the report. One file per directory per partition, named after it, every
-directory's files with one schema (:func:`output.uniform`).
+:mod:`.filters`) and its ``errors/`` rows (where each came from, and why). One file per
+directory per partition, named after it, every directory's files with one schema
+(:func:`output.uniform`). The report's ``samples/`` are their own sink (:class:`samples.SamplesSink`).
 
 ``refilter`` re-splits a partition's kept and rejected files at another threshold (:meth:`ParquetSink.resplit`)
 from the rows they hold: the scores are recorded, so neither the inputs nor CLIP are needed.
@@ -38,11 +38,11 @@ class Resplit:
 
 
 class ParquetSink:
-    """``kept/``, ``rejected/`` (``--keep-rejected``), ``errors/`` and ``samples/``: every job's
-    first sink, whose counts make the partition's record."""
+    """``kept/``, ``rejected/`` (``--keep-rejected``) and ``errors/``: every job's first sink,
+    whose counts make the partition's record."""
 
     def write(self, part: Any, scored: Any, record: Any, layout: OutputLayout, opts: WriteOptions) -> None:
-        record.wrote(split_and_write(scored.table, scored.rows, part.name, part.source, layout, opts, scored.thumbnails))
+        record.wrote(split_and_write(scored.table, scored.rows, part.name, part.source, layout, opts))
 
     def resplit(self, record: Any, how: Resplit) -> None:
         """One partition's rows at ``how.threshold``: every file written whole, the one that grows
@@ -88,14 +88,12 @@ def split_and_write(
     source: str,
     layout: OutputLayout,
     opts: WriteOptions,
-    thumbnails: dict[int, bytes] | None = None,
 ) -> dict[str, Any]:
     """Write the kept, rejected and error rows of one scored partition; return its record's counts.
 
     ``table`` has ``aesthetic_score`` and ``error`` columns (error rows: any non-null ``error``);
     ``rows`` gives each row's position in its source. The record also carries the partition's
-    score histogram(s), its error reasons, and (in ``OUT/samples/``) a few rows per score band,
-    with ``thumbnails`` (row index -> JPEG) where the job made them.
+    score histogram(s) and its error reasons.
     """
     keep, is_error = table_keep_mask(table, opts.threshold, opts.filters)
     below = ~is_error & ~keep  # below the threshold, or failing a filter
@@ -119,15 +117,6 @@ def split_and_write(
         keys = err.column("key").cast(pa.string()).to_pylist() if "key" in err.column_names else [str(r) for r in rows[is_error]]
         reasons = samples.error_reasons(err.column(ERROR_COLUMN), keys)
     scores = table.column(SCORE_COLUMN).to_numpy(zero_copy_only=False)
-    if opts.samples and (~is_error).any():
-        eligible = ~is_error
-        if thumbnails is not None:
-            eligible &= np.isin(np.arange(table.num_rows), list(thumbnails))
-        chosen = samples.pick(scores, eligible)
-        if len(chosen):
-            write_parquet(samples.sample_table(table, scores, rows, source, chosen, thumbnails),
-                          layout, storage.join(layout.samples, f"{name}.parquet"), metadata)
-            files.append(f"samples/{name}.parquet")
     return {
         "files": files,
         "rows_in": table.num_rows,

@@ -15,6 +15,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from . import storage
+from .columns import ERROR_COLUMN, SCORE_COLUMN
+from .output import write_parquet
+
 # Score bands of the contact sheets: [0, 1), [1, 2), ..., [9, 10), and >= 10 (below 0 joins band 0).
 BANDS = 11
 PER_BAND = 4  # samples kept per partition and band
@@ -116,3 +120,27 @@ def merge_error_reasons(parts: list[dict[str, dict[str, Any]] | None]) -> dict[s
             merged["count"] += entry["count"]
             merged["examples"] = (merged["examples"] + entry["examples"])[:ERROR_EXAMPLES]
     return dict(sorted(out.items(), key=lambda kv: -kv[1]["count"]))
+
+
+class SamplesSink:
+    """``samples/``: a few scored rows per partition and score band, with their thumbnails where
+    the job made them (:func:`pick`, :func:`sample_table`), for the report; written after the
+    Parquet sink, whatever the threshold (a refilter leaves them as they are)."""
+
+    def write(self, part: Any, scored: Any, record: Any, layout: Any, opts: Any) -> None:
+        table = scored.table
+        is_error = table.column(ERROR_COLUMN).is_valid().to_numpy(zero_copy_only=False)
+        if not opts.samples or is_error.all():
+            return
+        scores = table.column(SCORE_COLUMN).to_numpy(zero_copy_only=False)
+        eligible = ~is_error
+        if scored.thumbnails is not None:
+            eligible &= np.isin(np.arange(table.num_rows), list(scored.thumbnails))
+        chosen = pick(scores, eligible)
+        if len(chosen):
+            write_parquet(sample_table(table, scores, scored.rows, part.source, chosen, scored.thumbnails),
+                          layout, storage.join(layout.samples, f"{part.name}.parquet"), dict(opts.metadata))
+            record.files.append(f"samples/{part.name}.parquet")
+
+    def resplit(self, record: Any, how: Any) -> None:
+        """Nothing: samples are chosen by score band, not by the threshold."""

@@ -19,6 +19,7 @@ from .output import OutputLayout
 from .parquet_sink import ParquetSink
 from .partition import process
 from .records import read_footers
+from .samples import SamplesSink
 from .rows import EmbeddingRows
 from .score import check_extra_score_names
 
@@ -38,7 +39,7 @@ def score_job(inputs: list[str], out: str | Path, config: Config, overwrite: boo
                          config.model_inference_batch_size, so)
     opts = heads.write_options(config, config.embedding_column)
     work = [Work(with_identities(plan.parts, so), process,
-                 dict(rows=rows, out=layout.url(), opts=opts, sinks=(ParquetSink(),), storage_options=so))]
+                 dict(rows=rows, out=layout.url(), opts=opts, sinks=(ParquetSink(), SamplesSink()), storage_options=so))]
     planned = Planned("score", work, sorted({p.source for p in plan.parts} | set(plan.failed)), plan.failed,
                       plan.duplicates, plan.notes, plan.footers, cached)
     return run_planned(planned, config, layout, heads, started, t0, overwrite, prune_missing, progress)
