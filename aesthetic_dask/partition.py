@@ -102,10 +102,11 @@ def finish_record(layout: OutputLayout, record: Record, started: float) -> Recor
 
 
 class Sink(Protocol):
-    """Where a scored partition's rows go (:class:`output.ParquetSink`: kept/rejected/errors and
-    samples; :class:`shard_sink.ShardSink`: ``--write-shards`` tars): each writes its files whole,
-    lists them on the record (which is written last, so a partition is done only when every sink
-    is), and re-splits them for ``refilter``."""
+    """Where a scored partition's rows go (:class:`parquet_sink.ParquetSink`: kept/rejected/errors;
+    :class:`samples.SamplesSink`: the report's samples; :class:`shard_sink.ShardSink`:
+    ``--write-shards`` tars): each writes its files whole, lists them on the record (which is
+    written last, so a partition is done only when every sink is), and re-splits them for
+    ``refilter``."""
 
     def write(self, part: Any, scored: Any, record: Record, layout: OutputLayout, opts: WriteOptions) -> None: ...
 
