@@ -71,11 +71,6 @@ def as_criteria(filters: Iterable[Any]) -> tuple[Criterion, ...]:
     return tuple(f if isinstance(f, Criterion) else parse(f) for f in filters)
 
 
-def describe(threshold: float, criteria: Iterable[Criterion] = ()) -> str:
-    """The whole keep rule in words: ``aesthetic_score >= 5 and other < 7``."""
-    return " and ".join([f"{SCORE_COLUMN} >= {threshold:g}", *(f"{c.column} {c.op} {c.value:g}" for c in criteria)])
-
-
 def keep_mask(scores: np.ndarray, is_error: np.ndarray, threshold: float) -> np.ndarray:
     """The one keep rule on ``aesthetic_score`` alone: no error and ``score >= threshold`` (NaN
     scores never pass). :func:`table_keep_mask` adds the ``filters``."""
@@ -90,10 +85,7 @@ def table_keep_mask(table: Any, threshold: float, criteria: Iterable[Criterion] 
     ``error`` column (a kept or rejected file, which hold valid rows only) has no error rows."""
     is_error = table.column(ERROR_COLUMN).is_valid().to_numpy(zero_copy_only=False) \
         if ERROR_COLUMN in table.column_names else np.zeros(table.num_rows, bool)
-    keep = keep_mask(_column(table, SCORE_COLUMN), is_error, threshold)
-    for c in criteria:
-        keep &= c.passes(_column(table, c.column))
-    return keep, is_error
+    return _rule(lambda name: _column(table, name), is_error, threshold, criteria), is_error
 
 
 def failing(table: Any, is_error: np.ndarray, criteria: Iterable[Criterion]) -> dict[str, int]:
@@ -104,10 +96,7 @@ def failing(table: Any, is_error: np.ndarray, criteria: Iterable[Criterion]) -> 
 def filter_partition(df: Any, threshold: float, criteria: tuple[Criterion, ...] = ()) -> Any:
     """Partition function of :func:`filter_by_score`: the rows the jobs would keep."""
     is_error = df[ERROR_COLUMN].notna().to_numpy(dtype=bool) if ERROR_COLUMN in df.columns else np.zeros(len(df), bool)
-    keep = keep_mask(_frame_column(df, SCORE_COLUMN), is_error, threshold)
-    for c in criteria:
-        keep &= c.passes(_frame_column(df, c.column))
-    return df[keep]
+    return df[_rule(lambda name: _frame_column(df, name), is_error, threshold, criteria)]
 
 
 def filter_by_score(ddf, threshold: float = 0.5, filters: Iterable[Any] = ()):
@@ -121,6 +110,14 @@ def filter_by_score(ddf, threshold: float = 0.5, filters: Iterable[Any] = ()):
     if not hasattr(ddf, "map_partitions"):
         return filter_partition(ddf, threshold, criteria)
     return ddf.map_partitions(filter_partition, threshold, criteria, meta=ddf._meta, enforce_metadata=False)
+
+
+def _rule(column: Any, is_error: np.ndarray, threshold: float, criteria: Iterable[Criterion]) -> np.ndarray:
+    """The whole keep rule over ``column(name)`` (an Arrow table's or a frame's, as float32)."""
+    keep = keep_mask(column(SCORE_COLUMN), is_error, threshold)
+    for c in criteria:
+        keep &= c.passes(column(c.column))
+    return keep
 
 
 def _column(table: Any, name: str) -> np.ndarray:
