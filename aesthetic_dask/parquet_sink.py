@@ -42,7 +42,8 @@ class ParquetSink:
     whose counts make the partition's record."""
 
     def write(self, part: Any, scored: Any, record: Any, layout: OutputLayout, opts: WriteOptions) -> None:
-        record.wrote(split_and_write(scored.table, scored.rows, part.name, part.source, layout, opts))
+        record.wrote(split_and_write(scored.table, scored.rows, part.name, part.source, layout, opts, scored.keep,
+                                     scored.is_error))
 
     def resplit(self, record: Any, how: Resplit) -> None:
         """One partition's rows at ``how.threshold``: every file written whole, the one that grows
@@ -88,14 +89,16 @@ def split_and_write(
     source: str,
     layout: OutputLayout,
     opts: WriteOptions,
+    keep: np.ndarray,
+    is_error: np.ndarray,
 ) -> dict[str, Any]:
     """Write the kept, rejected and error rows of one scored partition; return its record's counts.
 
-    ``table`` has ``aesthetic_score`` and ``error`` columns (error rows: any non-null ``error``);
-    ``rows`` gives each row's position in its source. The record also carries the partition's
-    score histogram(s) and its error reasons.
+    ``table`` has ``aesthetic_score`` and ``error`` columns; ``keep`` and ``is_error`` are the
+    keep rule's masks over it (:func:`filters.table_keep_mask`); ``rows`` gives each row's
+    position in its source. The record also carries the partition's score histogram(s) and its
+    error reasons.
     """
-    keep, is_error = table_keep_mask(table, opts.threshold, opts.filters)
     below = ~is_error & ~keep  # below the threshold, or failing a filter
 
     metadata = dict(opts.metadata)

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 from .errors import FAILURE_DATA, FAILURE_ERROR, DataError
 from .lock import committing_as
+from .filters import table_keep_mask
 from .output import OutputLayout, WriteOptions
 from .records import write_record
 from .stage_stats import Stats
@@ -127,6 +128,7 @@ def process(part: Any, rows: Any, out: str, opts: WriteOptions, sinks: tuple[Sin
     except DataError as exc:
         return finish_record(layout, Record.failed(part, str(exc), FAILURE_DATA), t0)
     scored.started = started
+    scored.keep, scored.is_error = table_keep_mask(scored.table, opts.threshold, opts.filters)
     record = Record.of(part)
     for key, value in scored.facts.items():
         setattr(record, key, value)

@@ -37,6 +37,10 @@ class ScoredRows:
     facts: dict[str, Any] = field(default_factory=dict)  # its record's fields (row range, compute, worker, stats)
     from_tar: bool = False  # the rows are a tar's samples: a shard sink copies their members
     started: float = 0.0  # wall-clock start of the partition (set by partition.process)
+    # The keep rule over ``table`` (kept rows, error rows), evaluated once by partition.process
+    # for every sink: they split the same rows alike by construction.
+    keep: np.ndarray | None = None
+    is_error: np.ndarray | None = None
 
 
 @dataclass(frozen=True)

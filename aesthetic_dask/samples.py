@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from . import storage
-from .columns import ERROR_COLUMN, SCORE_COLUMN
+from .columns import SCORE_COLUMN
 from .output import write_parquet
 
 # Score bands of the contact sheets: [0, 1), [1, 2), ..., [9, 10), and >= 10 (below 0 joins band 0).
@@ -128,8 +128,7 @@ class SamplesSink:
     Parquet sink, whatever the threshold (a refilter leaves them as they are)."""
 
     def write(self, part: Any, scored: Any, record: Any, layout: Any, opts: Any) -> None:
-        table = scored.table
-        is_error = table.column(ERROR_COLUMN).is_valid().to_numpy(zero_copy_only=False)
+        table, is_error = scored.table, scored.is_error
         if not opts.samples or is_error.all():
             return
         scores = table.column(SCORE_COLUMN).to_numpy(zero_copy_only=False)

@@ -103,22 +103,22 @@ class ShardSink:
     def write(self, part: Any, scored: Any, record: Any, layout: OutputLayout, opts: WriteOptions) -> None:
         # Full paths or URLs on the record: checked on resume like the rest.
         record.files += write_shard_outputs(
-            self.directory, self.names[part.name], part, scored.table, opts, layout, scored.started,
-            record.error_reasons, image_column=None if scored.from_tar else self.image_column,
+            self.directory, self.names[part.name], part, scored.table, scored.keep, scored.is_error, opts, layout,
+            scored.started, record.error_reasons, image_column=None if scored.from_tar else self.image_column,
             storage_options=self.storage_options, sample_indices=scored.rows if scored.from_tar else None)
 
     def resplit(self, record: Any, how: Any) -> None:
         resplit(record.files, how.threshold, how.criteria, how.run_id, how.layout.tmp, how.layout.storage_options)
 
 
-def write_shard_outputs(directory: str, stem: str, part: Any, table: pa.Table, opts: WriteOptions,
-                        layout: OutputLayout, started: float, reasons: dict[str, Any],
+def write_shard_outputs(directory: str, stem: str, part: Any, table: pa.Table, keep: np.ndarray, is_error: np.ndarray,
+                        opts: WriteOptions, layout: OutputLayout, started: float, reasons: dict[str, Any],
                         image_column: str | None = None, storage_options: dict[str, Any] | None = None,
                         sample_indices: np.ndarray | None = None) -> list[str]:
     """Write ``DIR/STEM.tar`` (the kept samples), ``STEM.parquet`` and ``STEM_stats.json``; return
-    their paths (URLs) for the partition's record. ``table`` is the scored partition: shards give
-    ``sample_indices`` (each row's sample index in the tar), image Parquet its ``image_column``."""
-    keep, is_error = table_keep_mask(table, opts.threshold, opts.filters)
+    their paths (URLs) for the partition's record. ``table`` is the scored partition, ``keep`` and
+    ``is_error`` the keep rule's masks over it; shards give ``sample_indices`` (each row's sample
+    index in the tar), image Parquet its ``image_column``."""
     target = storage.join(directory, f"{stem}.tar")
     if sample_indices is not None:
         write_kept_shard(part.source, set(sample_indices[keep].tolist()), target, layout.tmp, storage_options)
