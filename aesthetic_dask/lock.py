@@ -15,8 +15,8 @@
   pause) may have lost OUT to another job by the time it resumes. So every commit checks the
   lease first: each file a task writes (a partition's data files and its record) checks it
   right before its rename or upload commits (:func:`holding`, which the worker runs each task
-  under), and the client checks it before the manifest and refilter's records
-  (:func:`check_held`). A job that finds its lease gone writes nothing more and stops with one
+  under, and ``refilter`` its whole run), and a job's client checks it before the manifest and
+  the index (:func:`check_held`). A job that finds its lease gone writes nothing more and stops with one
   line (:class:`LeaseLost`). What is left: the microseconds between a check and its rename (a
   filesystem offers no conditional rename; an object store no conditional put here).
 """

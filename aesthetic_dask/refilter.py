@@ -21,7 +21,7 @@ from . import storage
 from .config import fingerprint
 from .errors import EXIT_OK, InputError
 from .filters import as_criteria
-from .lock import OutLock, check_held
+from .lock import OutLock, holding
 from .output import OutputLayout
 from .parquet_sink import ParquetSink, Resplit
 from .partition import Record
@@ -64,7 +64,10 @@ def refilter(out: str, threshold: float, storage_options: dict[str, Any] | None 
     lock = OutLock(layout, run_id)
     lock.acquire()  # no job writes OUT while it is re-split
     try:
-        return _refilter_locked(layout, manifest, threshold, recorded, run_id, t0, storage_options, report)
+        # Every file it commits (data files, records, index, manifest, report) checks the lease
+        # first, as a job's tasks do: a refilter paused past a takeover writes nothing more.
+        with holding(run_id, None, layout.url(), storage_options):
+            return _refilter_locked(layout, manifest, threshold, recorded, run_id, t0, storage_options, report)
     finally:
         lock.release()
 
@@ -89,7 +92,6 @@ def _refilter_locked(layout: OutputLayout, manifest: dict[str, Any], threshold: 
                      sinks)
             rec.threshold, rec.run_id = threshold, run_id
             rec.job = fingerprint({**settings, "score_threshold": threshold}) if rec.job else None
-            check_held(layout, run_id)
             write_record(layout, rec.to_json())  # last: the partition is at the new threshold
             done += 1
         # A rejected file its record no longer lists (nothing below now): removed after the record.
@@ -103,7 +105,6 @@ def _refilter_locked(layout: OutputLayout, manifest: dict[str, Any], threshold: 
     manifest["fingerprint"] = fingerprint(settings)
     manifest["status"] = status_before
     manifest.pop("refilter", None)
-    check_held(layout, run_id)
     if done:
         write_index(layout, {name: rec.to_json() for name, rec in records.items()})
     manifest["this_run"] = {"run_id": run_id, "refilter": {"from": recorded, "to": threshold},

@@ -196,3 +196,33 @@ def test_a_file_being_written_when_the_lease_is_lost_never_appears(tmp_path):
     (out / "_tmp").mkdir(parents=True)
     fs, root = storage.split(str(out))
     assert_a_write_spanning_the_loss_commits_nothing(str(out), fs, root, tmp_dir=str(out / "_tmp"))
+
+
+def test_a_refilter_that_lost_its_lease_writes_nothing_more(tmp_path, rng, tiny_weights, monkeypatch):
+    """A refilter paused past a takeover: from the moment the lease is another job's, none of its
+    files is committed, the data files of the next partition included (not only its record)."""
+    import pytest
+
+    from aesthetic_dask import refilter as refilter_module
+    from aesthetic_dask.lock import LeaseLost
+
+    for i in range(4):
+        write_embeddings(tmp_path / "in" / f"f{i}.parquet", rng.standard_normal((40, 768)).astype(np.float32), f"f{i}-")
+    out = tmp_path / "out"
+    assert main(["score", str(tmp_path / "in"), "-o", str(out), "--aesthetic-weights", str(tiny_weights["safetensors"]),
+                 "--threshold", "5", "--keep-rejected", "--no-report"]) == EXIT_OK
+    real, seen = refilter_module._resplit, {}
+
+    def taken_over_after_one(*args, **kwargs):
+        if "lost_at" not in seen and seen.get("calls"):
+            (out / "_lock.json").write_bytes(_lease("the-other-job"))  # another job took OUT over
+            seen["lost_at"] = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+        seen["calls"] = seen.get("calls", 0) + 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(refilter_module, "_resplit", taken_over_after_one)
+    with pytest.raises(LeaseLost, match="lost its lease on OUT to run the-other-job"):
+        refilter_module.refilter(str(out), 5.6, report=False)
+    after = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    assert after == seen["lost_at"], "written after the lease was lost"
+    assert json.loads((out / "_lock.json").read_text())["run_id"] == "the-other-job"  # never removed by the loser
