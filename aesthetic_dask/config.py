@@ -19,6 +19,7 @@ from .storage import redact, with_bound, without_bound
 CHOICES: dict[str, tuple[str, ...]] = {
     "image_decoder": ("auto", "pil", "torch"),
     "clip_compile": ("auto", "true", "false"),
+    "clip_cuda_graph": ("auto", "true", "false"),
     "clip_precision": ("auto", "fp32", "fp16", "bf16"),
     "dashboard": ("auto", "true", "false"),
 }
@@ -90,6 +91,7 @@ class Config:
                                           "(default: from the cores)", jobs=("run",), metavar="N",
                                           aliases=("decode_threads",))
     clip_compile: str = option()
+    clip_cuda_graph: str = option()
     # The fingerprint holds the precision actually used (`auto` is fp16 on CUDA), not the name given.
     clip_precision: str = option(output=("run",))
     # Likewise the decoder `auto` resolves to, not the name given.
@@ -200,7 +202,7 @@ def _read_yaml(text: str, origin: str) -> dict[str, Any]:
 def _coerce(name: str, value: Any, origin: str) -> Any:
     """Check one value against the field's declared type (int accepted where float is declared)."""
     declared = {f.name: f.type for f in fields(Config)}[name]
-    if name in ("dashboard", "clip_compile") and isinstance(value, bool):  # YAML reads `true` as a bool
+    if name in ("dashboard", "clip_compile", "clip_cuda_graph") and isinstance(value, bool):  # YAML reads `true` as a bool
         value = "true" if value else "false"
     if value is None:
         if "None" in declared:

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import aesthetic_dask as ad
+from aesthetic_dask.errors import ConfigError
 from aesthetic_dask.models.clip import ClipSpec
 from aesthetic_dask.pipeline import encoder as encoder_module
 from aesthetic_dask.pipeline.encoder import ClipEncoder
@@ -173,6 +174,34 @@ def test_reduced_precision_runs_products_in_it_and_layernorm_in_fp32(spec, tiny_
     head = AestheticPredictor.from_state_dict(tiny_weights["state"], infer_spec(tiny_weights["state"]), "tiny", "0")
     scores = [head.score_raw(m.astype(np.float32), np.einsum("ij,ij->i", m, m).astype(np.float32)) for m in (a, b)]
     assert np.abs(scores[0] - scores[1]).max() < 0.05
+
+
+def test_cuda_graph_auto_is_off_on_cpu_true_is_refused_there_and_a_failed_capture_falls_back_in_one_line(spec, caplog):
+    """clip_cuda_graph (issue 28): auto captures on CUDA only; true off CUDA is one clear error; a
+    capture that fails (here for want of a GPU: a real failure, not a stand-in) leaves the encoder
+    launching kernel by kernel, with one log line, and its embeddings unchanged."""
+    enc = ClipEncoder(spec, 8, "false", "auto")
+    assert enc.graph is None
+    with pytest.raises(ValueError, match="^clip_cuda_graph is true but this worker's model runs on cpu, not CUDA$"):
+        ClipEncoder(spec, 8, "false", "true")
+    before = enc.encode(crops(5, 1)).result()
+    with caplog.at_level(logging.WARNING, logger="aesthetic_dask"):
+        enc._capture("auto")
+    assert enc.graph is None
+    [message] = [r.getMessage() for r in caplog.records]
+    assert message.startswith("CUDA graph capture of the model step failed (") and "\n" not in message
+    assert message.endswith("); launching its kernels one by one")
+    assert torch.equal(enc.encode(crops(5, 1)).result(), before)
+    with pytest.raises(Exception):
+        enc._capture("true")
+    assert enc.launch_cpu_ms_per_image() > 0  # what the model's thread spent per image launching batches
+
+
+def test_clip_cuda_graph_is_a_config_option_with_yamls_booleans():
+    assert ad.load_config().clip_cuda_graph == "auto"
+    assert ad.load_config(clip_cuda_graph=False).clip_cuda_graph == "false"
+    with pytest.raises(ConfigError, match="clip_cuda_graph"):
+        ad.load_config(clip_cuda_graph="sometimes")
 
 
 def test_precision_is_what_the_config_asks_and_auto_follows_the_device():

@@ -11,6 +11,9 @@
   runs the model, and launches the next batch before collecting the previous one.
 - **torch.compile** (``clip_compile``: ``auto`` compiles on CUDA, with one log line and eager
   on failure). Compiled batches are padded to ``batch_size``: one graph, no recompiles.
+- **One CUDA graph** (``clip_cuda_graph``: ``auto`` captures on CUDA, with one log line and
+  kernel-by-kernel launches on failure): normalise, tower and L2 norm replayed as one launch
+  (:mod:`.graph`), so the model's process spends microseconds per batch, not milliseconds.
 - **One copy of each model per process**: encoders of other batch sizes share its weights.
 - **CPU threads follow the bound** (:class:`CpuThreads`): on a CPU worker torch and the decode
   processes share the cores; the model keeps them all while it is the bound and gives them to the
@@ -38,6 +41,7 @@ from ..models.quiet import random_weights_expected
 from .preprocess import InputSpec, Normalizer
 from .device import configure_model_process, forced_torch_threads, torch_threads
 from .device import model_device
+from .graph import CapturedStep
 
 log = logging.getLogger("aesthetic_dask")
 
@@ -218,7 +222,7 @@ class _Request:
 class ClipEncoder:
     """The model of one process: :meth:`encode` queues crops, its thread runs them in batches."""
 
-    def __init__(self, spec: ClipSpec, batch_size: int, compile_mode: str = "auto") -> None:
+    def __init__(self, spec: ClipSpec, batch_size: int, compile_mode: str = "auto", cuda_graph: str = "auto") -> None:
         import torch
 
         configure_model_process()
@@ -237,6 +241,11 @@ class ClipEncoder:
         self.forward, self.compiled = self.visual, False
         if compile_mode == "true" or (compile_mode == "auto" and self.device == "cuda"):
             self._compile(compile_mode)
+        self.graph: CapturedStep | None = None
+        if cuda_graph == "true" and self.device != "cuda":
+            raise ValueError(f"clip_cuda_graph is true but this worker's model runs on {self.device}, not CUDA")
+        if cuda_graph == "true" or (cuda_graph == "auto" and self.device == "cuda"):
+            self._capture(cuda_graph)
         self.queue: queue.Queue = queue.Queue()
         self.busy_s = 0.0  # time the thread spent on batches (not waiting for crops)
         self.launch_s = 0.0  # of it, normalising and the forward (device kernels on a GPU, CPU work here on CPU)
@@ -263,6 +272,28 @@ class ClipEncoder:
             return
         self.forward, self.compiled = forward, True
         log.info("image tower compiled in %.1fs", time.perf_counter() - t0)
+
+    def _capture(self, mode: str) -> None:
+        t0 = time.perf_counter()
+        try:
+            self.graph = CapturedStep(self._step, (self.batch_size, *self.input.crop_shape), self.device)
+        except Exception as exc:  # noqa: BLE001 - `auto` falls back to launching kernel by kernel
+            if mode == "true":
+                raise
+            log.warning("CUDA graph capture of the model step failed (%s: %s); launching its kernels one by one",
+                        type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            return
+        log.info("model step captured as a CUDA graph in %.1fs", time.perf_counter() - t0)
+
+    def launch_cpu_ms_per_image(self) -> float | None:
+        """CPU ms per image this encoder's thread spent launching batches so far (on a GPU: what the
+        model's process pays to drive it, kernels excluded)."""
+        return round(1000 * self.launch_cpu_s / self.images, 4) if self.images else None
+
+    def _step(self, x: Any) -> Any:
+        """uint8 crops on the device -> their L2-normalised float32 features: what a batch costs the device."""
+        features = self.forward(self.normalize(x)).float()
+        return features / features.norm(dim=-1, keepdim=True)
 
     def encode(self, crops: np.ndarray, release: Any = None) -> Future:
         """Features of ``crops`` (n, 3, H, W uint8): a future of a float32 (n, dim) tensor, L2-normalised,
@@ -343,9 +374,10 @@ class ClipEncoder:
 
         rows = self.batch_size if self.compiled else n  # compiled: one static shape
         with torch.inference_mode(), (torch.cuda.stream(stream) if stream is not None else nullcontext()):
-            x = self.normalize(buffer[:rows].to(self.device, non_blocking=True))
-            features = self.forward(x)[:n].float()
-            features = features / features.norm(dim=-1, keepdim=True)
+            if self.graph is not None:
+                features = self.graph(buffer, n)
+            else:
+                features = self._step(buffer[:rows].to(self.device, non_blocking=True))[:n]
             event = None
             if stream is not None:
                 # Blocking: collecting it sleeps in the driver instead of spinning a core that the

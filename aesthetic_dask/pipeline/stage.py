@@ -36,18 +36,19 @@ log = logging.getLogger("aesthetic_dask")
 
 @dataclass(frozen=True)
 class EmbedOptions:
-    """How images go through the model: batch size, the pixel limit, the decoder, the pool, compile."""
+    """How images go through the model: batch size, the pixel limit, the decoder, the pool, compile, graph."""
 
     batch_size: int
     max_pixels: int
     decoder: str = "auto"  # image_decoder: auto, pil or torch
     processes: int | None = None  # decode_processes: host processes per worker; None: from the cores
     compile: str = "auto"  # clip_compile: auto, true or false
+    cuda_graph: str = "auto"  # clip_cuda_graph: auto, true or false
 
     @classmethod
     def from_config(cls, config: Any) -> EmbedOptions:
         return cls(config.model_inference_batch_size, config.max_image_pixels, config.image_decoder,
-                   config.decode_processes, config.clip_compile)
+                   config.decode_processes, config.clip_compile, config.clip_cuda_graph)
 
     @property
     def chunk(self) -> int:
@@ -59,21 +60,21 @@ class Runtime:
     """One worker process's decode pool and encoders, shared by every config the process uses.
 
     The pool is one per process (a config asking for more processes grows it); an encoder is one
-    per model, batch size and compile setting, and the encoders of one model share its weights.
+    per model, batch size, compile and graph setting, and the encoders of one model share its weights.
     Nothing one compute uses is closed by another's config. Models load in their own thread, so
     the pool decodes while they do.
     """
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.encoders: dict[tuple[ClipSpec, int, str], Future] = {}
+        self.encoders: dict[tuple[ClipSpec, int, str, str], Future] = {}
 
     def pool(self, opts: EmbedOptions) -> Any:
         return get_pool(decode_processes(opts.processes, model_device()))
 
     def encoder(self, spec: ClipSpec, opts: EmbedOptions) -> Future:
         """A future of the encoder of ``spec`` at ``opts``' batch size, loading from the first call."""
-        key = (spec, opts.batch_size, opts.compile)
+        key = (spec, opts.batch_size, opts.compile, opts.cuda_graph)
         with self.lock:  # held only while starting (microseconds): the model loads in its own thread
             future = self.encoders.get(key)
             if future is None:
@@ -82,9 +83,9 @@ class Runtime:
         return future
 
     @staticmethod
-    def _load(future: Future, spec: ClipSpec, batch_size: int, compile_mode: str) -> None:
+    def _load(future: Future, spec: ClipSpec, batch_size: int, compile_mode: str, cuda_graph: str) -> None:
         try:
-            future.set_result(ClipEncoder(spec, batch_size, compile_mode))
+            future.set_result(ClipEncoder(spec, batch_size, compile_mode, cuda_graph))
         except BaseException as exc:  # noqa: BLE001 - every task waiting for the model gets it
             future.set_exception(exc)
 
@@ -200,7 +201,9 @@ def embed_source(source: Any, spec: ClipSpec, opts: EmbedOptions, expected_dim: 
     decoder = resolve_decoder(opts.decoder) if model_input.tensor_ops else "pil"
     embedded = _collect(pending, encoder, stats, heads, keep_embeddings, thumbs, metas, failure, decoder)
     embedded.rows_known = rows_known
-    embedded.worker = {"model_load_s": encoder.load_s, "compiled": encoder.compiled, "decode_processes": pool.processes,
+    embedded.worker = {"model_load_s": encoder.load_s, "compiled": encoder.compiled,
+                       "cuda_graph": encoder.graph is not None,
+                       "launch_cpu_ms_per_image": encoder.launch_cpu_ms_per_image(), "decode_processes": pool.processes,
                        "decode_processes_replaced": pool.deaths, "first_batch_at": encoder.first_batch_at}
     return embedded
 
