@@ -23,6 +23,11 @@ ms, the model's ceiling).
 through a real ``dask scheduler`` and a nanny-started ``dask worker`` (Dask's defaults), its
 pool's CPU ms per image against the plain process's (goal <= 1.1x: the nanny's
 ``MALLOC_TRIM_THRESHOLD_`` must not reach the decode processes).
+
+**The model process on the device path** (issue 28, goal <= 0.15 CPU ms per image): what the
+nanny's worker process spends per image apart from its forward (read through ``client.run``),
+plus launching the step on ViT-L/14 per batch, counted by :mod:`_launches`: kernel by kernel and
+as one CUDA graph replay (``clip_cuda_graph``).
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ import time
 from pathlib import Path
 
 from _common import make_shards, random_predictor, tiny_clip
+from _launches import GRAPH_NODE_US, LAUNCH_US, per_batch_ms
 
 BATCH = 32
 
@@ -180,11 +186,21 @@ def launcher_tree_cpu_s() -> float:
     return total
 
 
+def model_process_cpu_s() -> tuple[float, float]:
+    """In a worker (client.run): (this process's CPU seconds, of them its encoders' launching batches)."""
+    from aesthetic_dask.pipeline import stage
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime, sum(e.launch_cpu_s for e in stage.runtime().loaded())
+
+
 def nanny_runs(shards_dir: Path, work: Path, config_path: Path, ckpt: Path, weights: Path, cores: int,
                repeat: int) -> list[dict]:
     """The job through `dask scheduler` + a nanny-started `dask worker` (Dask's defaults, its own
     environment): images/s and the pool's CPU ms per image, best of ``repeat`` after a warm-up."""
     import subprocess
+
+    from distributed import Client
 
     from aesthetic_dask.config import load_config
     from aesthetic_dask.image_job import run_job
@@ -203,17 +219,23 @@ def nanny_runs(shards_dir: Path, work: Path, config_path: Path, ckpt: Path, weig
         config = load_config(clip_model_config=str(config_path), clip_pretrained=str(ckpt), aesthetic_weights=str(weights),
                              threshold=0.0, model_dir=str(work / "models"), report=False, scheduler_file=str(sched))
         runs = []
-        for i in range(repeat + 1):  # the first warms the worker (pool start, model load)
-            out = work / f"out-nanny-{i}"
-            before = launcher_tree_cpu_s()
-            manifest, code = run_job([str(shards_dir)], out, config, progress=False)
-            after = launcher_tree_cpu_s()
-            assert code == 0, manifest
-            images = manifest["this_run"]["rows_processed"]
-            if i:
-                runs.append({"images_per_s": images / manifest["this_run"]["compute_s"],
-                             "pool_cpu_ms": 1000 * (after - before) / images})
-            shutil.rmtree(out, ignore_errors=True)
+        with Client(scheduler_file=str(sched)) as client:
+            client.wait_for_workers(1, timeout=120)
+            for i in range(repeat + 1):  # the first warms the worker (pool start, model load)
+                out = work / f"out-nanny-{i}"
+                before, worker_before = launcher_tree_cpu_s(), client.run(model_process_cpu_s)
+                manifest, code = run_job([str(shards_dir)], out, config, progress=False)
+                after, worker_after = launcher_tree_cpu_s(), client.run(model_process_cpu_s)
+                assert code == 0, manifest
+                images = manifest["this_run"]["rows_processed"]
+                (process_before, launch_before), = worker_before.values()
+                (process_after, launch_after), = worker_after.values()
+                if i:
+                    runs.append({"images_per_s": images / manifest["this_run"]["compute_s"],
+                                 "pool_cpu_ms": 1000 * (after - before) / images,
+                                 "worker_cpu_ms": 1000 * (process_after - process_before) / images,
+                                 "worker_launch_ms": 1000 * (launch_after - launch_before) / images})
+                shutil.rmtree(out, ignore_errors=True)
         return runs
     finally:
         for p in reversed(procs):
@@ -276,6 +298,17 @@ def main() -> None:
         print(f"pool CPU ms per image under a nanny-started dask worker / in a plain process, best of {args.repeat}: "
               f"{nanny_ms / pool_default_ms:.2f} ({nanny_ms:.2f} vs {pool_default_ms:.2f}; "
               f"{max(r['images_per_s'] for r in nanny):,.0f} images/s there)   goal <= 1.1")
+        # The worker's own process (no client, no scheduler in it), less its CPU forward: what a GPU
+        # worker's model process spends apart from launching the step.
+        rest = min(r["worker_cpu_ms"] - r["worker_launch_ms"] for r in nanny)
+        launch = per_batch_ms(BATCH)
+        print(f"the step on ViT-L/14 (fp16, LayerNorm fp32, normalise and L2 norm): {launch['operations']} operations, "
+              f"{launch['kernels']} kernels; dispatch {launch['dispatch_us_per_operation']} us per operation here, "
+              f"{LAUNCH_US:g} us per kernel launch and {GRAPH_NODE_US:g} per graph node assumed")
+        for label, per_batch in (("kernel by kernel", launch["eager_ms"]), ("one CUDA graph (default)", launch["graph_ms"])):
+            print(f"model process CPU ms per image on the device path at batch {BATCH}, {label}: "
+                  f"{rest + per_batch / BATCH:.3f} (the rest, measured in the nanny's worker: {rest:.3f}; "
+                  f"launching: {per_batch:.2f} ms per batch)   goal <= 0.15")
     print("per-stage CPU ms per image, one core: " + ", ".join(f"{k} {v}" for k, v in per_stage.items()))
     host_ms = max(model_ms - device_ms, 1e-3) if device_ms == device_ms else model_ms
     for n in (16,):

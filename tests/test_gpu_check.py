@@ -39,5 +39,6 @@ def test_the_quick_dry_run_writes_every_key_within_its_deadline(tmp_path):
     assert set(RESULT_KEYS) <= set(r)
     assert r["elapsed_s"] < 240 and r["run"]["exit_code"] == 0 and r["first_batch_after_s"] is not None
     assert 0 <= r["score_max_abs_diff_fp16_vs_fp32"] < 0.05 and r["precision"]["embedding_cosine_min"] > 0.999
+    assert r["cuda_graph"] is False and r["launch_cpu_ms_per_image"] > 0  # no graph on a CPU; its launches measured
     assert set(r["errors"]) <= {"scores_cupy_vs_numpy"}  # the one step that needs cupy on a device
     assert proc.stdout.strip().splitlines()[-1].split("] ", 1)[1] == r["summary"]
