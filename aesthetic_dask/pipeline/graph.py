@@ -39,7 +39,9 @@ class CapturedStep:
                     step(self.input)
             torch.cuda.current_stream().wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
+            # thread_local: the partitions' threads keep using the device while this one captures
+            # (the default, global, would fail their allocations and synchronisations meanwhile).
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
                 self.output = step(self.input)
             self._check(step, shape, device)
 
