@@ -28,7 +28,8 @@ from typing import Any, Callable, Iterator
 from . import interrupts, logs, manifests, versions
 from .config import fingerprint
 from .errors import EXIT_FAILED, FAILURE_ERROR, InputError, job_outcome
-from .output import OutputLayout, remove_partition_files, remove_unplanned, reset_output
+from .output import OutputLayout
+from .sinks import PARTITION_DIRS, remove_partitions, remove_unplanned, reset_output, written_by_a_job
 from .storage import write_json
 from .records import collector_paused, read_records, read_records_counted, write_footers, write_index
 from .lock import OutLock, check_held
@@ -140,7 +141,8 @@ class Job:
         # A curated dataset does not shrink because a source moved: a gone input's output stays.
         self.missing = {} if prune_missing else {
             name: rec for name, rec in complete.items() if name not in planned and rec.source and rec.source not in sources}
-        removed = remove_unplanned(layout, set(planned) | set(self.missing), existing)
+        removed = remove_unplanned(layout, set(planned) | set(self.missing), existing,
+                                   {name: rec.files for name, rec in complete.items()})
         if removed:
             log.info("removed the output of %d partitions this job no longer plans", len(removed))
             existing = layout.listing()
@@ -158,7 +160,7 @@ class Job:
                     self.records[name] = rec
         todo = {name for name in planned if name not in self.records}
         self.changed = sorted(name for name in todo if planned[name][1] in changed_inputs)
-        remove_partition_files(layout, todo, existing)
+        remove_partitions(layout, todo, existing, {name: complete[name].files for name in todo if name in complete})
         self.planned = list(planned)
         self.skipped = len(planned) - len(todo)
         # Seen before: finished (its record) or failed (the last manifest's names; the running one has them too).
@@ -180,7 +182,7 @@ class Job:
                         len(records))
             self.rebuilt_from = len(records)
             return
-        if not any(p.rsplit("/", 1)[0] in (layout.kept, layout.rejected, layout.errors, layout.records) for p in existing):
+        if not any(p.rsplit("/", 1)[0] in {layout.path(d) for d in (*PARTITION_DIRS, "_parts")} for p in existing):
             return  # nothing written yet
         whose = ("records of a different job" if records and None not in jobs else
                  "no partition record naming this job")
@@ -189,7 +191,7 @@ class Job:
 
     def _check_only_ours(self, existing: set[str]) -> None:
         """Refuse an OUT holding anything a job did not write: nothing of the user's is ever removed."""
-        foreign = sorted(p for p in existing if not self.layout.written_by_a_job(p))
+        foreign = sorted(p for p in existing if not written_by_a_job(self.layout, p))
         if foreign:
             layout = self.layout
             shown = ", ".join(p.removeprefix(layout.root + "/") for p in foreign[:3])

@@ -1,7 +1,8 @@
-"""The OUT layout (local or object storage), what its sinks share (how a partition is written:
-:class:`WriteOptions`; one schema per directory: :func:`uniform`; files whole or not at all:
-:func:`write_parquet`), and removing a partition's files (redone, no longer planned, --overwrite).
-The sinks themselves: :mod:`.parquet_sink`, :mod:`.shard_sink`.
+"""The OUT layout (local or object storage) and what its sinks share: how a partition is written
+(:class:`WriteOptions`), one schema per directory (:func:`uniform`), files whole or not at all
+(:func:`write_parquet`), a partition's files by name (:class:`NamedFiles`). The sinks themselves
+(:mod:`.parquet_sink`, :mod:`.samples`, :mod:`.shard_sink`) are registered in :mod:`.sinks`,
+which removes partitions through them.
 
 OUT/kept/, OUT/rejected/ and OUT/errors/ are plain Parquet datasets (one file per input
 partition, named after it). Every file appears whole or not at all (:func:`storage.atomic_open`);
@@ -18,7 +19,6 @@ empty one). Each file carries the job's provenance as key-value metadata (:mod:`
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 
 from . import storage, versions
 from .columns import ERROR_COLUMN
-from .records import FOOTERS_NAME, INDEX_NAME, stem as _stem
+from .records import stem as _stem
 from .filters import Criterion
 
 COUNT_KEYS = ("rows_in", "rows_kept", "rows_below_threshold", "rows_error")
@@ -69,22 +69,6 @@ class OutputLayout:
     def tmp(self) -> str | None:
         """Where local files are written before their rename (object stores need none)."""
         return self.path("_tmp") if self.local else None
-
-    def written_by_a_job(self, path: str) -> bool:
-        """Whether ``path`` (under OUT) is something a job writes: its layout and file names."""
-        relative = path.removeprefix(self.root.rstrip("/") + "/")
-        if relative in ("manifest.json", "report.html", "job.log", "_lock.json"):
-            return True
-        directory, _, name = relative.partition("/")
-        if directory == "_tmp":
-            return True
-        if "/" in name:
-            return False
-        return (directory in ("kept", "rejected", "errors", "samples") and name.endswith(".parquet")) or \
-            (directory == "_parts" and (name.endswith(".json") or name in (INDEX_NAME, FOOTERS_NAME)))
-
-    def data_dirs(self) -> tuple[str, ...]:
-        return (self.kept, self.rejected, self.errors, self.samples, self.records) + ((self.tmp,) if self.local else ())
 
     def file(self, listed: str) -> str:
         """A record's file entry (relative to OUT, or absolute/a URL for --write-shards) as a path."""
@@ -196,44 +180,20 @@ def rows_to_write(table: pa.Table, mask: np.ndarray, opts: WriteOptions) -> pa.T
     return uniform(rows, opts.columns)
 
 
-def remove_unplanned(layout: OutputLayout, planned: set[str], existing: set[str]) -> list[str]:
-    """Remove the files and records of partitions this job no longer plans; return their names.
-
-    E.g. a different partitioning of the same inputs: its files would otherwise be read as
-    kept rows twice.
-    """
-    removed: set[str] = set()
-    doomed: list[str] = []
-    records, data_dirs = layout.records, (layout.kept, layout.rejected, layout.errors, layout.samples)  # once, not per file
-    for path in sorted(existing):
-        directory = path.rsplit("/", 1)[0]
-        if directory == records and path.endswith(".json") and _stem(path) not in planned:
-            try:
-                listed = json.loads(layout.fs.cat_file(path)).get("files", [])
-            except (OSError, ValueError, AttributeError):
-                listed = []
-            doomed += [layout.file(f) for f in listed if "/" in f and not f.startswith(("kept/", "rejected/", "errors/", "samples/"))]
-            doomed.append(path)
-            removed.add(_stem(path))
-        elif directory in data_dirs and _stem(path) not in planned:
-            doomed.append(path)
-            removed.add(_stem(path))
-    layout.remove([p for p in doomed if p in existing or layout.fs.exists(p)])
-    return sorted(removed)
+def partition_files(layout: OutputLayout, directories: tuple[str, ...], names: set[str] | None, existing: set[str]) -> list[str]:
+    """The files among ``existing`` in OUT's ``directories`` (one per partition, named after it) of
+    partitions ``names`` (None: of any)."""
+    dirs = {layout.path(d) for d in directories}
+    return [p for p in existing if p.rsplit("/", 1)[0] in dirs and p.endswith((".parquet", ".json"))
+            and (names is None or _stem(p) in names)]
 
 
-def reset_output(layout: OutputLayout) -> None:
-    """Remove everything a job writes under OUT (for --overwrite)."""
-    for d in layout.data_dirs():
-        if layout.fs.exists(d):
-            layout.fs.rm(d, recursive=True)
-    layout.remove([layout.manifest] if layout.fs.exists(layout.manifest) else [])
+class NamedFiles:
+    """A sink whose files are one per partition in each of OUT's :attr:`directories`, named after it."""
 
+    directories: tuple[str, ...] = ()
 
-def remove_partition_files(layout: OutputLayout, names: set[str], existing: set[str]) -> None:
-    """Drop the output files (and any stale record) of partitions that will be redone."""
-    if not names:
-        return
-    dirs = (layout.kept, layout.rejected, layout.errors, layout.samples, layout.records)
-    doomed = [p for p in existing if _stem(p) in names and p.rsplit("/", 1)[0] in dirs]
-    layout.remove(doomed)
+    @classmethod
+    def remove(cls, layout: OutputLayout, names: set[str], existing: set[str], listed: dict[str, list[str]]) -> list[str]:
+        """This sink's files of partitions ``names``: those of its directories named after them."""
+        return partition_files(layout, cls.directories, names, existing)

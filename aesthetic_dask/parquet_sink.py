@@ -21,7 +21,7 @@ from . import histogram, provenance, samples, storage
 from .columns import ERROR_COLUMN, ROW_COLUMN, SCORE_COLUMN, SOURCE_COLUMN
 from .errors import InputError
 from .filters import failing, table_keep_mask
-from .output import OutputLayout, WriteOptions, rows_to_write, uniform, write_parquet
+from .output import NamedFiles, OutputLayout, WriteOptions, rows_to_write, uniform, write_parquet
 
 
 @dataclass(frozen=True)
@@ -37,9 +37,11 @@ class Resplit:
     existing: set[str]  # OUT's listing: no request per file
 
 
-class ParquetSink:
+class ParquetSink(NamedFiles):
     """``kept/``, ``rejected/`` (``--keep-rejected``) and ``errors/``: every job's first sink,
     whose counts make the partition's record."""
+
+    directories = ("kept", "rejected", "errors")
 
     def write(self, part: Any, scored: Any, record: Any, layout: OutputLayout, opts: WriteOptions) -> None:
         record.wrote(split_and_write(scored.table, scored.rows, part.name, part.source, layout, opts, scored.keep,

@@ -25,7 +25,9 @@ log = logging.getLogger("aesthetic_dask")
 
 INDEX_NAME = "_index.json.gz"
 INDEX_FORMAT = 2  # an index of another format is read as none: the records are read one by one, once
-_OWN_DIRS = ("kept", "rejected", "errors", "samples")  # a record's own files: DIR/NAME.parquet
+# The index's shorthand for a record's own files (DIR/NAME.parquet is stored as DIR): the sinks'
+# directories (sinks.PARTITION_DIRS) as of index format 2; a directory not here is stored in full.
+_OWN_DIRS = ("kept", "rejected", "errors", "samples")
 FOOTERS_NAME = "_inputs.json.gz"  # what each Parquet input's footer said, by its identity (parquet_plan)
 
 

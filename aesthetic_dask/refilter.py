@@ -17,7 +17,6 @@ import time
 import uuid
 from typing import Any
 
-from . import storage
 from .config import fingerprint
 from .errors import EXIT_OK, InputError
 from .filters import as_criteria
@@ -27,6 +26,7 @@ from .parquet_sink import ParquetSink, Resplit
 from .partition import Record
 from .records import read_records, write_index, write_record
 from .shard_sink import ShardSink
+from .sinks import unlisted
 from .storage import write_json
 
 log = logging.getLogger("aesthetic_dask")
@@ -94,10 +94,8 @@ def _refilter_locked(layout: OutputLayout, manifest: dict[str, Any], threshold: 
             rec.job = fingerprint({**settings, "score_threshold": threshold}) if rec.job else None
             write_record(layout, rec.to_json())  # last: the partition is at the new threshold
             done += 1
-        # A rejected file its record no longer lists (nothing below now): removed after the record.
-        stale = storage.join(layout.rejected, f"{name}.parquet")
-        if f"rejected/{name}.parquet" not in rec.files and stale in existing:
-            layout.remove([stale])
+        # A file its record no longer lists (a rejected file with nothing below now): removed after the record.
+        layout.remove(unlisted(layout, name, rec.files, existing))
 
     manifest = _recount(manifest, records.values())
     settings["score_threshold"] = threshold

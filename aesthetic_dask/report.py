@@ -24,6 +24,7 @@ from .summary import clip_caveats, is_demo
 from .errors import InputError
 from .filters import parse
 from .output import OutputLayout
+from .sinks import written_by_a_job
 from .storage import atomic_write_bytes
 
 GUIDE_THRESHOLDS = (4.5, 5.0, 5.5, 6.0, 6.5, 7.0)
@@ -60,7 +61,7 @@ def _refuse_overwriting(layout: OutputLayout, manifest: dict[str, Any], path: st
         target = os.path.realpath(target)
     root = (os.path.realpath(layout.root) if layout.local else layout.root).rstrip("/")
     relative = target[len(root) + 1:] if type(fs) is type(layout.fs) and target.startswith(root + "/") else None
-    if relative and relative != "report.html" and layout.written_by_a_job(layout.path(relative)):
+    if relative and relative != "report.html" and written_by_a_job(layout, layout.path(relative)):
         raise InputError(f"report -o {path}: that is one of the job's own files in {layout.root_url}; "
                          "write the page elsewhere (or leave -o out for OUT/report.html)")
     inputs = {os.path.realpath(i) if storage.is_local(fs) and not storage.is_url(i) else i

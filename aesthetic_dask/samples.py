@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from . import storage
 from .columns import SCORE_COLUMN
-from .output import write_parquet
+from .output import NamedFiles, write_parquet
 
 # Score bands of the contact sheets: [0, 1), [1, 2), ..., [9, 10), and >= 10 (below 0 joins band 0).
 BANDS = 11
@@ -122,10 +122,12 @@ def merge_error_reasons(parts: list[dict[str, dict[str, Any]] | None]) -> dict[s
     return dict(sorted(out.items(), key=lambda kv: -kv[1]["count"]))
 
 
-class SamplesSink:
+class SamplesSink(NamedFiles):
     """``samples/``: a few scored rows per partition and score band, with their thumbnails where
     the job made them (:func:`pick`, :func:`sample_table`), for the report; written after the
     Parquet sink, whatever the threshold (a refilter leaves them as they are)."""
+
+    directories = ("samples",)
 
     def write(self, part: Any, scored: Any, record: Any, layout: Any, opts: Any) -> None:
         table, is_error = scored.table, scored.is_error

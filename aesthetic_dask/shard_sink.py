@@ -27,7 +27,7 @@ import posixpath
 import tarfile
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -99,6 +99,7 @@ class ShardSink:
     names: dict[str, str]
     image_column: str | None = None
     storage_options: dict[str, Any] | None = None
+    directories: ClassVar[tuple[str, ...]] = ()  # its files are outside OUT: the records list them
 
     def write(self, part: Any, scored: Any, record: Any, layout: OutputLayout, opts: WriteOptions) -> None:
         # Full paths or URLs on the record: checked on resume like the rest.
@@ -109,6 +110,12 @@ class ShardSink:
 
     def resplit(self, record: Any, how: Any) -> None:
         resplit(record.files, how.threshold, how.criteria, how.run_id, how.layout.tmp, how.layout.storage_options)
+
+    @staticmethod
+    def remove(layout: OutputLayout, names: set[str], existing: set[str], listed: dict[str, list[str]]) -> list[str]:
+        """The tars (and their ``_stats.json`` and ``.parquet``) the records of ``names`` list, where they still are."""
+        files = [layout.file(f) for name in names for f in listed.get(name, ()) if storage.is_url(f) or f.startswith("/")]
+        return [p for p in files if p in existing or layout.fs.exists(p)]
 
 
 def write_shard_outputs(directory: str, stem: str, part: Any, table: pa.Table, keep: np.ndarray, is_error: np.ndarray,

@@ -180,6 +180,27 @@ def test_member_names_are_never_paths_and_nothing_is_written_outside_out(tmp_pat
     assert sorted(pd.read_parquet(tmp_path / "out" / "kept")["key"]) == ["../../escape", "/abs/path"]
 
 
+def test_a_gone_shard_is_pruned_through_every_sink_its_tars_included(tmp_path, shards, tiny_clip, tiny_weights):
+    """--prune-missing removes what every sink wrote for a gone input (issue 31: removal goes through
+    the sinks): its kept/, errors/ and samples/ files, its record, and its --write-shards tar with the
+    rows file and stats beside it; everything of the other input stays."""
+    ws, out = tmp_path / "kept-shards", tmp_path / "out"
+    args = ("--threshold", "0", "--write-shards", ws)
+    assert run(tmp_path, [shards[0].parent], tiny_clip, tiny_weights, *args)[0] == 0
+
+    def files() -> set[str]:
+        return {str(p.relative_to(tmp_path)) for d in (out, ws) for p in d.rglob("*") if p.is_file()}
+
+    before, gone = files(), shards[1].stem
+    written = {f.split("/")[1] for f in before if gone in f}
+    assert {"kept", "errors", "samples", "_parts"} <= written and any(f.startswith("kept-shards/") for f in before if gone in f)
+    assert len([f for f in before if gone in f and f.startswith("kept-shards/")]) == 3  # tar, rows, stats
+    shards[1].unlink()
+    code, m = run(tmp_path, [shards[0].parent], tiny_clip, tiny_weights, *args, "--prune-missing")
+    assert code == 0 and m["missing_inputs"] == []
+    assert files() == {f for f in before if gone not in f}
+
+
 def test_write_shards_copies_the_kept_samples(tmp_path, shards, tiny_clip, tiny_weights):
     predictor = ad.load_predictor(str(tiny_weights["safetensors"]), tmp_path / "models")
     scores = unit_scores(predictor, reference(tiny_clip, [photo_bytes(n) for n in PHOTOS]))
