@@ -7,32 +7,16 @@ nor open_clip's model code beyond its registry.
 
 from __future__ import annotations
 
-from typing import Iterable
-
 import pandas as pd
 import pyarrow as pa
 
+from .columns import EMBEDDING_COLUMN, ERROR_COLUMN
 from .config import Config, load_config
 from .models.clip import ClipSpec
-from .columns import EMBEDDING_COLUMN, ERROR_COLUMN
 from .image_reader import image_values
 from .pipeline.host import BytesImages
 from .pipeline.stage import EmbedOptions, embed_source
-from .score import attach_scores, merge_errors
-
-
-def attach_embedded(table: pa.Table, result, extra_names: Iterable[str] = ()) -> pa.Table:
-    """``table`` (one row per image, in order) plus the embed stage's columns: ``embedding`` (when
-    made), the scores (when scored: ``aesthetic_score`` then ``extra_names``), and ``error`` (an
-    earlier reason, e.g. "no image", wins)."""
-    earlier = table.column(ERROR_COLUMN) if ERROR_COLUMN in table.column_names else None
-    out = table.drop_columns([c for c in (ERROR_COLUMN, EMBEDDING_COLUMN) if c in table.column_names])
-    if result.embeddings is not None:
-        out = out.append_column(EMBEDDING_COLUMN, result.embeddings)
-    error = merge_errors(earlier, result.reasons)
-    if result.scores is None:
-        return out.append_column(ERROR_COLUMN, error)
-    return attach_scores(out, result.scores[0], error, dict(zip(extra_names, result.scores[1:])))
+from .score import attach_embedded
 
 
 def embed_partition(df: pd.DataFrame, spec: ClipSpec, image_column: str, opts, keep_images: bool) -> pd.DataFrame:

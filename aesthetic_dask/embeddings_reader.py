@@ -20,7 +20,19 @@ import pyarrow.fs  # noqa: F401  (pa.fs)
 from .errors import DataError
 from . import storage
 
-from .parquet_plan import INPUT_NAME_KEY, ParquetPart, EmbeddingPlan, npy_header, plan_embeddings
+
+
+# Field metadata naming the input column a renamed field reads (parquet_plan.rename_reserved).
+INPUT_NAME_KEY = b"aesthetic_dask.input_name"
+
+
+def npy_header(f: Any) -> tuple[tuple[int, ...], np.dtype, int, bool]:
+    """(shape, dtype, data offset, Fortran order) of an .npy file object, from its header alone."""
+    fmt = np.lib.format
+    version = fmt.read_magic(f)
+    read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+    shape, fortran, dtype = read(f)
+    return shape, dtype, f.tell(), bool(fortran)
 
 
 def read_npy_rows(url: str, start: int, stop: int, storage_options: dict[str, Any] | None = None) -> np.ndarray:
@@ -130,7 +142,7 @@ def _stream_rows(fs: Any, path: str, group: int, start: int, stop: int, columns:
                                      pa.schema([reader.schema_arrow.field(c) for c in columns]))
 
 
-def read_embedding_table(part: ParquetPart, schema: pa.Schema, column: str,
+def read_embedding_table(part: Any, schema: pa.Schema, column: str,
                          storage_options: dict[str, Any] | None = None) -> pa.Table:
     """The Arrow table of one partition, conformed to ``schema``. Raises DataError if unreadable."""
     # Only the columns the schema reads (under their input names): a projection, not every column.
@@ -161,7 +173,7 @@ def table_to_frame(table: pa.Table, start: int = 0) -> pd.DataFrame:
     return df
 
 
-def read_part(part: ParquetPart, schema: pa.Schema, column: str, storage_options: dict[str, Any] | None = None,
+def read_part(part: Any, schema: pa.Schema, column: str, storage_options: dict[str, Any] | None = None,
               columns: list[str] | None = None) -> pd.DataFrame:
     """Partition function of the Parquet readers: one part as a pandas frame, of only ``columns``
     when given. ``dd.from_map`` passes the graph's projection there (``ddf[["key", "caption"]]``
@@ -172,29 +184,10 @@ def read_part(part: ParquetPart, schema: pa.Schema, column: str, storage_options
     return table_to_frame(read_embedding_table(part, schema, column, storage_options), part.start)
 
 
-def parquet_frame(plan: EmbeddingPlan, parts: list[ParquetPart] | None = None,
-                  storage_options: dict[str, Any] | None = None):
-    """The lazy Dask frame of ``plan`` (or of a subset of its parts)."""
+def parquet_frame(parts: list[Any], schema: pa.Schema, column: str, storage_options: dict[str, Any] | None = None):
+    """The lazy Dask frame of planned ``parts`` read with ``schema`` (``column``: the one the rows are read by)."""
     import dask.dataframe as dd
 
-    parts = plan.parts if parts is None else parts
-    meta = table_to_frame(pa.schema([f.remove_metadata() for f in plan.schema]).empty_table())
-    return dd.from_map(read_part, parts, schema=plan.schema, column=plan.embedding_column,
-                       storage_options=storage_options, meta=meta, enforce_metadata=False, label="read-parquet")
-
-
-def read_embeddings(
-    paths: list[str] | str, embedding_column: str = "embedding", partition_rows: int = 131072,
-    storage_options: dict[str, Any] | None = None,
-):
-    """Lazy ``dask.dataframe.DataFrame`` of Parquet embedding files or clip-retrieval folders.
-
-    ``paths``: files, directories or globs, local or fsspec URLs (``s3://...`` with
-    ``storage_options``). The embedding column is ``list<float32>``; other columns keep their
-    Arrow types, unified across files. Unreadable files raise ``DataError``.
-    """
-    plan = plan_embeddings(paths, embedding_column, partition_rows, storage_options=storage_options)
-    if plan.failed:
-        path, reason = next(iter(plan.failed.items()))
-        raise DataError(f"{path}: {reason}")
-    return parquet_frame(plan, storage_options=storage_options)
+    meta = table_to_frame(pa.schema([f.remove_metadata() for f in schema]).empty_table())
+    return dd.from_map(read_part, parts, schema=schema, column=column, storage_options=storage_options, meta=meta,
+                       enforce_metadata=False, label="read-parquet")

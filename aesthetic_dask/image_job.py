@@ -2,7 +2,7 @@
 
 Each partition (a shard, or a row range of an image Parquet file) is one Dask task of the one
 partition pipeline (:func:`partition.process`): its samples streamed, decoded by the worker's pool,
-embedded and scored where the model runs (:class:`rows.ShardRows`, :class:`rows.ImageParquetRows`;
+embedded and scored where the model runs (the input kinds' readers, :mod:`.sources`;
 image bytes are let go as soon as they are embedded, so memory per task does not grow with image
 sizes), then the Parquet sink and, with ``--write-shards``, the shard sink. The notebook API runs
 the same stage functions.
@@ -21,27 +21,22 @@ from . import storage
 from .columns import EMBEDDING_COLUMN, SCORE_COLUMN, written_by
 from .config import Config
 from .errors import InputError
-from .image_reader import SHARD_SUFFIXES, ShardPart, check_image_type, parse_json_fields, shard_schema
-from .job import Work
+from .image_reader import parse_json_fields
 from .launch import Planned, run_planned
 from .models.clip import ClipSpec, compute_precision, prepare_clip_weights
 from .models.fetch import registered_entry
 from .output import OutputLayout
-from .parquet_plan import PARQUET_SUFFIXES, plan_parquet
 from .parquet_sink import ParquetSink
-from .partition import process
 from .pipeline.decode import resolve_decoder
 from .pipeline.stage import EmbedOptions, ModelPlugin
-from .preparation import Heads, with_identities
+from .preparation import Heads, kind_work
 from .records import read_footers
 from .samples import SamplesSink
-from .image_rows import ImageParquetRows, ShardRows
 from .score import check_extra_score_names
 from .shard_sink import ShardSink, shard_names
-from .sources import list_inputs
+from .sources.kind import InputOptions
+from .sources.registry import for_job, plan_inputs
 
-# Rows per partition of image Parquet: all their image bytes are in memory at once.
-IMAGE_PARQUET_ROWS = 4096
 # The `clip` extra (pyproject.toml): import name -> distribution. The job checks the first before
 # any work and records the versions of the second in its manifest.
 CLIP_EXTRA = {"torch": "torch", "torchvision": "torchvision", "open_clip": "open_clip_torch", "PIL": "pillow"}
@@ -57,15 +52,12 @@ def run_job(inputs: list[str], out: str | Path, config: Config, overwrite: bool 
     shards_dir = _absolute(config.write_shards) if config.write_shards else None
     exclude = (layout.url(),) + ((shards_dir,) if shards_dir else ())
     clip_spec = ClipSpec.from_config(config)
-    fields = parse_json_fields(config.json_fields)
-    listed = list_inputs(inputs, SHARD_SUFFIXES + PARQUET_SUFFIXES, exclude, so)
-    tars = [f for f in listed.files if not f.lower().endswith(PARQUET_SUFFIXES)]
-    parquets = [f for f in listed.files if f.lower().endswith(PARQUET_SUFFIXES)]
-    shard_parts = [ShardPart(t) for t in tars]
-    cached = read_footers(layout) if parquets else {}  # a re-run reads the footers of new and changed inputs only
-    pq_plan = plan_parquet(parquets, config.image_column, check_image_type, min(config.partition_rows, IMAGE_PARQUET_ROWS),
-                           pa.binary(), reserved=written_by("run"), storage_options=so,
-                           footer_cache=cached) if parquets else None
+    cached = read_footers(layout)  # a re-run reads the footers of new and changed inputs only
+    # The image column's type across inputs is binary: never written, so a struct<bytes, path> file beside a binary one is fine.
+    reading = InputOptions(config.image_column, config.partition_rows, exclude=exclude, storage_options=so,
+                           footer_cache=cached, reserved=written_by("run"), canonical=pa.binary(),
+                           json_fields=parse_json_fields(config.json_fields), max_sidecar_bytes=config.max_sidecar_bytes)
+    inputs_plan = plan_inputs(for_job("run"), inputs, reading)
 
     # Compatibility first: a head trained on another CLIP (by name, or a file that is a registered
     # head by its sha256) is refused before any availability check or download.
@@ -74,32 +66,27 @@ def run_job(inputs: list[str], out: str | Path, config: Config, overwrite: bool 
     heads = Heads.load(config)
     clip_spec.check(heads.predictor.embed_dim)
     clip_spec, clip_weights = prepare_clip_weights(clip_spec)  # present or fetchable, before any task
-    check_extra_score_names(heads.extras, shard_schema(fields).names + (pq_plan.schema.names if pq_plan else []))
-    opts = heads.write_options(config, EMBEDDING_COLUMN, written_columns(fields, bool(shard_parts), pq_plan, config.image_column))
+    plans = inputs_plan.plans
+    columns = [plan.kind.columns(plan, reading) for plan in plans]
+    check_extra_score_names(heads.extras, [name for plan in plans for name in plan.schema.names])
+    written = pa.unify_schemas(columns, promote_options="permissive") if columns else None
+    opts = heads.write_options(config, EMBEDDING_COLUMN, written)
     embed = EmbedOptions.from_config(config)
-    failed_inputs = dict(pq_plan.failed) if pq_plan else {}
     sinks: tuple = (ParquetSink(), SamplesSink())
     if shards_dir:
-        names = shard_names(shard_parts + (pq_plan.parts if pq_plan else []))
-        sinks += (ShardSink(shards_dir, names, config.image_column, so),)
-    embedded = dict(clip_spec=clip_spec, embed=embed, predictor=heads.predictor, extras=heads.extras, storage_options=so,
-                    thumbnails=opts.samples, keep_embeddings=opts.keep_embeddings)
+        sinks += (ShardSink(shards_dir, shard_names(inputs_plan.parts), config.image_column, so),)
+    scoring = dict(clip_spec=clip_spec, embed=embed, predictor=heads.predictor, extras=heads.extras,
+                   thumbnails=opts.samples, keep_embeddings=opts.keep_embeddings)
     common = dict(out=layout.url(), opts=opts, sinks=sinks, storage_options=so)
-    work = []
-    if shard_parts:
-        rows = ShardRows(**embedded, fields=fields, max_sidecar_bytes=config.max_sidecar_bytes)
-        work.append(Work(with_identities(shard_parts, so), process, dict(rows=rows, **common)))
-    if pq_plan and pq_plan.parts:
-        others = pa.schema([f for f in pq_plan.schema if f.name != config.image_column])
-        rows = ImageParquetRows(**embedded, schema=others, column=config.image_column)
-        work.append(Work(with_identities(pq_plan.parts, so), process, dict(rows=rows, **common)))
+    work = kind_work(plans, reading, scoring, common)
+    failed_inputs = inputs_plan.failed
     if not work and not failed_inputs:
         raise InputError(f"no shards or image Parquet files found in {', '.join(map(str, inputs))}")
     clip_info = {"model": clip_spec.model, "pretrained": clip_spec.pretrained, "model_config": clip_spec.model_config,
                  "compatibility": compatibility, "weights": clip_weights, "demo": clip_spec.demo}
     planned = Planned(
-        "run", work, sorted(str(f) for f in listed.files), failed_inputs, listed.duplicates, listed.notes(),
-        pq_plan.footers if pq_plan else None, cached, model_work=True,
+        "run", work, sorted(inputs_plan.files), failed_inputs, inputs_plan.duplicates, inputs_plan.notes,
+        inputs_plan.footers, cached, model_work=True,
         # What the workers will compute in (``auto`` is fp16 on CUDA) is known once the device is.
         derived=lambda device: dict(write_shards=shards_dir, clip_model_config_sha256=_file_digest(clip_spec.model_config),
                                     clip_compute=compute_precision(config.clip_precision, device),
@@ -108,18 +95,6 @@ def run_job(inputs: list[str], out: str | Path, config: Config, overwrite: bool 
         # Once OUT is this job's: each worker starts its model and decode pool.
         start_workers=lambda client: client.register_plugin(ModelPlugin(clip_spec, embed)))
     return run_planned(planned, config, layout, heads, started, t0, overwrite, prune_missing, progress)
-
-
-def written_columns(fields: dict, shards: bool, pq_plan: Any, image_column: str) -> pa.Schema | None:
-    """The input columns every kept, rejected and errors file of the job holds, in one order: the
-    shards' then the image Parquet's (their image bytes left out), so a job over both writes one
-    schema."""
-    schemas = []
-    if shards:
-        schemas.append(pa.schema([f for f in shard_schema(fields) if f.name not in ("image", "image_ext", "error")]))
-    if pq_plan is not None:
-        schemas.append(pa.schema([f for f in pq_plan.schema if f.name != image_column]).remove_metadata())
-    return pa.unify_schemas(schemas, promote_options="permissive") if schemas else None
 
 
 def require_clip_extra() -> None:

@@ -1,4 +1,6 @@
-"""Readers of images: WebDataset tar shards and Parquet with image bytes.
+"""Images in their containers: WebDataset tar shards as samples (:class:`ShardReader`), their
+columns, and image bytes in Parquet columns. The input kinds that read them are
+:mod:`.sources.shards` and :mod:`.sources.image_parquet`.
 
 Shards are streamed member by member (never extracted: a member name is data, never a path).
 A sample is a run of consecutive members sharing a key: the member path up to the first dot of
@@ -16,14 +18,11 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-import pandas as pd
 import pyarrow as pa
 
 from .columns import RESERVED_SAMPLE_COLUMNS
-from .errors import DataError, InputError
-from .sources import list_inputs
-from .embeddings_reader import parquet_frame
-from .parquet_plan import plan_parquet, source_name
+from .errors import InputError
+from .naming import source_name
 from .storage import split
 from . import tar_stream  # its bounds read at use: a test may lower them
 from .tar_stream import ShardBomb, TarStream, clean_name, iter_members, open_shard, shown
@@ -266,41 +265,6 @@ def samples_table(samples: list[Sample], source: str, fields: dict[str, pa.DataT
     return pa.table({f.name: pa.array(columns[f.name], type=f.type) for f in schema}, schema=schema)
 
 
-def read_shard(part: ShardPart, fields: dict[str, pa.DataType], max_sidecar_bytes: int = MAX_SIDECAR_BYTES,
-               storage_options: dict[str, Any] | None = None) -> pd.DataFrame:
-    """Partition function of :func:`read_webdataset`: one shard as a pandas frame.
-
-    A shard that cannot be read whole raises :class:`DataError` naming it (as Dask's own readers
-    do on a corrupt file); the ``run`` job instead keeps the samples before the damage and
-    records the failure, with the same :class:`ShardReader`.
-    """
-    reader = ShardReader(part.source, max_sidecar_bytes=max_sidecar_bytes, storage_options=storage_options)
-    samples = list(reader)
-    if reader.failure:
-        raise DataError(f"{part.source}: {reader.failure}")
-    return samples_table(samples, part.source, fields).to_pandas(types_mapper=pd.ArrowDtype)
-
-
-def plan_shards(inputs: list[str] | str, storage_options: dict[str, Any] | None = None) -> list[ShardPart]:
-    """One part per tar shard found in the inputs (files, directories, globs; local or URLs)."""
-    return [ShardPart(p) for p in list_inputs(inputs, SHARD_SUFFIXES, storage_options=storage_options).files]
-
-
-def read_webdataset(paths: list[str] | str, json_fields: list[str] | str | None = None,
-                    max_sidecar_bytes: int = MAX_SIDECAR_BYTES, storage_options: dict[str, Any] | None = None):
-    """Lazy Dask frame of WebDataset shards, one partition per shard.
-
-    Columns: ``key``, ``source``, ``image`` (bytes), ``image_ext``, ``caption``, ``json`` (the
-    sidecar's text), the ``json_fields`` as typed columns, and ``error`` ("no image").
-    """
-    import dask.dataframe as dd
-
-    fields = parse_json_fields(json_fields)
-    meta = shard_schema(fields).empty_table().to_pandas(types_mapper=pd.ArrowDtype)
-    return dd.from_map(read_shard, plan_shards(paths, storage_options), fields=fields, max_sidecar_bytes=max_sidecar_bytes,
-                       storage_options=storage_options, meta=meta, enforce_metadata=False, label="read-webdataset")
-
-
 def image_values(column: pa.ChunkedArray | pa.Array) -> list[bytes | None]:
     """Image bytes from a binary column or a Hugging Face-style ``struct<bytes, path>`` column."""
     if isinstance(column, pa.ChunkedArray):
@@ -316,12 +280,3 @@ def check_image_type(dtype: pa.DataType, column: str, where: str) -> None:
         ok = dtype.get_field_index("bytes") >= 0
     if not ok:
         raise InputError(f"{where}: column {column!r} has type {dtype}, expected binary image bytes or struct<bytes, path>")
-
-
-def read_image_parquet(paths: list[str] | str, image_column: str = "image", partition_rows: int = 4096):
-    """Lazy Dask frame of Parquet files holding image bytes (binary or ``struct<bytes, path>``)."""
-    plan = plan_parquet(paths, image_column, check_image_type, partition_rows)
-    if plan.failed:
-        path, reason = next(iter(plan.failed.items()))
-        raise DataError(f"{path}: {reason}")
-    return parquet_frame(plan)

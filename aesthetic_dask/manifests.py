@@ -9,7 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from . import histogram, samples
+from . import histogram
+from .error_reasons import merge_error_reasons
 from .output import COUNT_KEYS
 from .partition import Record
 
@@ -81,7 +82,7 @@ def full(job: Any, status: str) -> dict[str, Any]:
             c: histogram.summary(histogram.merge([r.extra_histograms.get(c) for r in counted]))
             for c in extra_columns
         },
-        "error_reasons": samples.merge_error_reasons([r.error_reasons for r in counted]),
+        "error_reasons": merge_error_reasons([r.error_reasons for r in counted]),
         "failed_inputs": job.failed_inputs,
         "missing_inputs": sorted({r.source for r in job.missing.values()}),
         "duplicate_inputs": job.duplicate_inputs,

@@ -1,21 +1,17 @@
-"""Planning the partitions of Parquet and clip-retrieval inputs, in the client: one per Parquet file
-or run of row groups (about ``partition_rows`` rows), and per row range of a clip-retrieval
-``img_emb/img_emb_N.npy`` with its row-aligned ``metadata/metadata_N.parquet``; their one unified
-schema, with input columns named like a column the job writes renamed ``NAME_input``. Reading the
-planned partitions is :mod:`.embeddings_reader`.
+"""Planning Parquet inputs' partitions, in the client, for the kinds that read Parquet
+(:mod:`.sources.parquet_embeddings`, :mod:`.sources.image_parquet`, and the metadata of
+:mod:`.sources.clip_retrieval`): one per file or run of row groups (about ``partition_rows``
+rows), their footers read once (and cached by a job's OUT), one unified schema, with input columns
+named like a column the job writes renamed ``NAME_input``. Reading the planned partitions is
+:mod:`.embeddings_reader`.
 """
 
 from __future__ import annotations
 
 from functools import cached_property
 
-import hashlib
-import os
-import posixpath
-import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -23,17 +19,14 @@ import pyarrow as pa
 import pyarrow.fs  # noqa: F401  (pa.fs)
 import pyarrow.parquet as pq
 
-from .columns import written_by
-from .errors import DataError, InputError, MissingColumnError
+from .errors import InputError, MissingColumnError
 from . import storage, versions
-from .sources import check_not_inside, list_inputs
+from .naming import source_name
+from .embeddings_reader import INPUT_NAME_KEY
 
 
 EMBEDDING_TYPE = pa.list_(pa.float32())
 PARQUET_SUFFIXES = (".parquet", ".pq")  # what a listed input must end with to be read as Parquet
-
-
-_NPY_NAME = re.compile(r"img_emb_(\d+)\.npy$")
 
 
 @dataclass(frozen=True)
@@ -61,57 +54,20 @@ class ParquetPart:
         return self.stop - self.start
 
 
-def source_name(source: str) -> str:
-    """The output name of an input: its file name, then a 64-bit digest of its directory.
-
-    Unique by construction among the files of one directory (their names differ), however many
-    there are (a 32-bit digest of the path collided for same-stem shards at scale); files of two
-    directories differ by the directory's digest as well. A pure function of the path: the same
-    in the client and every worker, and in every run. An escape keeps it a plain file name:
-    ``%`` and ``/``, glob characters, and a leading ``.`` or ``_`` (which Parquet readers skip)
-    are ``%XX``; an over-long name is cut and keeps a digest of the whole.
-    """
-    directory, base = posixpath.split(str(source))
-    digest = hashlib.sha256(directory.encode("utf-8", "surrogateescape")).hexdigest()[:16]
-    base = "".join(f"%{ord(c):02X}" if c in _ESCAPED else c for c in base)
-    if base and base[0] in "._":
-        base = f"%{ord(base[0]):02X}{base[1:]}"
-    if len(base.encode("utf-8", "surrogateescape")) > 120:
-        base = f"{base[:80]}~{hashlib.sha256(base.encode('utf-8', 'surrogateescape')).hexdigest()[:16]}"
-    return f"{base}-{digest}"
-
-
-_ESCAPED = set("%/\\*?[]{}:\0\n\r\t")
-
-
-@dataclass
-class EmbeddingPlan:
-    """What to read: the partitions, the one schema they share, and inputs that could not be read
-    (path -> reason: each is a :class:`DataError`, recorded, and the job goes on)."""
-
-    parts: list[ParquetPart]
-    schema: pa.Schema
-    embedding_column: str
-    failed: dict[str, str]
-    duplicates: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)  # e.g. an earlier job's OUT skipped
-    footers: dict[str, list[Any]] = field(default_factory=dict)  # what each file's footer said (FOOTER_CACHE)
-
-
 def _other_job_hint(schema: pa.Schema, check: Callable) -> str:
     """Where a file lacks the job's column but holds the other job's input: which command reads it."""
     lists = [f.name for f in schema if pa.types.is_list(f.type) or pa.types.is_large_list(f.type)
              or pa.types.is_fixed_size_list(f.type)]
     images = [f.name for f in schema if pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type)
               or (pa.types.is_struct(f.type) and f.type.get_field_index("bytes") >= 0)]
-    if check is not _check_embedding_type and lists and not images:
+    if check is not check_embedding_type and lists and not images:
         return f"; it holds embeddings ({lists[0]!r}): score them with `aesthetic-dask score`"
-    if check is _check_embedding_type and images and not lists:
+    if check is check_embedding_type and images and not lists:
         return f"; it holds image bytes ({images[0]!r}): embed them with `aesthetic-dask run`"
     return ""
 
 
-def _check_embedding_type(dtype: pa.DataType, column: str, where: str) -> None:
+def check_embedding_type(dtype: pa.DataType, column: str, where: str) -> None:
     is_list = pa.types.is_list(dtype) or pa.types.is_large_list(dtype) or pa.types.is_fixed_size_list(dtype)
     if not (is_list and pa.types.is_floating(dtype.value_type)):
         raise InputError(
@@ -132,8 +88,8 @@ def _group_row_groups(rows: list[int], target_rows: int) -> list[tuple[int, int,
         if current and (stop - start + n > target_rows or n > 2 * target_rows):
             groups.append((start, stop, tuple(current)))
             start, current = stop, []
-        if n > 2 * target_rows:  # (a range inside one row group: see _plan_parquet_files)
-            groups += [(stop + a, stop + b, (i,)) for a, b in _row_ranges(n, target_rows)]
+        if n > 2 * target_rows:  # (a range inside one row group: see plan_parquet_files)
+            groups += [(stop + a, stop + b, (i,)) for a, b in row_ranges(n, target_rows)]
             stop += n
             start = stop
             continue
@@ -144,7 +100,7 @@ def _group_row_groups(rows: list[int], target_rows: int) -> list[tuple[int, int,
     return groups
 
 
-def _open_footer(url: str, storage_options: dict[str, Any] | None = None) -> pq.FileMetaData | str:
+def open_footer(url: str, storage_options: dict[str, Any] | None = None) -> pq.FileMetaData | str:
     """The footer of a Parquet file (local or remote), or why it cannot be read."""
     try:
         if not storage.is_url(url):
@@ -155,22 +111,11 @@ def _open_footer(url: str, storage_options: dict[str, Any] | None = None) -> pq.
         return f"not a readable Parquet file: {exc}"
 
 
-def _row_ranges(n: int, target_rows: int) -> list[tuple[int, int]]:
+def row_ranges(n: int, target_rows: int) -> list[tuple[int, int]]:
     return [(s, min(s + target_rows, n)) for s in range(0, n, target_rows)] or [(0, 0)]
 
 
-def _is_clip_retrieval_folder(url: str, storage_options: dict[str, Any] | None = None) -> bool:
-    if set("*?[") & set(str(url)):
-        return False
-    storage.check_reachable(str(url), storage_options, "input")
-    fs, path = storage.split(str(url), storage_options)
-    try:
-        return fs.isdir(storage.join(path, "img_emb"))
-    except Exception:  # noqa: BLE001 - listing the inputs reports what is wrong with them
-        return False
-
-
-def _plan_parquet_files(
+def plan_parquet_files(
     files: list[str], column: str, check: Callable[[pa.DataType, str, str], None], partition_rows: int,
     storage_options: dict[str, Any] | None = None, footer_cache: dict[str, list[Any]] | None = None,
 ) -> tuple[list[ParquetPart], list[tuple[str, pa.Schema]], dict[str, str], dict[str, list[Any]]]:
@@ -188,9 +133,9 @@ def _plan_parquet_files(
     unread = [f for f in files if f not in known]
     if any(storage.is_url(f) for f in unread):
         with ThreadPoolExecutor(16) as pool:  # footers are small reads: many at once, for object storage
-            read = list(pool.map(lambda f: _open_footer(f, storage_options), unread))
+            read = list(pool.map(lambda f: open_footer(f, storage_options), unread))
     else:  # a local footer is a fraction of a millisecond: a pool's hand-offs cost more (0.37 s vs 1.4 s for 5,000)
-        read = [_open_footer(f) for f in unread]
+        read = [open_footer(f) for f in unread]
     footers = dict(known)
     for path, meta in zip(unread, read):
         if isinstance(meta, str):
@@ -228,135 +173,7 @@ def _schema_of(text: str) -> pa.Schema:
     return pa.ipc.read_schema(pa.py_buffer(base64.b64decode(text)))
 
 
-def plan_parquet(
-    inputs: list[str] | str,
-    column: str,
-    check: Callable[[pa.DataType, str, str], None],
-    partition_rows: int,
-    canonical: pa.DataType | None = None,
-    exclude: tuple[str, ...] = (),
-    reserved: tuple[str, ...] = (),
-    storage_options: dict[str, Any] | None = None,
-    footer_cache: dict[str, list[Any]] | None = None,
-) -> EmbeddingPlan:
-    """Partitions and shared schema of Parquet files/dirs/globs that must hold ``column``.
-
-    Input columns named in ``reserved`` (columns the job writes) are read as ``NAME_input``.
-    """
-    listed = list_inputs(inputs, PARQUET_SUFFIXES, exclude, storage_options)
-    parts, schemas, failed, footers = _plan_parquet_files(listed.files, column, check, partition_rows, storage_options,
-                                                          footer_cache)
-    schema = rename_reserved(_unify(schemas, column, canonical), reserved, column)
-    return EmbeddingPlan(parts, schema, column, failed, listed.duplicates, listed.notes(), footers)
-
-
-def plan_embeddings(
-    inputs: list[str] | str,
-    embedding_column: str = "embedding",
-    partition_rows: int = 131072,
-    exclude: tuple[str, ...] = (),
-    reserved: tuple[str, ...] = written_by("score"),
-    storage_options: dict[str, Any] | None = None,
-    footer_cache: dict[str, list[Any]] | None = None,
-) -> EmbeddingPlan:
-    """Partitions and the shared schema of Parquet files/dirs/globs and clip-retrieval folders.
-
-    ``exclude``: directories never read as input (the job's OUT).
-    """
-    if isinstance(inputs, (str, Path)):
-        inputs = [str(inputs)]
-    is_folder = {i: _is_clip_retrieval_folder(i, storage_options) for i in inputs}
-    folders = [i if storage.is_url(i) else storage.local_path(i) for i in inputs if is_folder[i]]
-    others = [i for i in inputs if not is_folder[i]]
-    listed = list_inputs(others, PARQUET_SUFFIXES, exclude, storage_options) if others else None
-    try:
-        parts, schemas, failed, footers = _plan_parquet_files(
-            listed.files if listed else [], embedding_column, _check_embedding_type, partition_rows, storage_options,
-            footer_cache)
-    except MissingColumnError as exc:
-        raise InputError(f"{exc}; choose one with --embedding-column") from None
-    seen_folders: set[str] = set()
-    duplicates = list(listed.duplicates) if listed else []
-    for folder in folders:
-        identity = folder.rstrip("/") if storage.is_url(folder) else os.path.realpath(folder)
-        if identity in seen_folders:
-            duplicates.append(folder)
-            continue
-        seen_folders.add(identity)
-        check_not_inside(folder, exclude, storage_options)
-        folder_parts, folder_schemas, folder_failed = _plan_clip_retrieval(folder, embedding_column, partition_rows,
-                                                                           storage_options)
-        parts.extend(folder_parts)
-        schemas.extend(folder_schemas)
-        failed.update(folder_failed)
-    if not schemas and not failed:
-        raise InputError(f"no embedding files found in {', '.join(map(str, inputs))}")
-    schema = rename_reserved(_unify(schemas, embedding_column, EMBEDDING_TYPE), reserved, embedding_column)
-    return EmbeddingPlan(parts, schema, embedding_column, failed, duplicates, listed.notes() if listed else [], footers)
-
-
-def _plan_clip_retrieval(
-    folder: str, column: str, partition_rows: int, storage_options: dict[str, Any] | None = None,
-) -> tuple[list[ParquetPart], list[tuple[str, pa.Schema]], dict[str, str]]:
-    """Parts of a clip-retrieval folder; an unreadable or misaligned file pair is a failed input."""
-    fs, root = storage.split(folder, storage_options)
-    try:  # listed, never globbed: the folder's own name may hold [ ] or *
-        found = [p for p in fs.ls(storage.join(root, "img_emb"), detail=False) if _NPY_NAME.search(p)]
-    except FileNotFoundError:
-        found = []
-    npys = sorted(found, key=lambda p: int(_NPY_NAME.search(p)[1]))
-    if not npys:
-        raise InputError(f"{folder}: img_emb/ holds no img_emb_N.npy files")
-    parts, schemas, failed = [], [], {}
-    for npy in npys:
-        n_str = _NPY_NAME.search(npy)[1]
-        npy_url = storage.to_url(fs, npy)
-        meta_url = storage.to_url(fs, storage.join(root, "metadata", f"metadata_{n_str}.parquet"))
-        try:
-            shape, meta = _open_clip_retrieval_pair(fs, npy, meta_url, storage_options)
-        except DataError as exc:
-            failed[npy_url] = str(exc)
-            continue
-        schema = meta.schema.to_arrow_schema()
-        if column in schema.names:
-            raise InputError(f"{meta_url}: already has a column {column!r}; pick another --embedding-column")
-        schemas.append((meta_url, schema.append(pa.field(column, EMBEDDING_TYPE))))
-        for start, stop in _row_ranges(shape[0], partition_rows):
-            parts.append(ParquetPart(npy_url, start, stop, metadata=meta_url))
-    return parts, schemas, failed
-
-
-def npy_header(f: Any) -> tuple[tuple[int, ...], np.dtype, int, bool]:
-    """(shape, dtype, data offset, Fortran order) of an .npy file object, from its header alone."""
-    fmt = np.lib.format
-    version = fmt.read_magic(f)
-    read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
-    shape, fortran, dtype = read(f)
-    return shape, dtype, f.tell(), bool(fortran)
-
-
-def _open_clip_retrieval_pair(fs: Any, npy: str, meta_url: str, storage_options: dict[str, Any] | None
-                              ) -> tuple[tuple[int, ...], pq.FileMetaData]:
-    """The embeddings' shape and the metadata footer of one pair; DataError if unusable."""
-    meta_fs, meta_path = storage.split(meta_url, storage_options)
-    if not meta_fs.isfile(meta_path):
-        raise DataError(f"no row-aligned metadata file {meta_url}")
-    try:
-        with fs.open(npy, "rb") as f:
-            shape, dtype, _, _ = npy_header(f)
-    except (ValueError, OSError) as exc:
-        raise DataError(f"not a readable .npy array: {exc}") from None
-    if len(shape) != 2 or dtype.kind != "f":
-        raise DataError(f"expected a 2-D float array, got shape {shape} {dtype}")
-    meta = _open_footer(meta_url, storage_options)
-    if isinstance(meta, str):
-        raise DataError(f"metadata {meta_url}: {meta}")
-    if meta.num_rows != shape[0]:
-        raise DataError(f"{shape[0]} rows but {meta_url} has {meta.num_rows}; they must be row-aligned")
-    return shape, meta
-
-
-def _unify(schemas: list[tuple[str, pa.Schema]], column: str, canonical: pa.DataType | None) -> pa.Schema:
+def unify(schemas: list[tuple[str, pa.Schema]], column: str, canonical: pa.DataType | None) -> pa.Schema:
     """One schema for all partitions; ``column`` becomes ``canonical`` when one is given."""
     if not schemas:
         return pa.schema([pa.field(column, canonical or pa.binary())])
@@ -372,8 +189,6 @@ def _unify(schemas: list[tuple[str, pa.Schema]], column: str, canonical: pa.Data
     return unified
 
 
-# Field metadata naming the input column a renamed field reads (see rename_reserved).
-INPUT_NAME_KEY = b"aesthetic_dask.input_name"
 
 
 def rename_reserved(schema: pa.Schema, reserved: tuple[str, ...], keep: str) -> pa.Schema:

@@ -17,7 +17,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import histogram, provenance, samples, storage
+from . import histogram, provenance, storage
+from .error_reasons import error_reasons
 from .columns import ERROR_COLUMN, ROW_COLUMN, SCORE_COLUMN, SOURCE_COLUMN
 from .errors import InputError
 from .filters import failing, table_keep_mask
@@ -120,7 +121,7 @@ def split_and_write(
     reasons = {}
     if n_errors:
         keys = err.column("key").cast(pa.string()).to_pylist() if "key" in err.column_names else [str(r) for r in rows[is_error]]
-        reasons = samples.error_reasons(err.column(ERROR_COLUMN), keys)
+        reasons = error_reasons(err.column(ERROR_COLUMN), keys)
     scores = table.column(SCORE_COLUMN).to_numpy(zero_copy_only=False)
     return {
         "files": files,

@@ -12,9 +12,10 @@ from typing import Any
 from . import versions
 from .config import output_settings
 from .filters import parse_all
-from .job import Job
+from .job import Job, Work
 from .models.load import load_extra_heads, load_head
 from .output import OutputLayout, WriteOptions
+from .partition import process
 
 
 # The packages whose versions every manifest records; each job adds the ones its stages use.
@@ -45,6 +46,14 @@ def with_identities(parts: list[Any], storage_options: dict[str, Any] | None = N
     ids = versions.identities(sorted(paths), storage_options)
     return [dataclasses.replace(p, identity="|".join(filter(None, (ids.get(p.source), ids.get(getattr(p, "metadata", None)))))
                                 or None) if p.identity is None or getattr(p, "metadata", None) else p for p in parts]
+
+
+def kind_work(plans: list[Any], reading: Any, scoring: dict[str, Any], common: dict[str, Any]) -> list[Work]:
+    """One :class:`job.Work` per input kind planned (:class:`sources.kind.KindPlan`): its parts, with
+    their identities, through the one partition pipeline (:func:`partition.process`) with the
+    kind's reader (given how the job scores) and the job's sinks (``common``)."""
+    return [Work(with_identities(plan.parts, reading.storage_options), process,
+                 dict(rows=plan.kind.rows(plan, reading, **scoring), **common)) for plan in plans if plan.parts]
 
 
 def package_versions(extra: tuple[str, ...] = ()) -> dict[str, str]:

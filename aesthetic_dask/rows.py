@@ -1,16 +1,10 @@
-"""A planned partition's rows, read and scored: the first two steps of the one partition pipeline
-(:func:`partition.process`), one small value per input kind, built once in the client and sent
-with every task.
+"""What a partition's read and score steps give the sinks (:class:`ScoredRows`): the first two
+steps of the one partition pipeline (:func:`partition.process`).
 
-- :class:`EmbeddingRows`: a row range of a Parquet file of embeddings, scored by the heads
-  (``score``).
-- :class:`image_rows.ShardRows`: a WebDataset shard, read and decoded by the worker's decode
-  pool, embedded and scored where the model runs (``run``).
-- :class:`image_rows.ImageParquetRows`: a row range of a Parquet file of images: its other
-  columns read here, its images by the pool (``run``).
-
-Each ``read(part)`` gives :class:`ScoredRows` or raises :class:`errors.DataError` when the
-partition cannot be processed at all (its rows count as errors, with the reason).
+Each input kind's reader (:mod:`.sources`: ``EmbeddingRows``, ``ShardRows``,
+``ImageParquetRows``), a small value built once in the client and sent with every task, gives
+one from ``read(part)``, or raises :class:`errors.DataError` when the partition cannot be
+processed at all (its rows count as errors, with the reason).
 """
 
 from __future__ import annotations
@@ -21,8 +15,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from .embeddings_reader import read_embedding_table
-from .score import score_table
 
 
 @dataclass
@@ -41,22 +33,3 @@ class ScoredRows:
     # for every sink: they split the same rows alike by construction.
     keep: np.ndarray | None = None
     is_error: np.ndarray | None = None
-
-
-@dataclass(frozen=True)
-class EmbeddingRows:
-    """A row range of an embeddings Parquet file, scored by the heads: one matrix per call of
-    ``batch_size`` rows, on the worker's device (:func:`score.score_table`)."""
-
-    schema: pa.Schema
-    column: str
-    predictor: Any
-    extras: dict[str, Any] | None = None
-    batch_size: int | None = None
-    storage_options: dict[str, Any] | None = None
-
-    def read(self, part: Any) -> ScoredRows:
-        table = read_embedding_table(part, self.schema, self.column, self.storage_options)
-        scored = score_table(table, self.predictor, self.column, self.extras, self.batch_size)
-        return ScoredRows(scored, np.arange(part.start, part.stop, dtype=np.int64),
-                          facts={"start": part.start, "stop": part.stop})

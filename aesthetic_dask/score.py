@@ -6,7 +6,7 @@ partitions (on GPU workers) use cupy; both go through :func:`classify_and_score`
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import pandas as pd
@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 from .errors import InputError, MissingColumnError
 from .models.heads import AestheticPredictor
 
-from .columns import ERROR_COLUMN, RESERVED_SCORE_NAMES, SCORE_COLUMN
+from .columns import EMBEDDING_COLUMN, ERROR_COLUMN, RESERVED_SCORE_NAMES, SCORE_COLUMN
 from .pipeline.device import array_module
 from .config import load_config
 from .models.load import load_extra_heads, load_predictor
@@ -305,3 +305,17 @@ def score_embeddings(ddf, config=None, predictor: AestheticPredictor | None = No
     return ddf.map_partitions(
         score_partition, predictor, column, extras, meta=_scored_meta(ddf._meta, tuple(extras)), enforce_metadata=False
     )
+
+
+def attach_embedded(table: pa.Table, result, extra_names: Iterable[str] = ()) -> pa.Table:
+    """``table`` (one row per image, in order) plus the embed stage's columns: ``embedding`` (when
+    made), the scores (when scored: ``aesthetic_score`` then ``extra_names``), and ``error`` (an
+    earlier reason, e.g. "no image", wins)."""
+    earlier = table.column(ERROR_COLUMN) if ERROR_COLUMN in table.column_names else None
+    out = table.drop_columns([c for c in (ERROR_COLUMN, EMBEDDING_COLUMN) if c in table.column_names])
+    if result.embeddings is not None:
+        out = out.append_column(EMBEDDING_COLUMN, result.embeddings)
+    error = merge_errors(earlier, result.reasons)
+    if result.scores is None:
+        return out.append_column(ERROR_COLUMN, error)
+    return attach_scores(out, result.scores[0], error, dict(zip(extra_names, result.scores[1:])))

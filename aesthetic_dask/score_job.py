@@ -1,7 +1,8 @@
 """The ``score`` job: precomputed embeddings -> aesthetic scores -> kept/rejected/errors Parquet.
 
 Each partition (a row range of an embeddings file) is one Dask task of the one partition pipeline
-(:func:`partition.process`): read and score (:class:`rows.EmbeddingRows`), then the Parquet sink.
+(:func:`partition.process`): read and score (the embedding kinds' reader,
+:class:`sources.parquet_embeddings.EmbeddingRows`), then the Parquet and samples sinks.
 """
 
 from __future__ import annotations
@@ -11,16 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config
-from .parquet_plan import plan_embeddings
-from .job import Work
 from .launch import Planned, run_planned
-from .preparation import Heads, with_identities
+from .preparation import Heads, kind_work
 from .output import OutputLayout
 from .parquet_sink import ParquetSink
-from .partition import process
 from .records import read_footers
 from .samples import SamplesSink
-from .rows import EmbeddingRows
+from .sources.kind import InputOptions
+from .sources.registry import plan_embeddings
 from .score import check_extra_score_names
 
 
@@ -35,11 +34,11 @@ def score_job(inputs: list[str], out: str | Path, config: Config, overwrite: boo
                            storage_options=so, footer_cache=cached)
     heads = Heads.load(config)
     check_extra_score_names(heads.extras, plan.schema.names)
-    rows = EmbeddingRows(plan.schema, config.embedding_column, heads.predictor, heads.extras,
-                         config.model_inference_batch_size, so)
     opts = heads.write_options(config, config.embedding_column)
-    work = [Work(with_identities(plan.parts, so), process,
-                 dict(rows=rows, out=layout.url(), opts=opts, sinks=(ParquetSink(), SamplesSink()), storage_options=so))]
+    reading = InputOptions(config.embedding_column, config.partition_rows, storage_options=so)
+    scoring = dict(predictor=heads.predictor, extras=heads.extras, batch_size=config.model_inference_batch_size)
+    common = dict(out=layout.url(), opts=opts, sinks=(ParquetSink(), SamplesSink()), storage_options=so)
+    work = kind_work(plan.plans, reading, scoring, common)
     planned = Planned("score", work, sorted({p.source for p in plan.parts} | set(plan.failed)), plan.failed,
                       plan.duplicates, plan.notes, plan.footers, cached)
     return run_planned(planned, config, layout, heads, started, t0, overwrite, prune_missing, progress)

@@ -106,14 +106,14 @@ def test_a_shard_lost_to_an_exception_has_rows_unknown_not_zero(tmp_path, shard_
 
 
 def test_every_partition_failing_with_an_exception_is_exit_1(tmp_path, tiny_weights, rng, monkeypatch):
-    from aesthetic_dask import rows
+    from aesthetic_dask.sources import parquet_embeddings
 
     write_embeddings(tmp_path / "in" / "a.parquet", rng.standard_normal((10, 768)).astype(np.float32))
 
     def boom(*args, **kwargs):
         raise MemoryError("worker out of memory")
 
-    monkeypatch.setattr(rows, "score_table", boom)
+    monkeypatch.setattr(parquet_embeddings, "score_table", boom)
     out = tmp_path / "out"
     assert main(["score", str(tmp_path / "in"), "-o", str(out), "--aesthetic-weights", str(tiny_weights["safetensors"])]) == EXIT_FAILED
     m = manifest(out)
@@ -349,12 +349,12 @@ def test_submit_parts_names_keys_after_partitions_and_bounds_tasks_in_flight():
 
 def test_a_shard_deleted_after_listing_has_rows_unknown(tmp_path, shard_dir, tiny_clip, tiny_weights, monkeypatch):
     """Read in a decode process, a shard gone since the client listed it is "rows unknown", never 0."""
-    from aesthetic_dask import image_job
-    from aesthetic_dask.sources import InputFiles
+    from aesthetic_dask.sources import registry
+    from aesthetic_dask.sources.listing import InputFiles
 
     (shard_dir / "c.tar").unlink()
-    real = image_job.list_inputs
-    monkeypatch.setattr(image_job, "list_inputs", lambda *a, **k: InputFiles(real(*a, **k).files + [str(shard_dir / "gone.tar")]))
+    real = registry.list_inputs
+    monkeypatch.setattr(registry, "list_inputs", lambda *a, **k: InputFiles(real(*a, **k).files + [str(shard_dir / "gone.tar")]))
     out = tmp_path / "out"
     assert run_cli(tmp_path, tiny_clip, tiny_weights, shard_dir, "-o", out) == EXIT_PARTIAL
     m = manifest(out)
@@ -380,7 +380,8 @@ def test_output_names_are_unique_by_construction_and_stable():
     """The stem and a 32-bit digest collided for data.0028584.tar and data.0055774.tar (30% likely
     at 56k same-stem shards): names now keep the whole file name, plus a digest of its directory."""
     from aesthetic_dask.image_reader import ShardPart
-    from aesthetic_dask.parquet_plan import ParquetPart, source_name
+    from aesthetic_dask.naming import source_name
+    from aesthetic_dask.parquet_plan import ParquetPart
 
     assert ShardPart("/d/data.0028584.tar").name != ShardPart("/d/data.0055774.tar").name
     shards = [f"s3://bucket/crawl/data.{i:07d}.tar" for i in range(200_000)]
@@ -398,7 +399,7 @@ def test_output_names_are_unique_by_construction_and_stable():
     import subprocess
     import sys
 
-    again = subprocess.run([sys.executable, "-c", "from aesthetic_dask.parquet_plan import source_name; "
+    again = subprocess.run([sys.executable, "-c", "from aesthetic_dask.naming import source_name; "
                             "print(source_name('/d/data.0028584.tar'))"], capture_output=True, text=True, check=True)
     assert again.stdout.strip() == source_name("/d/data.0028584.tar") == ShardPart("/d/data.0028584.tar").name
     assert ParquetPart("/d/e.parquet", 0, 10).name == f"{source_name('/d/e.parquet')}-0000000000-0000000010"
@@ -422,14 +423,14 @@ def test_an_input_deleted_or_truncated_mid_run_is_that_partitions_failure(tmp_pa
     """After planning, one input is truncated and one deleted while the job runs: each is its own
     partition's failure with the reason; every other partition finishes; a re-run after the
     inputs are back completes the job."""
-    from aesthetic_dask import score_job
+    from aesthetic_dask import preparation  # where each job's Work gets its partition function
 
     files = [write_embeddings(tmp_path / "emb" / f"p{i}.parquet", rng.standard_normal((40, 768)).astype(np.float32), f"p{i}-")
              for i in range(5)]
     originals = {f: f.read_bytes() for f in files}
-    real = score_job.process
+    real = preparation.process
     _DAMAGE.update(real=real, files=files, originals=originals, done=threading.Event())
-    monkeypatch.setattr(score_job, "process", _damaging_process)
+    monkeypatch.setattr(preparation, "process", _damaging_process)
     out = tmp_path / "out"
     argv = ["score", str(tmp_path / "emb"), "-o", str(out), "--aesthetic-weights", str(tiny_weights["safetensors"]),
             "--threshold", "0", "--threads-per-worker", "1", "--no-report"]
@@ -443,7 +444,7 @@ def test_an_input_deleted_or_truncated_mid_run_is_that_partitions_failure(tmp_pa
     assert m["totals"]["rows_kept"] == 120
     for f in files[3:]:  # the damaged inputs are back
         f.write_bytes(originals[f])
-    monkeypatch.setattr(score_job, "process", real)
+    monkeypatch.setattr(preparation, "process", real)
     assert main(argv) == EXIT_OK
     m = manifest(out)
     assert m["totals"]["rows_in"] == m["totals"]["rows_kept"] == 200 and m["this_run"]["partitions_skipped"] == 3

@@ -4,8 +4,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from aesthetic_dask.embeddings_reader import read_embeddings
-from aesthetic_dask.parquet_plan import plan_embeddings
+from aesthetic_dask.sources.readers import read_embeddings
+from aesthetic_dask.sources.registry import plan_embeddings
 from aesthetic_dask.errors import InputError
 from conftest import write_embeddings
 

@@ -336,8 +336,8 @@ def test_a_rerun_reads_the_footers_of_new_and_changed_inputs_only(tmp_path, tiny
     from aesthetic_dask import parquet_plan
 
     inp, out = first_run(tmp_path, tiny_weights, "f", files=4)
-    read, real = [], parquet_plan._open_footer
-    monkeypatch.setattr(parquet_plan, "_open_footer", lambda url, *a: read.append(Path(url).name) or real(url, *a))
+    read, real = [], parquet_plan.open_footer
+    monkeypatch.setattr(parquet_plan, "open_footer", lambda url, *a: read.append(Path(url).name) or real(url, *a))
     assert score(tmp_path, tiny_weights, inp, out, "--threshold", "5") == EXIT_OK
     assert read == [] and manifest(out)["this_run"]["partitions_skipped"] == 4
     embeddings(inp / "f9.parquet", 9)  # tonight's file

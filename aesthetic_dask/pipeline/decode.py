@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .preprocess import InputSpec
-from ..samples import THUMBNAIL_PX, make_thumbnail
+from .thumbnails import THUMBNAIL_PX, make_thumbnail
 
 # The formats the job decodes (Pillow format names); anything else is an error row, never decoded.
 DECODED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF")

@@ -33,7 +33,7 @@ import numpy as np
 from .decode import make_decoder
 from ..embeddings_reader import read_parquet_rows
 from ..image_reader import ShardReader, image_values
-from ..samples import wants_thumbnail
+from .thumbnails import wants_thumbnail
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from . import storage, versions
-from .errors import InputError
+from .. import storage, versions
+from ..errors import InputError
 
 _GLOB_CHARS = set("*?[")
 
