@@ -28,3 +28,13 @@ def test_the_gpu_extra_resolves_to_one_consistent_rapids_line(tmp_path):
     assert versions["dask"] == versions["distributed"] == "2026.7.1"
     assert {"torch", "torchvision", "open-clip-torch", "pillow"} <= set(versions)
     assert "dask-cudf-cu13" not in versions  # never imported, so not in the extra
+
+
+def test_the_wheel_lists_every_subpackage():
+    """pyproject's explicit package list names every package directory, so no wheel (the device
+    check installs one) ships without one of them (e.g. aesthetic_dask.sources)."""
+    import tomllib
+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "aesthetic_dask").rglob("__init__.py")}
+    assert found <= listed, sorted(found - listed)
