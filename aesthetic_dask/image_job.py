@@ -34,6 +34,7 @@ from .records import read_footers
 from .samples import SamplesSink
 from .score import check_extra_score_names
 from .shard_sink import ShardSink, shard_names
+from .sources.image_parquet import IMAGE_PARQUET_ROWS
 from .sources.kind import InputOptions
 from .sources.registry import for_job, plan_inputs
 
@@ -53,9 +54,10 @@ def run_job(inputs: list[str], out: str | Path, config: Config, overwrite: bool 
     exclude = (layout.url(),) + ((shards_dir,) if shards_dir else ())
     clip_spec = ClipSpec.from_config(config)
     cached = read_footers(layout)  # a re-run reads the footers of new and changed inputs only
-    # The image column's type across inputs is binary: never written, so a struct<bytes, path> file beside a binary one is fine.
-    reading = InputOptions(config.image_column, config.partition_rows, exclude=exclude, storage_options=so,
-                           footer_cache=cached, reserved=written_by("run"), canonical=pa.binary(),
+    # Image Parquet partitions hold all their image bytes at once (IMAGE_PARQUET_ROWS at most); their
+    # image column, never written, is binary across inputs (struct<bytes, path> files beside binary ones).
+    reading = InputOptions(config.image_column, min(config.partition_rows, IMAGE_PARQUET_ROWS), exclude=exclude,
+                           storage_options=so, footer_cache=cached, reserved=written_by("run"), canonical=pa.binary(),
                            json_fields=parse_json_fields(config.json_fields), max_sidecar_bytes=config.max_sidecar_bytes)
     inputs_plan = plan_inputs(for_job("run"), inputs, reading)
 

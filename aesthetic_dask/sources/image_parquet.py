@@ -1,8 +1,8 @@
 """Parquet files of images (``run``): a binary or ``struct<bytes, path>`` image column (Hugging
-Face ``datasets``' layout), one partition per row range of at most :data:`IMAGE_PARQUET_ROWS`
-rows (all their image bytes are in memory at once). The other columns are read where the
-partition runs; the image column by a process of the worker's decode pool (its source:
-:class:`pipeline.host.ParquetImages`)."""
+Face ``datasets``' layout), one partition per row range (the ``run`` job's are at most
+:data:`IMAGE_PARQUET_ROWS` rows: all their image bytes are in memory at once). The other columns
+are read where the partition runs; the image column by a process of the worker's decode pool
+(its source: :class:`pipeline.host.ParquetImages`)."""
 
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ class ImageParquet(InputKind):
 
     def plan(self, inputs: list[str], opts: InputOptions) -> KindPlan:
         parts, schemas, failed, footers = plan_parquet_files(
-            inputs, opts.column, check_image_type, min(opts.partition_rows, IMAGE_PARQUET_ROWS), opts.storage_options,
+            inputs, opts.column, check_image_type, opts.partition_rows, opts.storage_options,
             opts.footer_cache)
         schema = rename_reserved(unify(schemas, opts.column, opts.canonical), opts.reserved, opts.column)
         return KindPlan(self, parts, schema, failed, footers=footers)
