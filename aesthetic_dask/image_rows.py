@@ -11,7 +11,6 @@ from typing import Any
 import pyarrow as pa
 
 from .score import attach_embedded
-from .pipeline.stage import embed_source
 
 
 @dataclass(frozen=True)
@@ -29,8 +28,10 @@ class EmbeddedRows:
 
     def embedded(self, source: Any) -> Any:
         """``source`` (a decode pool source of one part) decoded, embedded and scored where the model runs."""
-        return embed_source(source, self.clip_spec, self.embed, self.predictor.embed_dim, self.thumbnails,
-                            heads=[self.predictor, *(self.extras or {}).values()], keep_embeddings=self.keep_embeddings)
+        from .pipeline import stage  # at call time: a decode process opening a kind's source never needs it
+
+        return stage.embed_source(source, self.clip_spec, self.embed, self.predictor.embed_dim, self.thumbnails,
+                                  heads=[self.predictor, *(self.extras or {}).values()], keep_embeddings=self.keep_embeddings)
 
     def with_scores(self, table: pa.Table, embedded: Any) -> pa.Table:
         """``table`` with the embedded images' scores, errors (and embeddings) attached."""

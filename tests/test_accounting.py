@@ -79,17 +79,17 @@ def test_a_failed_partition_is_retried_and_a_repaired_input_completes_the_job(tm
 
 
 def test_a_shard_lost_to_an_exception_has_rows_unknown_not_zero(tmp_path, shard_dir, tiny_clip, tiny_weights, monkeypatch, capsys):
-    from aesthetic_dask import image_rows
+    from aesthetic_dask.pipeline import stage
 
     (shard_dir / "c.tar").unlink()
-    real_embed = image_rows.embed_source
+    real_embed = stage.embed_source
 
     def flaky(source, *args, **kwargs):
         if source.source.endswith("b.tar"):
             raise RuntimeError("NFS hiccup")
         return real_embed(source, *args, **kwargs)
 
-    monkeypatch.setattr(image_rows, "embed_source", flaky)
+    monkeypatch.setattr(stage, "embed_source", flaky)
     out = tmp_path / "out"
     assert run_cli(tmp_path, tiny_clip, tiny_weights, shard_dir, "-o", out) == EXIT_PARTIAL
     m = manifest(out)
@@ -100,7 +100,7 @@ def test_a_shard_lost_to_an_exception_has_rows_unknown_not_zero(tmp_path, shard_
     assert "rows unknown in 1 failed partitions" in err and "NFS hiccup" in err
     assert "NFS hiccup" in (out / "job.log").read_text()
 
-    monkeypatch.setattr(image_rows, "embed_source", real_embed)  # the hiccup is over
+    monkeypatch.setattr(stage, "embed_source", real_embed)  # the hiccup is over
     assert run_cli(tmp_path, tiny_clip, tiny_weights, shard_dir, "-o", out) == EXIT_OK
     assert manifest(out)["totals"]["rows_in"] == 8
 

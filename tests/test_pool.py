@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from aesthetic_dask.pipeline import pool as pool_module
-from aesthetic_dask.pipeline.host import BytesImages, DecodeSettings, ShardImages
+from aesthetic_dask.pipeline.host import BytesImages, DecodeSettings
+from aesthetic_dask.sources.shards import ShardImages
 from aesthetic_dask.pipeline.pool import HostPool, PoolError
 from aesthetic_dask.pipeline.preprocess import InputSpec
 from conftest import photo_bytes, write_shard

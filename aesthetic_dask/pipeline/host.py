@@ -1,8 +1,10 @@
 """A host process of the decode pool: it reads its inputs itself, decodes, and hands back crops.
 
-Each process serves one job at a time (a shard, a Parquet row range, or a list of image bytes
-from the notebook API). It reads the samples (paths, not bytes, cross the process boundary for
-shards and Parquet), and per chunk of up to ``chunk`` samples:
+Each process serves one job at a time: a source with ``items(failure)``, which an input kind
+declares (:class:`sources.shards.ShardImages`: a shard; :class:`sources.image_parquet.ParquetImages`:
+a Parquet row range), or a list of image bytes from the notebook API (:class:`BytesImages`). It
+reads the samples itself (paths, not bytes, cross the process boundary for shards and Parquet),
+and per chunk of up to ``chunk`` samples:
 
 1. sends ``("hold", job, metas)``: the chunk's samples without their bytes (so if this process
    dies while decoding, the parent knows which samples it held and gives them a reason);
@@ -31,8 +33,6 @@ from typing import Any, Iterator
 import numpy as np
 
 from .decode import make_decoder
-from ..embeddings_reader import read_parquet_rows
-from ..image_reader import ShardReader, image_values
 from .thumbnails import wants_thumbnail
 
 
@@ -56,47 +56,6 @@ class Item:
 
 
 @dataclass(frozen=True)
-class ShardImages:
-    """A WebDataset shard, streamed by the host process."""
-
-    source: str
-    max_sidecar_bytes: int
-    storage_options: dict[str, Any] | None = None
-
-    def items(self, failure: list[str]) -> Iterator[Item]:
-        """The shard's samples, in order; why it stopped early goes in ``failure`` (and ``unread``
-        when it could not be opened at all: its rows are unknown)."""
-        reader = ShardReader(self.source, max_sidecar_bytes=self.max_sidecar_bytes, storage_options=self.storage_options)
-        for sample in reader:
-            data, sample.image = sample.image, None
-            yield Item(sample, sample.key, None if sample.error else data)
-        if reader.failure:
-            failure.append(f"{self.source}: {reader.failure}")
-            if not reader.opened:
-                failure.append("unread")
-
-
-@dataclass(frozen=True)
-class ParquetImages:
-    """The image column of rows ``[start, stop)`` of a Parquet file (with ``key`` for thumbnails)."""
-
-    source: str
-    start: int
-    stop: int
-    row_groups: tuple[int, ...] | None
-    column: str
-    storage_options: dict[str, Any] | None = None
-    group_start: int | None = None  # a slice of one big row group (parquet_plan.ParquetPart)
-
-    def items(self, failure: list[str]) -> Iterator[Item]:
-        table = read_parquet_rows(self.source, self.start, self.stop, self.row_groups, self.storage_options,
-                                  columns=[self.column, "key"], group_start=self.group_start)
-        keys = table.column("key").cast("string").to_pylist() if "key" in table.column_names else None
-        for i, data in enumerate(image_values(table.column(self.column))):
-            yield Item(None, keys[i] if keys else None, data)
-
-
-@dataclass(frozen=True)
 class BytesImages:
     """Image bytes already in the caller's memory (the notebook API), with their keys."""
 
@@ -113,7 +72,7 @@ class DecodeRequest:
     """One unit of the pool's work; ``skip`` samples (delivered before a process died) are passed over."""
 
     id: int
-    source: Any  # ShardImages | ParquetImages | BytesImages: anything with items(failure)
+    source: Any  # an input kind's decode source (sources.shards.ShardImages, ...) or BytesImages: items(failure)
     decode: DecodeSettings
     chunk: int  # samples per chunk handed back
     skip: int = 0

@@ -37,7 +37,9 @@ import traceback
 # page-fault again (see pool.py). The launcher and its decode processes start without it.
 WORKER_ONLY_ENV = ("MALLOC_TRIM_THRESHOLD_",)
 # What the launcher imports once, so each decode process starts with them loaded.
-PRELOAD = ("torch", "torchvision", "PIL.Image", "open_clip", "aesthetic_dask.pipeline.host")
+# The input kinds declare the decode sources a process unpickles (sources.shards.ShardImages, ...).
+PRELOAD = ("torch", "torchvision", "PIL.Image", "open_clip", "aesthetic_dask.pipeline.host",
+           "aesthetic_dask.sources.registry")
 MAX_FDS = 3
 
 

@@ -191,9 +191,9 @@ class HostPool:
         seat.array = np.frombuffer(mapping, dtype=np.uint8).reshape(SLOTS, SLOT_BYTES)
 
     def submit(self, source: Any, decode: DecodeSettings, chunk: int) -> JobHandle:
-        """Queue a job (:class:`host.ShardImages`, :class:`host.ParquetImages` or :class:`host.BytesImages`)
-        handed back in chunks of up to ``chunk`` crops (fewer where its crops are larger than a slot
-        holds)."""
+        """Queue a job (a decode source: an input kind's, e.g. :class:`sources.shards.ShardImages`,
+        or :class:`host.BytesImages`) handed back in chunks of up to ``chunk`` crops (fewer where
+        its crops are larger than a slot holds)."""
         if self.broken:
             raise PoolError(self.broken)
         if self.closed:

@@ -157,7 +157,7 @@ class HostJobError(RuntimeError):
 def embed_source(source: Any, spec: ClipSpec, opts: EmbedOptions, expected_dim: int | None = None,
                  thumbnails: bool = False, heads: list[Any] | None = None, keep_embeddings: bool = True) -> Embedded:
     """The embed stage (and, given ``heads``, the score stage where the features are) for one
-    source: a :class:`host.ShardImages`, :class:`host.ParquetImages` or :class:`host.BytesImages`.
+    decode source (an input kind's, e.g. :class:`sources.shards.ShardImages`, or :class:`host.BytesImages`).
 
     With ``heads`` each batch's features are scored on the model's device (cupy on a GPU) and only
     the scores come back; the embeddings come back only with ``keep_embeddings``.

@@ -2,26 +2,47 @@
 Face ``datasets``' layout), one partition per row range (the ``run`` job's are at most
 :data:`IMAGE_PARQUET_ROWS` rows: all their image bytes are in memory at once). The other columns
 are read where the partition runs; the image column by a process of the worker's decode pool
-(its source: :class:`pipeline.host.ParquetImages`)."""
+(its source: :class:`ParquetImages`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
 
-from ..embeddings_reader import parquet_frame, read_embedding_table
+from ..embeddings_reader import parquet_frame, read_embedding_table, read_parquet_rows
 from ..errors import DataError
-from ..image_reader import check_image_type
+from ..image_reader import check_image_type, image_values
 from ..image_rows import EmbeddedRows, embedded_facts
 from ..parquet_plan import PARQUET_SUFFIXES, plan_parquet_files, rename_reserved, unify
-from ..pipeline.host import ParquetImages
+from ..pipeline.host import Item
 from ..rows import ScoredRows
 from .kind import InputKind, InputOptions, KindPlan
 
 IMAGE_PARQUET_ROWS = 4096
+
+
+@dataclass(frozen=True)
+class ParquetImages:
+    """How a decode process opens a row range: the image column of rows ``[start, stop)`` of a
+    Parquet file (with ``key`` for thumbnails), read by it."""
+
+    source: str
+    start: int
+    stop: int
+    row_groups: tuple[int, ...] | None
+    column: str
+    storage_options: dict[str, Any] | None = None
+    group_start: int | None = None  # a slice of one big row group (parquet_plan.ParquetPart)
+
+    def items(self, failure: list[str]) -> Iterator[Item]:
+        table = read_parquet_rows(self.source, self.start, self.stop, self.row_groups, self.storage_options,
+                                  columns=[self.column, "key"], group_start=self.group_start)
+        keys = table.column("key").cast("string").to_pylist() if "key" in table.column_names else None
+        for i, data in enumerate(image_values(table.column(self.column))):
+            yield Item(None, keys[i] if keys else None, data)
 
 
 @dataclass(frozen=True)

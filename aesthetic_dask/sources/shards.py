@@ -1,12 +1,12 @@
 """WebDataset shards (``run``): one partition per tar, streamed member by member by a process of
-the worker's decode pool (its source: :class:`pipeline.host.ShardImages`), the samples' other
+the worker's decode pool (its source: :class:`ShardImages`), the samples' other
 members as columns (``.txt`` the caption, ``.json`` as text, ``json_fields`` typed). The tar
 sample layer itself is :mod:`image_reader` and :mod:`tar_stream`."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pandas as pd
@@ -15,12 +15,34 @@ import pyarrow as pa
 from ..errors import DataError
 from ..image_reader import SHARD_SUFFIXES, ShardPart, ShardReader, samples_table, shard_schema
 from ..image_rows import EmbeddedRows, embedded_facts
-from ..pipeline.host import ShardImages
+from ..pipeline.host import Item
 from ..rows import ScoredRows
 from .kind import InputKind, InputOptions, KindPlan
 
 # Members of a sample read into the frame, never carried into the job's output files.
 _NOT_WRITTEN = ("image", "image_ext", "error")
+
+
+@dataclass(frozen=True)
+class ShardImages:
+    """How a decode process opens a shard: streamed by it, member by member (its image bytes never
+    cross the process boundary)."""
+
+    source: str
+    max_sidecar_bytes: int
+    storage_options: dict[str, Any] | None = None
+
+    def items(self, failure: list[str]) -> Iterator[Item]:
+        """The shard's samples, in order; why it stopped early goes in ``failure`` (and ``unread``
+        when it could not be opened at all: its rows are unknown)."""
+        reader = ShardReader(self.source, max_sidecar_bytes=self.max_sidecar_bytes, storage_options=self.storage_options)
+        for sample in reader:
+            data, sample.image = sample.image, None
+            yield Item(sample, sample.key, None if sample.error else data)
+        if reader.failure:
+            failure.append(f"{self.source}: {reader.failure}")
+            if not reader.opened:
+                failure.append("unread")
 
 
 @dataclass(frozen=True)
