@@ -59,9 +59,12 @@ def plan_inputs(kinds: tuple[InputKind, ...], inputs: list[str] | str, opts: Inp
     rest = [arg for arg in inputs if arg not in whole]
     suffixes = tuple(dict.fromkeys(s for kind in kinds for s in kind.suffixes))
     listed = list_inputs(rest, suffixes, opts.exclude, opts.storage_options) if rest else InputFiles([])
+    # A file named explicitly that no kind claims by its name is the job's first kind's (a shard for
+    # `run`, Parquet for `score`), which says in one line if it cannot read it: never dropped.
+    owner = {f: next((kind for kind in kinds if kind.claims(f)), kinds[0]) for f in listed.files}
     plans = []
     for kind in kinds:
-        mine = [f for f in listed.files if kind.claims(f)] + [arg for arg, k in whole.items() if k is kind]
+        mine = [f for f in listed.files if owner[f] is kind] + [arg for arg, k in whole.items() if k is kind]
         if mine:
             plans.append(kind.plan(mine, opts))
     duplicates = listed.duplicates + [d for plan in plans for d in plan.duplicates]
