@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator
 from . import interrupts, logs, manifests, versions
 from .config import fingerprint
 from .errors import EXIT_FAILED, FAILURE_ERROR, InputError, job_outcome
-from .output import OutputLayout
+from .output import OutputLayout, partition_files
 from .sinks import PARTITION_DIRS, remove_partitions, remove_unplanned, reset_output, written_by_a_job
 from .storage import write_json
 from .records import collector_paused, read_records, read_records_counted, write_footers, write_index
@@ -141,8 +141,8 @@ class Job:
         # A curated dataset does not shrink because a source moved: a gone input's output stays.
         self.missing = {} if prune_missing else {
             name: rec for name, rec in complete.items() if name not in planned and rec.source and rec.source not in sources}
-        removed = remove_unplanned(layout, set(planned) | set(self.missing), existing,
-                                   {name: rec.files for name, rec in complete.items()})
+        listed = {name: rec.files for name, rec in complete.items()}  # where sinks wrote outside OUT (tars)
+        removed = remove_unplanned(layout, set(planned) | set(self.missing), existing, listed)
         if removed:
             log.info("removed the output of %d partitions this job no longer plans", len(removed))
             existing = layout.listing()
@@ -160,7 +160,7 @@ class Job:
                     self.records[name] = rec
         todo = {name for name in planned if name not in self.records}
         self.changed = sorted(name for name in todo if planned[name][1] in changed_inputs)
-        remove_partitions(layout, todo, existing, {name: complete[name].files for name in todo if name in complete})
+        remove_partitions(layout, todo, existing, listed)
         self.planned = list(planned)
         self.skipped = len(planned) - len(todo)
         # Seen before: finished (its record) or failed (the last manifest's names; the running one has them too).
@@ -182,7 +182,7 @@ class Job:
                         len(records))
             self.rebuilt_from = len(records)
             return
-        if not any(p.rsplit("/", 1)[0] in {layout.path(d) for d in (*PARTITION_DIRS, "_parts")} for p in existing):
+        if not partition_files(layout, (*PARTITION_DIRS, "_parts"), None, existing):
             return  # nothing written yet
         whose = ("records of a different job" if records and None not in jobs else
                  "no partition record naming this job")
@@ -397,5 +397,3 @@ def collect(job: Job, part: Any, record: Record | None, exc: BaseException | Non
         "partition %s: %s in, %s kept, %s below, %s errors (%.2fs)",
         record.name, record.rows_in, record.rows_kept, record.rows_below_threshold, record.rows_error, record.seconds,
     )
-
-
