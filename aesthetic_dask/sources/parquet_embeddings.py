@@ -30,9 +30,12 @@ class EmbeddingRows:
     batch_size: int | None = None
     storage_options: dict[str, Any] | None = None
 
+    def table(self, part: Any) -> pa.Table:
+        """The partition's rows, conformed to the job's one schema (a kind reading another format overrides it)."""
+        return read_embedding_table(part, self.schema, self.column, self.storage_options)
+
     def read(self, part: Any) -> ScoredRows:
-        table = read_embedding_table(part, self.schema, self.column, self.storage_options)
-        scored = score_table(table, self.predictor, self.column, self.extras, self.batch_size)
+        scored = score_table(self.table(part), self.predictor, self.column, self.extras, self.batch_size)
         return ScoredRows(scored, np.arange(part.start, part.stop, dtype=np.int64),
                           facts={"start": part.start, "stop": part.stop})
 

@@ -14,6 +14,7 @@ import pyarrow as pa
 from ..columns import written_by
 from ..errors import InputError
 from ..parquet_plan import EMBEDDING_TYPE, rename_reserved, unify
+from .arrow_embeddings import ArrowEmbeddings
 from .clip_retrieval import ClipRetrievalFolders
 from .image_parquet import ImageParquet
 from .kind import InputKind, InputOptions, KindPlan
@@ -21,7 +22,7 @@ from .listing import InputFiles, list_inputs
 from .parquet_embeddings import ParquetEmbeddings
 from .shards import Shards
 
-KINDS: tuple[InputKind, ...] = (Shards(), ImageParquet(), ParquetEmbeddings(), ClipRetrievalFolders())
+KINDS: tuple[InputKind, ...] = (Shards(), ImageParquet(), ParquetEmbeddings(), ArrowEmbeddings(), ClipRetrievalFolders())
 
 
 def for_job(job: str) -> tuple[InputKind, ...]:
