@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -309,6 +310,30 @@ def test_the_hubs_offline_switch_concerns_the_hub_only(tmp_path, s3, bucket, emb
     proc = cli("score", f"s3://{bucket}/emb", "-o", f"s3://{bucket}/out", "--aesthetic-weights", tiny_weights["safetensors"],
                "--storage-options", json.dumps(options), "--no-report", env=no_aws_env() | {"HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr
+
+
+def test_arrow_ipc_embeddings_on_s3_score_as_they_do_locally(tmp_path, s3, bucket, embeddings, tiny_weights):
+    """The Arrow IPC input kind (issue 31) reads its files through fsspec like every kind: a Feather
+    file and an IPC stream on S3 give what the same files give locally."""
+    import pyarrow.feather as feather
+
+    options, fs = s3
+    arrow = tmp_path / "arrow"
+    arrow.mkdir()
+    rows = pq.read_table(embeddings / "part-0.parquet")
+    feather.write_feather(rows, arrow / "a.feather", chunksize=64)
+    with pa.ipc.new_stream(arrow / "b.arrow", rows.schema) as writer:
+        for batch in rows.to_batches(max_chunksize=70):
+            writer.write_batch(batch)
+    fs.put(str(arrow), f"{bucket}/arrow", recursive=True)
+    common = ["--aesthetic-weights", tiny_weights["safetensors"], "--threshold", "5.4", "--partition-rows", "100",
+              "--storage-options", json.dumps(options), "--no-report"]
+    local = cli("score", arrow, "-o", tmp_path / "local", *common)
+    remote = cli("score", f"s3://{bucket}/arrow", "-o", tmp_path / "remote", *common, env=no_aws_env())
+    assert local.returncode == remote.returncode == 0, remote.stderr
+    m_local, m_remote = manifest(str(tmp_path / "local")), manifest(str(tmp_path / "remote"))
+    assert comparable(m_local) == comparable(m_remote) and m_remote["totals"]["rows_in"] == 600
+    pd.testing.assert_frame_equal(table(str(tmp_path / "remote"), "kept"), table(str(tmp_path / "local"), "kept"))
 
 
 @pytest.fixture
