@@ -212,6 +212,18 @@ class CpuThreads:
         return None
 
 
+def _speed_up(mode: str, build: Any, what: str, otherwise: str) -> Any:
+    """``build()`` for a speed-up a setting asks for (``true``: its failure raises) or allows
+    (``auto``: its failure is one log line, "WHAT failed (...); OTHERWISE", and None)."""
+    try:
+        return build()
+    except Exception as exc:  # noqa: BLE001 - `auto` falls back to the plain path
+        if mode == "true":
+            raise
+        log.warning("%s failed (%s: %s); %s", what, type(exc).__name__, str(exc).partition("\n")[0], otherwise)
+        return None
+
+
 @dataclass
 class _Request:
     crops: np.ndarray  # (n, 3, H, W) uint8, in shared memory until released
@@ -223,8 +235,6 @@ class ClipEncoder:
     """The model of one process: :meth:`encode` queues crops, its thread runs them in batches."""
 
     def __init__(self, spec: ClipSpec, batch_size: int, compile_mode: str = "auto", cuda_graph: str = "auto") -> None:
-        import torch
-
         configure_model_process()
         self.device = model_device()
         self.compute = compute_precision(spec.precision, self.device)
@@ -258,32 +268,25 @@ class ClipEncoder:
     def _compile(self, mode: str) -> None:
         import torch
 
-        t0 = time.perf_counter()
-        try:
+        def compiled() -> Any:
             forward = torch.compile(self.visual, dynamic=False)
             with torch.inference_mode():
                 forward(self.normalize(torch.zeros((self.batch_size, *self.input.crop_shape), dtype=torch.uint8,
                                                    device=self.device)))
-        except Exception as exc:  # noqa: BLE001 - `auto` falls back to eager
-            if mode == "true":
-                raise
-            log.warning("torch.compile of the image tower failed (%s: %s); running eager", type(exc).__name__,
-                        str(exc).splitlines()[0] if str(exc) else "")
-            return
-        self.forward, self.compiled = forward, True
-        log.info("image tower compiled in %.1fs", time.perf_counter() - t0)
+            return forward
+
+        t0 = time.perf_counter()
+        forward = _speed_up(mode, compiled, "torch.compile of the image tower", "running eager")
+        if forward is not None:
+            self.forward, self.compiled = forward, True
+            log.info("image tower compiled in %.1fs", time.perf_counter() - t0)
 
     def _capture(self, mode: str) -> None:
-        t0 = time.perf_counter()
-        try:
-            self.graph = CapturedStep(self._step, (self.batch_size, *self.input.crop_shape), self.device)
-        except Exception as exc:  # noqa: BLE001 - `auto` falls back to launching kernel by kernel
-            if mode == "true":
-                raise
-            log.warning("CUDA graph capture of the model step failed (%s: %s); launching its kernels one by one",
-                        type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
-            return
-        log.info("model step captured as a CUDA graph in %.1fs", time.perf_counter() - t0)
+        t0, shape = time.perf_counter(), (self.batch_size, *self.input.crop_shape)
+        self.graph = _speed_up(mode, lambda: CapturedStep(self._step, shape, self.device),
+                               "CUDA graph capture of the model step", "launching its kernels one by one")
+        if self.graph is not None:
+            log.info("model step captured as a CUDA graph in %.1fs", time.perf_counter() - t0)
 
     def launch_cpu_ms_per_image(self) -> float | None:
         """CPU ms per image this encoder's thread spent launching batches so far (on a GPU: what the
