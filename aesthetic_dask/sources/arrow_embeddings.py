@@ -18,7 +18,7 @@ import pyarrow as pa
 
 from .. import storage
 from ..embeddings_reader import INPUT_NAME_KEY, conform, table_to_frame
-from ..errors import DataError, InputError
+from ..errors import DataError, MissingColumnError
 from ..parquet_plan import ParquetPart, check_embedding_type, row_ranges
 from .kind import InputOptions, KindPlan
 from .parquet_embeddings import EmbeddingRows, EmbeddingsKind, embedding_schema
@@ -101,8 +101,7 @@ class ArrowEmbeddings(EmbeddingsKind):
                 plan.failed[url] = f"not a readable Arrow IPC file: {exc}"
                 continue
             if opts.column not in schema.names:
-                raise InputError(f"{url}: no column {opts.column!r} (it has {', '.join(schema.names)}); "
-                                 "choose one with --embedding-column")
+                raise MissingColumnError(url, opts.column, schema.names, "; choose one with --embedding-column")
             check_embedding_type(schema.field(opts.column).type, opts.column, url)
             schemas.append((url, schema))
             plan.parts += [ParquetPart(url, start, stop) for start, stop in row_ranges(rows, opts.partition_rows)]

@@ -8,6 +8,8 @@ from typing import Any, ClassVar
 
 import pyarrow as pa
 
+from ..image_reader import MAX_SIDECAR_BYTES
+
 
 @dataclass(frozen=True)
 class InputOptions:
@@ -21,7 +23,7 @@ class InputOptions:
     reserved: tuple[str, ...] = ()  # columns the job writes: an input's column of that name is read as NAME_input
     canonical: pa.DataType | None = None  # the read column's one type across inputs (None: unified from the files)
     json_fields: dict[str, pa.DataType] = field(default_factory=dict)  # WebDataset sidecar fields as typed columns
-    max_sidecar_bytes: int = 65536  # a WebDataset sample's text and JSON members above it are errors
+    max_sidecar_bytes: int = MAX_SIDECAR_BYTES  # a WebDataset sample's text and JSON members above it are errors
 
 
 @dataclass

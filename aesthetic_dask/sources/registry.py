@@ -13,13 +13,12 @@ import pyarrow as pa
 
 from ..columns import written_by
 from ..errors import InputError
-from ..parquet_plan import EMBEDDING_TYPE, rename_reserved, unify
 from .arrow_embeddings import ArrowEmbeddings
 from .clip_retrieval import ClipRetrievalFolders
 from .image_parquet import ImageParquet
 from .kind import InputKind, InputOptions, KindPlan
 from .listing import InputFiles, list_inputs
-from .parquet_embeddings import ParquetEmbeddings
+from .parquet_embeddings import ParquetEmbeddings, embedding_schema
 from .shards import Shards
 
 KINDS: tuple[InputKind, ...] = (Shards(), ImageParquet(), ParquetEmbeddings(), ArrowEmbeddings(), ClipRetrievalFolders())
@@ -89,7 +88,7 @@ def plan_embeddings(
     if not schemas and not planned.failed:
         shown = [inputs] if isinstance(inputs, (str, Path)) else inputs
         raise InputError(f"no embedding files found in {', '.join(map(str, shown))}")
-    planned.schema = rename_reserved(unify(schemas, embedding_column, EMBEDDING_TYPE), reserved, embedding_column)
+    planned.schema = embedding_schema(schemas, opts)
     for plan in planned.plans:
         plan.schema = planned.schema  # every partition is read with the one schema
     return planned

@@ -13,7 +13,7 @@ import pandas as pd
 import pyarrow as pa
 
 from ..errors import DataError
-from ..image_reader import SHARD_SUFFIXES, ShardPart, ShardReader, samples_table, shard_schema
+from ..image_reader import MAX_SIDECAR_BYTES, SHARD_SUFFIXES, ShardPart, ShardReader, samples_table, shard_schema
 from ..image_rows import EmbeddedRows, embedded_facts
 from ..pipeline.host import Item
 from ..rows import ScoredRows
@@ -52,7 +52,7 @@ class ShardRows(EmbeddedRows):
     sidecar JSON's typed columns)."""
 
     fields: dict[str, Any] = field(default_factory=dict)
-    max_sidecar_bytes: int = 65536
+    max_sidecar_bytes: int = MAX_SIDECAR_BYTES
 
     def read(self, part: Any) -> ScoredRows:
         embedded = self.embedded(ShardImages(part.source, self.max_sidecar_bytes, self.storage_options))
@@ -65,7 +65,7 @@ class ShardRows(EmbeddedRows):
                           embedded.thumbnails, embedded.failure, note, embedded_facts(embedded), from_tar=True)
 
 
-def read_shard(part: ShardPart, fields: dict[str, pa.DataType], max_sidecar_bytes: int = 65536,
+def read_shard(part: ShardPart, fields: dict[str, pa.DataType], max_sidecar_bytes: int = MAX_SIDECAR_BYTES,
                storage_options: dict[str, Any] | None = None) -> pd.DataFrame:
     """The notebook's partition function: one shard as a pandas frame.
 
