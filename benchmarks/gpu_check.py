@@ -697,6 +697,8 @@ def run_job(check: Check, work: Path, shards: list[Path], spec, heads: list[Path
         for k, v in rec.get("stage_s", {}).items():
             stages[k] = round(stages.get(k, 0) + v, 2)
     worker = next((rec["worker"] for rec in records if rec.get("worker")), {})
+    launches = [(rec["finished_at"], (rec.get("worker") or {})["launch_cpu_ms_per_image"]) for rec in records
+                if (rec.get("worker") or {}).get("launch_cpu_ms_per_image") is not None]
     busy = (ends[-1] - spans[0][0]) if spans else 0
     return {
         "exit_code": proc.returncode,
@@ -712,8 +714,8 @@ def run_job(check: Check, work: Path, shards: list[Path], spec, heads: list[Path
         "cuda_graph": worker.get("cuda_graph"),
         # The model thread's CPU per image launching batches (the copy in, the forward, the copy out):
         # the model process's own cost on the device path (issue 28's goal: <= 0.15 ms with the rest).
-        "launch_cpu_ms_per_image": max(((rec.get("worker") or {}).get("launch_cpu_ms_per_image") or 0 for rec in records),
-                                       default=None),
+        # A running figure: the last partition to finish has it over all the run's batches (null if none has).
+        "launch_cpu_ms_per_image": max(launches)[1] if launches else None,
         "decode_processes": worker.get("decode_processes"),
         "decode_processes_replaced": max(((rec.get("worker") or {}).get("decode_processes_replaced") or 0 for rec in records), default=0),
         "sampled": sampler.summary(),
